@@ -1,0 +1,332 @@
+//! The one schema shared by sockmesh's kernel programs, the agent and the CLI.
+//!
+//! Every map key and value is `#[repr(C)]`, has no implicit padding (explicit `_pad` fields),
+//! and is defined only here, so the kernel, the agent and outside tools (`bpftool map dump
+//! pinned ...`) read the same bytes. Changing a layout means bumping [`SCHEMA_VERSION`]; readers
+//! refuse a version they do not understand.
+//!
+//! Byte order: addresses and ports are stored in **network order** exactly as the kernel hands
+//! them to the programs (`user_ip4`, `user_port`, ...), so the datapath never converts; the
+//! userspace helpers below convert for display.
+#![no_std]
+
+/// Bumped whenever a layout or map name below changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Names of the maps, as they appear in the object file and under the pin directory.
+pub mod map_names {
+    pub const CONFIG: &str = "SM_CONFIG";
+    pub const PODS: &str = "SM_PODS";
+    pub const POD_STATS: &str = "SM_POD_STATS";
+    pub const ORIGIN_BY_COOKIE: &str = "SM_ORIG_COOKIE";
+    pub const ORIGIN_BY_TUPLE: &str = "SM_ORIG_TUPLE";
+    pub const INBOUND_PEERS: &str = "SM_IN_PEERS";
+    pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
+    pub const INBOUND_BINDS: &str = "SM_IN_BINDS";
+    pub const EVENTS: &str = "SM_EVENTS";
+    pub const ALL: [&str; 9] = [
+        CONFIG,
+        PODS,
+        POD_STATS,
+        ORIGIN_BY_COOKIE,
+        ORIGIN_BY_TUPLE,
+        INBOUND_PEERS,
+        DNS_ORIGINS,
+        INBOUND_BINDS,
+        EVENTS,
+    ];
+}
+
+/// Names of the kernel programs (function names in `ebpf/`), also their link pin names.
+pub mod program_names {
+    pub const CONNECT4: &str = "sm_connect4";
+    pub const CONNECT6: &str = "sm_connect6";
+    pub const SENDMSG4: &str = "sm_sendmsg4";
+    pub const SENDMSG6: &str = "sm_sendmsg6";
+    pub const RECVMSG4: &str = "sm_recvmsg4";
+    pub const RECVMSG6: &str = "sm_recvmsg6";
+    pub const GETPEERNAME4: &str = "sm_getpeername4";
+    pub const GETPEERNAME6: &str = "sm_getpeername6";
+    pub const BIND4: &str = "sm_bind4";
+    pub const BIND6: &str = "sm_bind6";
+    pub const SOCK_OPS: &str = "sm_sock_ops";
+    pub const GETSOCKOPT: &str = "sm_getsockopt";
+    pub const SOCK_RELEASE: &str = "sm_sock_release";
+}
+
+/// Map sizes. LRU maps evict the oldest entry when full instead of failing the hook.
+pub mod map_sizes {
+    pub const PODS: u32 = 4096;
+    /// One entry per live redirected socket (TCP origin or UDP DNS origin).
+    pub const ORIGINS: u32 = 65536;
+    pub const INBOUND_BINDS: u32 = 16384;
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+}
+
+/// Address family as stored in [`SockAddr::family`] (values of `AF_INET` / `AF_INET6`).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// An IPv4 or IPv6 socket address as the kernel gives it to the programs.
+///
+/// `addr` holds the address in network order: for IPv4 only `addr[0]` is used (the same u32 as
+/// `user_ip4`); for IPv6 all four words (as `user_ip6`). `port` is the port in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+impl SockAddr {
+    pub const fn v4(addr_be: u32, port_be: u16) -> Self {
+        SockAddr { addr: [addr_be, 0, 0, 0], port: port_be, family: AF_INET }
+    }
+    pub const fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
+        SockAddr { addr: addr_be, port: port_be, family: AF_INET6 }
+    }
+}
+
+/// Global settings written by the agent into `SM_CONFIG[0]` before any pod is enrolled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Layout version of every map; programs do nothing unless it equals [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// SO_MARK carried by every socket the agent owns; such sockets are never redirected.
+    pub agent_mark: u32,
+    /// Ports of the in-pod listeners, host order.
+    pub outbound_port: u16,
+    pub dns_port: u16,
+    pub _pad: u32,
+}
+
+/// One inclusive port range, host order. `lo == 0 && hi == 0` is an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        port >= self.lo && port <= self.hi
+    }
+}
+
+/// An IPv4 or IPv6 CIDR, network order, with the mask pre-expanded so matching is four ANDs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+    pub family: u16,
+    pub _pad: [u16; 3],
+}
+
+impl Cidr {
+    #[inline(always)]
+    pub fn contains(&self, family: u16, addr: &[u32; 4]) -> bool {
+        self.family == family
+            && addr[0] & self.mask[0] == self.addr[0]
+            && addr[1] & self.mask[1] == self.addr[1]
+            && addr[2] & self.mask[2] == self.addr[2]
+            && addr[3] & self.mask[3] == self.addr[3]
+    }
+}
+
+pub const MAX_EXCLUDED_PORTS: usize = 8;
+pub const MAX_EXCLUDED_CIDRS: usize = 8;
+
+/// `PodConfig::flags`: which captures are on for the pod.
+pub mod pod_flags {
+    pub const OUTBOUND: u32 = 1 << 0;
+    pub const INBOUND: u32 = 1 << 1;
+    pub const DNS: u32 = 1 << 2;
+}
+
+/// `SM_PODS[netns cookie]`: an enrolled pod and what to leave alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodConfig {
+    pub flags: u32,
+    /// Unused slots are `{0, 0}` (port 0 is never a connect destination).
+    pub exclude_outbound_ports: [PortRange; MAX_EXCLUDED_PORTS],
+    pub exclude_inbound_ports: [PortRange; MAX_EXCLUDED_PORTS],
+    /// Unused slots have `family == 0`.
+    pub exclude_outbound_cidrs: [Cidr; MAX_EXCLUDED_CIDRS],
+}
+
+impl PodConfig {
+    #[inline(always)]
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Per-pod counters kept by the kernel programs, indexes into [`PodStats::counters`].
+pub mod counter {
+    /// TCP connect() redirected to the outbound listener.
+    pub const REDIRECT_TCP: usize = 0;
+    /// Bypassed: loopback destination.
+    pub const BYPASS_LOOPBACK: usize = 1;
+    /// Bypassed: excluded port or CIDR.
+    pub const BYPASS_EXCLUDED: usize = 2;
+    /// UDP/53 connect() or sendmsg() redirected to the DNS listener.
+    pub const REDIRECT_DNS: usize = 3;
+    /// Wildcard bind moved to loopback (inbound capture).
+    pub const BIND_CAPTURE: usize = 4;
+    /// SO_ORIGINAL_DST answered from the origin map.
+    pub const ORIGIN_HIT: usize = 5;
+    /// SO_ORIGINAL_DST asked for a socket with no origin.
+    pub const ORIGIN_MISS: usize = 6;
+    /// getpeername()/accept()/recvmsg() address restored.
+    pub const PEER_RESTORED: usize = 7;
+    /// An origin could not be stored (map update failed).
+    pub const MAP_FULL: usize = 8;
+    /// An event could not be sent to the agent (ring buffer full).
+    pub const EVENT_LOST: usize = 9;
+    pub const COUNT: usize = 16;
+    pub const NAMES: [&str; 10] = [
+        "redirect_tcp",
+        "bypass_loopback",
+        "bypass_excluded",
+        "redirect_dns",
+        "bind_capture",
+        "origin_hit",
+        "origin_miss",
+        "peer_restored",
+        "map_full",
+        "event_lost",
+    ];
+}
+
+/// `SM_POD_STATS[netns cookie]` (per-CPU): the agent creates the entry at enrolment, the
+/// programs only add to it, readers sum the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    pub counters: [u64; counter::COUNT],
+}
+
+/// Key of the maps that link the two ends of a connection over the pod's loopback:
+/// `(netns cookie, connecting side's address, accepting side's address)`. The netns cookie is
+/// part of the key because every pod uses the same loopback addresses and ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    pub src: SockAddr,
+    pub dst: SockAddr,
+}
+
+/// Key of `SM_DNS_ORIG`: a pod's UDP socket, by the local port it sends from (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of `SM_IN_BINDS`: a listening port the kernel moved to loopback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BindKey {
+    pub netns_cookie: u64,
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Value of `SM_IN_BINDS`: which socket holds the bind, so its release can be told apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindValue {
+    pub socket_cookie: u64,
+}
+
+/// Event kinds sent to the agent over `SM_EVENTS`.
+pub mod event_kind {
+    /// An app bound a wildcard address; the kernel moved it to loopback.
+    pub const BIND: u32 = 1;
+    /// The socket that held a captured bind was released.
+    pub const UNBIND: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    pub netns_cookie: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, have no padding holes (explicit `_pad`), and
+    // every bit pattern is a valid value.
+    unsafe impl aya::Pod for SockAddr {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for PortRange {}
+    unsafe impl aya::Pod for Cidr {}
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for PodStats {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for DnsKey {}
+    unsafe impl aya::Pod for BindKey {}
+    unsafe impl aya::Pod for BindValue {}
+    unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The layouts are an ABI: these sizes are what bpftool and other readers see.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<SockAddr>(), 20);
+        assert_eq!(size_of::<GlobalConfig>(), 16);
+        assert_eq!(size_of::<Cidr>(), 40);
+        assert_eq!(size_of::<PodConfig>(), 4 + 8 * 4 * 2 + 8 * 40);
+        assert_eq!(size_of::<TupleKey>(), 8 + 20 + 20);
+        assert_eq!(size_of::<DnsKey>(), 16);
+        assert_eq!(size_of::<BindKey>(), 16);
+        assert_eq!(size_of::<Event>(), 16);
+        assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
+    }
+
+    #[test]
+    fn cidr_matches_by_family_and_mask() {
+        // 10.0.0.0/8 in network order as the kernel stores it on little endian.
+        let c = Cidr {
+            addr: [u32::from_be_bytes([10, 0, 0, 0]).to_be(), 0, 0, 0],
+            mask: [u32::from_be_bytes([255, 0, 0, 0]).to_be(), 0, 0, 0],
+            family: AF_INET,
+            _pad: [0; 3],
+        };
+        let inside = [u32::from_be_bytes([10, 1, 2, 3]).to_be(), 0, 0, 0];
+        let outside = [u32::from_be_bytes([11, 1, 2, 3]).to_be(), 0, 0, 0];
+        assert!(c.contains(AF_INET, &inside));
+        assert!(!c.contains(AF_INET, &outside));
+        assert!(!c.contains(AF_INET6, &inside));
+        assert!(!Cidr::default().contains(AF_INET, &inside));
+    }
+
+    #[test]
+    fn port_range_is_inclusive() {
+        let r = PortRange { lo: 80, hi: 90 };
+        assert!(r.contains(80) && r.contains(90) && !r.contains(79) && !r.contains(91));
+        assert!(!PortRange::default().contains(53));
+    }
+}

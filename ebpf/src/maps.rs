@@ -1,0 +1,46 @@
+//! The maps, pinned by name under the agent's `--bpffs-dir`. Layouts live in `sockmesh-common`.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+};
+use sockmesh_common::{
+    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr, TupleKey,
+};
+
+#[map(name = "SM_CONFIG")]
+pub static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
+
+/// Enrolled pods by network-namespace cookie.
+#[map(name = "SM_PODS")]
+pub static PODS: HashMap<u64, PodConfig> = HashMap::pinned(map_sizes::PODS, 0);
+
+#[map(name = "SM_POD_STATS")]
+pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_sizes::PODS, 0);
+
+/// Original destination of a redirected socket, by socket cookie (the app's side).
+#[map(name = "SM_ORIG_COOKIE")]
+pub static ORIGIN_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+
+/// Original destination by (netns, app addr, listener addr): what SO_ORIGINAL_DST answers.
+#[map(name = "SM_ORIG_TUPLE")]
+pub static ORIGIN_BY_TUPLE: LruHashMap<TupleKey, SockAddr> =
+    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+
+/// Real client of an inbound connection by (netns, agent addr, app addr); written by the agent.
+#[map(name = "SM_IN_PEERS")]
+pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr> =
+    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+
+/// Original DNS server by (netns, UDP source port).
+#[map(name = "SM_DNS_ORIG")]
+pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
+
+/// Wildcard binds moved to loopback.
+#[map(name = "SM_IN_BINDS")]
+pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
+    LruHashMap::pinned(map_sizes::INBOUND_BINDS, 0);
+
+/// Bind/unbind events for the agent.
+#[map(name = "SM_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);

@@ -1,0 +1,326 @@
+//! Outbound capture: connect() to the in-pod listener, the origin kept per socket and per
+//! 4-tuple, SO_ORIGINAL_DST and getpeername() answered from it.
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use core::ptr::{read_volatile, write_volatile};
+use sockmesh_common::{counter, pod_flags, SockAddr, TupleKey, AF_INET};
+
+use crate::{
+    dns,
+    maps::{INBOUND_PEERS, ORIGIN_BY_COOKIE, ORIGIN_BY_TUPLE},
+    util::*,
+};
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+        return;
+    };
+    let ty = unsafe { read_volatile(&(*sa).type_) };
+    let dst = user_addr(sa, v6);
+    let (listen_port, flag, redirected) = match ty {
+        SOCK_STREAM => (cfg.outbound_port, pod_flags::OUTBOUND, counter::REDIRECT_TCP),
+        SOCK_DGRAM if dst.port == DNS_PORT_BE => (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS),
+        _ => return,
+    };
+    if !pod.has(flag) {
+        return;
+    }
+    if is_loopback(&dst) {
+        count(netns, counter::BYPASS_LOOPBACK);
+        return;
+    }
+    if outbound_excluded(pod, &dst) {
+        count(netns, counter::BYPASS_EXCLUDED);
+        return;
+    }
+    // A DNS client's reply is matched by its source port, which connect() on UDP only picks
+    // after this hook: pick one now.
+    if ty == SOCK_DGRAM && !dns::remember_connected(ctx, sk, v6, netns, &dst) {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGIN_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
+        // Never redirect what could not be remembered: the proxy could not forward it.
+        count(netns, counter::MAP_FULL);
+        return;
+    }
+    redirect_to_loopback(sa, v6, dst.family, listen_port);
+    count(netns, redirected);
+    debug!(ctx, "sockmesh: redirect netns={} port={}", netns, u16::from_be(dst.port));
+}
+
+/// The destination (connect/sendmsg) or source (recvmsg/getpeername) in a sock_addr context.
+#[inline(always)]
+pub fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> SockAddr {
+    let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
+    if v6 {
+        let p = unsafe { &(*sa).user_ip6 };
+        sockaddr6(read_ip6(p), port)
+    } else {
+        SockAddr::v4(unsafe { read_volatile(&(*sa).user_ip4) }, port)
+    }
+}
+
+/// Context fields only take 4-byte accesses: read and write IPv6 words one by one.
+#[inline(always)]
+pub fn read_ip6(p: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            read_volatile(&p[0]),
+            read_volatile(&p[1]),
+            read_volatile(&p[2]),
+            read_volatile(&p[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(p: &mut [u32; 4], a: [u32; 4]) {
+    unsafe {
+        write_volatile(&mut p[0], a[0]);
+        write_volatile(&mut p[1], a[1]);
+        write_volatile(&mut p[2], a[2]);
+        write_volatile(&mut p[3], a[3]);
+    }
+}
+
+/// Point the socket at the agent's listener on the pod's own loopback. A dual-stack socket
+/// heading for an IPv4 address (v4-mapped) goes to ::ffff:127.0.0.1, the IPv4 listener.
+#[inline(always)]
+pub fn redirect_to_loopback(sa: *mut bpf_sock_addr, v6: bool, family: u16, port: u16) {
+    unsafe {
+        if v6 {
+            let lo = if family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, LOOPBACK4_BE]
+            } else {
+                LOOPBACK6_BE
+            };
+            write_ip6(&mut (*sa).user_ip6, lo);
+        } else {
+            write_volatile(&mut (*sa).user_ip4, LOOPBACK4_BE);
+        }
+        write_volatile(&mut (*sa).user_port, port.to_be() as u32);
+    }
+}
+
+/// Show `addr` to the app (getpeername/recvmsg). An IPv4 address shown to an IPv6 socket is
+/// v4-mapped; an IPv6 address cannot be shown to an IPv4 socket and is left alone.
+#[inline(always)]
+pub fn write_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: &SockAddr) -> bool {
+    unsafe {
+        if v6 {
+            let a = if addr.family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, addr.addr[0]]
+            } else {
+                addr.addr
+            };
+            write_ip6(&mut (*sa).user_ip6, a);
+        } else if addr.family == AF_INET {
+            write_volatile(&mut (*sa).user_ip4, addr.addr[0]);
+        } else {
+            return false;
+        }
+        write_volatile(&mut (*sa).user_port, addr.port as u32);
+    }
+    true
+}
+
+/// The local address of a socket, as a key address.
+#[inline(always)]
+pub fn sock_local(sk: *const bpf_sock) -> SockAddr {
+    unsafe {
+        let port = (read_volatile(&(*sk).src_port) as u16).to_be();
+        if read_volatile(&(*sk).family) == AF_INET as u32 {
+            SockAddr::v4(read_volatile(&(*sk).src_ip4), port)
+        } else {
+            sockaddr6(read_ip6(&(*sk).src_ip6), port)
+        }
+    }
+}
+
+/// The remote address of a socket, as a key address.
+#[inline(always)]
+fn sock_remote(sk: *const bpf_sock) -> SockAddr {
+    unsafe {
+        let port = read_volatile(&(*sk).dst_port);
+        if read_volatile(&(*sk).family) == AF_INET as u32 {
+            SockAddr::v4(read_volatile(&(*sk).dst_ip4), port)
+        } else {
+            sockaddr6(read_ip6(&(*sk).dst_ip6), port)
+        }
+    }
+}
+
+#[sock_ops]
+pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// The (app addr, listener addr) key of a connection, seen from the app's socket.
+#[inline(always)]
+fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
+    let local_port = (ctx.local_port() as u16).to_be();
+    let remote_port = (u32::from_be(ctx.remote_port()) as u16).to_be();
+    let (src, dst) = if ctx.family() == AF_INET as u32 {
+        (SockAddr::v4(ctx.local_ip4(), local_port), SockAddr::v4(ctx.remote_ip4(), remote_port))
+    } else {
+        (sockaddr6(ctx.local_ip6(), local_port), sockaddr6(ctx.remote_ip6(), remote_port))
+    };
+    TupleKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, src, dst }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(origin) = (unsafe { ORIGIN_BY_COOKIE.get(&cookie) }) else {
+        return;
+    };
+    let key = app_tuple(ctx);
+    if ORIGIN_BY_TUPLE.insert(&key, origin, 0).is_err() {
+        count(key.netns_cookie, counter::MAP_FULL);
+        return;
+    }
+    // Ask for state changes so the tuple entry goes when the connection closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let _ = ORIGIN_BY_TUPLE.remove(&app_tuple(ctx));
+}
+
+/// SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the agent's accepted socket, answered like
+/// iptables REDIRECT would: a sockaddr_in / sockaddr_in6 with the app's original destination.
+#[cgroup_sockopt(getsockopt)]
+pub fn sm_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    let (level, optname) = unsafe { (read_volatile(&(*so).level), read_volatile(&(*so).optname)) };
+    let v6 = match (level, optname) {
+        (SOL_IP, SO_ORIGINAL_DST) => false,
+        (SOL_IPV6, SO_ORIGINAL_DST) => true,
+        _ => return 1,
+    };
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = TupleKey { netns_cookie: netns, src: sock_remote(sk), dst: sock_local(sk) };
+    let Some(origin) = (unsafe { ORIGIN_BY_TUPLE.get(&key) }) else {
+        count(netns, counter::ORIGIN_MISS);
+        return 1;
+    };
+    let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
+    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
+    let len: i32 = if v6 { 28 } else { 16 };
+    if optval.is_null() || unsafe { optval.add(len as usize) } > end {
+        return 1;
+    }
+    unsafe {
+        if v6 {
+            let a = if origin.family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, origin.addr[0]]
+            } else {
+                origin.addr
+            };
+            write_volatile(optval as *mut u16, sockmesh_common::AF_INET6);
+            write_volatile(optval.add(2) as *mut u16, origin.port);
+            write_volatile(optval.add(4) as *mut u32, 0);
+            write_volatile(optval.add(8) as *mut u32, a[0]);
+            write_volatile(optval.add(12) as *mut u32, a[1]);
+            write_volatile(optval.add(16) as *mut u32, a[2]);
+            write_volatile(optval.add(20) as *mut u32, a[3]);
+            write_volatile(optval.add(24) as *mut u32, 0);
+        } else {
+            if origin.family != AF_INET {
+                return 1;
+            }
+            write_volatile(optval as *mut u16, AF_INET);
+            write_volatile(optval.add(2) as *mut u16, origin.port);
+            write_volatile(optval.add(4) as *mut u32, origin.addr[0]);
+            write_volatile(optval.add(8) as *mut u32, 0);
+            write_volatile(optval.add(12) as *mut u32, 0);
+        }
+        write_volatile(&mut (*so).optlen, len);
+        write_volatile(&mut (*so).retval, 0);
+    }
+    count(netns, counter::ORIGIN_HIT);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sm_getpeername4(ctx: SockAddrContext) -> i32 {
+    getpeername(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
+    getpeername(&ctx, true);
+    1
+}
+
+/// Both directions of transparency: the app that connected sees its original destination;
+/// the app that accepted from the agent sees the real client.
+#[inline(always)]
+fn getpeername(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
+        return;
+    };
+    let peer = user_addr(sa, v6);
+    if !is_loopback(&peer) {
+        return;
+    }
+    let port = u16::from_be(peer.port);
+    if port == cfg.outbound_port || port == cfg.dns_port {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
+            if write_user_addr(sa, v6, origin) {
+                count(netns, counter::PEER_RESTORED);
+            }
+            return;
+        }
+    }
+    let key = TupleKey { netns_cookie: netns, src: peer, dst: sock_local(sk) };
+    if let Some(client) = unsafe { INBOUND_PEERS.get(&key) } {
+        if write_user_addr(sa, v6, client) {
+            count(netns, counter::PEER_RESTORED);
+        }
+    }
+}
