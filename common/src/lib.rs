@@ -10,6 +10,9 @@
 //! userspace helpers below convert for display.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
 /// Bumped whenever a layout or map name below changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -18,7 +21,7 @@ pub mod map_names {
     pub const CONFIG: &str = "SM_CONFIG";
     pub const PODS: &str = "SM_PODS";
     pub const POD_STATS: &str = "SM_POD_STATS";
-    pub const ORIGIN_BY_COOKIE: &str = "SM_ORIG_COOKIE";
+    pub const SOCKETS: &str = "SM_SOCKETS";
     pub const ORIGIN_BY_TUPLE: &str = "SM_ORIG_TUPLE";
     pub const INBOUND_PEERS: &str = "SM_IN_PEERS";
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
@@ -28,7 +31,7 @@ pub mod map_names {
         CONFIG,
         PODS,
         POD_STATS,
-        ORIGIN_BY_COOKIE,
+        SOCKETS,
         ORIGIN_BY_TUPLE,
         INBOUND_PEERS,
         DNS_ORIGINS,
@@ -212,6 +215,32 @@ pub struct PodStats {
     pub counters: [u64; counter::COUNT],
 }
 
+/// `SocketEntry::kind`: why the programs track a socket.
+pub mod socket_kind {
+    /// A TCP connect() redirected to the outbound listener.
+    pub const TCP_REDIRECT: u16 = 1;
+    /// A UDP socket whose DNS traffic goes to the DNS listener.
+    pub const DNS: u16 = 2;
+    /// A listening socket whose wildcard bind was moved to loopback.
+    pub const BIND: u16 = 3;
+}
+
+/// `SM_SOCKETS[socket cookie]`: what the programs remember about one of a pod's sockets, so
+/// later hooks (getpeername, sock_ops) can use it and sock_release can undo it. sock_release
+/// cannot read a socket's port, so the port its other entries are keyed by is kept here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketEntry {
+    /// Original destination (TCP_REDIRECT, DNS); unused for BIND.
+    pub origin: SockAddr,
+    /// DNS: the source port, network order (its `SM_DNS_ORIG` key); BIND: the port, host order.
+    pub key_port: u16,
+    pub kind: u16,
+    /// BIND: the family of the listening socket.
+    pub family: u16,
+    pub _pad: u16,
+}
+
 /// Key of the maps that link the two ends of a connection over the pod's loopback:
 /// `(netns cookie, connecting side's address, accepting side's address)`. The netns cookie is
 /// part of the key because every pod uses the same loopback addresses and ports.
@@ -272,6 +301,38 @@ pub struct Event {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    impl SockAddr {
+        /// The kernel's form of a socket address (network-order words and port).
+        pub fn from_std(a: SocketAddr) -> Self {
+            match a.ip() {
+                IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), a.port().to_be()),
+                IpAddr::V6(ip) => {
+                    let o = ip.octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    SockAddr::v6([w(0), w(4), w(8), w(12)], a.port().to_be())
+                }
+            }
+        }
+
+        /// Back to std; `None` for an unused (zero-family) value.
+        pub fn to_std(&self) -> Option<SocketAddr> {
+            let port = u16::from_be(self.port);
+            match self.family {
+                AF_INET => Some(SocketAddr::new(Ipv4Addr::from(self.addr[0].to_ne_bytes()).into(), port)),
+                AF_INET6 => {
+                    let mut o = [0u8; 16];
+                    for (i, w) in self.addr.iter().enumerate() {
+                        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                    }
+                    Some(SocketAddr::new(Ipv6Addr::from(o).into(), port))
+                }
+                _ => None,
+            }
+        }
+    }
+
     // SAFETY: all of these are #[repr(C)], Copy, have no padding holes (explicit `_pad`), and
     // every bit pattern is a valid value.
     unsafe impl aya::Pod for SockAddr {}
@@ -285,6 +346,7 @@ mod user {
     unsafe impl aya::Pod for BindKey {}
     unsafe impl aya::Pod for BindValue {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for SocketEntry {}
 }
 
 #[cfg(test)]
@@ -303,6 +365,7 @@ mod tests {
         assert_eq!(size_of::<DnsKey>(), 16);
         assert_eq!(size_of::<BindKey>(), 16);
         assert_eq!(size_of::<Event>(), 16);
+        assert_eq!(size_of::<SocketEntry>(), 28);
         assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
     }
 
@@ -321,6 +384,22 @@ mod tests {
         assert!(!c.contains(AF_INET, &outside));
         assert!(!c.contains(AF_INET6, &inside));
         assert!(!Cidr::default().contains(AF_INET, &inside));
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn std_round_trip_in_network_order() {
+        use std::net::SocketAddr;
+        for s in ["10.1.2.3:8080", "[fd77::1]:53", "127.0.0.1:15001", "[::1]:1"] {
+            let a: SocketAddr = s.parse().expect("valid");
+            let k = SockAddr::from_std(a);
+            assert_eq!(k.to_std(), Some(a));
+        }
+        let k = SockAddr::from_std("10.1.2.3:8080".parse().expect("valid"));
+        // Exactly the bytes the kernel's user_ip4/user_port hold.
+        assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(SockAddr::default().to_std(), None);
     }
 
     #[test]

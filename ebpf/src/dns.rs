@@ -9,10 +9,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use core::ptr::read_volatile;
-use sockmesh_common::{counter, pod_flags, DnsKey, SockAddr, AF_INET, AF_INET6};
+use sockmesh_common::{
+    counter, pod_flags, socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
+};
 
 use crate::{
-    maps::{DNS_ORIGINS, ORIGIN_BY_COOKIE},
+    maps::{DNS_ORIGINS, SOCKETS},
     outbound::{redirect_to_loopback, user_addr, write_user_addr},
     util::*,
 };
@@ -44,7 +46,8 @@ fn dns_key(netns: u64, port_be: u16, family: u16) -> DnsKey {
 
 /// connect() on UDP: the kernel picks the source port only after this hook, so bind one now
 /// (a random ephemeral port on the wildcard address, as autobind would) and remember the
-/// server under it. Returns false if the socket must be left alone.
+/// server under it. Returns that port (network order), or None if the socket must be left
+/// alone.
 #[inline(always)]
 pub fn remember_connected(
     ctx: &SockAddrContext,
@@ -52,7 +55,7 @@ pub fn remember_connected(
     v6: bool,
     netns: u64,
     dst: &SockAddr,
-) -> bool {
+) -> Option<u16> {
     let mut port = unsafe { read_volatile(&(*sk).src_port) } as u16;
     let mut tries = 0;
     while port == 0 && tries < 4 {
@@ -77,10 +80,10 @@ pub fn remember_connected(
             port = candidate;
         }
     }
-    if port == 0 {
-        return false;
+    if port == 0 || !remember(netns, port, dst) {
+        return None;
     }
-    remember(netns, port, dst)
+    Some(port.to_be())
 }
 
 #[inline(always)]
@@ -128,7 +131,8 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = ORIGIN_BY_COOKIE.insert(&cookie, &dst, 0);
+    let entry = SocketEntry { origin: dst, key_port: port.to_be(), kind: socket_kind::DNS, ..Default::default() };
+    let _ = SOCKETS.insert(&cookie, &entry, 0);
     redirect_to_loopback(sa, v6, dst.family, cfg.dns_port);
     count(netns, counter::REDIRECT_DNS);
 }
@@ -167,7 +171,6 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) {
 
 /// Forget a released UDP socket's DNS origin (called from sock_release).
 #[inline(always)]
-pub fn forget(netns: u64, sk: *const bpf_sock, origin: &SockAddr) {
-    let port = (unsafe { read_volatile(&(*sk).src_port) } as u16).to_be();
-    let _ = DNS_ORIGINS.remove(&dns_key(netns, port, origin.family));
+pub fn forget(netns: u64, entry: &SocketEntry) {
+    let _ = DNS_ORIGINS.remove(&dns_key(netns, entry.key_port, entry.origin.family));
 }

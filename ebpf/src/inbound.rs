@@ -9,12 +9,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
-    counter, event_kind, pod_flags, BindKey, BindValue, Event, AF_INET, AF_INET6,
+    counter, event_kind, pod_flags, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET,
+    AF_INET6,
 };
 
 use crate::{
     dns,
-    maps::{EVENTS, INBOUND_BINDS, ORIGIN_BY_COOKIE, PODS},
+    maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
     outbound::read_ip6,
     util::*,
 };
@@ -77,7 +78,10 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     let family = if v6 { AF_INET6 } else { AF_INET };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = BindKey { netns_cookie: netns, port, family, _pad: 0 };
-    if INBOUND_BINDS.insert(&key, &BindValue { socket_cookie: cookie }, 0).is_err() {
+    let entry = SocketEntry { key_port: port, kind: socket_kind::BIND, family, ..Default::default() };
+    if INBOUND_BINDS.insert(&key, &BindValue { socket_cookie: cookie }, 0).is_err()
+        || SOCKETS.insert(&cookie, &entry, 0).is_err()
+    {
         count(netns, counter::MAP_FULL);
     }
     send_event(netns, event_kind::BIND, family, port);
@@ -94,34 +98,31 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 }
 
 /// Socket release: drop what the programs kept for this socket, and tell the agent when the
-/// socket holding a captured bind goes away.
+/// socket holding a captured bind goes away. (This hook cannot read the socket's addresses:
+/// everything needed is in its `SM_SOCKETS` entry.)
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if unsafe { PODS.get(&netns) }.is_none() {
         return 1;
     }
-    let sk = ctx.sock;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let ty = unsafe { read_volatile(&(*sk).type_) };
-    if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
-        if ty == SOCK_DGRAM {
-            dns::forget(netns, sk, origin);
-        }
-        let _ = ORIGIN_BY_COOKIE.remove(&cookie);
+    let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
         return 1;
-    }
-    if ty != SOCK_STREAM {
-        return 1;
-    }
-    let family = unsafe { read_volatile(&(*sk).family) } as u16;
-    let port = unsafe { read_volatile(&(*sk).src_port) } as u16;
-    let key = BindKey { netns_cookie: netns, port, family, _pad: 0 };
-    if let Some(v) = unsafe { INBOUND_BINDS.get(&key) } {
-        if v.socket_cookie == cookie {
-            let _ = INBOUND_BINDS.remove(&key);
-            send_event(netns, event_kind::UNBIND, family, port);
+    };
+    match entry.kind {
+        socket_kind::DNS => dns::forget(netns, entry),
+        socket_kind::BIND => {
+            let key = BindKey { netns_cookie: netns, port: entry.key_port, family: entry.family, _pad: 0 };
+            if let Some(v) = unsafe { INBOUND_BINDS.get(&key) } {
+                if v.socket_cookie == cookie {
+                    let _ = INBOUND_BINDS.remove(&key);
+                    send_event(netns, event_kind::UNBIND, entry.family, entry.key_port);
+                }
+            }
         }
+        _ => {}
     }
+    let _ = SOCKETS.remove(&cookie);
     1
 }

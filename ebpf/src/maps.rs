@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use sockmesh_common::{
-    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr, TupleKey,
+    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr, SocketEntry, TupleKey,
 };
 
 #[map(name = "SM_CONFIG")]
@@ -17,10 +17,9 @@ pub static PODS: HashMap<u64, PodConfig> = HashMap::pinned(map_sizes::PODS, 0);
 #[map(name = "SM_POD_STATS")]
 pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_sizes::PODS, 0);
 
-/// Original destination of a redirected socket, by socket cookie (the app's side).
-#[map(name = "SM_ORIG_COOKIE")]
-pub static ORIGIN_BY_COOKIE: LruHashMap<u64, SockAddr> =
-    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+/// What the programs remember per socket (the app's side), by socket cookie.
+#[map(name = "SM_SOCKETS")]
+pub static SOCKETS: LruHashMap<u64, SocketEntry> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
 
 /// Original destination by (netns, app addr, listener addr): what SO_ORIGINAL_DST answers.
 #[map(name = "SM_ORIG_TUPLE")]

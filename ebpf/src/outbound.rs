@@ -12,11 +12,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
-use sockmesh_common::{counter, pod_flags, SockAddr, TupleKey, AF_INET};
+use sockmesh_common::{counter, pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, AF_INET};
 
 use crate::{
     dns,
-    maps::{INBOUND_PEERS, ORIGIN_BY_COOKIE, ORIGIN_BY_TUPLE},
+    maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS},
     util::*,
 };
 
@@ -62,13 +62,18 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
         count(netns, counter::BYPASS_EXCLUDED);
         return;
     }
-    // A DNS client's reply is matched by its source port, which connect() on UDP only picks
-    // after this hook: pick one now.
-    if ty == SOCK_DGRAM && !dns::remember_connected(ctx, sk, v6, netns, &dst) {
-        return;
+    let mut entry = SocketEntry { origin: dst, kind: socket_kind::TCP_REDIRECT, ..Default::default() };
+    if ty == SOCK_DGRAM {
+        // A DNS client's reply is matched by its source port, which connect() on UDP only
+        // picks after this hook: pick one now.
+        let Some(port_be) = dns::remember_connected(ctx, sk, v6, netns, &dst) else {
+            return;
+        };
+        entry.kind = socket_kind::DNS;
+        entry.key_port = port_be;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIGIN_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
+    if SOCKETS.insert(&cookie, &entry, 0).is_err() {
         // Never redirect what could not be remembered: the proxy could not forward it.
         count(netns, counter::MAP_FULL);
         return;
@@ -206,11 +211,14 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(origin) = (unsafe { ORIGIN_BY_COOKIE.get(&cookie) }) else {
+    let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
         return;
     };
+    if entry.kind != socket_kind::TCP_REDIRECT {
+        return;
+    }
     let key = app_tuple(ctx);
-    if ORIGIN_BY_TUPLE.insert(&key, origin, 0).is_err() {
+    if ORIGIN_BY_TUPLE.insert(&key, &entry.origin, 0).is_err() {
         count(key.netns_cookie, counter::MAP_FULL);
         return;
     }
@@ -310,8 +318,8 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
     let port = u16::from_be(peer.port);
     if port == cfg.outbound_port || port == cfg.dns_port {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
-            if write_user_addr(sa, v6, origin) {
+        if let Some(entry) = unsafe { SOCKETS.get(&cookie) } {
+            if entry.kind != socket_kind::BIND && write_user_addr(sa, v6, &entry.origin) {
                 count(netns, counter::PEER_RESTORED);
             }
             return;

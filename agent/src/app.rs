@@ -1,0 +1,210 @@
+//! `sockmesh run`: validate everything, then load, enrol, proxy, and take it all down on
+//! SIGINT/SIGTERM. The order is chosen so a failure at any step leaves nothing behind, and
+//! the kernel only starts redirecting a pod once its listeners are open.
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{MapData, RingBuf};
+use sockmesh_common::{Event, PodConfig};
+use tokio::{
+    io::unix::AsyncFd,
+    net::{TcpListener, UdpSocket},
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    cli::RunArgs,
+    datapath::{preflight, Datapath, DatapathOptions},
+    events,
+    inpod::pod::{Pod, PodListeners},
+    proxy::{dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
+};
+
+pub fn run(args: RunArgs) -> Result<()> {
+    preflight::check_privileges()?;
+    preflight::check_kernel()?;
+    preflight::check_bpffs(&args.bpffs_dir)?;
+    let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
+
+    // Pure validation of every pod before touching anything.
+    let configs = args
+        .pods
+        .iter()
+        .map(|p| p.to_kernel(&args.exclude_outbound_ports, &args.exclude_outbound_cidrs, &args.exclude_inbound_ports))
+        .collect::<Result<Vec<PodConfig>, String>>()
+        .map_err(|e| anyhow!(e))?;
+    if args.pods.is_empty() {
+        warn!("no --pod given: the programs are attached but no traffic is captured");
+    }
+    // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
+    let mut prepared = Vec::new();
+    let mut seen: HashMap<u64, String> = HashMap::new();
+    for spec in &args.pods {
+        let (pod, listeners) = Pod::prepare(spec, args.mark, args.outbound_port, args.dns_port)?;
+        if let Some(other) = seen.insert(pod.cookie, pod.name()) {
+            bail!("--pod {} and --pod {} are the same network namespace: give each pod once", other, pod.name());
+        }
+        prepared.push((pod, listeners));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sockmesh")
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(serve(args, cgroup, prepared, configs))
+}
+
+async fn serve(
+    args: RunArgs,
+    cgroup: std::path::PathBuf,
+    prepared: Vec<(Pod, PodListeners)>,
+    configs: Vec<PodConfig>,
+) -> Result<()> {
+    // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut dp = Datapath::start(&DatapathOptions {
+        bpffs_dir: &args.bpffs_dir,
+        cgroup_root: &cgroup,
+        mark: args.mark,
+        outbound_port: args.outbound_port,
+        dns_port: args.dns_port,
+        keep_pins: args.keep_pins,
+        kernel_log: args.kernel_log,
+    })?;
+    let shared = Shared {
+        cfg: std::sync::Arc::new(ProxyConfig {
+            mark: args.mark,
+            outbound_port: args.outbound_port,
+            dns_port: args.dns_port,
+            connect_timeout: args.connect_timeout,
+            dns_timeout: args.dns_timeout,
+        }),
+        maps: dp.maps.clone(),
+        cancel: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let result = enrol_all(&mut dp, &shared, prepared, configs);
+    let (mut inbound, cookies) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            stop(dp, &shared, &[], Duration::ZERO).await;
+            return Err(e);
+        }
+    };
+
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
+    if let Some(ring) = dp.take_events() {
+        shared.tasks.spawn(read_events(ring, ev_tx, shared.cancel.clone()));
+    }
+    if let Some(logger) = dp.take_logger() {
+        shared.tasks.spawn(read_kernel_logs(logger, shared.cancel.clone()));
+    }
+    info!(pods = cookies.len(), "ready");
+    events::emit(serde_json::json!({ "event": "ready", "pods": cookies.len() }));
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            Some(ev) = ev_rx.recv() => inbound.on_event(ev).await,
+        }
+    }
+    stop(dp, &shared, &cookies, args.drain_timeout).await;
+    events::emit(serde_json::json!({ "event": "stopped" }));
+    Ok(())
+}
+
+/// Start each pod's proxies, then tell the kernel to redirect its sockets.
+fn enrol_all(
+    dp: &mut Datapath,
+    shared: &Shared,
+    prepared: Vec<(Pod, PodListeners)>,
+    configs: Vec<PodConfig>,
+) -> Result<(Inbound, Vec<u64>)> {
+    let mut inbound = Inbound::new(shared.clone());
+    let mut cookies = Vec::new();
+    for ((pod, listeners), cfg) in prepared.into_iter().zip(configs) {
+        let ctx = PodCtx {
+            name: pod.name().into(),
+            cookie: pod.cookie,
+            worker: pod.worker.clone(),
+            addrs: pod.addrs.clone().into(),
+        };
+        for l in listeners.outbound {
+            let l = TcpListener::from_std(l).context("register outbound listener")?;
+            shared.tasks.spawn(outbound::serve(l, ctx.clone(), shared.clone()));
+        }
+        for s in listeners.dns {
+            let s = UdpSocket::from_std(s).context("register DNS listener")?;
+            shared.tasks.spawn(dns::serve(s, ctx.clone(), shared.clone()));
+        }
+        inbound.add_pod(ctx.clone());
+        dp.enrol(pod.cookie, cfg).with_context(|| format!("enrol pod {}", ctx.name))?;
+        cookies.push(pod.cookie);
+        info!(pod = %ctx.name, netns_cookie = pod.cookie, addrs = ?pod.addrs, "pod enrolled");
+        events::emit(serde_json::json!({ "event": "pod_enrolled", "pod": &*ctx.name, "netns_cookie": pod.cookie }));
+    }
+    Ok((inbound, cookies))
+}
+
+/// Stop redirecting first (new connections go direct), then stop accepting, give live
+/// connections up to `grace` to finish, then detach and unpin.
+async fn stop(mut dp: Datapath, shared: &Shared, cookies: &[u64], grace: Duration) {
+    for c in cookies {
+        dp.unenrol(*c);
+    }
+    shared.cancel.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+        warn!(left = shared.tasks.len(), "connections still open after the drain timeout; closing them");
+    }
+    dp.shutdown();
+}
+
+/// Bind/unbind events from the kernel, woken by the ring buffer's fd (no polling).
+async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, cancel: CancellationToken) {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the event ring buffer; inbound capture is off");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = cancel.cancelled() => return,
+            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel wrote a whole Event (checked length); read_unaligned copes
+                // with the ring's 8-byte alignment.
+                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                if tx.try_send(ev).is_err() {
+                    warn!("event queue full; an inbound bind event was dropped");
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+async fn read_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>, cancel: CancellationToken) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else { return };
+    loop {
+        let mut guard = tokio::select! {
+            _ = cancel.cancelled() => return,
+            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

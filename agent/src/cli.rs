@@ -1,0 +1,152 @@
+//! Command-line interface. Every flag has an env fallback and says its default.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{CidrSpec, PodSpec, PortRangeSpec};
+
+#[derive(Parser, Debug)]
+#[command(name = "sockmesh", version, about = "Sidecar-less eBPF service mesh agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
+    #[arg(long, global = true, env = "SOCKMESH_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load and attach the kernel programs, enrol pods and proxy their traffic.
+    Run(RunArgs),
+    /// Show the kernel's per-pod counters from the pinned maps (works while the agent is down).
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Enrol a pod by its network namespace: `PATH[,exclude-ports=22;8000-8100]
+    /// [,exclude-cidrs=10.1.0.0/16;fd00::/8][,exclude-inbound-ports=9000]`. PATH is e.g.
+    /// /var/run/netns/NAME or /proc/PID/ns/net. Repeatable.
+    #[arg(long = "pod", value_name = "SPEC", value_parser = PodSpec::parse)]
+    pub pods: Vec<PodSpec>,
+    /// Where maps (and, with --keep-pins, links) are pinned.
+    #[arg(long, env = "SOCKMESH_BPFFS_DIR", default_value = "/sys/fs/bpf/sockmesh")]
+    pub bpffs_dir: PathBuf,
+    /// cgroup2 directory the programs attach to (default: the cgroup2 mount point).
+    #[arg(long, env = "SOCKMESH_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Port of the outbound listener inside each pod (127.0.0.1 and ::1).
+    #[arg(long, env = "SOCKMESH_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port of the DNS listener inside each pod (127.0.0.1 and ::1, UDP).
+    #[arg(long, env = "SOCKMESH_DNS_PORT", default_value_t = 15053)]
+    pub dns_port: u16,
+    /// SO_MARK carried by the agent's own sockets, which the programs never redirect.
+    #[arg(long, env = "SOCKMESH_MARK", default_value = "0x534d", value_parser = parse_mark)]
+    pub mark: u32,
+    /// Outbound ports never captured, for every pod (e.g. `22,8000-8100`).
+    #[arg(long, env = "SOCKMESH_EXCLUDE_OUTBOUND_PORTS", value_parser = PortRangeSpec::parse, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<PortRangeSpec>,
+    /// Outbound destinations never captured, for every pod (e.g. `10.1.0.0/16,fd00::/8`).
+    #[arg(long, env = "SOCKMESH_EXCLUDE_OUTBOUND_CIDRS", value_parser = CidrSpec::parse, value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<CidrSpec>,
+    /// Listening ports never captured, for every pod.
+    #[arg(long, env = "SOCKMESH_EXCLUDE_INBOUND_PORTS", value_parser = PortRangeSpec::parse, value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<PortRangeSpec>,
+    /// Keep maps and links pinned at exit (programs stay attached): for restarts and upgrades.
+    #[arg(long, env = "SOCKMESH_KEEP_PINS")]
+    pub keep_pins: bool,
+    /// Forward the kernel programs' debug logs (aya-log) into the agent's log.
+    #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
+    pub kernel_log: bool,
+    /// Upstream connect timeout.
+    #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: std::time::Duration,
+    /// At shutdown, how long live connections may take to finish before they are closed.
+    #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// How long an upstream DNS server may take to answer a query.
+    #[arg(long, env = "SOCKMESH_DNS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub dns_timeout: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatsArgs {
+    /// Where the agent pinned its maps.
+    #[arg(long, env = "SOCKMESH_BPFFS_DIR", default_value = "/sys/fs/bpf/sockmesh")]
+    pub bpffs_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match r {
+        Ok(0) => Err("the mark must not be 0 (every unmarked socket has mark 0)".into()),
+        Ok(m) => Ok(m),
+        Err(_) => Err(format!("'{s}' is not a mark: use a number such as 0x534d")),
+    }
+}
+
+/// `500ms`, `10s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration: use e.g. 500ms, 10s, 2m"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("'{s}' has an unknown unit '{unit}': use ms, s, m or h")),
+    };
+    ms.map(std::time::Duration::from_millis).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_and_durations() {
+        assert_eq!(parse_mark("0x534d"), Ok(0x534d));
+        assert_eq!(parse_mark("42"), Ok(42));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("zz").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(std::time::Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(std::time::Duration::from_secs(3)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
+    }
+
+    #[test]
+    fn cli_parses_a_full_run_line() {
+        let cli = Cli::try_parse_from([
+            "sockmesh",
+            "run",
+            "--pod",
+            "/var/run/netns/a,exclude-ports=22",
+            "--pod",
+            "/proc/1/ns/net",
+            "--outbound-port",
+            "16001",
+            "--exclude-outbound-cidrs",
+            "10.0.0.0/8,fd00::/8",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.pods.len(), 2);
+        assert_eq!(run.outbound_port, 16001);
+        assert_eq!(run.dns_port, 15053);
+        assert_eq!(run.exclude_outbound_cidrs.len(), 2);
+    }
+}

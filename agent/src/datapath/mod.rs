@@ -1,0 +1,271 @@
+//! The kernel side as the agent drives it: load the programs, pin the maps, attach every
+//! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
+pub mod links;
+pub mod preflight;
+pub mod stats;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
+    programs::Program,
+    Ebpf, EbpfLoader,
+};
+use sockmesh_common::{
+    map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
+    TupleKey, SCHEMA_VERSION,
+};
+use tracing::{info, warn};
+
+use aya_obj::generated::bpf_attach_type as at;
+use links::CgroupLink;
+use preflight::PinDirLock;
+use std::os::fd::AsFd;
+
+/// Every program, in attach order: the hooks that only *read* state first, so by the time
+/// connect/bind start redirecting, the hooks that complete the picture are already in place.
+const PROGRAMS: [(&str, at); 13] = [
+    (prog::SOCK_RELEASE, at::BPF_CGROUP_INET_SOCK_RELEASE),
+    (prog::SOCK_OPS, at::BPF_CGROUP_SOCK_OPS),
+    (prog::GETSOCKOPT, at::BPF_CGROUP_GETSOCKOPT),
+    (prog::GETPEERNAME4, at::BPF_CGROUP_INET4_GETPEERNAME),
+    (prog::GETPEERNAME6, at::BPF_CGROUP_INET6_GETPEERNAME),
+    (prog::RECVMSG4, at::BPF_CGROUP_UDP4_RECVMSG),
+    (prog::RECVMSG6, at::BPF_CGROUP_UDP6_RECVMSG),
+    (prog::SENDMSG4, at::BPF_CGROUP_UDP4_SENDMSG),
+    (prog::SENDMSG6, at::BPF_CGROUP_UDP6_SENDMSG),
+    (prog::BIND4, at::BPF_CGROUP_INET4_BIND),
+    (prog::BIND6, at::BPF_CGROUP_INET6_BIND),
+    (prog::CONNECT4, at::BPF_CGROUP_INET4_CONNECT),
+    (prog::CONNECT6, at::BPF_CGROUP_INET6_CONNECT),
+];
+
+pub struct DatapathOptions<'a> {
+    pub bpffs_dir: &'a Path,
+    pub cgroup_root: &'a Path,
+    pub mark: u32,
+    pub outbound_port: u16,
+    pub dns_port: u16,
+    pub keep_pins: bool,
+    pub kernel_log: bool,
+}
+
+/// Maps the proxies use while running.
+pub struct KernelMaps {
+    /// Real client of an inbound connection, keyed by (netns, agent addr, app addr).
+    pub inbound_peers: Mutex<HashMap<MapData, TupleKey, SockAddr>>,
+    /// Original DNS server by (netns, client port).
+    pub dns_origins: Mutex<HashMap<MapData, DnsKey, SockAddr>>,
+}
+
+pub struct Datapath {
+    // Field order is drop order: links detach before the object that owns the programs goes.
+    _links: Vec<(&'static str, CgroupLink)>,
+    pods: HashMap<MapData, u64, PodConfig>,
+    stats: PerCpuHashMap<MapData, u64, PodStats>,
+    pub maps: Arc<KernelMaps>,
+    events: Option<RingBuf<MapData>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    _ebpf: Ebpf,
+    dir: PathBuf,
+    keep_pins: bool,
+    _lock: PinDirLock,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+impl Datapath {
+    /// Load, pin and attach. On error everything done so far is undone by the drops (links
+    /// detach when their fd closes) and by removing pins this call created.
+    pub fn start(opts: &DatapathOptions) -> Result<Datapath> {
+        let lock = preflight::lock_pin_dir(opts.bpffs_dir)?;
+        let dir = opts.bpffs_dir.to_path_buf();
+        let existed = dir.exists();
+        if existed {
+            check_pinned_schema(&dir)?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let result = Self::start_in(opts, lock, &dir, existed);
+        if result.is_err() && !existed {
+            remove_pins(&dir);
+        }
+        result
+    }
+
+    fn start_in(opts: &DatapathOptions, lock: PinDirLock, dir: &Path, existed: bool) -> Result<Datapath> {
+        // aya-log's level filter lives in the object: 0 turns every kernel log call off.
+        let log_level: u8 = if opts.kernel_log { aya_log::Level::Debug as u8 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(crate::EBPF_OBJECT)
+            .context("load the kernel programs")?;
+        let logger = if opts.kernel_log {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).context("start the kernel log reader")?)
+        } else {
+            None
+        };
+
+        let mut config: Array<MapData, GlobalConfig> = take(&mut ebpf, map_names::CONFIG)?;
+        let mut pods: HashMap<MapData, u64, PodConfig> = take(&mut ebpf, map_names::PODS)?;
+        // Pods enrolled by a previous agent that died are not ours to redirect.
+        let stale: Vec<u64> = pods.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            let _ = pods.remove(&k);
+        }
+        let gc = GlobalConfig {
+            schema_version: SCHEMA_VERSION,
+            agent_mark: opts.mark,
+            outbound_port: opts.outbound_port,
+            dns_port: opts.dns_port,
+            _pad: 0,
+        };
+        config.set(0, gc, 0).context("write SM_CONFIG")?;
+
+        let cgroup = File::open(opts.cgroup_root)
+            .with_context(|| format!("open cgroup {}", opts.cgroup_root.display()))?;
+        let mut links = Vec::new();
+        for (name, attach_type) in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?;
+            let link = attach(program, &cgroup, attach_type).with_context(|| format!("attach {name}"))?;
+            links.push((name, link));
+        }
+        // Links a dead agent left pinned go only now, so there is no moment without programs.
+        if existed {
+            let old = dir.join("links");
+            if old.exists() {
+                warn!(dir = %old.display(), "removing links pinned by a previous agent");
+                let _ = std::fs::remove_dir_all(&old);
+            }
+        }
+        if opts.keep_pins {
+            let ldir = dir.join("links");
+            std::fs::create_dir_all(&ldir)?;
+            for (name, link) in &links {
+                link.pin(&ldir.join(name)).with_context(|| format!("pin link {name}"))?;
+            }
+        }
+
+        let stats = take(&mut ebpf, map_names::POD_STATS)?;
+        let maps = Arc::new(KernelMaps {
+            inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
+            dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
+        });
+        let events = Some(take(&mut ebpf, map_names::EVENTS)?);
+        info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");
+        Ok(Datapath {
+            _links: links,
+            pods,
+            stats,
+            maps,
+            events,
+            logger,
+            _ebpf: ebpf,
+            dir: dir.to_path_buf(),
+            keep_pins: opts.keep_pins,
+            _lock: lock,
+        })
+    }
+
+    /// Start redirecting a pod's sockets. Call only once its listeners are open.
+    pub fn enrol(&mut self, netns_cookie: u64, cfg: PodConfig) -> Result<()> {
+        // Counters survive re-enrolment (and agent restarts, the map being pinned).
+        if self.stats.get(&netns_cookie, 0).is_err() {
+            let zeros = PerCpuValues::try_from(vec![PodStats::default(); nr_cpus()?])?;
+            self.stats.insert(netns_cookie, zeros, 0).context("create the pod's counters")?;
+        }
+        self.pods.insert(netns_cookie, cfg, 0).context("enrol pod in SM_PODS")?;
+        Ok(())
+    }
+
+    /// Stop redirecting a pod's new sockets.
+    pub fn unenrol(&mut self, netns_cookie: u64) {
+        let _ = self.pods.remove(&netns_cookie);
+    }
+
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// Detach (unless pins are kept) and remove the pins this agent owns.
+    pub fn shutdown(mut self) {
+        let cookies: Vec<u64> = self.pods.keys().filter_map(|k| k.ok()).collect();
+        for c in cookies {
+            self.unenrol(c);
+        }
+        let dir = self.dir.clone();
+        let keep = self.keep_pins;
+        drop(self);
+        if !keep {
+            remove_pins(&dir);
+            info!(dir = %dir.display(), "programs detached and pins removed");
+        } else {
+            info!(dir = %dir.display(), "pins kept: programs stay attached");
+        }
+    }
+}
+
+/// Load a program (the verifier runs here) and attach it at the cgroup as a link.
+fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<CgroupLink> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load()?,
+        Program::SockOps(p) => p.load()?,
+        Program::CgroupSockopt(p) => p.load()?,
+        Program::CgroupSock(p) => p.load()?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    }
+    let fd = program.fd()?;
+    Ok(CgroupLink::create(fd.as_fd(), cgroup.as_fd(), attach_type as u32)?)
+}
+
+/// Pins from another schema cannot be reused: say so rather than misread them.
+fn check_pinned_schema(dir: &Path) -> Result<()> {
+    let path = dir.join(map_names::CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let Ok(cfg) = stats::read_config(dir) else { return Ok(()) };
+    if cfg.schema_version != 0 && cfg.schema_version != SCHEMA_VERSION {
+        bail!(
+            "{} holds maps of schema version {} but this agent uses {}: remove the directory (rm -r {}) to start fresh",
+            dir.display(),
+            cfg.schema_version,
+            SCHEMA_VERSION,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join("links"));
+    for name in map_names::ALL {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    // aya-log's own map is pinned too when present.
+    let _ = std::fs::remove_file(dir.join("AYA_LOGS"));
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %e, "could not remove the pin directory");
+        }
+    }
+}
+
+pub fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| anyhow!("count possible CPUs: {e}"))
+}

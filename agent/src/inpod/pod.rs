@@ -1,0 +1,82 @@
+//! A pod as the agent sees it: its namespace, a worker thread inside it, its namespace cookie
+//! (the key the kernel programs use), its addresses, and the in-pod listeners.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    netns::{current_addresses, current_netns_cookie, Netns, NetnsWorker},
+    sockets,
+};
+use crate::config::PodSpec;
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub netns: Netns,
+    pub worker: NetnsWorker,
+    pub cookie: u64,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// The listeners opened in a pod at enrolment, before the kernel starts redirecting to them.
+pub struct PodListeners {
+    pub outbound: Vec<TcpListener>,
+    pub dns: Vec<UdpSocket>,
+}
+
+impl Pod {
+    /// Open the pod's namespace, learn its cookie and addresses, and open its listeners.
+    /// Nothing is written to the kernel here, so a failure leaves nothing behind.
+    pub fn prepare(
+        spec: &PodSpec,
+        mark: u32,
+        outbound_port: u16,
+        dns_port: u16,
+    ) -> Result<(Pod, PodListeners)> {
+        let netns = Netns::open(&spec.netns)?;
+        let worker = netns.worker()?;
+        let name = spec.netns.display().to_string();
+        let (cookie, addrs, listeners) = worker.run_blocking(move || -> Result<_> {
+            let cookie = current_netns_cookie().context("SO_NETNS_COOKIE (needs Linux 5.14+)")?;
+            let addrs = current_addresses().context("list the pod's addresses")?;
+            let mut outbound = Vec::new();
+            let mut dns = Vec::new();
+            let loopbacks = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+            for ip in loopbacks {
+                let what = |proto: &str, port: u16, e: io::Error| -> anyhow::Error {
+                    let hint = if e.kind() == io::ErrorKind::AddrInUse {
+                        format!(
+                            ": something in the pod already uses it; pick another with --{}",
+                            if proto == "TCP" { "outbound-port" } else { "dns-port" }
+                        )
+                    } else {
+                        String::new()
+                    };
+                    anyhow::anyhow!("pod {name}: cannot listen on {proto} {}: {e}{hint}", SocketAddr::new(ip, port))
+                };
+                match sockets::tcp_listener(SocketAddr::new(ip, outbound_port), mark, 1024) {
+                    Ok(l) => outbound.push(l),
+                    // A pod without IPv6 (or with lo down for v6) keeps working on IPv4.
+                    Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => continue,
+                    Err(e) => return Err(what("TCP", outbound_port, e)),
+                }
+                match sockets::udp_bound(SocketAddr::new(ip, dns_port), mark) {
+                    Ok(s) => dns.push(s),
+                    Err(e) => return Err(what("UDP", dns_port, e)),
+                }
+            }
+            if outbound.is_empty() {
+                bail!("pod {name}: loopback is not up (no 127.0.0.1 to listen on): run `ip link set lo up` in the pod");
+            }
+            Ok((cookie, addrs, PodListeners { outbound, dns }))
+        })??;
+        Ok((Pod { spec: spec.clone(), netns, worker, cookie, addrs }, listeners))
+    }
+
+    pub fn name(&self) -> String {
+        self.netns.path().display().to_string()
+    }
+}

@@ -1,0 +1,61 @@
+//! Creating the agent's sockets. Every one carries the agent's SO_MARK, which the kernel
+//! programs check first, so the agent's own traffic is never redirected (no loops).
+//! Call these on a pod's netns worker: the socket joins the namespace it is created in.
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn marked(domain: Domain, ty: Type, proto: Protocol, mark: u32) -> io::Result<Socket> {
+    let s = Socket::new(domain, ty, Some(proto))?;
+    s.set_mark(mark)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn domain_of(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+/// A listening TCP socket on exactly `addr`.
+pub fn tcp_listener(addr: SocketAddr, mark: u32, backlog: i32) -> io::Result<TcpListener> {
+    let s = marked(domain_of(&addr), Type::STREAM, Protocol::TCP, mark)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+/// A UDP socket bound to exactly `addr`.
+pub fn udp_bound(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let s = marked(domain_of(&addr), Type::DGRAM, Protocol::UDP, mark)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&SockAddr::from(addr))?;
+    Ok(s.into())
+}
+
+/// An unconnected TCP socket for reaching `dst`, optionally bound to `local` first.
+pub fn tcp_for(dst: SocketAddr, local: Option<SocketAddr>, mark: u32) -> io::Result<TcpStream> {
+    let s = marked(domain_of(&dst), Type::STREAM, Protocol::TCP, mark)?;
+    if let Some(local) = local {
+        s.bind(&SockAddr::from(local))?;
+    }
+    Ok(s.into())
+}
+
+/// An unbound UDP socket for talking to `dst`.
+pub fn udp_for(dst: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let s = marked(domain_of(&dst), Type::DGRAM, Protocol::UDP, mark)?;
+    Ok(s.into())
+}

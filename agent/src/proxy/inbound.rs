@@ -1,0 +1,249 @@
+//! Inbound: when an app's wildcard bind is moved to loopback by bind4/6, listen on the pod's
+//! own addresses at that port and forward to the app; the app sees the real client because
+//! the agent records it in `SM_IN_PEERS` for getpeername()/accept() to answer.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use sockmesh_common::{event_kind, Event, SockAddr, TupleKey, AF_INET6};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{outbound, relay, PodCtx, Shared};
+use crate::{events, inpod::sockets};
+
+/// Which app binds exist for one (pod, port), and the listeners serving it.
+#[derive(Default)]
+struct PortState {
+    v4_bound: bool,
+    v6_bound: bool,
+    /// Shared with the accept loops so they pick the target at accept time.
+    targets: Arc<Mutex<Targets>>,
+    v4_listeners: Option<CancellationToken>,
+    v6_listeners: Option<CancellationToken>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Targets {
+    v4_bound: bool,
+    v6_bound: bool,
+}
+
+impl Targets {
+    /// The app's loopback address for a client of this family: the same family when the app
+    /// bound it, else the other (a dual-stack `[::]` socket serves IPv4 clients too).
+    fn for_client(&self, client_v6: bool, port: u16) -> SocketAddr {
+        let v6 = if client_v6 { self.v6_bound || !self.v4_bound } else { !self.v4_bound && self.v6_bound };
+        if v6 {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)
+        } else {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+        }
+    }
+}
+
+/// Turns bind/unbind events into listeners.
+pub struct Inbound {
+    shared: Shared,
+    pods: HashMap<u64, PodCtx>,
+    ports: HashMap<(u64, u16), PortState>,
+}
+
+impl Inbound {
+    pub fn new(shared: Shared) -> Self {
+        Inbound { shared, pods: HashMap::new(), ports: HashMap::new() }
+    }
+
+    pub fn add_pod(&mut self, pod: PodCtx) {
+        self.pods.insert(pod.cookie, pod);
+    }
+
+    pub async fn on_event(&mut self, ev: Event) {
+        let Some(pod) = self.pods.get(&ev.netns_cookie).cloned() else {
+            return;
+        };
+        let key = (ev.netns_cookie, ev.port);
+        let st = self.ports.entry(key).or_default();
+        let v6 = ev.family == AF_INET6;
+        match ev.kind {
+            event_kind::BIND if v6 => st.v6_bound = true,
+            event_kind::BIND => st.v4_bound = true,
+            event_kind::UNBIND if v6 => st.v6_bound = false,
+            event_kind::UNBIND => st.v4_bound = false,
+            _ => return,
+        }
+        if let Ok(mut t) = st.targets.lock() {
+            *t = Targets { v4_bound: st.v4_bound, v6_bound: st.v6_bound };
+        }
+        // IPv4 clients are served while any bind exists (dual-stack), IPv6 ones only for a v6 bind.
+        let want_v4 = st.v4_bound || st.v6_bound;
+        let want_v6 = st.v6_bound;
+        let targets = st.targets.clone();
+        if want_v4 && st.v4_listeners.is_none() {
+            st.v4_listeners = open(&pod, &self.shared, ev.port, false, targets.clone()).await;
+        }
+        if want_v6 && st.v6_listeners.is_none() {
+            st.v6_listeners = open(&pod, &self.shared, ev.port, true, targets).await;
+        }
+        if !want_v4 {
+            close(&pod, &mut st.v4_listeners, ev.port, "ipv4");
+        }
+        if !want_v6 {
+            close(&pod, &mut st.v6_listeners, ev.port, "ipv6");
+        }
+        if !want_v4 && !want_v6 {
+            self.ports.remove(&key);
+        }
+    }
+}
+
+fn close(pod: &PodCtx, slot: &mut Option<CancellationToken>, port: u16, family: &str) {
+    if let Some(token) = slot.take() {
+        token.cancel();
+        info!(pod = %pod.name, port, family, "inbound listeners closed");
+        events::emit(serde_json::json!({
+            "event": "inbound_closed", "netns_cookie": pod.cookie, "port": port, "family": family,
+        }));
+    }
+}
+
+/// Listen on every pod address of one family at `port`. None if no address could be used.
+async fn open(
+    pod: &PodCtx,
+    shared: &Shared,
+    port: u16,
+    v6: bool,
+    targets: Arc<Mutex<Targets>>,
+) -> Option<CancellationToken> {
+    let addrs: Vec<SocketAddr> = pod
+        .addrs
+        .iter()
+        .filter(|ip| ip.is_ipv6() == v6)
+        .map(|ip| SocketAddr::new(*ip, port))
+        .collect();
+    if addrs.is_empty() {
+        return None;
+    }
+    let mark = shared.cfg.mark;
+    let opened = pod
+        .worker
+        .run(move || addrs.into_iter().map(|a| (a, sockets::tcp_listener(a, mark, 1024))).collect::<Vec<_>>())
+        .await
+        .ok()?;
+    let token = shared.cancel.child_token();
+    let mut any = false;
+    for (addr, res) in opened {
+        let listener = match res.and_then(TcpListener::from_std) {
+            Ok(l) => l,
+            Err(e) => {
+                // Reported, not fatal: the app keeps its loopback bind, other pods are unaffected.
+                warn!(pod = %pod.name, %addr, error = %e, "cannot open inbound listener");
+                continue;
+            }
+        };
+        any = true;
+        let (pod2, shared2, token2, targets2) = (pod.clone(), shared.clone(), token.clone(), targets.clone());
+        shared.tasks.spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await });
+    }
+    if !any {
+        return None;
+    }
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    info!(pod = %pod.name, port, family, "inbound listeners open");
+    events::emit(serde_json::json!({
+        "event": "inbound_listening", "netns_cookie": pod.cookie, "port": port, "family": family,
+    }));
+    Some(token)
+}
+
+async fn serve(
+    listener: TcpListener,
+    pod: PodCtx,
+    shared: Shared,
+    stop: CancellationToken,
+    targets: Arc<Mutex<Targets>>,
+    port: u16,
+) {
+    loop {
+        let (client, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { warn!(pod = %pod.name, error = %e, "inbound accept failed"); continue; }
+            },
+        };
+        let t = targets.lock().map(|t| *t).unwrap_or_default();
+        let target = t.for_client(peer.is_ipv6(), port);
+        let (pod2, shared2) = (pod.clone(), shared.clone());
+        shared.tasks.spawn(async move { handle(client, peer, target, pod2, shared2).await });
+    }
+}
+
+/// Removes the real-client entry when the connection is done, however it ends.
+struct PeerEntry<'a> {
+    shared: &'a Shared,
+    key: TupleKey,
+}
+
+impl Drop for PeerEntry<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.maps.inbound_peers.lock() {
+            let _ = m.remove(&self.key);
+        }
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, target: SocketAddr, pod: PodCtx, shared: Shared) {
+    let local_ip: IpAddr = if target.is_ipv6() { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
+    // Bind first so the agent's address is known before the app can accept and ask.
+    let sock = match outbound::socket_in_pod(&pod, &shared, target, Some(SocketAddr::new(local_ip, 0))).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(pod = %pod.name, error = %e, "inbound socket");
+            relay::reset(&client);
+            return;
+        }
+    };
+    let Ok(local) = sock.local_addr() else {
+        relay::reset(&client);
+        return;
+    };
+    let key = TupleKey { netns_cookie: pod.cookie, src: SockAddr::from_std(local), dst: SockAddr::from_std(target) };
+    let inserted = shared
+        .maps
+        .inbound_peers
+        .lock()
+        .map(|mut m| m.insert(key, SockAddr::from_std(peer), 0).is_ok())
+        .unwrap_or(false);
+    let _entry = inserted.then(|| PeerEntry { shared: &shared, key });
+    let app = match outbound::connect_socket(&shared, sock, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name, %target, error = %e, "app not reachable; resetting client");
+            relay::reset(&client);
+            return;
+        }
+    };
+    let r = relay::relay(client, app).await;
+    debug!(pod = %pod.name, %peer, %target, received = r.a_to_b, sent = r.b_to_a, reset = r.reset, "inbound connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_follow_the_apps_binds() {
+        let v4only = Targets { v4_bound: true, v6_bound: false };
+        assert_eq!(v4only.for_client(false, 80), "127.0.0.1:80".parse().expect("addr"));
+        let v6only = Targets { v4_bound: false, v6_bound: true };
+        assert_eq!(v6only.for_client(false, 80), "[::1]:80".parse().expect("addr"));
+        assert_eq!(v6only.for_client(true, 80), "[::1]:80".parse().expect("addr"));
+        let both = Targets { v4_bound: true, v6_bound: true };
+        assert_eq!(both.for_client(false, 80), "127.0.0.1:80".parse().expect("addr"));
+        assert_eq!(both.for_client(true, 80), "[::1]:80".parse().expect("addr"));
+    }
+}

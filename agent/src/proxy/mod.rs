@@ -1,0 +1,42 @@
+//! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
+//! apps whose wildcard bind the kernel moved to loopback) and DNS.
+pub mod dns;
+pub mod inbound;
+pub mod origdst;
+pub mod outbound;
+pub mod relay;
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{datapath::KernelMaps, inpod::netns::NetnsWorker};
+
+/// Settings every proxy task reads.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub mark: u32,
+    pub outbound_port: u16,
+    pub dns_port: u16,
+    pub connect_timeout: Duration,
+    pub dns_timeout: Duration,
+}
+
+/// What a proxy task needs to know about its pod.
+#[derive(Clone, Debug)]
+pub struct PodCtx {
+    pub name: Arc<str>,
+    pub cookie: u64,
+    pub worker: NetnsWorker,
+    pub addrs: Arc<[IpAddr]>,
+}
+
+/// Shared by every task: configuration, kernel maps, and the shutdown plumbing (a token that
+/// stops accept loops, a tracker that knows when every connection task has ended).
+#[derive(Clone)]
+pub struct Shared {
+    pub cfg: Arc<ProxyConfig>,
+    pub maps: Arc<KernelMaps>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+}
