@@ -1,0 +1,86 @@
+//! The per-peer policy engine: pure state machines, no I/O.
+//!
+//! Nothing here touches a socket, the kernel, tokio or the wall clock. Every call
+//! takes `now` ([`Nanos`], from a [`Clock`] the owner holds) and, where a decision
+//! is random, a number in [0, 1) the owner draws. Given the same inputs, the same
+//! answers, which is what makes every knob unit-testable to the nanosecond.
+//!
+//! # Pieces
+//!
+//! | module | knob |
+//! |---|---|
+//! | [`token_bucket`] | connection rate (rejects) and bandwidth (delays) |
+//! | [`breaker`] | circuit breaker on connect failures, counter-based half-open ramp |
+//! | [`adaptive`] | Google SRE client-side adaptive throttling |
+//! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
+//! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
+//! | [`config`] | [`PeerPolicy`] and the human-unit parsers (`500ms`, `10MiB/s`) |
+//! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
+//! | [`table`] | [`PeerTable`]: per-peer state, bounded LRU, composition, counters |
+//!
+//! # Admission order
+//!
+//! [`PeerTable::admit`] consults the enabled knobs in this order and stops at the
+//! first rejection:
+//!
+//! 1. **breaker** — a peer known to be down is refused before anything else is
+//!    spent on it; an open breaker is also what the kernel fast-rejects, so the
+//!    agent's answer agrees with the kernel's.
+//! 2. **adaptive throttle** — a local rejection here counts as a request (as in
+//!    the SRE design) but spends nothing else.
+//! 3. **connection rate** — takes one token.
+//! 4. **concurrency** — takes a slot, queues, or rejects (and then refunds the
+//!    rate token: the attempt went nowhere).
+//!
+//! A stage that passed an attempt keeps that decision if a later stage rejects it:
+//! notably a half-open breaker's probe turn is used up. Cheap to accept: it
+//! delays the next probe by one admission interval.
+//!
+//! Afterwards the owner reports the upstream connect's outcome
+//! ([`PeerTable::on_connect_result`]: feeds breaker and adaptive throttle) and
+//! the end of every admitted connection ([`PeerTable::on_close`]: frees the slot,
+//! possibly granting a waiter). Bandwidth is applied per write with
+//! [`PeerTable::shape`].
+//!
+//! # What the client sees (decided by the caller; the intended mapping)
+//!
+//! | decision | TCP client | DNS client |
+//! |---|---|---|
+//! | `Admit` | the proxied connection | the forwarded query |
+//! | `Queue` | nothing yet: the accepted socket waits, no upstream connect | — |
+//! | `Reject{BreakerOpen}` | RST (while open, the kernel verdict makes `connect()` fail at once instead) | SERVFAIL |
+//! | `Reject{AdaptiveThrottle \| RateLimited \| ConcurrencyFull \| QueueTimeout}` | RST (abortive close, SO_LINGER 0): a fast, unambiguous failure, never a hang | SERVFAIL |
+//! | bandwidth (`shape`) | data delayed by the returned wait; never dropped | — |
+//! | connect timeout | RST; reported as `ConnectFailure::Timeout` | — |
+//! | idle timeout | both sides closed | — |
+//! | max lifetime | both sides closed gracefully (FIN) | — |
+//! | DNS timeout | — | SERVFAIL |
+
+pub mod adaptive;
+pub mod breaker;
+pub mod clock;
+pub mod concurrency;
+pub mod config;
+pub mod decision;
+mod peer;
+pub mod table;
+pub mod timeouts;
+pub mod token_bucket;
+
+#[cfg(test)]
+mod tests;
+
+pub use adaptive::{AdaptiveConfig, AdaptiveThrottle};
+pub use breaker::{
+    Breaker, BreakerConfig, BreakerDecision, BreakerState, BreakerTransition, ConnectFailure,
+};
+pub use clock::{Clock, ManualClock, MonotonicClock, Nanos};
+pub use concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter, Ticket};
+pub use config::{
+    format_duration, format_size, parse_bandwidth, parse_duration, parse_rate, parse_size,
+    parse_timeout, ParseError, PeerPolicy, RateLimit,
+};
+pub use decision::{Counters, Decision, Lease, PeerView, RejectReason};
+pub use table::{PeerTable, PolicySource, TableConfig};
+pub use timeouts::{TimeoutKind, Timeouts};
+pub use token_bucket::{Rate, TokenBucket, Wait};

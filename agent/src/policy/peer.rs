@@ -1,0 +1,176 @@
+//! One peer's state: the knobs of its [`PeerPolicy`] composed in admission order.
+//! The table adds identity (lease), LRU bookkeeping and counters on top.
+
+use super::adaptive::AdaptiveThrottle;
+use super::breaker::{Breaker, BreakerDecision, BreakerTransition, ConnectFailure};
+use super::clock::Nanos;
+use super::concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter, Ticket};
+use super::config::{PeerPolicy, RateLimit};
+use super::decision::RejectReason;
+use super::token_bucket::{TokenBucket, Wait};
+use std::time::Duration;
+
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub(super) enum Verdict {
+    Admit,
+    Queue {
+        ticket: Ticket,
+        deadline: Nanos,
+    },
+    Reject {
+        reason: RejectReason,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Concurrency config when the knob is off: the limiter still counts connections
+/// (the table needs the count to protect busy peers) but never queues or rejects.
+/// Keeping a limiter in every state also means a reload that turns the knob on or
+/// off never loses track of slots or restarts ticket numbers.
+const UNLIMITED: ConcurrencyConfig = ConcurrencyConfig {
+    max_concurrent: u32::MAX,
+    max_queue: 0,
+    standing_wait: Duration::from_millis(5),
+    interval: Duration::from_millis(100),
+};
+
+#[derive(Clone, Debug)]
+pub(super) struct PeerState {
+    pub(super) policy: PeerPolicy,
+    pub(super) breaker: Option<Breaker>,
+    pub(super) adaptive: Option<AdaptiveThrottle>,
+    pub(super) rate: Option<TokenBucket>,
+    pub(super) bandwidth: Option<TokenBucket>,
+    pub(super) concurrency: ConcurrencyLimiter,
+}
+
+impl PeerState {
+    pub(super) fn new(policy: PeerPolicy, now: Nanos) -> PeerState {
+        let mut state = PeerState {
+            policy: PeerPolicy {
+                timeouts: policy.timeouts,
+                conn_rate: None,
+                bandwidth: None,
+                concurrency: None,
+                breaker: None,
+                adaptive: None,
+            },
+            breaker: None,
+            adaptive: None,
+            rate: None,
+            bandwidth: None,
+            concurrency: ConcurrencyLimiter::new(UNLIMITED),
+        };
+        state.apply_policy(policy, now);
+        state
+    }
+
+    /// Switches to `policy`, keeping the state of every knob whose config did not
+    /// change, and reconfiguring in place the ones that did (see each knob's
+    /// `set_config`/`reconfigure`). A knob turned off drops its state; one turned
+    /// on starts fresh.
+    pub(super) fn apply_policy(&mut self, policy: PeerPolicy, now: Nanos) {
+        if policy == self.policy {
+            return;
+        }
+        sync_bucket(&mut self.rate, policy.conn_rate, now);
+        sync_bucket(&mut self.bandwidth, policy.bandwidth, now);
+        match (&mut self.breaker, policy.breaker) {
+            (Some(b), Some(config)) => b.set_config(config),
+            (slot, config) => *slot = config.map(Breaker::new),
+        }
+        match (&mut self.adaptive, policy.adaptive) {
+            (Some(a), Some(config)) => a.set_config(config),
+            (slot, config) => *slot = config.map(AdaptiveThrottle::new),
+        }
+        self.concurrency
+            .set_config(policy.concurrency.unwrap_or(UNLIMITED));
+        self.policy = policy;
+    }
+
+    /// Admission order: breaker → adaptive → rate → concurrency (see `mod.rs`).
+    pub(super) fn admit(&mut self, now: Nanos, rand01: f64) -> Verdict {
+        if let Some(breaker) = &mut self.breaker {
+            if let BreakerDecision::Reject { retry_after } = breaker.admit(now) {
+                return reject(RejectReason::BreakerOpen, retry_after);
+            }
+        }
+        if let Some(adaptive) = &mut self.adaptive {
+            if adaptive.admit(now, rand01).is_err() {
+                return reject(RejectReason::AdaptiveThrottle, None);
+            }
+        }
+        if let Some(rate) = &mut self.rate {
+            match rate.try_take(now, 1) {
+                Ok(()) => {}
+                Err(Wait::After(wait)) => return reject(RejectReason::RateLimited, Some(wait)),
+                Err(Wait::Never) => return reject(RejectReason::RateLimited, None),
+            }
+        }
+        match self.concurrency.try_acquire(now) {
+            Acquire::Acquired => Verdict::Admit,
+            Acquire::Queued { ticket, deadline } => Verdict::Queue { ticket, deadline },
+            Acquire::Rejected => {
+                // The attempt goes nowhere: give its rate token back, so a full
+                // queue does not also drain the peer's connection budget.
+                if let Some(rate) = &mut self.rate {
+                    rate.refund(1);
+                }
+                reject(RejectReason::ConcurrencyFull, None)
+            }
+        }
+    }
+
+    pub(super) fn on_connect_result(
+        &mut self,
+        now: Nanos,
+        result: Result<(), ConnectFailure>,
+    ) -> Option<BreakerTransition> {
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.on_result(now, result.is_ok());
+        }
+        let breaker = self.breaker.as_mut()?;
+        match result {
+            Ok(()) => breaker.on_success(now),
+            Err(_) => breaker.on_failure(now),
+        }
+    }
+
+    /// Connections or waiters present: dropping this state would lose track of them.
+    pub(super) fn is_busy(&self) -> bool {
+        self.concurrency.active() > 0 || self.concurrency.queued() > 0
+    }
+
+    /// The instant dropping this state stops losing information: the breaker is no
+    /// longer open, both buckets are full, the adaptive window is empty.
+    pub(super) fn rests_at(&self, now: Nanos) -> Nanos {
+        let breaker = self.breaker.as_ref().and_then(|b| b.open_until(now));
+        let buckets = [&self.rate, &self.bandwidth]
+            .into_iter()
+            .flatten()
+            .map(TokenBucket::full_at);
+        let adaptive = self.adaptive.as_ref().map(AdaptiveThrottle::clear_at);
+        breaker
+            .into_iter()
+            .chain(buckets)
+            .chain(adaptive)
+            .max()
+            .unwrap_or(Nanos::ZERO)
+    }
+}
+
+fn reject(reason: RejectReason, retry_after: Option<Duration>) -> Verdict {
+    Verdict::Reject {
+        reason,
+        retry_after,
+    }
+}
+
+fn sync_bucket(slot: &mut Option<TokenBucket>, limit: Option<RateLimit>, now: Nanos) {
+    match (slot.as_mut(), limit) {
+        (Some(bucket), Some(l))
+            if bucket.rate() == l.rate && bucket.capacity() == l.burst.max(1) => {}
+        (Some(bucket), Some(l)) => bucket.reconfigure(now, l.rate, l.burst),
+        (_, l) => *slot = l.map(|l| TokenBucket::new(l.rate, l.burst, now)),
+    }
+}

@@ -1,0 +1,488 @@
+//! The per-peer state table: bounded, LRU-evicted, idle-expired, all O(log n).
+//!
+//! # Which entries go first
+//!
+//! An entry is in exactly one class, recomputed whenever it is touched:
+//!
+//! * **busy** — it holds connections or waiters: dropping it would lose their
+//!   slots;
+//! * **settling until T** — idle, but dropping it before T would forget something
+//!   that still matters: an open breaker, a token bucket not yet refilled (which
+//!   would hand the peer free tokens), adaptive-throttle samples still in window;
+//! * **resting** — dropping it loses nothing.
+//!
+//! Settling entries become resting when T passes (checked lazily, oldest T
+//! first). **Idle expiry** drops resting entries untouched for `idle_expiry`;
+//! never busy or settling ones. When the table is full, a new peer **evicts** the
+//! least recently used resting entry; if there is none, the settling entry closest
+//! to rest; only if every entry is busy, the least recently used busy one
+//! (counted separately: it means `max_peers` is too small). An evicted busy
+//! entry's later `on_close` is recognised by its stale [`Lease`] and ignored.
+//!
+//! The LRU is a `BTreeMap` keyed by a use sequence number (plus one map per class),
+//! so no external crate and O(log n) per operation.
+
+use super::breaker::{BreakerTransition, ConnectFailure};
+use super::clock::Nanos;
+use super::concurrency::Ticket;
+use super::config::PeerPolicy;
+use super::decision::{Counters, Decision, Lease, PeerView, RejectReason};
+use super::peer::{PeerState, Verdict};
+use super::timeouts::Timeouts;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::time::Duration;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Most peers tracked at once (0 is treated as 1).
+    ///
+    /// Default 16 384: a node's pods rarely talk to more distinct peers, and at
+    /// about 1 KiB an entry (state plus indexes) a full table is ~16 MiB.
+    pub max_peers: usize,
+    /// Resting entries untouched this long are dropped.
+    ///
+    /// Default 5 min: longer than the 2 min adaptive window and the 15 s breaker, so
+    /// a peer that merely paused keeps its history; short enough that churned pod
+    /// IPs do not linger.
+    pub idle_expiry: Duration,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            max_peers: 16_384,
+            idle_expiry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Resolves the policy of a key (flags plus policy-file rules); called when an
+/// entry is created and again after [`PeerTable::set_source`].
+pub type PolicySource<K> = Box<dyn Fn(&K) -> PeerPolicy + Send + Sync>;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Class {
+    Unlinked,
+    Busy,
+    Settling(Nanos),
+    Resting,
+}
+
+struct Entry {
+    lease: u64,
+    /// Policy-source generation the state was built from.
+    epoch: u64,
+    seq: u64,
+    last_use: Nanos,
+    class: Class,
+    state: PeerState,
+}
+
+/// Ordering indexes over the entries (see the module doc).
+struct Index<K> {
+    by_use: BTreeMap<u64, K>,
+    resting: BTreeMap<u64, K>,
+    settling: BTreeMap<(Nanos, u64), K>,
+    next_seq: u64,
+}
+
+impl<K: Clone> Index<K> {
+    /// Marks `entry` as used at `now` and files it under its current class.
+    fn touch(&mut self, key: &K, entry: &mut Entry, now: Nanos) {
+        self.unlink(entry);
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        entry.last_use = now;
+        entry.class = if entry.state.is_busy() {
+            Class::Busy
+        } else {
+            match entry.state.rests_at(now) {
+                t if t > now => Class::Settling(t),
+                _ => Class::Resting,
+            }
+        };
+        self.by_use.insert(entry.seq, key.clone());
+        match entry.class {
+            Class::Settling(t) => {
+                self.settling.insert((t, entry.seq), key.clone());
+            }
+            Class::Resting => {
+                self.resting.insert(entry.seq, key.clone());
+            }
+            Class::Busy | Class::Unlinked => {}
+        }
+    }
+
+    fn unlink(&mut self, entry: &mut Entry) {
+        match entry.class {
+            Class::Unlinked => return,
+            Class::Busy => {}
+            Class::Settling(t) => {
+                self.settling.remove(&(t, entry.seq));
+            }
+            Class::Resting => {
+                self.resting.remove(&entry.seq);
+            }
+        }
+        self.by_use.remove(&entry.seq);
+        entry.class = Class::Unlinked;
+    }
+}
+
+/// Entries swept by idle expiry when a new peer arrives (bounds that call's
+/// latency; the owner runs [`PeerTable::expire_idle`] for the rest).
+const SWEEP_ON_INSERT: usize = 8;
+
+pub struct PeerTable<K> {
+    config: TableConfig,
+    source: PolicySource<K>,
+    epoch: u64,
+    entries: HashMap<K, Entry>,
+    index: Index<K>,
+    next_lease: u64,
+    floor: Nanos,
+    counters: Counters,
+}
+
+impl<K: Hash + Eq + Clone> PeerTable<K> {
+    pub fn new(config: TableConfig, source: PolicySource<K>) -> Self {
+        PeerTable {
+            config,
+            source,
+            epoch: 0,
+            entries: HashMap::new(),
+            index: Index {
+                by_use: BTreeMap::new(),
+                resting: BTreeMap::new(),
+                settling: BTreeMap::new(),
+                next_seq: 0,
+            },
+            next_lease: 0,
+            floor: Nanos::ZERO,
+            counters: Counters::default(),
+        }
+    }
+
+    /// A table applying the same policy to every peer.
+    pub fn with_policy(config: TableConfig, policy: PeerPolicy) -> Self {
+        Self::new(config, Box::new(move |_| policy.clone()))
+    }
+
+    /// Installs a new policy source (a reload). Each existing entry switches to its
+    /// new policy when next touched, keeping the state of unchanged knobs.
+    pub fn set_source(&mut self, source: PolicySource<K>) {
+        self.source = source;
+        self.epoch += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Decides a new connection attempt to `key`. `rand01` (uniform in [0, 1)) is
+    /// used only by adaptive throttling.
+    pub fn admit(&mut self, now: Nanos, key: &K, rand01: f64) -> Decision {
+        let now = self.observe(now);
+        if !self.entries.contains_key(key) {
+            self.insert(now, key);
+        }
+        let Some(entry) = refreshed(&mut self.entries, &self.source, self.epoch, now, key) else {
+            // Unreachable: just inserted. Failing open beats panicking.
+            return Decision::Admit {
+                lease: Lease(u64::MAX),
+                timeouts: Timeouts::default(),
+            };
+        };
+        let verdict = entry.state.admit(now, rand01);
+        let lease = Lease(entry.lease);
+        let timeouts = entry.state.policy.timeouts;
+        self.index.touch(key, entry, now);
+        match verdict {
+            Verdict::Admit => {
+                self.counters.admitted += 1;
+                Decision::Admit { lease, timeouts }
+            }
+            Verdict::Queue { ticket, deadline } => {
+                self.counters.queued += 1;
+                Decision::Queue {
+                    lease,
+                    ticket,
+                    deadline,
+                }
+            }
+            Verdict::Reject {
+                reason,
+                retry_after,
+            } => {
+                self.counters.reject(reason);
+                Decision::Reject {
+                    reason,
+                    retry_after,
+                }
+            }
+        }
+    }
+
+    /// Reports how an admitted attempt's upstream connect ended. Returns
+    /// `Some(Opened { until })` when this opened the breaker: the owner writes the
+    /// kernel fast-reject verdict with that expiry. Unknown keys are ignored.
+    pub fn on_connect_result(
+        &mut self,
+        now: Nanos,
+        key: &K,
+        result: Result<(), ConnectFailure>,
+    ) -> Option<BreakerTransition> {
+        let now = self.observe(now);
+        let entry = refreshed(&mut self.entries, &self.source, self.epoch, now, key)?;
+        let transition = entry.state.on_connect_result(now, result);
+        self.index.touch(key, entry, now);
+        if let Some(BreakerTransition::Opened { .. }) = transition {
+            self.counters.breaker_opened += 1;
+        }
+        transition
+    }
+
+    /// An admitted (or granted) connection ended. Returns the waiter that now owns
+    /// its slot, if any: the owner wakes it as admitted.
+    pub fn on_close(&mut self, now: Nanos, key: &K, lease: Lease) -> Option<Ticket> {
+        let now = self.observe(now);
+        let entry = leased(&mut self.entries, &self.source, self.epoch, now, key, lease)?;
+        let granted = entry.state.concurrency.release(now);
+        self.index.touch(key, entry, now);
+        if granted.is_some() {
+            self.counters.granted += 1;
+        }
+        granted
+    }
+
+    /// A waiter reached its deadline. `true`: it was still waiting and is now
+    /// rejected (counted as `QueueTimeout`); `false`: it had already been granted,
+    /// and the grant must be honoured.
+    pub fn queue_timeout(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
+        let timed_out = self.remove_waiter(now, key, lease, ticket);
+        if timed_out {
+            self.counters.reject(RejectReason::QueueTimeout);
+        }
+        timed_out
+    }
+
+    /// A waiter's client went away. Same return value as `queue_timeout`, but
+    /// nothing is counted.
+    pub fn cancel_wait(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
+        self.remove_waiter(now, key, lease, ticket)
+    }
+
+    /// Debits `bytes` from the peer's bandwidth bucket; returns how long to hold
+    /// them back (zero when the knob is off or the peer unknown).
+    pub fn shape(&mut self, now: Nanos, key: &K, bytes: u64) -> Duration {
+        let now = self.observe(now);
+        let Some(entry) = refreshed(&mut self.entries, &self.source, self.epoch, now, key) else {
+            return Duration::ZERO;
+        };
+        let Some(bucket) = entry.state.bandwidth.as_mut() else {
+            return Duration::ZERO;
+        };
+        let wait = bucket.reserve(now, bytes);
+        // A busy entry is re-filed on close anyway; skip the per-write B-tree work.
+        if entry.class != Class::Busy {
+            self.index.touch(key, entry, now);
+        }
+        wait
+    }
+
+    /// While the peer's breaker is open: when it closes to probing.
+    pub fn breaker_open_until(&self, now: Nanos, key: &K) -> Option<Nanos> {
+        let breaker = self.entries.get(key)?.state.breaker.as_ref()?;
+        breaker.open_until(now.max(self.floor))
+    }
+
+    /// The policy the peer's state currently follows.
+    pub fn policy(&self, key: &K) -> Option<&PeerPolicy> {
+        self.entries.get(key).map(|e| &e.state.policy)
+    }
+
+    pub fn peers(&self, now: Nanos) -> impl Iterator<Item = (&K, PeerView)> + '_ {
+        let now = now.max(self.floor);
+        self.entries.iter().map(move |(key, e)| {
+            let s = &e.state;
+            let view = PeerView {
+                connections: s.concurrency.active(),
+                queued: s.concurrency.queued(),
+                breaker: s.breaker.as_ref().map(|b| b.state(now)),
+                reject_probability: s.adaptive.as_ref().map(|a| a.reject_probability(now)),
+                conn_tokens: s.rate.as_ref().map(|r| r.available(now)),
+                idle_for: now.saturating_since(e.last_use),
+            };
+            (key, view)
+        })
+    }
+
+    /// Drops every resting entry untouched for `idle_expiry`; returns how many.
+    pub fn expire_idle(&mut self, now: Nanos) -> usize {
+        let now = self.observe(now);
+        self.expire_idle_up_to(now, usize::MAX)
+    }
+
+    /// Test-only: the indexes agree with the entries.
+    #[cfg(test)]
+    pub(super) fn assert_consistent(&self) {
+        let ix = &self.index;
+        assert_eq!(ix.by_use.len(), self.entries.len());
+        let (mut resting, mut settling) = (0, 0);
+        for (key, e) in &self.entries {
+            assert!(ix.by_use.get(&e.seq) == Some(key), "by_use out of sync");
+            match e.class {
+                Class::Unlinked => panic!("unlinked entry in table"),
+                Class::Busy => {}
+                Class::Resting => {
+                    resting += 1;
+                    assert!(ix.resting.get(&e.seq) == Some(key));
+                }
+                Class::Settling(t) => {
+                    settling += 1;
+                    assert!(ix.settling.get(&(t, e.seq)) == Some(key));
+                }
+            }
+        }
+        assert_eq!(ix.resting.len(), resting);
+        assert_eq!(ix.settling.len(), settling);
+    }
+
+    fn observe(&mut self, now: Nanos) -> Nanos {
+        self.floor = self.floor.max(now);
+        self.floor
+    }
+
+    fn remove_waiter(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
+        let now = self.observe(now);
+        // No entry (or a newer one): the waiter's queue is gone, so it was never
+        // granted after this point. Report it as no longer waiting.
+        let Some(entry) = leased(&mut self.entries, &self.source, self.epoch, now, key, lease)
+        else {
+            return true;
+        };
+        let removed = entry.state.concurrency.cancel(now, ticket);
+        self.index.touch(key, entry, now);
+        removed
+    }
+
+    fn insert(&mut self, now: Nanos, key: &K) {
+        self.expire_idle_up_to(now, SWEEP_ON_INSERT);
+        while self.entries.len() >= self.config.max_peers.max(1) {
+            if !self.evict_one(now) {
+                break;
+            }
+        }
+        let entry = Entry {
+            lease: self.next_lease,
+            epoch: self.epoch,
+            seq: 0,
+            last_use: now,
+            class: Class::Unlinked,
+            state: PeerState::new((self.source)(key), now),
+        };
+        self.next_lease += 1;
+        self.entries.insert(key.clone(), entry);
+    }
+
+    /// Moves settling entries whose time has come to resting.
+    fn settle(&mut self, now: Nanos) {
+        while let Some(((until, seq), key)) = self.index.settling.pop_first() {
+            if until > now {
+                self.index.settling.insert((until, seq), key);
+                break;
+            }
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.class = Class::Resting;
+                self.index.resting.insert(seq, key);
+            }
+        }
+    }
+
+    fn expire_idle_up_to(&mut self, now: Nanos, limit: usize) -> usize {
+        self.settle(now);
+        let mut expired = 0;
+        while expired < limit {
+            // Resting is ordered by last use, so stop at the first recent one.
+            let Some(key) = self.index.resting.first_key_value().map(|(_, k)| k.clone()) else {
+                break;
+            };
+            let idle_since = self.entries.get(&key).map_or(Nanos::ZERO, |e| e.last_use);
+            if idle_since.saturating_add(self.config.idle_expiry) > now {
+                break;
+            }
+            self.remove(&key);
+            expired += 1;
+        }
+        self.counters.expired_idle += expired as u64;
+        expired
+    }
+
+    fn evict_one(&mut self, now: Nanos) -> bool {
+        self.settle(now);
+        let victim = [
+            self.index.resting.first_key_value().map(|(_, k)| k),
+            self.index.settling.first_key_value().map(|(_, k)| k),
+            self.index.by_use.first_key_value().map(|(_, k)| k),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        .cloned();
+        let Some(key) = victim else {
+            return false;
+        };
+        if self.remove(&key) == Some(Class::Busy) {
+            self.counters.evicted_busy += 1;
+        }
+        self.counters.evicted += 1;
+        true
+    }
+
+    /// Removes an entry and its index records; returns the class it was in.
+    fn remove(&mut self, key: &K) -> Option<Class> {
+        let mut entry = self.entries.remove(key)?;
+        let class = entry.class;
+        self.index.unlink(&mut entry);
+        Some(class)
+    }
+}
+
+/// The entry for `key`, switched to the current policy source if it was built
+/// from an older one. (A free function over the fields it needs, so callers can
+/// keep using the table's other fields while holding the entry.)
+fn refreshed<'a, K: Hash + Eq>(
+    entries: &'a mut HashMap<K, Entry>,
+    source: &PolicySource<K>,
+    epoch: u64,
+    now: Nanos,
+    key: &K,
+) -> Option<&'a mut Entry> {
+    let entry = entries.get_mut(key)?;
+    if entry.epoch != epoch {
+        entry.state.apply_policy(source(key), now);
+        entry.epoch = epoch;
+    }
+    Some(entry)
+}
+
+/// [`refreshed`], only if the entry is the incarnation `lease` was issued by.
+fn leased<'a, K: Hash + Eq>(
+    entries: &'a mut HashMap<K, Entry>,
+    source: &PolicySource<K>,
+    epoch: u64,
+    now: Nanos,
+    key: &K,
+    lease: Lease,
+) -> Option<&'a mut Entry> {
+    refreshed(entries, source, epoch, now, key).filter(|e| e.lease == lease.0)
+}
