@@ -1,1 +1,58 @@
+//! Integration-test harness for sockmesh: real network namespaces ("pods") on a private bridge,
+//! processes and small Rust peers inside them, and the real agent as a guarded child process.
+//!
+//! Every resource is an RAII guard that cleans up on drop, also when the test panics; leftovers
+//! of test processes that were killed outright are removed by [`cleanup::sweep_stale`] (the
+//! `smt-sweep` binary). Nothing is created in the root network namespace, and traffic only
+//! flows on loopback and inside the test's own namespaces.
+//!
+//! ```no_run
+//! use sockmesh_tests::*;
+//! use std::time::Duration;
+//! # fn main() -> anyhow::Result<()> {
+//! require_root();
+//! let cluster = Cluster::new()?;
+//! let (a, b) = (cluster.add_pod("client")?, cluster.add_pod("server")?);
+//! let server = TcpServer::start(&b, "0.0.0.0:8080".parse()?)?;
+//! let mut c = tcp_connect(&a, b.addr4(8080), Duration::from_secs(5))?;
+//! tcp_echo_roundtrip(&mut c.stream, b"hello")?;
+//! assert_eq!(server.next_accept(Duration::from_secs(5))?.peer.ip(), a.ip4());
+//! # Ok(()) }
+//! ```
 
+pub mod agent;
+pub mod cleanup;
+pub mod names;
+pub mod netns;
+pub mod peers;
+pub mod pod;
+pub mod process;
+pub mod procnet;
+pub mod sockaddr;
+pub mod sys;
+pub mod tempdir;
+
+pub use agent::{pod_spec, sockmesh_bin, Agent, BpfFsDir};
+pub use netns::{current_netns_inode, run_in_netns, NetNs};
+pub use peers::{
+    tcp_connect, tcp_connect_from, tcp_echo_roundtrip, udp_connected, udp_sendto, Accepted,
+    Connected, ServerMode, TcpServer, UdpEchoServer, UdpReply, IO_TIMEOUT,
+};
+pub use pod::{Cluster, Pod};
+pub use process::Proc;
+pub use procnet::{tcp_listeners, wait_tcp_listening};
+pub use sockaddr::{getpeername, getsockname, original_dst, parse_sockaddr, unmap};
+pub use tempdir::TempDir;
+
+/// Panics unless running as root. Kernel tests need root for namespaces, bpffs and BPF; they
+/// must fail, never skip, when they cannot run, or a misconfigured CI would pass vacuously.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "sockmesh integration tests must run as root (euid is {euid}): they create network \
+         namespaces, mount bpffs and load BPF programs. Run them via `cargo xtask test` as root; \
+         they are never skipped."
+    );
+}
