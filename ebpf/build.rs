@@ -7,8 +7,13 @@ fn main() {
         return;
     }
     if which::which("bpf-linker").is_err()
-        && Command::new("bpf-linker").arg("--version").output().is_err()
+        && Command::new("bpf-linker")
+            .arg("--version")
+            .output()
+            .is_err()
     {
-        panic!("bpf-linker not found on PATH: run `cargo xtask build` (installs bpf-linker 0.10.0)");
+        panic!(
+            "bpf-linker not found on PATH: run `cargo xtask build` (installs bpf-linker 0.10.0)"
+        );
     }
 }

@@ -33,7 +33,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     let configs = args
         .pods
         .iter()
-        .map(|p| p.to_kernel(&args.exclude_outbound_ports, &args.exclude_outbound_cidrs, &args.exclude_inbound_ports))
+        .map(|p| {
+            p.to_kernel(
+                &args.exclude_outbound_ports,
+                &args.exclude_outbound_cidrs,
+                &args.exclude_inbound_ports,
+            )
+        })
         .collect::<Result<Vec<PodConfig>, String>>()
         .map_err(|e| anyhow!(e))?;
     if args.pods.is_empty() {
@@ -45,7 +51,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     for spec in &args.pods {
         let (pod, listeners) = Pod::prepare(spec, args.mark, args.outbound_port, args.dns_port)?;
         if let Some(other) = seen.insert(pod.cookie, pod.name()) {
-            bail!("--pod {} and --pod {} are the same network namespace: give each pod once", other, pod.name());
+            bail!(
+                "--pod {} and --pod {} are the same network namespace: give each pod once",
+                other,
+                pod.name()
+            );
         }
         prepared.push((pod, listeners));
     }
@@ -99,10 +109,14 @@ async fn serve(
 
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
     if let Some(ring) = dp.take_events() {
-        shared.tasks.spawn(read_events(ring, ev_tx, shared.cancel.clone()));
+        shared
+            .tasks
+            .spawn(read_events(ring, ev_tx, shared.cancel.clone()));
     }
     if let Some(logger) = dp.take_logger() {
-        shared.tasks.spawn(read_kernel_logs(logger, shared.cancel.clone()));
+        shared
+            .tasks
+            .spawn(read_kernel_logs(logger, shared.cancel.clone()));
     }
     info!(pods = cookies.len(), "ready");
     events::emit(serde_json::json!({ "event": "ready", "pods": cookies.len() }));
@@ -137,17 +151,24 @@ fn enrol_all(
         };
         for l in listeners.outbound {
             let l = TcpListener::from_std(l).context("register outbound listener")?;
-            shared.tasks.spawn(outbound::serve(l, ctx.clone(), shared.clone()));
+            shared
+                .tasks
+                .spawn(outbound::serve(l, ctx.clone(), shared.clone()));
         }
         for s in listeners.dns {
             let s = UdpSocket::from_std(s).context("register DNS listener")?;
-            shared.tasks.spawn(dns::serve(s, ctx.clone(), shared.clone()));
+            shared
+                .tasks
+                .spawn(dns::serve(s, ctx.clone(), shared.clone()));
         }
         inbound.add_pod(ctx.clone());
-        dp.enrol(pod.cookie, cfg).with_context(|| format!("enrol pod {}", ctx.name))?;
+        dp.enrol(pod.cookie, cfg)
+            .with_context(|| format!("enrol pod {}", ctx.name))?;
         cookies.push(pod.cookie);
         info!(pod = %ctx.name, netns_cookie = pod.cookie, addrs = ?pod.addrs, "pod enrolled");
-        events::emit(serde_json::json!({ "event": "pod_enrolled", "pod": &*ctx.name, "netns_cookie": pod.cookie }));
+        events::emit(
+            serde_json::json!({ "event": "pod_enrolled", "pod": &*ctx.name, "netns_cookie": pod.cookie }),
+        );
     }
     Ok((inbound, cookies))
 }
@@ -160,8 +181,14 @@ async fn stop(mut dp: Datapath, shared: &Shared, cookies: &[u64], grace: Duratio
     }
     shared.cancel.cancel();
     shared.tasks.close();
-    if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
-        warn!(left = shared.tasks.len(), "connections still open after the drain timeout; closing them");
+    if tokio::time::timeout(grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = shared.tasks.len(),
+            "connections still open after the drain timeout; closing them"
+        );
     }
     dp.shutdown();
 }
@@ -196,9 +223,14 @@ async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, cancel: Ca
     }
 }
 
-async fn read_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>, cancel: CancellationToken) {
+async fn read_kernel_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    cancel: CancellationToken,
+) {
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else { return };
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        return;
+    };
     loop {
         let mut guard = tokio::select! {
             _ = cancel.cancelled() => return,

@@ -6,12 +6,21 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{CidrSpec, PodSpec, PortRangeSpec};
 
 #[derive(Parser, Debug)]
-#[command(name = "sockmesh", version, about = "Sidecar-less eBPF service mesh agent")]
+#[command(
+    name = "sockmesh",
+    version,
+    about = "Sidecar-less eBPF service mesh agent"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
-    #[arg(long, global = true, env = "SOCKMESH_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "SOCKMESH_LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 }
 
@@ -31,7 +40,11 @@ pub struct RunArgs {
     #[arg(long = "pod", value_name = "SPEC", value_parser = PodSpec::parse)]
     pub pods: Vec<PodSpec>,
     /// Where maps (and, with --keep-pins, links) are pinned.
-    #[arg(long, env = "SOCKMESH_BPFFS_DIR", default_value = "/sys/fs/bpf/sockmesh")]
+    #[arg(
+        long,
+        env = "SOCKMESH_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/sockmesh"
+    )]
     pub bpffs_dir: PathBuf,
     /// cgroup2 directory the programs attach to (default: the cgroup2 mount point).
     #[arg(long, env = "SOCKMESH_CGROUP_ROOT")]
@@ -74,7 +87,11 @@ pub struct RunArgs {
 #[derive(Args, Debug, Clone)]
 pub struct StatsArgs {
     /// Where the agent pinned its maps.
-    #[arg(long, env = "SOCKMESH_BPFFS_DIR", default_value = "/sys/fs/bpf/sockmesh")]
+    #[arg(
+        long,
+        env = "SOCKMESH_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/sockmesh"
+    )]
     pub bpffs_dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -98,15 +115,22 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration: use e.g. 500ms, 10s, 2m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: use e.g. 500ms, 10s, 2m"))?;
     let ms = match unit {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("'{s}' has an unknown unit '{unit}': use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit '{unit}': use ms, s, m or h"
+            ))
+        }
     };
-    ms.map(std::time::Duration::from_millis).ok_or_else(|| format!("'{s}' is too large"))
+    ms.map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]
@@ -119,9 +143,18 @@ mod tests {
         assert_eq!(parse_mark("42"), Ok(42));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("zz").is_err());
-        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(std::time::Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("10s"),
+            Ok(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
         assert_eq!(parse_duration("3"), Ok(std::time::Duration::from_secs(3)));
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
@@ -143,7 +176,9 @@ mod tests {
             "10.0.0.0/8,fd00::/8",
         ])
         .expect("parses");
-        let Command::Run(run) = cli.command else { panic!("not run") };
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(run.pods.len(), 2);
         assert_eq!(run.outbound_port, 16001);
         assert_eq!(run.dns_port, 15053);

@@ -1,8 +1,5 @@
 //! Pure parsing of pod specs, port ranges and CIDRs into the kernel's `PodConfig`.
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use sockmesh_common::{
     pod_flags, Cidr, PodConfig, PortRange, AF_INET, AF_INET6, MAX_EXCLUDED_CIDRS,
@@ -88,7 +85,10 @@ impl CidrSpec {
         let word = |b: &[u8; 16], i: usize| {
             u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
         };
-        let mut c = Cidr { family, ..Default::default() };
+        let mut c = Cidr {
+            family,
+            ..Default::default()
+        };
         for i in 0..4 {
             c.mask[i] = word(&mask, i);
             c.addr[i] = word(&bytes, i) & c.mask[i];
@@ -172,13 +172,20 @@ impl PodSpec {
             &mut cfg.exclude_outbound_ports,
             global_ports.iter().chain(&self.exclude_outbound_ports),
         )
-        .map_err(|n| format!("pod {name}: {n} excluded outbound port ranges, at most {MAX_EXCLUDED_PORTS}"))?;
+        .map_err(|n| {
+            format!("pod {name}: {n} excluded outbound port ranges, at most {MAX_EXCLUDED_PORTS}")
+        })?;
         fill_ports(
             &mut cfg.exclude_inbound_ports,
             global_inbound.iter().chain(&self.exclude_inbound_ports),
         )
-        .map_err(|n| format!("pod {name}: {n} excluded inbound port ranges, at most {MAX_EXCLUDED_PORTS}"))?;
-        let cidrs: Vec<_> = global_cidrs.iter().chain(&self.exclude_outbound_cidrs).collect();
+        .map_err(|n| {
+            format!("pod {name}: {n} excluded inbound port ranges, at most {MAX_EXCLUDED_PORTS}")
+        })?;
+        let cidrs: Vec<_> = global_cidrs
+            .iter()
+            .chain(&self.exclude_outbound_cidrs)
+            .collect();
         if cidrs.len() > MAX_EXCLUDED_CIDRS {
             return Err(format!(
                 "pod {name}: {} excluded CIDRs, at most {MAX_EXCLUDED_CIDRS}",
@@ -220,21 +227,39 @@ mod tests {
         assert_eq!(s.netns, PathBuf::from("/var/run/netns/a"));
         assert_eq!(
             s.exclude_outbound_ports,
-            vec![PortRangeSpec { lo: 22, hi: 22 }, PortRangeSpec { lo: 8000, hi: 8100 }]
+            vec![
+                PortRangeSpec { lo: 22, hi: 22 },
+                PortRangeSpec { lo: 8000, hi: 8100 }
+            ]
         );
         assert_eq!(s.exclude_outbound_cidrs.len(), 2);
-        assert_eq!(s.exclude_inbound_ports, vec![PortRangeSpec { lo: 9000, hi: 9000 }]);
+        assert_eq!(
+            s.exclude_inbound_ports,
+            vec![PortRangeSpec { lo: 9000, hi: 9000 }]
+        );
     }
 
     #[test]
     fn pod_spec_errors_name_the_problem() {
         assert!(PodSpec::parse("").unwrap_err().contains("netns path"));
-        assert!(PodSpec::parse("/x,exclude-ports").unwrap_err().contains("needs a value"));
-        assert!(PodSpec::parse("/x,colour=red").unwrap_err().contains("unknown pod option 'colour'"));
-        assert!(PodSpec::parse("/x,exclude-ports=0").unwrap_err().contains("not a port"));
-        assert!(PodSpec::parse("/x,exclude-ports=90-80").unwrap_err().contains("backwards"));
-        assert!(PodSpec::parse("/x,exclude-cidrs=10.0.0.0/33").unwrap_err().contains("0-32"));
-        assert!(PodSpec::parse("/x,exclude-cidrs=banana").unwrap_err().contains("not a CIDR"));
+        assert!(PodSpec::parse("/x,exclude-ports")
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(PodSpec::parse("/x,colour=red")
+            .unwrap_err()
+            .contains("unknown pod option 'colour'"));
+        assert!(PodSpec::parse("/x,exclude-ports=0")
+            .unwrap_err()
+            .contains("not a port"));
+        assert!(PodSpec::parse("/x,exclude-ports=90-80")
+            .unwrap_err()
+            .contains("backwards"));
+        assert!(PodSpec::parse("/x,exclude-cidrs=10.0.0.0/33")
+            .unwrap_err()
+            .contains("0-32"));
+        assert!(PodSpec::parse("/x,exclude-cidrs=banana")
+            .unwrap_err()
+            .contains("not a CIDR"));
     }
 
     #[test]
@@ -243,8 +268,18 @@ mod tests {
         assert_eq!(c.family, AF_INET);
         assert_eq!(c.addr[0], u32::from_ne_bytes([10, 1, 0, 0]));
         assert_eq!(c.mask[0], u32::from_ne_bytes([255, 255, 0, 0]));
-        let inside = [u32::from_ne_bytes(Ipv4Addr::new(10, 1, 200, 7).octets()), 0, 0, 0];
-        let outside = [u32::from_ne_bytes(Ipv4Addr::new(10, 2, 0, 1).octets()), 0, 0, 0];
+        let inside = [
+            u32::from_ne_bytes(Ipv4Addr::new(10, 1, 200, 7).octets()),
+            0,
+            0,
+            0,
+        ];
+        let outside = [
+            u32::from_ne_bytes(Ipv4Addr::new(10, 2, 0, 1).octets()),
+            0,
+            0,
+            0,
+        ];
         assert!(c.contains(AF_INET, &inside));
         assert!(!c.contains(AF_INET, &outside));
 
@@ -268,6 +303,9 @@ mod tests {
         assert_eq!(k.exclude_outbound_ports[3], PortRange::default());
         assert!(k.has(pod_flags::OUTBOUND) && k.has(pod_flags::INBOUND) && k.has(pod_flags::DNS));
         let many = PortRangeSpec::parse_list("1;2;3;4;5;6;7;8;9").expect("valid");
-        assert!(s.to_kernel(&many, &[], &[]).unwrap_err().contains("at most 8"));
+        assert!(s
+            .to_kernel(&many, &[], &[])
+            .unwrap_err()
+            .contains("at most 8"));
     }
 }

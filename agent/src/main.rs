@@ -9,8 +9,12 @@ fn main() -> ExitCode {
     // bpf-linker 0.10 leaves BTF the kernel rejects; aya then loads without it and says so at
     // length on every start. The programs work without BTF (AYA-NOTES), so keep that quiet.
     let directives = format!("{},aya::bpf=error", cli.log_level);
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,aya::bpf=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,aya::bpf=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match &cli.command {
         Command::Run(args) => sockmesh::app::run(args.clone()),
         Command::Stats(args) => sockmesh::stats_cmd::run(args),

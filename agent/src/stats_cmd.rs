@@ -31,7 +31,11 @@ fn table(pods: &[crate::datapath::stats::PodCounters]) -> String {
     }
     out.push('\n');
     for p in pods {
-        out += &format!("{:<20} {:<8}", p.netns_cookie, if p.enrolled { "yes" } else { "no" });
+        out += &format!(
+            "{:<20} {:<8}",
+            p.netns_cookie,
+            if p.enrolled { "yes" } else { "no" }
+        );
         for i in 0..counter::NAMES.len() {
             out += &format!(" {:>15}", p.get(i));
         }
@@ -53,7 +57,11 @@ mod tests {
         let mut counters = [0u64; counter::COUNT];
         counters[counter::REDIRECT_TCP] = 7;
         counters[counter::REDIRECT_DNS] = 3;
-        let t = table(&[PodCounters { netns_cookie: 4242, enrolled: true, counters }]);
+        let t = table(&[PodCounters {
+            netns_cookie: 4242,
+            enrolled: true,
+            counters,
+        }]);
         let lines: Vec<_> = t.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].contains("REDIRECT_TCP") && lines[0].contains("EVENT_LOST"));

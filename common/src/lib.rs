@@ -84,10 +84,18 @@ pub struct SockAddr {
 
 impl SockAddr {
     pub const fn v4(addr_be: u32, port_be: u16) -> Self {
-        SockAddr { addr: [addr_be, 0, 0, 0], port: port_be, family: AF_INET }
+        SockAddr {
+            addr: [addr_be, 0, 0, 0],
+            port: port_be,
+            family: AF_INET,
+        }
     }
     pub const fn v6(addr_be: [u32; 4], port_be: u16) -> Self {
-        SockAddr { addr: addr_be, port: port_be, family: AF_INET6 }
+        SockAddr {
+            addr: addr_be,
+            port: port_be,
+            family: AF_INET6,
+        }
     }
 }
 
@@ -320,7 +328,10 @@ mod user {
         pub fn to_std(&self) -> Option<SocketAddr> {
             let port = u16::from_be(self.port);
             match self.family {
-                AF_INET => Some(SocketAddr::new(Ipv4Addr::from(self.addr[0].to_ne_bytes()).into(), port)),
+                AF_INET => Some(SocketAddr::new(
+                    Ipv4Addr::from(self.addr[0].to_ne_bytes()).into(),
+                    port,
+                )),
                 AF_INET6 => {
                     let mut o = [0u8; 16];
                     for (i, w) in self.addr.iter().enumerate() {
@@ -390,7 +401,12 @@ mod tests {
     #[test]
     fn std_round_trip_in_network_order() {
         use std::net::SocketAddr;
-        for s in ["10.1.2.3:8080", "[fd77::1]:53", "127.0.0.1:15001", "[::1]:1"] {
+        for s in [
+            "10.1.2.3:8080",
+            "[fd77::1]:53",
+            "127.0.0.1:15001",
+            "[::1]:1",
+        ] {
             let a: SocketAddr = s.parse().expect("valid");
             let k = SockAddr::from_std(a);
             assert_eq!(k.to_std(), Some(a));

@@ -41,7 +41,12 @@ struct SockaddrIn6 {
 }
 
 fn dns_key(netns: u64, port_be: u16, family: u16) -> DnsKey {
-    DnsKey { netns_cookie: netns, port: port_be, family, _pad: 0 }
+    DnsKey {
+        netns_cookie: netns,
+        port: port_be,
+        family,
+        _pad: 0,
+    }
 }
 
 /// connect() on UDP: the kernel picks the source port only after this hook, so bind one now
@@ -72,7 +77,12 @@ pub fn remember_connected(
                 };
                 bpf_bind(ctx.sock_addr, &mut a as *mut _ as *mut sockaddr, 28)
             } else {
-                let mut a = SockaddrIn { family: AF_INET, port: candidate.to_be(), addr: 0, zero: [0; 8] };
+                let mut a = SockaddrIn {
+                    family: AF_INET,
+                    port: candidate.to_be(),
+                    addr: 0,
+                    zero: [0; 8],
+                };
                 bpf_bind(ctx.sock_addr, &mut a as *mut _ as *mut sockaddr, 16)
             }
         };
@@ -88,7 +98,10 @@ pub fn remember_connected(
 
 #[inline(always)]
 fn remember(netns: u64, port: u16, dst: &SockAddr) -> bool {
-    if DNS_ORIGINS.insert(&dns_key(netns, port.to_be(), dst.family), dst, 0).is_err() {
+    if DNS_ORIGINS
+        .insert(&dns_key(netns, port.to_be(), dst.family), dst, 0)
+        .is_err()
+    {
         count(netns, counter::MAP_FULL);
         return false;
     }
@@ -131,7 +144,12 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let entry = SocketEntry { origin: dst, key_port: port.to_be(), kind: socket_kind::DNS, ..Default::default() };
+    let entry = SocketEntry {
+        origin: dst,
+        key_port: port.to_be(),
+        kind: socket_kind::DNS,
+        ..Default::default()
+    };
     let _ = SOCKETS.insert(&cookie, &entry, 0);
     redirect_to_loopback(sa, v6, dst.family, cfg.dns_port);
     count(netns, counter::REDIRECT_DNS);

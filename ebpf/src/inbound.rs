@@ -77,9 +77,27 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     }
     let family = if v6 { AF_INET6 } else { AF_INET };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = BindKey { netns_cookie: netns, port, family, _pad: 0 };
-    let entry = SocketEntry { key_port: port, kind: socket_kind::BIND, family, ..Default::default() };
-    if INBOUND_BINDS.insert(&key, &BindValue { socket_cookie: cookie }, 0).is_err()
+    let key = BindKey {
+        netns_cookie: netns,
+        port,
+        family,
+        _pad: 0,
+    };
+    let entry = SocketEntry {
+        key_port: port,
+        kind: socket_kind::BIND,
+        family,
+        ..Default::default()
+    };
+    if INBOUND_BINDS
+        .insert(
+            &key,
+            &BindValue {
+                socket_cookie: cookie,
+            },
+            0,
+        )
+        .is_err()
         || SOCKETS.insert(&cookie, &entry, 0).is_err()
     {
         count(netns, counter::MAP_FULL);
@@ -91,7 +109,12 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
 
 #[inline(always)]
 fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
-    let ev = Event { kind, family, port, netns_cookie: netns };
+    let ev = Event {
+        kind,
+        family,
+        port,
+        netns_cookie: netns,
+    };
     if EVENTS.output::<Event>(&ev, 0).is_err() {
         count(netns, counter::EVENT_LOST);
     }
@@ -113,7 +136,12 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
     match entry.kind {
         socket_kind::DNS => dns::forget(netns, entry),
         socket_kind::BIND => {
-            let key = BindKey { netns_cookie: netns, port: entry.key_port, family: entry.family, _pad: 0 };
+            let key = BindKey {
+                netns_cookie: netns,
+                port: entry.key_port,
+                family: entry.family,
+                _pad: 0,
+            };
             if let Some(v) = unsafe { INBOUND_BINDS.get(&key) } {
                 if v.socket_cookie == cookie {
                     let _ = INBOUND_BINDS.remove(&key);

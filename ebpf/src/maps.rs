@@ -4,7 +4,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use sockmesh_common::{
-    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr, SocketEntry, TupleKey,
+    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
+    SocketEntry, TupleKey,
 };
 
 #[map(name = "SM_CONFIG")]

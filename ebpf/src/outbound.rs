@@ -47,8 +47,14 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
     let ty = unsafe { read_volatile(&(*sa).type_) };
     let dst = user_addr(sa, v6);
     let (listen_port, flag, redirected) = match ty {
-        SOCK_STREAM => (cfg.outbound_port, pod_flags::OUTBOUND, counter::REDIRECT_TCP),
-        SOCK_DGRAM if dst.port == DNS_PORT_BE => (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS),
+        SOCK_STREAM => (
+            cfg.outbound_port,
+            pod_flags::OUTBOUND,
+            counter::REDIRECT_TCP,
+        ),
+        SOCK_DGRAM if dst.port == DNS_PORT_BE => {
+            (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS)
+        }
         _ => return,
     };
     if !pod.has(flag) {
@@ -62,7 +68,11 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
         count(netns, counter::BYPASS_EXCLUDED);
         return;
     }
-    let mut entry = SocketEntry { origin: dst, kind: socket_kind::TCP_REDIRECT, ..Default::default() };
+    let mut entry = SocketEntry {
+        origin: dst,
+        kind: socket_kind::TCP_REDIRECT,
+        ..Default::default()
+    };
     if ty == SOCK_DGRAM {
         // A DNS client's reply is matched by its source port, which connect() on UDP only
         // picks after this hook: pick one now.
@@ -80,7 +90,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
     }
     redirect_to_loopback(sa, v6, dst.family, listen_port);
     count(netns, redirected);
-    debug!(ctx, "sockmesh: redirect netns={} port={}", netns, u16::from_be(dst.port));
+    debug!(
+        ctx,
+        "sockmesh: redirect netns={} port={}",
+        netns,
+        u16::from_be(dst.port)
+    );
 }
 
 /// The destination (connect/sendmsg) or source (recvmsg/getpeername) in a sock_addr context.
@@ -201,11 +216,21 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
     let local_port = (ctx.local_port() as u16).to_be();
     let remote_port = (u32::from_be(ctx.remote_port()) as u16).to_be();
     let (src, dst) = if ctx.family() == AF_INET as u32 {
-        (SockAddr::v4(ctx.local_ip4(), local_port), SockAddr::v4(ctx.remote_ip4(), remote_port))
+        (
+            SockAddr::v4(ctx.local_ip4(), local_port),
+            SockAddr::v4(ctx.remote_ip4(), remote_port),
+        )
     } else {
-        (sockaddr6(ctx.local_ip6(), local_port), sockaddr6(ctx.remote_ip6(), remote_port))
+        (
+            sockaddr6(ctx.local_ip6(), local_port),
+            sockaddr6(ctx.remote_ip6(), remote_port),
+        )
     };
-    TupleKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, src, dst }
+    TupleKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        src,
+        dst,
+    }
 }
 
 #[inline(always)]
@@ -247,7 +272,11 @@ pub fn sm_getsockopt(ctx: SockoptContext) -> i32 {
         return 1;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = TupleKey { netns_cookie: netns, src: sock_remote(sk), dst: sock_local(sk) };
+    let key = TupleKey {
+        netns_cookie: netns,
+        src: sock_remote(sk),
+        dst: sock_local(sk),
+    };
     let Some(origin) = (unsafe { ORIGIN_BY_TUPLE.get(&key) }) else {
         count(netns, counter::ORIGIN_MISS);
         return 1;
@@ -325,7 +354,11 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
             return;
         }
     }
-    let key = TupleKey { netns_cookie: netns, src: peer, dst: sock_local(sk) };
+    let key = TupleKey {
+        netns_cookie: netns,
+        src: peer,
+        dst: sock_local(sk),
+    };
     if let Some(client) = unsafe { INBOUND_PEERS.get(&key) } {
         if write_user_addr(sa, v6, client) {
             count(netns, counter::PEER_RESTORED);

@@ -22,7 +22,12 @@ struct Attr([u8; 128]);
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: attr is a valid, zero-padded bpf_attr of the given size.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            std::mem::size_of::<Attr>() as u32,
+        )
     };
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -40,14 +45,20 @@ pub struct CgroupLink {
 impl CgroupLink {
     /// `BPF_LINK_CREATE` on a cgroup. cgroup links always coexist with other programs on the
     /// same hook (the multi-attach semantics), so Cilium and friends keep working.
-    pub fn create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Self> {
+    pub fn create(
+        prog: BorrowedFd<'_>,
+        cgroup: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<Self> {
         let mut attr = Attr([0; 128]);
         attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
         attr.0[4..8].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
         attr.0[8..12].copy_from_slice(&attach_type.to_ne_bytes());
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         // SAFETY: the kernel returned a new fd that nothing else owns.
-        Ok(CgroupLink { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(CgroupLink {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
     }
 
     /// Pin the link so the program stays attached after this process exits.

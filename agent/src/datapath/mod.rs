@@ -81,7 +81,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
@@ -103,9 +105,18 @@ impl Datapath {
         result
     }
 
-    fn start_in(opts: &DatapathOptions, lock: PinDirLock, dir: &Path, existed: bool) -> Result<Datapath> {
+    fn start_in(
+        opts: &DatapathOptions,
+        lock: PinDirLock,
+        dir: &Path,
+        existed: bool,
+    ) -> Result<Datapath> {
         // aya-log's level filter lives in the object: 0 turns every kernel log call off.
-        let log_level: u8 = if opts.kernel_log { aya_log::Level::Debug as u8 } else { 0 };
+        let log_level: u8 = if opts.kernel_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
@@ -137,8 +148,11 @@ impl Datapath {
             .with_context(|| format!("open cgroup {}", opts.cgroup_root.display()))?;
         let mut links = Vec::new();
         for (name, attach_type) in PROGRAMS {
-            let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?;
-            let link = attach(program, &cgroup, attach_type).with_context(|| format!("attach {name}"))?;
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?;
+            let link =
+                attach(program, &cgroup, attach_type).with_context(|| format!("attach {name}"))?;
             links.push((name, link));
         }
         // Links a dead agent left pinned go only now, so there is no moment without programs.
@@ -153,7 +167,8 @@ impl Datapath {
             let ldir = dir.join("links");
             std::fs::create_dir_all(&ldir)?;
             for (name, link) in &links {
-                link.pin(&ldir.join(name)).with_context(|| format!("pin link {name}"))?;
+                link.pin(&ldir.join(name))
+                    .with_context(|| format!("pin link {name}"))?;
             }
         }
 
@@ -183,9 +198,13 @@ impl Datapath {
         // Counters survive re-enrolment (and agent restarts, the map being pinned).
         if self.stats.get(&netns_cookie, 0).is_err() {
             let zeros = PerCpuValues::try_from(vec![PodStats::default(); nr_cpus()?])?;
-            self.stats.insert(netns_cookie, zeros, 0).context("create the pod's counters")?;
+            self.stats
+                .insert(netns_cookie, zeros, 0)
+                .context("create the pod's counters")?;
         }
-        self.pods.insert(netns_cookie, cfg, 0).context("enrol pod in SM_PODS")?;
+        self.pods
+            .insert(netns_cookie, cfg, 0)
+            .context("enrol pod in SM_PODS")?;
         Ok(())
     }
 
@@ -230,7 +249,11 @@ fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<Cgrou
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     let fd = program.fd()?;
-    Ok(CgroupLink::create(fd.as_fd(), cgroup.as_fd(), attach_type as u32)?)
+    Ok(CgroupLink::create(
+        fd.as_fd(),
+        cgroup.as_fd(),
+        attach_type as u32,
+    )?)
 }
 
 /// Pins from another schema cannot be reused: say so rather than misread them.
@@ -239,7 +262,9 @@ fn check_pinned_schema(dir: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let Ok(cfg) = stats::read_config(dir) else { return Ok(()) };
+    let Ok(cfg) = stats::read_config(dir) else {
+        return Ok(());
+    };
     if cfg.schema_version != 0 && cfg.schema_version != SCHEMA_VERSION {
         bail!(
             "{} holds maps of schema version {} but this agent uses {}: remove the directory (rm -r {}) to start fresh",

@@ -14,7 +14,11 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Capabilities the agent needs: BPF (load programs, maps), NET_ADMIN (cgroup socket hooks,
 /// SO_MARK), SYS_ADMIN (setns into pods, cgroup attach on older kernels).
-const NEEDED_CAPS: [(u32, &str); 3] = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN")];
+const NEEDED_CAPS: [(u32, &str); 3] = [
+    (39, "CAP_BPF"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
 
 /// Parse `CapEff:` from /proc/self/status text.
 pub fn effective_caps(status: &str) -> Option<u64> {
@@ -25,7 +29,11 @@ pub fn effective_caps(status: &str) -> Option<u64> {
 }
 
 pub fn missing_caps(cap_eff: u64) -> Vec<&'static str> {
-    NEEDED_CAPS.iter().filter(|(bit, _)| cap_eff & (1u64 << bit) == 0).map(|(_, n)| *n).collect()
+    NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| cap_eff & (1u64 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 pub fn check_privileges() -> Result<()> {
@@ -94,14 +102,18 @@ pub fn cgroup_root(flag: Option<&Path>) -> Result<PathBuf> {
     let dir = match flag {
         Some(p) => p.to_path_buf(),
         None => {
-            let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
+            let mounts =
+                std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
             cgroup2_mount(&mounts).ok_or_else(|| {
                 anyhow!("no cgroup2 filesystem is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or pass --cgroup-root")
             })?
         }
     };
     if fs_magic(&dir) != Some(CGROUP2_SUPER_MAGIC) {
-        bail!("{} is not a cgroup2 directory: pass --cgroup-root with a cgroup2 mount", dir.display());
+        bail!(
+            "{} is not a cgroup2 directory: pass --cgroup-root with a cgroup2 mount",
+            dir.display()
+        );
     }
     Ok(dir)
 }
@@ -115,7 +127,11 @@ pub struct PinDirLock {
 pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock> {
     let lock_dir = Path::new("/run/sockmesh");
     std::fs::create_dir_all(lock_dir).with_context(|| format!("create {}", lock_dir.display()))?;
-    let name: String = dir.to_string_lossy().chars().map(|c| if c == '/' { '_' } else { c }).collect();
+    let name: String = dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c == '/' { '_' } else { c })
+        .collect();
     let path = lock_dir.join(format!("{name}.lock"));
     let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
     // SAFETY: file is open; flock has no memory effects.
@@ -137,7 +153,10 @@ mod tests {
         let status = "Name:\tx\nCapInh:\t0\nCapEff:\t000001ffffffffff\nCapBnd:\t0\n";
         let caps = effective_caps(status).expect("parsed");
         assert!(missing_caps(caps).is_empty());
-        assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+        assert_eq!(
+            missing_caps(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+        );
         assert_eq!(missing_caps(1 << 39 | 1 << 21), vec!["CAP_NET_ADMIN"]);
         assert_eq!(effective_caps("nothing"), None);
     }
@@ -152,7 +171,10 @@ mod tests {
     #[test]
     fn finds_cgroup2_mount() {
         let m = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount(m), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount(m),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_mount("tmpfs /tmp tmpfs rw 0 0\n"), None);
     }
 }

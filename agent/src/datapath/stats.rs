@@ -8,7 +8,11 @@ use sockmesh_common::{counter, map_names, GlobalConfig, PodConfig, PodStats, SCH
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("open {} (is the agent running with --bpffs-dir {}?)", path.display(), dir.display())
+        format!(
+            "open {} (is the agent running with --bpffs-dir {}?)",
+            path.display(),
+            dir.display()
+        )
     })?;
     Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
 }
@@ -44,7 +48,8 @@ pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
         );
     }
     let pods: HashMap<MapData, u64, PodConfig> = open(dir, map_names::PODS)?.try_into()?;
-    let stats: PerCpuHashMap<MapData, u64, PodStats> = open(dir, map_names::POD_STATS)?.try_into()?;
+    let stats: PerCpuHashMap<MapData, u64, PodStats> =
+        open(dir, map_names::POD_STATS)?.try_into()?;
     let mut out = Vec::new();
     for entry in stats.iter() {
         let (cookie, per_cpu) = entry?;
@@ -54,7 +59,11 @@ pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
                 *s = s.wrapping_add(*v);
             }
         }
-        out.push(PodCounters { netns_cookie: cookie, enrolled: pods.get(&cookie, 0).is_ok(), counters: sum });
+        out.push(PodCounters {
+            netns_cookie: cookie,
+            enrolled: pods.get(&cookie, 0).is_ok(),
+            counters: sum,
+        });
     }
     out.sort_by_key(|p| p.netns_cookie);
     Ok(out)

@@ -36,14 +36,21 @@ impl Netns {
         // SAFETY: fd is open for the duration of the call; st is a valid out pointer.
         let is_nsfs = unsafe { libc::fstatfs(fd, &mut st) } == 0 && st.f_type as i64 == NSFS_MAGIC;
         // SAFETY: NS_GET_NSTYPE takes no argument and returns the CLONE_NEW* type.
-        let ty = if is_nsfs { unsafe { libc::ioctl(fd, NS_GET_NSTYPE) } } else { -1 };
+        let ty = if is_nsfs {
+            unsafe { libc::ioctl(fd, NS_GET_NSTYPE) }
+        } else {
+            -1
+        };
         if ty != libc::CLONE_NEWNET {
             bail!(
                 "{} is not a network namespace (give /var/run/netns/NAME or /proc/PID/ns/net)",
                 path.display()
             );
         }
-        Ok(Netns { path: path.to_path_buf(), file })
+        Ok(Netns {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -56,13 +63,23 @@ impl Netns {
         let fd: OwnedFd = self.file.try_clone().context("dup netns fd")?.into();
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<()>>(1);
-        let name = format!("netns-{}", self.path.file_name().and_then(|n| n.to_str()).unwrap_or("pod"));
+        let name = format!(
+            "netns-{}",
+            self.path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("pod")
+        );
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
                 // SAFETY: setns affects only this thread; fd is a valid netns fd.
                 let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-                let res = if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+                let res = if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                };
                 let ok = res.is_ok();
                 let _ = ready_tx.send(res);
                 if ok {
@@ -101,7 +118,8 @@ impl NetnsWorker {
                 let _ = tx.send(f());
             }))
             .map_err(|_| anyhow!("netns worker has stopped"))?;
-        rx.await.map_err(|_| anyhow!("netns worker dropped the job"))
+        rx.await
+            .map_err(|_| anyhow!("netns worker dropped the job"))
     }
 
     /// Run `f` inside the namespace, blocking the calling thread (start-up only).
@@ -116,7 +134,8 @@ impl NetnsWorker {
                 let _ = tx.send(f());
             }))
             .map_err(|_| anyhow!("netns worker has stopped"))?;
-        rx.recv().map_err(|_| anyhow!("netns worker dropped the job"))
+        rx.recv()
+            .map_err(|_| anyhow!("netns worker dropped the job"))
     }
 }
 

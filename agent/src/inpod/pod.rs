@@ -73,7 +73,16 @@ impl Pod {
             }
             Ok((cookie, addrs, PodListeners { outbound, dns }))
         })??;
-        Ok((Pod { spec: spec.clone(), netns, worker, cookie, addrs }, listeners))
+        Ok((
+            Pod {
+                spec: spec.clone(),
+                netns,
+                worker,
+                cookie,
+                addrs,
+            },
+            listeners,
+        ))
     }
 
     pub fn name(&self) -> String {

@@ -27,11 +27,19 @@ pub async fn serve(sock: UdpSocket, pod: PodCtx, shared: Shared) {
         };
         let query = buf[..n].to_vec();
         let (sock2, pod2, shared2) = (sock.clone(), pod.clone(), shared.clone());
-        shared.tasks.spawn(async move { answer(sock2, query, client, pod2, shared2).await });
+        shared
+            .tasks
+            .spawn(async move { answer(sock2, query, client, pod2, shared2).await });
     }
 }
 
-async fn answer(sock: Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr, pod: PodCtx, shared: Shared) {
+async fn answer(
+    sock: Arc<UdpSocket>,
+    query: Vec<u8>,
+    client: SocketAddr,
+    pod: PodCtx,
+    shared: Shared,
+) {
     let key = DnsKey {
         netns_cookie: pod.cookie,
         port: client.port().to_be(),
@@ -65,10 +73,21 @@ async fn answer(sock: Arc<UdpSocket>, query: Vec<u8>, client: SocketAddr, pod: P
     }
 }
 
-async fn forward(query: &[u8], server: SocketAddr, pod: &PodCtx, shared: &Shared) -> anyhow::Result<Vec<u8>> {
-    let id = query.get(..2).ok_or_else(|| anyhow::anyhow!("query too short"))?.to_vec();
+async fn forward(
+    query: &[u8],
+    server: SocketAddr,
+    pod: &PodCtx,
+    shared: &Shared,
+) -> anyhow::Result<Vec<u8>> {
+    let id = query
+        .get(..2)
+        .ok_or_else(|| anyhow::anyhow!("query too short"))?
+        .to_vec();
     let mark = shared.cfg.mark;
-    let std = pod.worker.run(move || sockets::udp_for(server, mark)).await??;
+    let std = pod
+        .worker
+        .run(move || sockets::udp_for(server, mark))
+        .await??;
     let up = UdpSocket::from_std(std)?;
     up.connect(server).await?;
     up.send(query).await?;

@@ -36,7 +36,11 @@ impl Targets {
     /// The app's loopback address for a client of this family: the same family when the app
     /// bound it, else the other (a dual-stack `[::]` socket serves IPv4 clients too).
     fn for_client(&self, client_v6: bool, port: u16) -> SocketAddr {
-        let v6 = if client_v6 { self.v6_bound || !self.v4_bound } else { !self.v4_bound && self.v6_bound };
+        let v6 = if client_v6 {
+            self.v6_bound || !self.v4_bound
+        } else {
+            !self.v4_bound && self.v6_bound
+        };
         if v6 {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)
         } else {
@@ -54,7 +58,11 @@ pub struct Inbound {
 
 impl Inbound {
     pub fn new(shared: Shared) -> Self {
-        Inbound { shared, pods: HashMap::new(), ports: HashMap::new() }
+        Inbound {
+            shared,
+            pods: HashMap::new(),
+            ports: HashMap::new(),
+        }
     }
 
     pub fn add_pod(&mut self, pod: PodCtx) {
@@ -76,7 +84,10 @@ impl Inbound {
             _ => return,
         }
         if let Ok(mut t) = st.targets.lock() {
-            *t = Targets { v4_bound: st.v4_bound, v6_bound: st.v6_bound };
+            *t = Targets {
+                v4_bound: st.v4_bound,
+                v6_bound: st.v6_bound,
+            };
         }
         // IPv4 clients are served while any bind exists (dual-stack), IPv6 ones only for a v6 bind.
         let want_v4 = st.v4_bound || st.v6_bound;
@@ -130,7 +141,12 @@ async fn open(
     let mark = shared.cfg.mark;
     let opened = pod
         .worker
-        .run(move || addrs.into_iter().map(|a| (a, sockets::tcp_listener(a, mark, 1024))).collect::<Vec<_>>())
+        .run(move || {
+            addrs
+                .into_iter()
+                .map(|a| (a, sockets::tcp_listener(a, mark, 1024)))
+                .collect::<Vec<_>>()
+        })
         .await
         .ok()?;
     let token = shared.cancel.child_token();
@@ -145,8 +161,11 @@ async fn open(
             }
         };
         any = true;
-        let (pod2, shared2, token2, targets2) = (pod.clone(), shared.clone(), token.clone(), targets.clone());
-        shared.tasks.spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await });
+        let (pod2, shared2, token2, targets2) =
+            (pod.clone(), shared.clone(), token.clone(), targets.clone());
+        shared
+            .tasks
+            .spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await });
     }
     if !any {
         return None;
@@ -178,7 +197,9 @@ async fn serve(
         let t = targets.lock().map(|t| *t).unwrap_or_default();
         let target = t.for_client(peer.is_ipv6(), port);
         let (pod2, shared2) = (pod.clone(), shared.clone());
-        shared.tasks.spawn(async move { handle(client, peer, target, pod2, shared2).await });
+        shared
+            .tasks
+            .spawn(async move { handle(client, peer, target, pod2, shared2).await });
     }
 }
 
@@ -196,29 +217,49 @@ impl Drop for PeerEntry<'_> {
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, target: SocketAddr, pod: PodCtx, shared: Shared) {
-    let local_ip: IpAddr = if target.is_ipv6() { Ipv6Addr::LOCALHOST.into() } else { Ipv4Addr::LOCALHOST.into() };
-    // Bind first so the agent's address is known before the app can accept and ask.
-    let sock = match outbound::socket_in_pod(&pod, &shared, target, Some(SocketAddr::new(local_ip, 0))).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(pod = %pod.name, error = %e, "inbound socket");
-            relay::reset(&client);
-            return;
-        }
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: PodCtx,
+    shared: Shared,
+) {
+    let local_ip: IpAddr = if target.is_ipv6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
     };
+    // Bind first so the agent's address is known before the app can accept and ask.
+    let sock =
+        match outbound::socket_in_pod(&pod, &shared, target, Some(SocketAddr::new(local_ip, 0)))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(pod = %pod.name, error = %e, "inbound socket");
+                relay::reset(&client);
+                return;
+            }
+        };
     let Ok(local) = sock.local_addr() else {
         relay::reset(&client);
         return;
     };
-    let key = TupleKey { netns_cookie: pod.cookie, src: SockAddr::from_std(local), dst: SockAddr::from_std(target) };
+    let key = TupleKey {
+        netns_cookie: pod.cookie,
+        src: SockAddr::from_std(local),
+        dst: SockAddr::from_std(target),
+    };
     let inserted = shared
         .maps
         .inbound_peers
         .lock()
         .map(|mut m| m.insert(key, SockAddr::from_std(peer), 0).is_ok())
         .unwrap_or(false);
-    let _entry = inserted.then(|| PeerEntry { shared: &shared, key });
+    let _entry = inserted.then(|| PeerEntry {
+        shared: &shared,
+        key,
+    });
     let app = match outbound::connect_socket(&shared, sock, target).await {
         Ok(s) => s,
         Err(e) => {
@@ -237,13 +278,34 @@ mod tests {
 
     #[test]
     fn targets_follow_the_apps_binds() {
-        let v4only = Targets { v4_bound: true, v6_bound: false };
-        assert_eq!(v4only.for_client(false, 80), "127.0.0.1:80".parse().expect("addr"));
-        let v6only = Targets { v4_bound: false, v6_bound: true };
-        assert_eq!(v6only.for_client(false, 80), "[::1]:80".parse().expect("addr"));
-        assert_eq!(v6only.for_client(true, 80), "[::1]:80".parse().expect("addr"));
-        let both = Targets { v4_bound: true, v6_bound: true };
-        assert_eq!(both.for_client(false, 80), "127.0.0.1:80".parse().expect("addr"));
+        let v4only = Targets {
+            v4_bound: true,
+            v6_bound: false,
+        };
+        assert_eq!(
+            v4only.for_client(false, 80),
+            "127.0.0.1:80".parse().expect("addr")
+        );
+        let v6only = Targets {
+            v4_bound: false,
+            v6_bound: true,
+        };
+        assert_eq!(
+            v6only.for_client(false, 80),
+            "[::1]:80".parse().expect("addr")
+        );
+        assert_eq!(
+            v6only.for_client(true, 80),
+            "[::1]:80".parse().expect("addr")
+        );
+        let both = Targets {
+            v4_bound: true,
+            v6_bound: true,
+        };
+        assert_eq!(
+            both.for_client(false, 80),
+            "127.0.0.1:80".parse().expect("addr")
+        );
         assert_eq!(both.for_client(true, 80), "[::1]:80".parse().expect("addr"));
     }
 }

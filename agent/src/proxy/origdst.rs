@@ -28,10 +28,10 @@ pub fn original_dst(sock: &impl AsRawFd, ipv6: bool) -> io::Result<SocketAddr> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: storage is initialised (zeroed, then written by the kernel) and outlives the view.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(&storage as *const _ as *const u8, len as usize)
-    };
-    parse_sockaddr(bytes).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad SO_ORIGINAL_DST answer"))
+    let bytes =
+        unsafe { std::slice::from_raw_parts(&storage as *const _ as *const u8, len as usize) };
+    parse_sockaddr(bytes)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad SO_ORIGINAL_DST answer"))
 }
 
 /// Parse a `sockaddr_in` / `sockaddr_in6` as raw bytes (family in host order, port and
@@ -40,9 +40,10 @@ pub fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]) as i32;
     let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
     match family {
-        libc::AF_INET if b.len() >= 8 => {
-            Some(SocketAddr::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(), port))
-        }
+        libc::AF_INET if b.len() >= 8 => Some(SocketAddr::new(
+            Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(),
+            port,
+        )),
         libc::AF_INET6 if b.len() >= 24 => {
             let mut a = [0u8; 16];
             a.copy_from_slice(&b[8..24]);
@@ -67,16 +68,25 @@ mod tests {
         v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
         v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
         v4[4..8].copy_from_slice(&[10, 77, 0, 11]);
-        assert_eq!(parse_sockaddr(&v4), Some("10.77.0.11:8080".parse().expect("addr")));
+        assert_eq!(
+            parse_sockaddr(&v4),
+            Some("10.77.0.11:8080".parse().expect("addr"))
+        );
 
         let mut v6 = vec![0u8; 28];
         v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
         v6[2..4].copy_from_slice(&443u16.to_be_bytes());
         v6[8..24].copy_from_slice(&"fd77::b".parse::<Ipv6Addr>().expect("ip").octets());
-        assert_eq!(parse_sockaddr(&v6), Some("[fd77::b]:443".parse().expect("addr")));
+        assert_eq!(
+            parse_sockaddr(&v6),
+            Some("[fd77::b]:443".parse().expect("addr"))
+        );
 
         v6[8..24].copy_from_slice(&Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets());
-        assert_eq!(parse_sockaddr(&v6), Some("10.0.0.1:443".parse().expect("addr")));
+        assert_eq!(
+            parse_sockaddr(&v6),
+            Some("10.0.0.1:443".parse().expect("addr"))
+        );
 
         assert_eq!(parse_sockaddr(&v4[..5]), None);
         assert_eq!(parse_sockaddr(&[0u8; 16]), None);

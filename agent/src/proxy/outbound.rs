@@ -19,7 +19,9 @@ pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
         match accepted {
             Ok((client, _)) => {
                 let (pod, shared2) = (pod.clone(), shared.clone());
-                shared.tasks.spawn(async move { handle(client, ipv6, pod, shared2).await });
+                shared
+                    .tasks
+                    .spawn(async move { handle(client, ipv6, pod, shared2).await });
             }
             // Out of fds or similar: keep serving, the condition is usually transient.
             Err(e) => warn!(pod = %pod.name, error = %e, "outbound accept failed"),
@@ -68,11 +70,18 @@ pub async fn socket_in_pod(
     local: Option<SocketAddr>,
 ) -> anyhow::Result<TcpSocket> {
     let mark = shared.cfg.mark;
-    let std = pod.worker.run(move || sockets::tcp_for(dst, local, mark)).await??;
+    let std = pod
+        .worker
+        .run(move || sockets::tcp_for(dst, local, mark))
+        .await??;
     Ok(TcpSocket::from_std_stream(std))
 }
 
-pub async fn connect_socket(shared: &Shared, sock: TcpSocket, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+pub async fn connect_socket(
+    shared: &Shared,
+    sock: TcpSocket,
+    dst: SocketAddr,
+) -> anyhow::Result<TcpStream> {
     tokio::time::timeout(shared.cfg.connect_timeout, sock.connect(dst))
         .await
         .map_err(|_| anyhow::anyhow!("connect to {dst} timed out"))?

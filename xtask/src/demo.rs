@@ -1,0 +1,436 @@
+//! `cargo xtask demo`: two pods on a private bridge, nginx and dnsmasq in one, the agent enrolling
+//! the other, and real curl/dig traffic through the mesh. Everything it creates lives in its own
+//! network namespaces and one bpffs directory, and is removed at the end, on error too.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::build::build_agent;
+use crate::prereqs::{self, Level};
+use crate::util::{bail_if_interrupted, catch_interrupts, describe, output, signal, ChildGuard};
+
+const SWITCH: &str = "smdemo-switch";
+const CLIENT: &str = "smdemo-client";
+const SERVER: &str = "smdemo-server";
+const CLIENT_V4: &str = "10.78.0.10";
+const SERVER_V4: &str = "10.78.0.11";
+const CLIENT_V6: &str = "fd78::10";
+const SERVER_V6: &str = "fd78::11";
+const DNS_NAME: &str = "demo.sockmesh.test";
+const BPFFS_DIR: &str = "/sys/fs/bpf/sockmesh-demo";
+const GREETING: &str = "hello from server";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+pub fn demo() -> Result<()> {
+    prereqs::ensure(Level::Run)?;
+    // SOCKMESH_BIN runs the demo against another build of the agent (e.g. a release build).
+    let agent = match std::env::var_os("SOCKMESH_BIN") {
+        Some(bin) => {
+            println!(
+                "xtask: using the agent at SOCKMESH_BIN={}",
+                Path::new(&bin).display()
+            );
+            PathBuf::from(bin)
+        }
+        None => build_agent()?,
+    };
+    catch_interrupts();
+    let mut made = Made::default();
+    let result = run(&agent, &mut made);
+    println!("\n==> cleaning up");
+    drop(made);
+    match result {
+        Ok(()) => {
+            println!("\ndemo: all steps passed; everything the demo created has been removed");
+            Ok(())
+        }
+        Err(e) => Err(e.context("demo failed (everything it created has been removed)")),
+    }
+}
+
+/// Everything the demo creates. Fields drop in declaration order: the agent stops before its
+/// pins are removed, and processes stop before their namespaces are deleted.
+#[derive(Default)]
+struct Made {
+    agent: Option<ChildGuard>,
+    pins: Option<DirGuard>,
+    dnsmasq: Option<ChildGuard>,
+    nginx: Option<ChildGuard>,
+    tmp: Option<DirGuard>,
+    pods: Option<(Netns, Netns, Netns)>,
+}
+
+struct Narrator(usize);
+
+impl Narrator {
+    fn step<T>(&mut self, title: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        bail_if_interrupted()?;
+        self.0 += 1;
+        println!("\n==> step {}: {title}", self.0);
+        f().with_context(|| format!("step {} failed: {title}", self.0))
+    }
+}
+
+fn run(agent: &Path, made: &mut Made) -> Result<()> {
+    let mut n = Narrator(0);
+    let (_, _, server) = made.pods.insert(n.step(
+        "Create a private \"switch\" network namespace with a bridge, and two pods \
+         (smdemo-client, smdemo-server) wired to it by veth pairs; nothing is added to the \
+         host's own namespace",
+        wire_pods,
+    )?);
+    let tmp = std::env::temp_dir().join(format!("sockmesh-demo-{}", std::process::id()));
+    let tmp = made.tmp.insert(DirGuard::create(tmp)?);
+    let title = format!("Start nginx in the server pod: \"{GREETING}\" on port 80, IPv4 and IPv6");
+    made.nginx = Some(n.step(&title, || start_nginx(server, &tmp.0))?);
+    let title = format!("Start dnsmasq in the server pod: {DNS_NAME} -> {SERVER_V4}");
+    made.dnsmasq = Some(n.step(&title, || start_dnsmasq(server))?);
+    let curl_v4 = format!("curl -sS --max-time 5 http://{SERVER_V4}/");
+    let curl_v6 = format!("curl -sS --max-time 5 -g http://[{SERVER_V6}]/");
+    n.step(
+        "Check the plain network: the client reaches the server, no mesh yet",
+        || in_client(&curl_v4, GREETING),
+    )?;
+
+    remove_leftover_pins()?;
+    made.pins = Some(DirGuard(PathBuf::from(BPFFS_DIR)));
+    let title = format!(
+        "Start the sockmesh agent enrolling the client pod (pins under {BPFFS_DIR}); wait for its \
+         \"ready\" event"
+    );
+    let agent_proc = made.agent.insert(n.step(&title, || start_agent(agent))?);
+
+    n.step(
+        "HTTP over IPv4 from the client pod, now through the agent",
+        || (0..3).try_for_each(|_| in_client(&curl_v4, GREETING)),
+    )?;
+    n.step(
+        "HTTP over IPv6 from the client pod, through the agent",
+        || (0..3).try_for_each(|_| in_client(&curl_v6, GREETING)),
+    )?;
+    n.step(
+        "DNS from the client pod, through the agent's DNS listener",
+        || {
+            let dig = format!("dig @{SERVER_V4} {DNS_NAME} +short +time=2 +tries=1");
+            in_client(&dig, SERVER_V4)
+        },
+    )?;
+    n.step("What the kernel programs counted (sockmesh stats)", || {
+        let mut cmd = Command::new(agent);
+        cmd.args(["stats", "--bpffs-dir", BPFFS_DIR]);
+        println!("    $ {}", describe(&cmd));
+        print_indented(&output(&mut cmd)?);
+        Ok(())
+    })?;
+    n.step("Stop the agent with SIGTERM", || {
+        match agent_proc.stop(STOP_GRACE)? {
+            Some(status) if status.success() => {
+                println!("    the agent exited cleanly ({status})");
+                Ok(())
+            }
+            Some(status) => bail!("the agent exited with {status} after SIGTERM"),
+            None => bail!("the agent did not exit within {STOP_GRACE:?} of SIGTERM (killed it)"),
+        }
+    })
+}
+
+fn wire_pods() -> Result<(Netns, Netns, Netns)> {
+    let switch = Netns::create(SWITCH)?;
+    let client = Netns::create(CLIENT)?;
+    let server = Netns::create(SERVER)?;
+    switch.ip("link add br0 type bridge mcast_snooping 0")?;
+    switch.ip("link set br0 up")?;
+    for (pod, v4, v6) in [
+        (&client, CLIENT_V4, CLIENT_V6),
+        (&server, SERVER_V4, SERVER_V6),
+    ] {
+        // The switch end is named after the pod ("client"/"server"); the pod end is eth0.
+        let port = pod.name.trim_start_matches("smdemo-");
+        let name = pod.name;
+        switch.ip(&format!(
+            "link add {port} type veth peer name eth0 netns {name}"
+        ))?;
+        switch.ip(&format!("link set {port} master br0 up"))?;
+        pod.ip(&format!("addr add {v4}/24 dev eth0"))?;
+        pod.ip(&format!("-6 addr add {v6}/64 dev eth0 nodad"))?;
+        pod.ip("link set eth0 up")?;
+        println!("    {name}: eth0 {v4}/24 and {v6}/64, lo up");
+    }
+    Ok((switch, client, server))
+}
+
+fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log stderr warn;\nevents {{ worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         server {{\n    listen 80;\n    listen [::]:80;\n    \
+         location / {{ default_type text/plain; return 200 \"{GREETING}\\n\"; }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).with_context(|| format!("could not write {}", path.display()))?;
+    let mut cmd = server.exec("nginx");
+    cmd.arg("-e")
+        .arg("stderr")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null());
+    let mut nginx = ChildGuard::spawn("nginx", &mut cmd)?;
+    wait_until("nginx to answer", &mut nginx, || {
+        let mut probe = server.exec("curl");
+        probe.args(["-s", "--max-time", "1", "http://127.0.0.1/"]);
+        Ok(output(&mut probe).is_ok_and(|body| body.trim() == GREETING))
+    })?;
+    println!("    nginx is answering (config: {})", path.display());
+    Ok(nginx)
+}
+
+fn start_dnsmasq(server: &Netns) -> Result<ChildGuard> {
+    let mut cmd = server.exec("dnsmasq");
+    cmd.args([
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--conf-file=/dev/null",
+        &format!("--address=/{DNS_NAME}/{SERVER_V4}"),
+        &format!("--listen-address={SERVER_V4}"),
+        "--bind-interfaces",
+        "--port",
+        "53",
+    ])
+    .stdin(Stdio::null());
+    let mut dnsmasq = ChildGuard::spawn("dnsmasq", &mut cmd)?;
+    wait_until("dnsmasq to answer", &mut dnsmasq, || {
+        let mut probe = server.exec("dig");
+        probe.args([
+            &format!("@{SERVER_V4}"),
+            DNS_NAME,
+            "+short",
+            "+time=1",
+            "+tries=1",
+        ]);
+        Ok(output(&mut probe).is_ok_and(|out| out.trim() == SERVER_V4))
+    })?;
+    println!("    dnsmasq is answering");
+    Ok(dnsmasq)
+}
+
+fn start_agent(agent: &Path) -> Result<ChildGuard> {
+    let mut cmd = Command::new(agent);
+    cmd.args([
+        "run",
+        "--pod",
+        &format!("/var/run/netns/{CLIENT}"),
+        "--bpffs-dir",
+        BPFFS_DIR,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .env("NO_COLOR", "1"); // its log is relayed line by line below
+    println!("    $ {} &", describe(&cmd));
+    let mut proc = ChildGuard::spawn("the agent", &mut cmd)?;
+    let stdout = proc.child.stdout.take().expect("piped");
+    let stderr = proc.child.stderr.take().expect("piped");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    // Lifecycle events are JSON lines on stdout; logs go to stderr.
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("    [agent event] {line}");
+            if is_ready_event(&line) {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("    [agent log] {line}");
+        }
+    });
+    let start = Instant::now();
+    loop {
+        bail_if_interrupted()?;
+        match ready_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                proc.ensure_running()?;
+                if start.elapsed() > READY_TIMEOUT {
+                    bail!("the agent printed no {{\"event\":\"ready\"}} line within {READY_TIMEOUT:?}");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                thread::sleep(Duration::from_millis(500));
+                proc.ensure_running()?;
+                bail!("the agent closed its stdout without printing a ready event");
+            }
+        }
+    }
+    println!(
+        "    the agent is ready after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(proc)
+}
+
+/// Whether a stdout line is the agent's `{"event":"ready",...}` lifecycle event.
+fn is_ready_event(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("event")?.as_str().map(|e| e == "ready"))
+        .unwrap_or(false)
+}
+
+/// Runs a command line (split on spaces) in the client pod, shows what it printed, and checks
+/// that it printed `expected`.
+fn in_client(line: &str, expected: &str) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", CLIENT])
+        .args(line.split_whitespace());
+    println!("    $ {}", describe(&cmd));
+    let out = output(&mut cmd)?;
+    print_indented(&out);
+    if out.trim() != expected {
+        bail!("`{line}` printed {:?}, expected {expected:?}", out.trim());
+    }
+    Ok(())
+}
+
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("      {line}");
+    }
+}
+
+fn wait_until(
+    what: &str,
+    proc: &mut ChildGuard,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        bail_if_interrupted()?;
+        proc.ensure_running()?;
+        if ready()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn remove_leftover_pins() -> Result<()> {
+    if Path::new(BPFFS_DIR).exists() {
+        println!("    removing {BPFFS_DIR} left over from an earlier run");
+        fs::remove_dir_all(BPFFS_DIR).with_context(|| format!("could not remove {BPFFS_DIR}"))?;
+    }
+    Ok(())
+}
+
+/// A named network namespace, deleted (with every process still in it) when dropped.
+struct Netns {
+    name: &'static str,
+}
+
+impl Netns {
+    fn create(name: &'static str) -> Result<Self> {
+        if delete_netns(name) {
+            println!("    removed network namespace {name} left over from an earlier run");
+        }
+        output(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Netns { name };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...` (ARGS split on spaces).
+    fn ip(&self, args: &str) -> Result<()> {
+        output(
+            Command::new("ip")
+                .args(["-n", self.name])
+                .args(args.split_whitespace()),
+        )
+        .map(drop)
+    }
+
+    /// A command that runs `program` inside this namespace.
+    fn exec(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.name, program]);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if delete_netns(self.name) {
+            println!("    deleted network namespace {}", self.name);
+        }
+    }
+}
+
+/// Kills what still runs in the namespace and deletes it; true if it existed.
+fn delete_netns(name: &str) -> bool {
+    if !Path::new("/var/run/netns").join(name).exists() {
+        return false;
+    }
+    if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", name])) {
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+    if let Err(e) = output(Command::new("ip").args(["netns", "delete", name])) {
+        eprintln!("    warning: could not delete network namespace {name}: {e:#}");
+    }
+    true
+}
+
+/// A directory removed (recursively) when dropped: the temp dir, and the agent's bpffs pins.
+struct DirGuard(PathBuf);
+
+impl DirGuard {
+    fn create(path: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&path)
+            .with_context(|| format!("could not create {}", path.display()))?;
+        Ok(DirGuard(path))
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            match fs::remove_dir_all(&self.0) {
+                Ok(()) => println!("    removed {}", self.0.display()),
+                Err(e) => eprintln!("    warning: could not remove {}: {e}", self.0.display()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_ready_event;
+
+    #[test]
+    fn ready_event() {
+        assert!(is_ready_event(r#"{"event":"ready","pods":1}"#));
+        assert!(is_ready_event(r#"{ "event" : "ready" }"#));
+        assert!(!is_ready_event(r#"{"event":"starting"}"#));
+        assert!(!is_ready_event("ready"));
+        assert!(!is_ready_event(r#"{"msg":"event ready"}"#));
+        assert!(!is_ready_event(""));
+    }
+}
