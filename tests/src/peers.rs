@@ -25,6 +25,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the server saw for one accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
+    /// The address accept() returned.
+    pub from: SocketAddr,
     /// `peer_addr()` of the accepted socket (getpeername): who the server thinks the client is.
     pub peer: SocketAddr,
     /// `local_addr()` of the accepted socket (getsockname).
@@ -155,8 +157,8 @@ fn accept_loop(
     mode: ServerMode,
 ) {
     loop {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
+        let (stream, from) = match listener.accept() {
+            Ok(x) => x,
             Err(_) if stop.load(Ordering::SeqCst) => return,
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -166,6 +168,7 @@ fn accept_loop(
             }
         };
         let info = Accepted {
+            from,
             peer: stream
                 .peer_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),

@@ -1,0 +1,31 @@
+//! Shared by the integration tests (each test file is its own crate and includes this).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sockmesh_tests::{Agent, Pod};
+
+pub const T: Duration = Duration::from_secs(5);
+
+/// One kernel counter of one pod from `sockmesh stats --json` (0 if the pod has no row).
+pub fn counter(agent: &Agent, pod: &Pod, name: &str) -> u64 {
+    let cookie = pod.netns_cookie().expect("netns cookie");
+    let stats = agent.stats().expect("sockmesh stats");
+    stats["pods"]
+        .as_array()
+        .expect("pods array")
+        .iter()
+        .find(|p| p["netns_cookie"].as_u64() == Some(cookie))
+        .map(|p| p["counters"][name].as_u64().expect("counter is a number"))
+        .unwrap_or(0)
+}
+
+pub fn has_row(stats: &Value, pod: &Pod) -> bool {
+    let cookie = pod.netns_cookie().expect("netns cookie");
+    stats["pods"]
+        .as_array()
+        .expect("pods array")
+        .iter()
+        .any(|p| p["netns_cookie"].as_u64() == Some(cookie))
+}
