@@ -20,7 +20,8 @@ use crate::{
     datapath::{preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
-    proxy::{dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
+    policy::{Direction, PeerKey, PeerPolicy, PeerTable, TableConfig},
+    proxy::{admission::Admission, dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
 };
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -91,10 +92,10 @@ async fn serve(
             mark: args.mark,
             outbound_port: args.outbound_port,
             dns_port: args.dns_port,
-            connect_timeout: args.connect_timeout,
             dns_timeout: args.dns_timeout,
         }),
         maps: dp.maps.clone(),
+        admission: admission(&dp),
         cancel: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
@@ -133,6 +134,21 @@ async fn serve(
     Ok(())
 }
 
+/// The policy engine behind every proxied connection; an opened breaker becomes a kernel
+/// verdict so the pod's next connect() to that peer fails at once.
+fn admission(dp: &Datapath) -> std::sync::Arc<Admission<PeerKey>> {
+    let table = PeerTable::with_policy(TableConfig::default(), PeerPolicy::default());
+    let verdicts = dp.maps.clone();
+    Admission::new(
+        table,
+        Box::new(move |key: &PeerKey, until_ns: u64| {
+            if key.direction == Direction::Outbound {
+                verdicts.set_verdict(&key.pod, key.peer, until_ns);
+            }
+        }),
+    )
+}
+
 /// Start each pod's proxies, then tell the kernel to redirect its sockets.
 fn enrol_all(
     dp: &mut Datapath,
@@ -162,6 +178,7 @@ fn enrol_all(
                 .spawn(dns::serve(s, ctx.clone(), shared.clone()));
         }
         inbound.add_pod(ctx.clone());
+        dp.maps.add_pod(&ctx.name, pod.cookie);
         dp.enrol(pod.cookie, cfg)
             .with_context(|| format!("enrol pod {}", ctx.name))?;
         cookies.push(pod.cookie);

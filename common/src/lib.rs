@@ -27,7 +27,8 @@ pub mod map_names {
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
     pub const INBOUND_BINDS: &str = "SM_IN_BINDS";
     pub const EVENTS: &str = "SM_EVENTS";
-    pub const ALL: [&str; 9] = [
+    pub const VERDICTS: &str = "SM_VERDICTS";
+    pub const ALL: [&str; 10] = [
         CONFIG,
         PODS,
         POD_STATS,
@@ -37,6 +38,7 @@ pub mod map_names {
         DNS_ORIGINS,
         INBOUND_BINDS,
         EVENTS,
+        VERDICTS,
     ];
 }
 
@@ -63,6 +65,7 @@ pub mod map_sizes {
     /// One entry per live redirected socket (TCP origin or UDP DNS origin).
     pub const ORIGINS: u32 = 65536;
     pub const INBOUND_BINDS: u32 = 16384;
+    pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
 
@@ -200,8 +203,10 @@ pub mod counter {
     pub const MAP_FULL: usize = 8;
     /// An event could not be sent to the agent (ring buffer full).
     pub const EVENT_LOST: usize = 9;
+    /// connect() refused in the kernel: the peer's breaker is open (`SM_VERDICTS`).
+    pub const FAST_REJECT: usize = 10;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 10] = [
+    pub const NAMES: [&str; 11] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -212,6 +217,7 @@ pub mod counter {
         "peer_restored",
         "map_full",
         "event_lost",
+        "fast_reject",
     ];
 }
 
@@ -288,6 +294,23 @@ pub struct BindValue {
     pub socket_cookie: u64,
 }
 
+/// Key of `SM_VERDICTS`: a pod's outbound peer whose connections the kernel refuses at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub netns_cookie: u64,
+    pub peer: SockAddr,
+    pub _pad: u32,
+}
+
+/// Value of `SM_VERDICTS`: refuse until this CLOCK_MONOTONIC time (`bpf_ktime_get_ns`); the
+/// verdict expires by itself, no agent needed to lift it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub until_ns: u64,
+}
+
 /// Event kinds sent to the agent over `SM_EVENTS`.
 pub mod event_kind {
     /// An app bound a wildcard address; the kernel moved it to loopback.
@@ -358,6 +381,8 @@ mod user {
     unsafe impl aya::Pod for BindValue {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SocketEntry {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for Verdict {}
 }
 
 #[cfg(test)]
@@ -377,6 +402,7 @@ mod tests {
         assert_eq!(size_of::<BindKey>(), 16);
         assert_eq!(size_of::<Event>(), 16);
         assert_eq!(size_of::<SocketEntry>(), 28);
+        assert_eq!(size_of::<VerdictKey>(), 32);
         assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
     }
 

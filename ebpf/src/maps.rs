@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use sockmesh_common::{
     map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    SocketEntry, TupleKey,
+    SocketEntry, TupleKey, Verdict, VerdictKey,
 };
 
 #[map(name = "SM_CONFIG")]
@@ -44,3 +44,7 @@ pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
 /// Bind/unbind events for the agent.
 #[map(name = "SM_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
+
+/// Peers whose breaker is open: connect() to them fails in the kernel until the verdict expires.
+#[map(name = "SM_VERDICTS")]
+pub static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(map_sizes::VERDICTS, 0);

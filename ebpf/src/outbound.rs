@@ -5,18 +5,20 @@ use aya_ebpf::{
         bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
-use sockmesh_common::{counter, pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, AF_INET};
+use sockmesh_common::{
+    counter, pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
+};
 
 use crate::{
     dns,
-    maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS},
+    maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS, VERDICTS},
     util::*,
 };
 
@@ -25,24 +27,25 @@ const SOL_IPV6: i32 = 41;
 /// SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share the number.
 const SO_ORIGINAL_DST: i32 = 80;
 
+const ECONNREFUSED: i32 = 111;
+
 #[cgroup_sock_addr(connect4)]
 pub fn sm_connect4(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, false);
-    1
+    connect(&ctx, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, true);
-    1
+    connect(&ctx, true)
 }
 
+/// 1 lets connect() proceed (possibly rewritten); 0 fails it with the retval set here.
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, v6: bool) {
+fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
-        return;
+        return 1;
     };
     let ty = unsafe { read_volatile(&(*sa).type_) };
     let dst = user_addr(sa, v6);
@@ -55,18 +58,24 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
         SOCK_DGRAM if dst.port == DNS_PORT_BE => {
             (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS)
         }
-        _ => return,
+        _ => return 1,
     };
     if !pod.has(flag) {
-        return;
+        return 1;
     }
     if is_loopback(&dst) {
         count(netns, counter::BYPASS_LOOPBACK);
-        return;
+        return 1;
     }
     if outbound_excluded(pod, &dst) {
         count(netns, counter::BYPASS_EXCLUDED);
-        return;
+        return 1;
+    }
+    if ty == SOCK_STREAM && breaker_open(netns, &dst) {
+        // The agent saw this peer fail: refuse now, without a round trip to the proxy.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        count(netns, counter::FAST_REJECT);
+        return 0;
     }
     let mut entry = SocketEntry {
         origin: dst,
@@ -77,7 +86,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
         // A DNS client's reply is matched by its source port, which connect() on UDP only
         // picks after this hook: pick one now.
         let Some(port_be) = dns::remember_connected(ctx, sk, v6, netns, &dst) else {
-            return;
+            return 1;
         };
         entry.kind = socket_kind::DNS;
         entry.key_port = port_be;
@@ -86,7 +95,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
     if SOCKETS.insert(&cookie, &entry, 0).is_err() {
         // Never redirect what could not be remembered: the proxy could not forward it.
         count(netns, counter::MAP_FULL);
-        return;
+        return 1;
     }
     redirect_to_loopback(sa, v6, dst.family, listen_port);
     count(netns, redirected);
@@ -96,6 +105,25 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
         netns,
         u16::from_be(dst.port)
     );
+    1
+}
+
+/// Whether the agent left an unexpired verdict for this pod and peer.
+#[inline(always)]
+fn breaker_open(netns: u64, dst: &SockAddr) -> bool {
+    let key = VerdictKey {
+        netns_cookie: netns,
+        peer: *dst,
+        _pad: 0,
+    };
+    match unsafe { VERDICTS.get(&key) } {
+        Some(v) if v.until_ns > unsafe { bpf_ktime_get_ns() } => true,
+        Some(_) => {
+            let _ = VERDICTS.remove(&key);
+            false
+        }
+        None => false,
+    }
 }
 
 /// The destination (connect/sendmsg) or source (recvmsg/getpeername) in a sock_addr context.

@@ -18,7 +18,7 @@ use aya::{
 };
 use sockmesh_common::{
     map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    TupleKey, SCHEMA_VERSION,
+    TupleKey, Verdict, VerdictKey, SCHEMA_VERSION,
 };
 use tracing::{info, warn};
 
@@ -61,6 +61,40 @@ pub struct KernelMaps {
     pub inbound_peers: Mutex<HashMap<MapData, TupleKey, SockAddr>>,
     /// Original DNS server by (netns, client port).
     pub dns_origins: Mutex<HashMap<MapData, DnsKey, SockAddr>>,
+    /// Kernel fast-reject verdicts for peers whose breaker is open.
+    verdicts: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
+    /// Pod name (as given to --pod) to netns cookie, for verdict keys.
+    pod_cookies: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl KernelMaps {
+    pub fn add_pod(&self, name: &str, netns_cookie: u64) {
+        if let Ok(mut m) = self.pod_cookies.lock() {
+            m.insert(name.to_string(), netns_cookie);
+        }
+    }
+
+    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
+    pub fn set_verdict(&self, pod: &str, peer: std::net::SocketAddr, until_ns: u64) {
+        let Some(cookie) = self
+            .pod_cookies
+            .lock()
+            .ok()
+            .and_then(|m| m.get(pod).copied())
+        else {
+            return;
+        };
+        let key = VerdictKey {
+            netns_cookie: cookie,
+            peer: SockAddr::from_std(peer),
+            _pad: 0,
+        };
+        if let Ok(mut m) = self.verdicts.lock() {
+            if let Err(e) = m.insert(key, Verdict { until_ns }, 0) {
+                warn!(%pod, %peer, error = %e, "could not write the fast-reject verdict");
+            }
+        }
+    }
 }
 
 pub struct Datapath {
@@ -176,6 +210,8 @@ impl Datapath {
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
+            verdicts: Mutex::new(take(&mut ebpf, map_names::VERDICTS)?),
+            pod_cookies: Mutex::new(Default::default()),
         });
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");

@@ -63,6 +63,7 @@ pub mod concurrency;
 pub mod config;
 pub mod decision;
 mod peer;
+pub mod rules;
 pub mod table;
 pub mod timeouts;
 pub mod token_bucket;
@@ -81,6 +82,7 @@ pub use config::{
     parse_timeout, ParseError, PeerPolicy, RateLimit,
 };
 pub use decision::{Counters, Decision, Lease, PeerView, RejectReason};
+pub use rules::{Direction, PeerKey};
 pub use table::{PeerTable, PolicySource, TableConfig};
 pub use timeouts::{TimeoutKind, Timeouts};
 pub use token_bucket::{Rate, TokenBucket, Wait};

@@ -3,17 +3,21 @@
 //! the agent records it in `SM_IN_PEERS` for getpeername()/accept() to answer.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
 use sockmesh_common::{event_kind, Event, SockAddr, TupleKey, AF_INET6};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::{outbound, relay, PodCtx, Shared};
-use crate::{events, inpod::sockets};
+use super::{outbound, PodCtx, Shared};
+use crate::{
+    events,
+    inpod::sockets,
+    policy::{Direction, PeerKey},
+};
 
 /// Which app binds exist for one (pod, port), and the listeners serving it.
 #[derive(Default)]
@@ -203,16 +207,34 @@ async fn serve(
     }
 }
 
-/// Removes the real-client entry when the connection is done, however it ends.
+/// The real-client entry of one connection, removed when the connection is done however it
+/// ends (also when the task is dropped at shutdown).
 struct PeerEntry<'a> {
     shared: &'a Shared,
-    key: TupleKey,
+    key: Mutex<Option<TupleKey>>,
+}
+
+impl PeerEntry<'_> {
+    fn record(&self, tuple: TupleKey, client: SocketAddr) {
+        let ok = self
+            .shared
+            .maps
+            .inbound_peers
+            .lock()
+            .map(|mut m| m.insert(tuple, SockAddr::from_std(client), 0).is_ok());
+        if ok.unwrap_or(false) {
+            if let Ok(mut k) = self.key.lock() {
+                *k = Some(tuple);
+            }
+        }
+    }
 }
 
 impl Drop for PeerEntry<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.shared.maps.inbound_peers.lock() {
-            let _ = m.remove(&self.key);
+        let key = self.key.lock().ok().and_then(|mut k| k.take());
+        if let (Some(key), Ok(mut m)) = (key, self.shared.maps.inbound_peers.lock()) {
+            let _ = m.remove(&key);
         }
     }
 }
@@ -224,52 +246,27 @@ async fn handle(
     pod: PodCtx,
     shared: Shared,
 ) {
-    let local_ip: IpAddr = if target.is_ipv6() {
-        Ipv6Addr::LOCALHOST.into()
-    } else {
-        Ipv4Addr::LOCALHOST.into()
+    // The peer of inbound policy is the client's address with the port the pod serves.
+    let key = PeerKey {
+        pod: pod.name.clone(),
+        direction: Direction::Inbound,
+        peer: SocketAddr::new(peer.ip(), target.port()),
     };
-    // Bind first so the agent's address is known before the app can accept and ask.
-    let sock =
-        match outbound::socket_in_pod(&pod, &shared, target, Some(SocketAddr::new(local_ip, 0)))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(pod = %pod.name, error = %e, "inbound socket");
-                relay::reset(&client);
-                return;
-            }
-        };
-    let Ok(local) = sock.local_addr() else {
-        relay::reset(&client);
-        return;
-    };
-    let key = TupleKey {
-        netns_cookie: pod.cookie,
-        src: SockAddr::from_std(local),
-        dst: SockAddr::from_std(target),
-    };
-    let inserted = shared
-        .maps
-        .inbound_peers
-        .lock()
-        .map(|mut m| m.insert(key, SockAddr::from_std(peer), 0).is_ok())
-        .unwrap_or(false);
-    let _entry = inserted.then(|| PeerEntry {
+    let entry = PeerEntry {
         shared: &shared,
-        key,
-    });
-    let app = match outbound::connect_socket(&shared, sock, target).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(pod = %pod.name, %target, error = %e, "app not reachable; resetting client");
-            relay::reset(&client);
-            return;
-        }
+        key: Mutex::new(None),
     };
-    let r = relay::relay(client, app).await;
-    debug!(pod = %pod.name, %peer, %target, received = r.a_to_b, sent = r.b_to_a, reset = r.reset, "inbound connection closed");
+    // The agent's socket is bound before it connects, so the kernel can tell the app who the
+    // real client is from the first accept().
+    let record = |local: SocketAddr| {
+        let tuple = TupleKey {
+            netns_cookie: pod.cookie,
+            src: SockAddr::from_std(local),
+            dst: SockAddr::from_std(target),
+        };
+        entry.record(tuple, peer);
+    };
+    outbound::proxy(client, key, target, Some(&record), &pod, &shared).await;
 }
 
 #[cfg(test)]

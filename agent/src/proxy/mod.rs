@@ -1,5 +1,6 @@
 //! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
+pub mod admission;
 pub mod dns;
 pub mod inbound;
 pub mod origdst;
@@ -10,7 +11,9 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{datapath::KernelMaps, inpod::netns::NetnsWorker};
+use crate::{datapath::KernelMaps, inpod::netns::NetnsWorker, policy::PeerKey};
+
+use admission::Admission;
 
 /// Settings every proxy task reads.
 #[derive(Debug, Clone)]
@@ -18,7 +21,7 @@ pub struct ProxyConfig {
     pub mark: u32,
     pub outbound_port: u16,
     pub dns_port: u16,
-    pub connect_timeout: Duration,
+    /// DNS query timeout when no policy rule names one.
     pub dns_timeout: Duration,
 }
 
@@ -37,6 +40,8 @@ pub struct PodCtx {
 pub struct Shared {
     pub cfg: Arc<ProxyConfig>,
     pub maps: Arc<KernelMaps>,
+    /// Per-peer policy: admission, connect outcomes, shaping.
+    pub admission: Arc<Admission<PeerKey>>,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
 }

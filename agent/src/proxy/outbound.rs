@@ -6,8 +6,16 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use super::{origdst::original_dst, relay, PodCtx, Shared};
-use crate::inpod::sockets;
+use super::{
+    admission::failure_kind,
+    origdst::original_dst,
+    relay::{self, Limits},
+    PodCtx, Shared,
+};
+use crate::{
+    inpod::sockets,
+    policy::{Direction, PeerKey},
+};
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
     let ipv6 = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
@@ -44,46 +52,100 @@ async fn handle(client: TcpStream, ipv6: bool, pod: PodCtx, shared: Shared) {
         relay::reset(&client);
         return;
     }
-    let upstream = match connect(&pod, &shared, origin).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(pod = %pod.name, %origin, error = %e, "upstream connect failed; resetting client");
+    let key = PeerKey {
+        pod: pod.name.clone(),
+        direction: Direction::Outbound,
+        peer: origin,
+    };
+    proxy(client, key, origin, None, &pod, &shared).await;
+}
+
+/// Admit, connect, relay: the path every proxied connection (outbound or inbound) takes.
+/// `local` binds the upstream socket first; `on_bound` learns its address before it connects.
+pub async fn proxy(
+    client: TcpStream,
+    key: PeerKey,
+    dst: SocketAddr,
+    on_bound: Option<&(dyn Fn(SocketAddr) + Sync)>,
+    pod: &PodCtx,
+    shared: &Shared,
+) {
+    let permit = match shared.admission.admit(key.clone()).await {
+        Ok(p) => p,
+        Err(reason) => {
+            debug!(pod = %pod.name, peer = %key.peer, reason = reason.as_str(), "connection rejected by policy");
             relay::reset(&client);
             return;
         }
     };
-    let r = relay::relay(client, upstream).await;
-    debug!(pod = %pod.name, %origin, sent = r.a_to_b, received = r.b_to_a, reset = r.reset, "outbound connection closed");
+    let local = on_bound.map(|_| SocketAddr::new(loopback_of(&dst), 0));
+    let upstream = async {
+        let sock = socket_in_pod(pod, shared, dst, local).await?;
+        if let (Some(f), Ok(addr)) = (on_bound, sock.local_addr()) {
+            f(addr);
+        }
+        connect_socket(sock, dst, permit.timeouts.connect).await
+    }
+    .await;
+    let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
+    shared.admission.connect_result(&key, &result);
+    let upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name, %dst, error = %e, "upstream connect failed; resetting client");
+            relay::reset(&client);
+            return;
+        }
+    };
+    let shape = |n: u64| shared.admission.shape(&key, n);
+    let limits = Limits {
+        idle: permit.timeouts.idle,
+        lifetime: permit.timeouts.max_lifetime,
+        shape: Some(&shape),
+    };
+    let r = relay::relay(client, upstream, limits).await;
+    debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }
 
-/// Connect to `dst` from the pod's namespace, with the agent's mark, within the connect timeout.
-pub async fn connect(pod: &PodCtx, shared: &Shared, dst: SocketAddr) -> anyhow::Result<TcpStream> {
-    let sock = socket_in_pod(pod, shared, dst, None).await?;
-    connect_socket(shared, sock, dst).await
+fn loopback_of(dst: &SocketAddr) -> std::net::IpAddr {
+    if dst.is_ipv6() {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    }
 }
 
 /// A marked TCP socket created in the pod's namespace, optionally bound to `local`.
-pub async fn socket_in_pod(
+async fn socket_in_pod(
     pod: &PodCtx,
     shared: &Shared,
     dst: SocketAddr,
     local: Option<SocketAddr>,
-) -> anyhow::Result<TcpSocket> {
+) -> std::io::Result<TcpSocket> {
     let mark = shared.cfg.mark;
     let std = pod
         .worker
         .run(move || sockets::tcp_for(dst, local, mark))
-        .await??;
+        .await
+        .map_err(std::io::Error::other)??;
     Ok(TcpSocket::from_std_stream(std))
 }
 
-pub async fn connect_socket(
-    shared: &Shared,
+/// Connect within the policy's connect timeout (none: the kernel's own SYN retries).
+async fn connect_socket(
     sock: TcpSocket,
     dst: SocketAddr,
-) -> anyhow::Result<TcpStream> {
-    tokio::time::timeout(shared.cfg.connect_timeout, sock.connect(dst))
-        .await
-        .map_err(|_| anyhow::anyhow!("connect to {dst} timed out"))?
-        .map_err(Into::into)
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<TcpStream> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, sock.connect(dst))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {dst} timed out after {t:?}"),
+                )
+            })?,
+        None => sock.connect(dst).await,
+    }
 }

@@ -1,7 +1,13 @@
 //! Copying a proxied connection both ways, TCP semantics preserved: a FIN on one side becomes
 //! a half-close (shutdown(SHUT_WR)) on the other while the other direction keeps flowing; a
-//! reset on either side resets both.
-use std::{io, time::Duration};
+//! reset on either side resets both. The per-peer idle timeout and maximum lifetime end the
+//! connection from a timer that is re-armed only when it fires (no polling), and bandwidth
+//! shaping delays reads, never drops bytes.
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -9,57 +15,140 @@ use tokio::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
     },
+    time::Instant,
 };
 
 const BUF_SIZE: usize = 32 * 1024;
+
+/// How a relayed connection ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed normally.
+    #[default]
+    Closed,
+    /// A side failed or reset; both were reset.
+    Reset,
+    /// No byte either way for the idle timeout: both sides closed.
+    IdleTimeout,
+    /// The connection reached its maximum lifetime: both sides closed gracefully.
+    MaxLifetime,
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Relayed {
     /// Bytes from the first stream to the second.
     pub a_to_b: u64,
     pub b_to_a: u64,
-    /// Whether the connection ended with a reset (propagated to both sides).
-    pub reset: bool,
+    pub end: End,
 }
 
-async fn pump(r: &mut ReadHalf<'_>, w: &mut WriteHalf<'_>, total: &mut u64) -> io::Result<()> {
+/// When the connection last saw a byte, as nanoseconds since it started (both pumps write it,
+/// the timer reads it; the task is Send, so no Cell).
+struct Activity {
+    start: Instant,
+    last_ns: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ns = self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// Per-connection limits from the peer's policy.
+#[derive(Default)]
+pub struct Limits<'a> {
+    pub idle: Option<Duration>,
+    pub lifetime: Option<Duration>,
+    /// Debits bytes from the peer's bandwidth bucket; returns how long to hold them back.
+    pub shape: Option<&'a (dyn Fn(u64) -> Duration + Sync)>,
+}
+
+async fn pump(
+    r: &mut ReadHalf<'_>,
+    w: &mut WriteHalf<'_>,
+    total: &mut u64,
+    last: &Activity,
+    shape: Option<&(dyn Fn(u64) -> Duration + Sync)>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let n = r.read(&mut buf).await?;
+        last.touch();
         if n == 0 {
             // Peer sent FIN: pass the half-close on, keep the other direction open.
             return w.shutdown().await;
+        }
+        if let Some(shape) = shape {
+            let wait = shape(n as u64);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         w.write_all(&buf[..n]).await?;
         *total += n as u64;
     }
 }
 
-/// Relay until both directions have finished or either fails.
-pub async fn relay(mut a: TcpStream, mut b: TcpStream) -> Relayed {
+/// Fires when the idle timeout or the lifetime is reached; pending forever if neither is set.
+async fn deadline(limits: &Limits<'_>, last: &Activity) -> End {
+    let lifetime_at = limits.lifetime.map(|d| last.start + d);
+    loop {
+        let idle_at = limits.idle.map(|d| last.last() + d);
+        let next = match (idle_at, lifetime_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return std::future::pending().await,
+        };
+        tokio::time::sleep_until(next).await;
+        let now = Instant::now();
+        if lifetime_at.is_some_and(|t| now >= t) {
+            return End::MaxLifetime;
+        }
+        // Activity since the timer was armed moved the idle deadline: sleep again.
+        if limits.idle.is_some_and(|d| now >= last.last() + d) {
+            return End::IdleTimeout;
+        }
+    }
+}
+
+/// Relay until both directions have finished, either fails, or a limit is reached.
+pub async fn relay(mut a: TcpStream, mut b: TcpStream, limits: Limits<'_>) -> Relayed {
     let mut out = Relayed::default();
-    let failed = {
+    let last = Activity {
+        start: Instant::now(),
+        last_ns: AtomicU64::new(0),
+    };
+    let end = {
         let (mut ar, mut aw) = a.split();
         let (mut br, mut bw) = b.split();
-        let ab = pump(&mut ar, &mut bw, &mut out.a_to_b);
-        let ba = pump(&mut br, &mut aw, &mut out.b_to_a);
-        tokio::pin!(ab, ba);
+        let ab = pump(&mut ar, &mut bw, &mut out.a_to_b, &last, limits.shape);
+        let ba = pump(&mut br, &mut aw, &mut out.b_to_a, &last, limits.shape);
+        let timer = deadline(&limits, &last);
+        tokio::pin!(ab, ba, timer);
         let (mut ab_done, mut ba_done) = (false, false);
         loop {
             tokio::select! {
-                r = &mut ab, if !ab_done => { ab_done = true; if r.is_err() { break true } }
-                r = &mut ba, if !ba_done => { ba_done = true; if r.is_err() { break true } }
+                r = &mut ab, if !ab_done => { ab_done = true; if r.is_err() { break End::Reset } }
+                r = &mut ba, if !ba_done => { ba_done = true; if r.is_err() { break End::Reset } }
+                e = &mut timer => break e,
             }
             if ab_done && ba_done {
-                break false;
+                break End::Closed;
             }
         }
     };
-    if failed {
-        out.reset = true;
+    out.end = end;
+    if end == End::Reset {
         reset(&a);
         reset(&b);
     }
+    // Otherwise dropping both streams closes them with a FIN.
     out
 }
 

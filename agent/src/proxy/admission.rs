@@ -1,0 +1,260 @@
+//! The policy engine at work on real connections: one place where the proxy asks "may this
+//! connection go ahead?", waits in the peer's queue without polling, reports connect outcomes,
+//! shapes bandwidth, and writes the kernel fast-reject verdict when a breaker opens. The
+//! algorithms live in `crate::policy`; this is only the async and kernel glue around it.
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::sync::oneshot;
+
+use crate::policy::{
+    BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, RejectReason,
+    Ticket, Timeouts,
+};
+
+/// Monotonic time since the admission layer started, convertible both to tokio instants
+/// (for sleeping until a queue deadline) and to CLOCK_MONOTONIC (for kernel verdicts).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyClock {
+    base: tokio::time::Instant,
+    base_monotonic_ns: u64,
+}
+
+impl ProxyClock {
+    pub fn new() -> Self {
+        ProxyClock {
+            base: tokio::time::Instant::now(),
+            base_monotonic_ns: monotonic_ns(),
+        }
+    }
+
+    pub fn instant(&self, t: Nanos) -> tokio::time::Instant {
+        self.base + Duration::from_nanos(t.0)
+    }
+
+    /// The same moment on the clock `bpf_ktime_get_ns` reads.
+    pub fn kernel_ns(&self, t: Nanos) -> u64 {
+        self.base_monotonic_ns.saturating_add(t.0)
+    }
+}
+
+impl Default for ProxyClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ProxyClock {
+    fn now(&self) -> Nanos {
+        Nanos(self.base.elapsed().as_nanos().min(u64::MAX as u128) as u64)
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Called when a peer's breaker opens, with the kernel time until which to refuse.
+pub type OnBreakerOpen<K> = Box<dyn Fn(&K, u64) + Send + Sync>;
+
+pub struct Admission<K> {
+    table: Mutex<PeerTable<K>>,
+    waiters: Mutex<HashMap<Ticket, oneshot::Sender<()>>>,
+    clock: ProxyClock,
+    rng: AtomicU64,
+    on_open: OnBreakerOpen<K>,
+}
+
+/// An admitted connection's slot; dropping it frees the slot (and may wake a waiter).
+pub struct Permit<K: Hash + Eq + Clone> {
+    admission: Arc<Admission<K>>,
+    key: K,
+    lease: Lease,
+    pub timeouts: Timeouts,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Permit<K> {
+    fn drop(&mut self) {
+        self.admission.release(&self.key, self.lease);
+    }
+}
+
+/// Removes a waiter that gave up (client gone, shutdown) without losing a grant that raced it.
+struct Waiting<'a, K: Hash + Eq + Clone> {
+    admission: &'a Arc<Admission<K>>,
+    key: &'a K,
+    lease: Lease,
+    ticket: Ticket,
+    armed: bool,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Waiting<'_, K> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let a = self.admission;
+        let now = a.clock.now();
+        let still_waiting = lock(&a.table).cancel_wait(now, self.key, self.lease, self.ticket);
+        lock(&a.waiters).remove(&self.ticket);
+        if !still_waiting {
+            // Granted while we were leaving: hand the slot back.
+            a.release(self.key, self.lease);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the table half-updated in a way that is
+    // worse than refusing service: keep going with the data as it is.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<K: Hash + Eq + Clone> Admission<K> {
+    pub fn new(table: PeerTable<K>, on_open: OnBreakerOpen<K>) -> Arc<Self> {
+        let clock = ProxyClock::new();
+        Arc::new(Admission {
+            table: Mutex::new(table),
+            waiters: Mutex::new(HashMap::new()),
+            rng: AtomicU64::new(monotonic_ns() | 1),
+            clock,
+            on_open,
+        })
+    }
+
+    pub fn clock(&self) -> ProxyClock {
+        self.clock
+    }
+
+    pub fn with_table<R>(&self, f: impl FnOnce(&mut PeerTable<K>) -> R) -> R {
+        f(&mut lock(&self.table))
+    }
+
+    /// xorshift64*: uniform enough for a throttling coin, no crate, no lock.
+    fn rand01(&self) -> f64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Admit a new connection to `key`, waiting in the peer's queue if the policy says so.
+    pub async fn admit(self: &Arc<Self>, key: K) -> Result<Permit<K>, RejectReason> {
+        let now = self.clock.now();
+        let decision = {
+            let mut table = lock(&self.table);
+            let d = table.admit(now, &key, self.rand01());
+            // Register the waiter under the table lock: a grant cannot slip in between.
+            if let Decision::Queue { ticket, .. } = d {
+                let (tx, rx) = oneshot::channel();
+                lock(&self.waiters).insert(ticket, tx);
+                (d, Some(rx))
+            } else {
+                (d, None)
+            }
+        };
+        match decision {
+            (Decision::Admit { lease, timeouts }, _) => Ok(Permit {
+                admission: self.clone(),
+                key,
+                lease,
+                timeouts,
+            }),
+            (Decision::Reject { reason, .. }, _) => Err(reason),
+            (
+                Decision::Queue {
+                    lease,
+                    ticket,
+                    deadline,
+                },
+                Some(rx),
+            ) => {
+                let mut guard = Waiting {
+                    admission: self,
+                    key: &key,
+                    lease,
+                    ticket,
+                    armed: true,
+                };
+                let granted = tokio::select! {
+                    r = rx => r.is_ok(),
+                    _ = tokio::time::sleep_until(self.clock.instant(deadline)) => {
+                        let timed_out = lock(&self.table).queue_timeout(self.clock.now(), &key, lease, ticket);
+                        lock(&self.waiters).remove(&ticket);
+                        !timed_out
+                    }
+                };
+                guard.armed = false;
+                drop(guard);
+                if !granted {
+                    return Err(RejectReason::QueueTimeout);
+                }
+                let timeouts = lock(&self.table)
+                    .policy(&key)
+                    .map(|p| p.timeouts)
+                    .unwrap_or_default();
+                Ok(Permit {
+                    admission: self.clone(),
+                    key,
+                    lease,
+                    timeouts,
+                })
+            }
+            (Decision::Queue { .. }, None) => Err(RejectReason::ConcurrencyFull),
+        }
+    }
+
+    fn release(&self, key: &K, lease: Lease) {
+        let now = self.clock.now();
+        let mut table = lock(&self.table);
+        if let Some(ticket) = table.on_close(now, key, lease) {
+            if let Some(tx) = lock(&self.waiters).remove(&ticket) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Report how the upstream connect ended (feeds the breaker and adaptive throttling).
+    pub fn connect_result(&self, key: &K, result: &Result<(), ConnectFailure>) {
+        let now = self.clock.now();
+        let t = lock(&self.table).on_connect_result(now, key, *result);
+        if let Some(BreakerTransition::Opened { until }) = t {
+            (self.on_open)(key, self.clock.kernel_ns(until));
+        }
+    }
+
+    /// How long to hold back `bytes` to keep the peer within its bandwidth.
+    pub fn shape(&self, key: &K, bytes: u64) -> Duration {
+        lock(&self.table).shape(self.clock.now(), key, bytes)
+    }
+}
+
+/// Which breaker failure an upstream connect error is.
+pub fn failure_kind(e: &io::Error) -> ConnectFailure {
+    match e.kind() {
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => ConnectFailure::Reset,
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            ConnectFailure::Unreachable
+        }
+        _ => ConnectFailure::Refused,
+    }
+}
