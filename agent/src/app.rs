@@ -46,19 +46,30 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.pods.is_empty() {
         warn!("no --pod given: the programs are attached but no traffic is captured");
     }
+    // The same namespace under two paths would fight over its listeners: refuse it by the
+    // namespace's identity (device and inode of the nsfs file) before opening anything.
+    let mut seen: HashMap<(u64, u64), &std::path::Path> = HashMap::new();
+    for spec in &args.pods {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(&spec.netns) {
+            if let Some(other) = seen.insert((m.dev(), m.ino()), &spec.netns) {
+                bail!(
+                    "--pod {} and --pod {} are the same network namespace: give each pod once",
+                    other.display(),
+                    spec.netns.display()
+                );
+            }
+        }
+    }
     // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
     let mut prepared = Vec::new();
-    let mut seen: HashMap<u64, String> = HashMap::new();
     for spec in &args.pods {
-        let (pod, listeners) = Pod::prepare(spec, args.mark, args.outbound_port, args.dns_port)?;
-        if let Some(other) = seen.insert(pod.cookie, pod.name()) {
-            bail!(
-                "--pod {} and --pod {} are the same network namespace: give each pod once",
-                other,
-                pod.name()
-            );
-        }
-        prepared.push((pod, listeners));
+        prepared.push(Pod::prepare(
+            spec,
+            args.mark,
+            args.outbound_port,
+            args.dns_port,
+        )?);
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -132,7 +132,11 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let dst = user_addr(sa, v6);
-    if dst.port != DNS_PORT_BE || is_loopback(&dst) {
+    if dst.port != DNS_PORT_BE {
+        return;
+    }
+    if is_loopback(&dst) {
+        count(netns, counter::BYPASS_LOOPBACK);
         return;
     }
     if outbound_excluded(pod, &dst) {
