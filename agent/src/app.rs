@@ -1,7 +1,7 @@
 //! `sockmesh run`: validate everything, then load, enrol, proxy, and take it all down on
 //! SIGINT/SIGTERM. The order is chosen so a failure at any step leaves nothing behind, and
 //! the kernel only starts redirecting a pod once its listeners are open.
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -20,7 +20,7 @@ use crate::{
     datapath::{preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
-    policy::{Direction, PeerKey, PeerPolicy, PeerTable, TableConfig},
+    policy::{watch::PolicyWatcher, Direction, PeerKey, PeerTable, PolicyArgs, PolicyHandle},
     proxy::{admission::Admission, dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
 };
 
@@ -43,6 +43,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         })
         .collect::<Result<Vec<PodConfig>, String>>()
         .map_err(|e| anyhow!(e))?;
+    // The policy file is validated before anything is loaded: a bad file is one clear error.
+    let policy = Arc::new(args.policy.policy_handle().map_err(|e| anyhow!("{e}"))?);
     if args.pods.is_empty() {
         warn!("no --pod given: the programs are attached but no traffic is captured");
     }
@@ -77,7 +79,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .thread_name("sockmesh")
         .build()
         .context("start the async runtime")?;
-    rt.block_on(serve(args, cgroup, prepared, configs))
+    rt.block_on(serve(args, cgroup, prepared, configs, policy))
 }
 
 async fn serve(
@@ -85,10 +87,16 @@ async fn serve(
     cgroup: std::path::PathBuf,
     prepared: Vec<(Pod, PodListeners)>,
     configs: Vec<PodConfig>,
+    policy: Arc<PolicyHandle>,
 ) -> Result<()> {
     // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let mut watcher = match policy.path() {
+        Some(p) => Some(PolicyWatcher::new(p).with_context(|| format!("watch {}", p.display()))?),
+        None => None,
+    };
     let mut dp = Datapath::start(&DatapathOptions {
         bpffs_dir: &args.bpffs_dir,
         cgroup_root: &cgroup,
@@ -103,10 +111,10 @@ async fn serve(
             mark: args.mark,
             outbound_port: args.outbound_port,
             dns_port: args.dns_port,
-            dns_timeout: args.dns_timeout,
         }),
         maps: dp.maps.clone(),
-        admission: admission(&dp),
+        admission: admission(&dp, &args.policy, &policy),
+        policy: policy.clone(),
         cancel: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
@@ -138,6 +146,13 @@ async fn serve(
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             Some(ev) = ev_rx.recv() => inbound.on_event(ev).await,
+            _ = sighup.recv() => reload(&policy, &shared, "SIGHUP"),
+            r = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
+                match r {
+                    Ok(()) => reload(&policy, &shared, "file changed"),
+                    Err(e) => { warn!(error = %e, "policy file watch ended; SIGHUP still reloads"); watcher = None; }
+                }
+            }
         }
     }
     stop(dp, &shared, &cookies, args.drain_timeout).await;
@@ -145,15 +160,35 @@ async fn serve(
     Ok(())
 }
 
+/// Apply a changed policy file to new connections, or keep the old policy and say why.
+fn reload(policy: &PolicyHandle, shared: &Shared, why: &str) {
+    match policy.reload() {
+        Ok(()) => {
+            let source = policy.current().source();
+            shared.admission.with_table(|t| t.set_source(source));
+            info!(why, generation = policy.generation(), "policy reloaded");
+            events::emit(
+                serde_json::json!({ "event": "policy_reloaded", "generation": policy.generation() }),
+            );
+        }
+        Err(e) => {
+            warn!(why, error = %e, "policy file rejected; the previous policy stays");
+            events::emit(serde_json::json!({ "event": "policy_rejected", "error": e.to_string() }));
+        }
+    }
+}
+
 /// The policy engine behind every proxied connection; an opened breaker becomes a kernel
 /// verdict so the pod's next connect() to that peer fails at once.
-fn admission(dp: &Datapath) -> std::sync::Arc<Admission<PeerKey>> {
-    let table = PeerTable::with_policy(TableConfig::default(), PeerPolicy::default());
+fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
+    let table = PeerTable::new(args.table_config(), policy.current().source());
     let verdicts = dp.maps.clone();
     Admission::new(
         table,
         Box::new(move |key: &PeerKey, until_ns: u64| {
+            info!(pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker opened");
             if key.direction == Direction::Outbound {
+                // New connect()s to this peer now fail in the kernel until it half-opens.
                 verdicts.set_verdict(&key.pod, key.peer, until_ns);
             }
         }),

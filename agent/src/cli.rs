@@ -73,15 +73,12 @@ pub struct RunArgs {
     /// Forward the kernel programs' debug logs (aya-log) into the agent's log.
     #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
     pub kernel_log: bool,
-    /// Upstream connect timeout.
-    #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub connect_timeout: std::time::Duration,
     /// At shutdown, how long live connections may take to finish before they are closed.
     #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
-    /// How long an upstream DNS server may take to answer a query.
-    #[arg(long, env = "SOCKMESH_DNS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub dns_timeout: std::time::Duration,
+    /// Per-peer policy: defaults for every knob, and the policy file.
+    #[command(flatten)]
+    pub policy: crate::policy::PolicyArgs,
 }
 
 #[derive(Args, Debug, Clone)]

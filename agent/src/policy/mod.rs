@@ -62,11 +62,15 @@ pub mod clock;
 pub mod concurrency;
 pub mod config;
 pub mod decision;
+pub mod file;
+pub mod flags;
 mod peer;
+pub mod reload;
 pub mod rules;
 pub mod table;
 pub mod timeouts;
 pub mod token_bucket;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;
@@ -82,7 +86,14 @@ pub use config::{
     parse_timeout, ParseError, PeerPolicy, RateLimit,
 };
 pub use decision::{Counters, Decision, Lease, PeerView, RejectReason};
+pub use file::{PolicyError, PolicyErrorDetail};
+pub use flags::{OrOff, PolicyArgs};
+pub use reload::PolicyHandle;
+pub use rules::{
+    Cidr, Knobs, Overrides, PodPattern, PolicySet, PortRange, Rule, Specificity, KNOB_NAMES,
+};
 pub use rules::{Direction, PeerKey};
 pub use table::{PeerTable, PolicySource, TableConfig};
 pub use timeouts::{TimeoutKind, Timeouts};
 pub use token_bucket::{Rate, TokenBucket, Wait};
+pub use watch::PolicyWatcher;

@@ -9,7 +9,10 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::{PodCtx, Shared};
-use crate::inpod::sockets;
+use crate::{
+    inpod::sockets,
+    policy::{Direction, PeerKey},
+};
 
 /// Largest UDP DNS message (EDNS0 allows up to 65535 bytes).
 const MAX_MSG: usize = 65_535;
@@ -101,9 +104,17 @@ async fn forward(
             }
         }
     };
-    tokio::time::timeout(shared.cfg.dns_timeout, wait)
+    let key = PeerKey {
+        pod: pod.name.clone(),
+        direction: Direction::Outbound,
+        peer: server,
+    };
+    let Some(limit) = shared.policy.resolve(&key).timeouts.dns else {
+        return wait.await.map_err(Into::into);
+    };
+    tokio::time::timeout(limit, wait)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", shared.cfg.dns_timeout))?
+        .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
         .map_err(Into::into)
 }
 

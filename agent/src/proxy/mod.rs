@@ -7,11 +7,15 @@ pub mod origdst;
 pub mod outbound;
 pub mod relay;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{datapath::KernelMaps, inpod::netns::NetnsWorker, policy::PeerKey};
+use crate::{
+    datapath::KernelMaps,
+    inpod::netns::NetnsWorker,
+    policy::{PeerKey, PolicyHandle},
+};
 
 use admission::Admission;
 
@@ -21,8 +25,6 @@ pub struct ProxyConfig {
     pub mark: u32,
     pub outbound_port: u16,
     pub dns_port: u16,
-    /// DNS query timeout when no policy rule names one.
-    pub dns_timeout: Duration,
 }
 
 /// What a proxy task needs to know about its pod.
@@ -42,6 +44,8 @@ pub struct Shared {
     pub maps: Arc<KernelMaps>,
     /// Per-peer policy: admission, connect outcomes, shaping.
     pub admission: Arc<Admission<PeerKey>>,
+    /// The current policy set (flags + file), for lookups outside admission (DNS timeout).
+    pub policy: Arc<PolicyHandle>,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
 }

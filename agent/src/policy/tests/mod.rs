@@ -7,10 +7,15 @@ mod breaker;
 mod clock;
 mod concurrency;
 mod config;
+mod file;
+mod flags;
+mod reload;
+mod rules;
 mod table;
 mod table_lru;
 mod timeouts;
 mod token_bucket;
+mod watch;
 
 use super::clock::Nanos;
 use std::time::Duration;

@@ -1,0 +1,637 @@
+//! The policy file (`--policy FILE`): TOML, parsed in full and validated before
+//! anything is applied, so a bad file is one [`PolicyError`] and nothing
+//! half-applied.
+//!
+//! TOML through the `toml` crate (with serde derive) rather than a hand-rolled
+//! format: a real parser gives exact line/column for syntax errors and a span on
+//! every value, so validation errors point at the field too.
+//!
+//! # Format
+//!
+//! ```toml
+//! # Optional. Overrides the flag defaults for every peer.
+//! [defaults]
+//! connect_timeout = "1s"
+//! idle_timeout = "5m"
+//!
+//! # Zero or more rules. Matchers (all optional; absent = match anything):
+//! [[rule]]
+//! name = "payments db"          # optional, shown in logs and errors; unique
+//! direction = "outbound"        # outbound | inbound
+//! pod = "/var/run/netns/shop-*" # netns path (has a '/') or name; '*' globs
+//! peer = "10.0.5.0/24"          # CIDR, IPv4 or IPv6; a bare address is /32 or /128
+//! ports = "5432"                # a port, or a range "8000-8100"
+//! # ...and at least one knob:
+//! connect_timeout = "500ms"     # duration > 0, or "off"   (same for the three below)
+//! idle_timeout = "10m"
+//! max_lifetime = "1h"
+//! dns_timeout = "2s"
+//! conn_rate = "100/s"           # count/period, or "off"
+//! conn_burst = 20               # connections; default one period's worth of conn_rate
+//! max_conns = 50                # concurrent connections, or "off"
+//! queue = 100                   # waiters when max_conns are busy; 0 = reject at once
+//! bandwidth = "10MiB/s"         # size/period, or "off"
+//! bandwidth_burst = "1MiB"      # bytes; default one period's worth of bandwidth
+//! breaker_failures = 5          # consecutive connect failures to open, or "off"
+//! breaker_open = "15s"          # duration > 0
+//! adaptive_k = 2.0              # number >= 1, or "off"
+//! adaptive_window = "2m"        # duration > 0
+//! ```
+//!
+//! Numbers may also be written as strings (`max_conns = "50"`); durations, rates
+//! and sizes must be strings (`"500ms"`). Unknown keys are errors that list the
+//! valid ones. Precedence: see [`super::rules`]; `docs/policy.md` has the full
+//! reference.
+
+use super::config::ParseError;
+use super::rules::{
+    set_knob, Cidr, Direction, Knobs, Overrides, PodPattern, PolicySet, PortRange, Rule,
+};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::{Spanned, Value};
+
+/// Why a policy file was rejected. `Display` is the whole one-line message:
+///
+/// ```text
+/// /etc/sockmesh/policy.toml:12:19: rule #2 "payments db": connect_timeout = "5x": invalid timeout: unknown unit "x"; use h, m, s, ms, us or ns (valid examples: 500ms, 3s, off)
+/// ```
+///
+/// The details are boxed (one pointer in every `Result`) and read through
+/// `Deref`: `err.line`, `err.field`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError(Box<PolicyErrorDetail>);
+
+/// Where and what: see [`PolicyError`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyErrorDetail {
+    pub path: PathBuf,
+    /// 1-based; 0 when the error is not about a place in the file (unreadable).
+    pub line: usize,
+    /// 1-based, in characters; 0 with `line`.
+    pub column: usize,
+    /// `[defaults]`, `rule #2 "payments db"`, or `None` at the top level.
+    pub section: Option<String>,
+    /// The key at fault (`connect_timeout`, `rule`, ...), when there is one.
+    pub field: Option<String>,
+    /// The offending value as written in the file (quotes included).
+    pub value: Option<String>,
+    /// What is wrong, with a valid example where one helps.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyErrorDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if let Some(section) = &self.section {
+            write!(f, ": {section}")?;
+        }
+        match (&self.field, &self.value) {
+            // A table header is its own key: `[[rule]]`, not `rule = [[rule]]`.
+            (_, Some(value)) if value.starts_with('[') => write!(f, ": {value}")?,
+            (Some(field), Some(value)) => write!(f, ": {field} = {value}")?,
+            (Some(field), None) => write!(f, ": {field}")?,
+            (None, Some(value)) => write!(f, ": {value}")?,
+            (None, None) => {}
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl std::ops::Deref for PolicyError {
+    type Target = PolicyErrorDetail;
+
+    fn deref(&self) -> &PolicyErrorDetail {
+        &self.0
+    }
+}
+
+impl From<PolicyErrorDetail> for PolicyError {
+    fn from(detail: PolicyErrorDetail) -> Self {
+        PolicyError(Box::new(detail))
+    }
+}
+
+macro_rules! raw_section {
+    ($(#[$m:meta])* $name:ident { $($extra:ident),* }) => {
+        $(#[$m])*
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            $( $extra: Option<Spanned<Value>>, )*
+            connect_timeout: Option<Spanned<Value>>,
+            idle_timeout: Option<Spanned<Value>>,
+            max_lifetime: Option<Spanned<Value>>,
+            dns_timeout: Option<Spanned<Value>>,
+            conn_rate: Option<Spanned<Value>>,
+            conn_burst: Option<Spanned<Value>>,
+            max_conns: Option<Spanned<Value>>,
+            queue: Option<Spanned<Value>>,
+            bandwidth: Option<Spanned<Value>>,
+            bandwidth_burst: Option<Spanned<Value>>,
+            breaker_failures: Option<Spanned<Value>>,
+            breaker_open: Option<Spanned<Value>>,
+            adaptive_k: Option<Spanned<Value>>,
+            adaptive_window: Option<Spanned<Value>>,
+        }
+
+        impl $name {
+            /// The knob keys present, in `KNOB_NAMES` order.
+            fn knobs(&self) -> Vec<(&'static str, &Spanned<Value>)> {
+                [
+                    ("connect_timeout", &self.connect_timeout),
+                    ("idle_timeout", &self.idle_timeout),
+                    ("max_lifetime", &self.max_lifetime),
+                    ("dns_timeout", &self.dns_timeout),
+                    ("conn_rate", &self.conn_rate),
+                    ("conn_burst", &self.conn_burst),
+                    ("max_conns", &self.max_conns),
+                    ("queue", &self.queue),
+                    ("bandwidth", &self.bandwidth),
+                    ("bandwidth_burst", &self.bandwidth_burst),
+                    ("breaker_failures", &self.breaker_failures),
+                    ("breaker_open", &self.breaker_open),
+                    ("adaptive_k", &self.adaptive_k),
+                    ("adaptive_window", &self.adaptive_window),
+                ]
+                .into_iter()
+                .filter_map(|(name, v)| v.as_ref().map(|v| (name, v)))
+                .collect()
+            }
+        }
+    };
+}
+
+raw_section!(
+    /// `[defaults]`: knobs only.
+    Defaults {}
+);
+raw_section!(
+    /// One `[[rule]]`: matchers, then knobs.
+    RuleTable { name, direction, pod, peer, ports }
+);
+
+/// The whole file. Values stay `toml::Value` (with spans) so that type errors
+/// are ours to word, naming the key, rather than serde's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    defaults: Option<Spanned<Defaults>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RuleTable>>,
+}
+
+impl PolicySet {
+    /// Reads and parses `path` (see [`PolicySet::parse`]).
+    pub fn load(path: &Path, base: Knobs) -> Result<PolicySet, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyErrorDetail {
+                path: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                section: None,
+                field: None,
+                value: None,
+                message: format!("cannot read the policy file: {e}"),
+            })
+            .map_err(PolicyError::from)?;
+        PolicySet::parse(&text, path, base)
+    }
+
+    /// Parses a policy file's text over the flag defaults `base`. `path` is used
+    /// in error messages and recorded in the set.
+    pub fn parse(text: &str, path: &Path, base: Knobs) -> Result<PolicySet, PolicyError> {
+        let doc = Doc { text, path };
+        let file: PolicyFile = toml::from_str(text).map_err(|e| doc.toml_error(&e))?;
+        let defaults = match &file.defaults {
+            Some(d) => doc.overrides("[defaults]", &d.get_ref().knobs())?,
+            None => Overrides::default(),
+        };
+        let mut rules = Vec::with_capacity(file.rule.len());
+        let mut names: HashMap<String, (usize, usize)> = HashMap::new();
+        for (i, raw) in file.rule.iter().enumerate() {
+            let rule = doc.rule(i + 1, raw)?;
+            if let (Some(name), Some(span)) = (&rule.name, &raw.get_ref().name) {
+                if let Some((first, line)) = names.insert(name.clone(), (rule.number, rule.line)) {
+                    return Err(doc.error(
+                        span.span(),
+                        Some(&format!("rule #{}", rule.number)),
+                        "name",
+                        format!("duplicate rule name: rule #{first} (line {line}) has it already"),
+                    ));
+                }
+            }
+            rules.push(rule);
+        }
+        Ok(PolicySet::from_parts(
+            Some(path.to_path_buf()),
+            base,
+            defaults,
+            rules,
+        ))
+    }
+}
+
+struct Doc<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Doc<'_> {
+    /// 1-based line and column (in characters) of a byte offset.
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn error(
+        &self,
+        span: Range<usize>,
+        section: Option<&str>,
+        field: &str,
+        message: String,
+    ) -> PolicyError {
+        let (line, column) = self.locate(span.start);
+        let value = self.text.get(span).map(|s| s.trim().to_string());
+        PolicyErrorDetail {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            section: section.map(str::to_string),
+            field: Some(field.to_string()),
+            value: value.filter(|v| !v.is_empty()),
+            message,
+        }
+        .into()
+    }
+
+    fn value_error(
+        &self,
+        section: &str,
+        field: &str,
+        v: &Spanned<Value>,
+        e: ParseError,
+    ) -> PolicyError {
+        self.error(
+            v.span(),
+            Some(section),
+            field,
+            format!(
+                "invalid {}: {} (valid examples: {})",
+                e.kind, e.reason, e.example
+            ),
+        )
+    }
+
+    /// A knob value as the text its parser reads: strings as they are, numbers
+    /// in decimal (so `max_conns = 50` and `"50"` are the same, and
+    /// `connect_timeout = 500` says "missing unit after 500").
+    fn knob_text(
+        &self,
+        section: &str,
+        field: &str,
+        v: &Spanned<Value>,
+    ) -> Result<String, PolicyError> {
+        match v.get_ref() {
+            Value::String(s) => Ok(s.clone()),
+            Value::Integer(i) => Ok(i.to_string()),
+            Value::Float(f) => Ok(f.to_string()),
+            other => Err(self.error(
+                v.span(),
+                Some(section),
+                field,
+                format!(
+                    "expected a string or a number, found {}; e.g. {field} = {}",
+                    describe(other),
+                    knob_example(field)
+                ),
+            )),
+        }
+    }
+
+    fn overrides(
+        &self,
+        section: &str,
+        knobs: &[(&'static str, &Spanned<Value>)],
+    ) -> Result<Overrides, PolicyError> {
+        let mut set = Overrides::default();
+        for (name, v) in knobs {
+            let text = self.knob_text(section, name, v)?;
+            match set_knob(&mut set, name, &text) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(self.value_error(section, name, v, e)),
+                // Not reached: the raw tables only have knob names.
+                None => {
+                    return Err(self.error(
+                        v.span(),
+                        Some(section),
+                        name,
+                        "internal error: not a knob".into(),
+                    ))
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    fn string<'v>(
+        &self,
+        section: &str,
+        field: &str,
+        v: &'v Spanned<Value>,
+        example: &str,
+    ) -> Result<&'v str, PolicyError> {
+        match v.get_ref() {
+            Value::String(s) => Ok(s),
+            other => Err(self.error(
+                v.span(),
+                Some(section),
+                field,
+                format!(
+                    "expected a string, found {}; e.g. {field} = {example}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    fn rule(&self, number: usize, raw: &Spanned<RuleTable>) -> Result<Rule, PolicyError> {
+        let r = raw.get_ref();
+        let mut section = format!("rule #{number}");
+        let name = match &r.name {
+            Some(v) => {
+                let name = self.string(&section, "name", v, "\"payments db\"")?;
+                if name.trim().is_empty() {
+                    return Err(self.error(
+                        v.span(),
+                        Some(&section),
+                        "name",
+                        "empty name: leave it out or give e.g. \"payments db\"".into(),
+                    ));
+                }
+                section = format!("rule #{number} {name:?}");
+                Some(name.to_string())
+            }
+            None => None,
+        };
+        let direction = match &r.direction {
+            Some(v) => {
+                let s = self.string(&section, "direction", v, "\"outbound\"")?;
+                Some(Direction::parse(s).ok_or_else(|| {
+                    self.error(
+                        v.span(),
+                        Some(&section),
+                        "direction",
+                        "must be \"outbound\" or \"inbound\" (leave it out to match both)".into(),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let pod = match &r.pod {
+            Some(v) => {
+                let s = self.string(&section, "pod", v, "\"/var/run/netns/shop-*\"")?;
+                Some(
+                    PodPattern::parse(s)
+                        .map_err(|m| self.error(v.span(), Some(&section), "pod", m))?,
+                )
+            }
+            None => None,
+        };
+        let peer = match &r.peer {
+            Some(v) => {
+                let s = self.string(&section, "peer", v, "\"10.0.5.0/24\"")?;
+                Some(Cidr::parse(s).map_err(|m| self.error(v.span(), Some(&section), "peer", m))?)
+            }
+            None => None,
+        };
+        let ports = match &r.ports {
+            Some(v) => {
+                let s = match v.get_ref() {
+                    Value::Integer(i) => i.to_string(),
+                    _ => self
+                        .string(&section, "ports", v, "\"8000-8100\"")?
+                        .to_string(),
+                };
+                Some(PortRange::parse(&s).map_err(|m| {
+                    self.error(
+                        v.span(),
+                        Some(&section),
+                        "ports",
+                        format!("{m} (valid examples: 5432, \"8000-8100\")"),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let knobs = r.knobs();
+        if knobs.is_empty() {
+            return Err(self.error(
+                raw.span(),
+                Some(&section),
+                "rule",
+                format!(
+                    "the rule sets no knob, so it would change nothing; add at least one of: {}",
+                    super::rules::KNOB_NAMES.join(", ")
+                ),
+            ));
+        }
+        let set = self.overrides(&section, &knobs)?;
+        Ok(Rule {
+            name,
+            number,
+            line: self.locate(raw.span().start).0,
+            direction,
+            pod,
+            peer,
+            ports,
+            set,
+        })
+    }
+
+    /// A syntax or structure error from the TOML parser, located, with the key
+    /// and value of the line it points at.
+    fn toml_error(&self, e: &toml::de::Error) -> PolicyError {
+        let message = e.message().trim_end().to_string();
+        let Some(span) = e.span() else {
+            return PolicyErrorDetail {
+                path: self.path.to_path_buf(),
+                line: 0,
+                column: 0,
+                section: None,
+                field: None,
+                value: None,
+                message,
+            }
+            .into();
+        };
+        let (line, column) = self.locate(span.start);
+        let line_text = self.text.lines().nth(line - 1).unwrap_or("").trim();
+        let (field, value) = key_and_value(line_text);
+        let is_header = line_text.starts_with('[');
+        let field = unknown_field(&message).or(field);
+        let message = hint(&message, field.as_deref());
+        PolicyErrorDetail {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            // On a header line the header is the value shown; naming it as the
+            // section too would say it twice.
+            section: if is_header {
+                None
+            } else {
+                self.section_at(line)
+            },
+            field,
+            value,
+            message,
+        }
+        .into()
+    }
+
+    /// The table a line is in, from the headers above it (`[defaults]`,
+    /// `rule #N`, or `None` at the top level).
+    fn section_at(&self, line: usize) -> Option<String> {
+        let mut section = None;
+        let mut rules = 0;
+        for l in self.text.lines().take(line) {
+            let l = l.trim();
+            if !l.starts_with('[') {
+                continue;
+            }
+            let inner: String = l
+                .split('#')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            section = Some(if inner == "[[rule]]" {
+                rules += 1;
+                format!("rule #{rules}")
+            } else {
+                inner
+            });
+        }
+        section
+    }
+}
+
+/// `key = value` → (key, value); a `[header]` → (header name, header).
+fn key_and_value(line: &str) -> (Option<String>, Option<String>) {
+    if line.starts_with('[') {
+        let name = line.trim_matches(|c: char| c == '[' || c == ']' || c.is_whitespace());
+        return (Some(name.to_string()), Some(line.to_string()));
+    }
+    match line.split_once('=') {
+        Some((k, v)) => {
+            let k = k.trim().trim_matches('"');
+            let v = v.trim();
+            (
+                (!k.is_empty()).then(|| k.to_string()),
+                (!v.is_empty()).then(|| v.to_string()),
+            )
+        }
+        None => (None, (!line.is_empty()).then(|| line.to_string())),
+    }
+}
+
+/// The key named by serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(name, _)| name.to_string())
+}
+
+/// serde's wording made TOML's (keys, tables), plus the fix where it is known.
+fn hint(message: &str, field: Option<&str>) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        // "unknown field `x`, expected one of `a`, `b`" / "..., expected `a` or `b`"
+        let (key, valid) = rest.split_once(", expected ").unwrap_or((rest, ""));
+        let valid = valid.strip_prefix("one of ").unwrap_or(valid);
+        let mut out = format!("unknown key {key}; valid keys here: {valid}");
+        let names: Vec<&str> = valid.split('`').skip(1).step_by(2).collect();
+        if let Some(close) = field.and_then(|f| closest(f, &names)) {
+            out.push_str(&format!(" (did you mean `{close}`?)"));
+        }
+        return out;
+    }
+    match field {
+        Some("rule") if message.starts_with("invalid type") => {
+            format!("{message}; write each rule as a [[rule]] table (double brackets)")
+        }
+        Some("defaults") if message.contains("expected") => {
+            "[defaults] is one table: write it with single brackets, once".to_string()
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// The valid key within edit distance 2 of `key`, if exactly one is closest.
+fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    for &v in valid {
+        let d = edit_distance(key, v);
+        if d <= 2 && best.is_none_or(|(b, _)| d < b) {
+            best = Some((d, v));
+        }
+    }
+    best.map(|(_, v)| v)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(_) => "a string".into(),
+        Value::Integer(_) => "an integer".into(),
+        Value::Float(_) => "a float".into(),
+        Value::Boolean(b) => format!("a boolean ({b})"),
+        Value::Datetime(_) => "a date-time".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Table(_) => "a table".into(),
+    }
+}
+
+fn knob_example(field: &str) -> &'static str {
+    match field {
+        "conn_rate" => "\"100/s\"",
+        "bandwidth" => "\"10MiB/s\"",
+        "bandwidth_burst" => "\"1MiB\"",
+        "conn_burst" | "max_conns" | "queue" | "breaker_failures" => "50",
+        "adaptive_k" => "2.0",
+        _ => "\"500ms\"",
+    }
+}
