@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load and attach the kernel programs, enrol pods and proxy their traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the kernel's per-pod counters from the pinned maps (works while the agent is down).
     Stats(StatsArgs),
 }

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match &cli.command {
-        Command::Run(args) => sockmesh::app::run(args.clone()),
+        Command::Run(args) => sockmesh::app::run((**args).clone()),
         Command::Stats(args) => sockmesh::stats_cmd::run(args),
     };
     match result {
