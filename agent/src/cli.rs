@@ -74,7 +74,7 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
     pub kernel_log: bool,
     /// At shutdown, how long live connections may take to finish before they are closed.
-    #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = crate::policy::parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
@@ -107,55 +107,16 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
-/// `500ms`, `10s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration: use e.g. 500ms, 10s, 2m"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => {
-            return Err(format!(
-                "'{s}' has an unknown unit '{unit}': use ms, s, m or h"
-            ))
-        }
-    };
-    ms.map(std::time::Duration::from_millis)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn marks_and_durations() {
+    fn marks() {
         assert_eq!(parse_mark("0x534d"), Ok(0x534d));
         assert_eq!(parse_mark("42"), Ok(42));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("zz").is_err());
-        assert_eq!(
-            parse_duration("500ms"),
-            Ok(std::time::Duration::from_millis(500))
-        );
-        assert_eq!(
-            parse_duration("10s"),
-            Ok(std::time::Duration::from_secs(10))
-        );
-        assert_eq!(
-            parse_duration("2m"),
-            Ok(std::time::Duration::from_secs(120))
-        );
-        assert_eq!(parse_duration("3"), Ok(std::time::Duration::from_secs(3)));
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("99999999999999999h").is_err());
     }
 
     #[test]
