@@ -64,6 +64,7 @@ pub mod config;
 pub mod decision;
 pub mod file;
 pub mod flags;
+pub mod knobs;
 mod peer;
 pub mod reload;
 pub mod rules;
