@@ -3,7 +3,7 @@
 //! the agent records it in `SM_IN_PEERS` for getpeername()/accept() to answer.
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{outbound, PodCtx, Shared};
+use super::{loopback, outbound, PodCtx, Shared};
 use crate::{
     events,
     inpod::sockets,
@@ -22,9 +22,7 @@ use crate::{
 /// Which app binds exist for one (pod, port), and the listeners serving it.
 #[derive(Default)]
 struct PortState {
-    v4_bound: bool,
-    v6_bound: bool,
-    /// Shared with the accept loops so they pick the target at accept time.
+    /// The app's binds; shared with the accept loops so they pick the target at accept time.
     targets: Arc<Mutex<Targets>>,
     v4_listeners: Option<CancellationToken>,
     v6_listeners: Option<CancellationToken>,
@@ -45,11 +43,7 @@ impl Targets {
         } else {
             !self.v4_bound && self.v6_bound
         };
-        if v6 {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)
-        } else {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-        }
+        SocketAddr::new(loopback(v6), port)
     }
 }
 
@@ -80,22 +74,20 @@ impl Inbound {
         let key = (ev.netns_cookie, ev.port);
         let st = self.ports.entry(key).or_default();
         let v6 = ev.family == AF_INET6;
-        match ev.kind {
-            event_kind::BIND if v6 => st.v6_bound = true,
-            event_kind::BIND => st.v4_bound = true,
-            event_kind::UNBIND if v6 => st.v6_bound = false,
-            event_kind::UNBIND => st.v4_bound = false,
-            _ => return,
-        }
-        if let Ok(mut t) = st.targets.lock() {
-            *t = Targets {
-                v4_bound: st.v4_bound,
-                v6_bound: st.v6_bound,
-            };
-        }
+        let binds = {
+            let mut t = st.targets.lock().unwrap_or_else(|p| p.into_inner());
+            match ev.kind {
+                event_kind::BIND if v6 => t.v6_bound = true,
+                event_kind::BIND => t.v4_bound = true,
+                event_kind::UNBIND if v6 => t.v6_bound = false,
+                event_kind::UNBIND => t.v4_bound = false,
+                _ => return,
+            }
+            *t
+        };
         // IPv4 clients are served while any bind exists (dual-stack), IPv6 ones only for a v6 bind.
-        let want_v4 = st.v4_bound || st.v6_bound;
-        let want_v6 = st.v6_bound;
+        let want_v4 = binds.v4_bound || binds.v6_bound;
+        let want_v6 = binds.v6_bound;
         let targets = st.targets.clone();
         if want_v4 && st.v4_listeners.is_none() {
             st.v4_listeners = open(&pod, &self.shared, ev.port, false, targets.clone()).await;

@@ -19,6 +19,16 @@ use crate::{
 
 use admission::Admission;
 
+/// The pod's loopback address of a family: where the agent's listeners and the captured apps
+/// live.
+pub fn loopback(ipv6: bool) -> IpAddr {
+    if ipv6 {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    }
+}
+
 /// Settings every proxy task reads.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {

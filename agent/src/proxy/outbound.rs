@@ -8,6 +8,7 @@ use tracing::{debug, warn};
 
 use super::{
     admission::failure_kind,
+    loopback,
     origdst::original_dst,
     relay::{self, Limits},
     PodCtx, Shared,
@@ -78,7 +79,7 @@ pub async fn proxy(
             return;
         }
     };
-    let local = on_bound.map(|_| SocketAddr::new(loopback_of(&dst), 0));
+    let local = on_bound.map(|_| SocketAddr::new(loopback(dst.is_ipv6()), 0));
     let upstream = async {
         let sock = socket_in_pod(pod, shared, dst, local).await?;
         if let (Some(f), Ok(addr)) = (on_bound, sock.local_addr()) {
@@ -105,14 +106,6 @@ pub async fn proxy(
     };
     let r = relay::relay(client, upstream, limits).await;
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
-}
-
-fn loopback_of(dst: &SocketAddr) -> std::net::IpAddr {
-    if dst.is_ipv6() {
-        std::net::Ipv6Addr::LOCALHOST.into()
-    } else {
-        std::net::Ipv4Addr::LOCALHOST.into()
-    }
 }
 
 /// A marked TCP socket created in the pod's namespace, optionally bound to `local`.
