@@ -122,7 +122,7 @@ async fn serve(
     let (mut inbound, cookies) = match result {
         Ok(x) => x,
         Err(e) => {
-            stop(dp, &shared, &[], Duration::ZERO).await;
+            stop(dp, &shared, Duration::ZERO).await;
             return Err(e);
         }
     };
@@ -155,7 +155,7 @@ async fn serve(
             }
         }
     }
-    stop(dp, &shared, &cookies, args.drain_timeout).await;
+    stop(dp, &shared, args.drain_timeout).await;
     events::emit(serde_json::json!({ "event": "stopped" }));
     Ok(())
 }
@@ -238,10 +238,8 @@ fn enrol_all(
 
 /// Stop redirecting first (new connections go direct), then stop accepting, give live
 /// connections up to `grace` to finish, then detach and unpin.
-async fn stop(mut dp: Datapath, shared: &Shared, cookies: &[u64], grace: Duration) {
-    for c in cookies {
-        dp.unenrol(*c);
-    }
+async fn stop(mut dp: Datapath, shared: &Shared, grace: Duration) {
+    dp.unenrol_all();
     shared.cancel.cancel();
     shared.tasks.close();
     if tokio::time::timeout(grace, shared.tasks.wait())

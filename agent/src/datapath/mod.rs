@@ -257,12 +257,17 @@ impl Datapath {
         self.logger.take()
     }
 
-    /// Detach (unless pins are kept) and remove the pins this agent owns.
-    pub fn shutdown(mut self) {
+    /// Stop redirecting every pod this map holds (new connections go direct).
+    pub fn unenrol_all(&mut self) {
         let cookies: Vec<u64> = self.pods.keys().filter_map(|k| k.ok()).collect();
         for c in cookies {
             self.unenrol(c);
         }
+    }
+
+    /// Detach (unless pins are kept) and remove the pins this agent owns. Call
+    /// [`Datapath::unenrol_all`] first, before the listeners close.
+    pub fn shutdown(self) {
         let dir = self.dir.clone();
         let keep = self.keep_pins;
         drop(self);
