@@ -15,8 +15,17 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
+use sockmesh_common::peer;
+
 use crate::{
     cli::RunArgs,
+    observe::{
+        self,
+        flush::Observer,
+        http::MetricsState,
+        recorder::Recorder,
+        sink::unix_ms,
+    },
     datapath::{preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
@@ -63,6 +72,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+    // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
+    let metrics = args.metrics_addr.map(observe::http::bind).transpose()?;
     // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
     let mut prepared = Vec::new();
     for spec in &args.pods {
@@ -79,7 +90,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .thread_name("sockmesh")
         .build()
         .context("start the async runtime")?;
-    rt.block_on(serve(args, cgroup, prepared, configs, policy))
+    rt.block_on(serve(args, cgroup, prepared, configs, policy, metrics))
 }
 
 async fn serve(
@@ -88,6 +99,7 @@ async fn serve(
     prepared: Vec<(Pod, PodListeners)>,
     configs: Vec<PodConfig>,
     policy: Arc<PolicyHandle>,
+    metrics: Option<std::net::TcpListener>,
 ) -> Result<()> {
     // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -106,6 +118,16 @@ async fn serve(
         keep_pins: args.keep_pins,
         kernel_log: args.kernel_log,
     })?;
+    let Some(sink) = dp.take_sink() else {
+        dp.shutdown();
+        bail!("the observability maps were not loaded");
+    };
+    let recorder = Arc::new(Recorder::new(
+        peer::map_sizes::PEERS as usize,
+        Box::new(unix_ms),
+    ));
+    let admission = admission(&dp, &args.policy, &policy);
+    let observer = Arc::new(Observer::new(recorder.clone(), admission.clone(), sink));
     let shared = Shared {
         cfg: std::sync::Arc::new(ProxyConfig {
             mark: args.mark,
@@ -113,19 +135,45 @@ async fn serve(
             dns_port: args.dns_port,
         }),
         maps: dp.maps.clone(),
-        admission: admission(&dp, &args.policy, &policy),
+        admission,
         policy: policy.clone(),
+        recorder,
         cancel: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
-    let result = enrol_all(&mut dp, &shared, prepared, configs);
+    let metrics_state = Arc::new(MetricsState {
+        bpffs_dir: args.bpffs_dir.clone(),
+        top_peers: args.metrics_top_peers,
+        observer: observer.clone(),
+        ready: false.into(),
+    });
+    if let Some(l) = metrics {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                let addr = l.local_addr().ok();
+                shared.tasks.spawn(observe::http::serve(
+                    l,
+                    metrics_state.clone(),
+                    shared.cancel.clone(),
+                    shared.tasks.clone(),
+                ));
+                info!(addr = ?addr, "metrics endpoint listening");
+                events::emit(serde_json::json!({ "event": "metrics_listening", "addr": addr }));
+            }
+            Err(e) => warn!(error = %e, "cannot serve metrics"),
+        }
+    }
+    let result = enrol_all(&mut dp, &shared, &observer, prepared, configs);
     let (mut inbound, cookies) = match result {
         Ok(x) => x,
         Err(e) => {
-            stop(dp, &shared, Duration::ZERO).await;
+            stop(dp, &shared, &observer, &[], Duration::ZERO).await;
             return Err(e);
         }
     };
+    shared
+        .tasks
+        .spawn(observe::flush::run(observer.clone(), shared.cancel.clone()));
 
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
     if let Some(ring) = dp.take_events() {
@@ -138,6 +186,7 @@ async fn serve(
             .tasks
             .spawn(read_kernel_logs(logger, shared.cancel.clone()));
     }
+    metrics_state.set_ready(true);
     info!(pods = cookies.len(), "ready");
     events::emit(serde_json::json!({ "event": "ready", "pods": cookies.len() }));
 
@@ -155,7 +204,8 @@ async fn serve(
             }
         }
     }
-    stop(dp, &shared, args.drain_timeout).await;
+    metrics_state.set_ready(false);
+    stop(dp, &shared, &observer, &cookies, args.drain_timeout).await;
     events::emit(serde_json::json!({ "event": "stopped" }));
     Ok(())
 }
@@ -166,13 +216,13 @@ fn reload(policy: &PolicyHandle, shared: &Shared, why: &str) {
         Ok(()) => {
             let source = policy.current().source();
             shared.admission.with_table(|t| t.set_source(source));
-            info!(why, generation = policy.generation(), "policy reloaded");
+            info!(event = "policy_reloaded", why, generation = policy.generation(), "policy reloaded");
             events::emit(
                 serde_json::json!({ "event": "policy_reloaded", "generation": policy.generation() }),
             );
         }
         Err(e) => {
-            warn!(why, error = %e, "policy file rejected; the previous policy stays");
+            warn!(event = "policy_rejected", why, error = %e, "policy file rejected; the previous policy stays");
             events::emit(serde_json::json!({ "event": "policy_rejected", "error": e.to_string() }));
         }
     }
@@ -186,7 +236,7 @@ fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Adm
     Admission::new(
         table,
         Box::new(move |key: &PeerKey, until_ns: u64| {
-            info!(pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker opened");
+            info!(event = "breaker_opened", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker opened");
             if key.direction == Direction::Outbound {
                 // New connect()s to this peer now fail in the kernel until it half-opens.
                 verdicts.set_verdict(&key.pod, key.peer, until_ns);
@@ -199,6 +249,7 @@ fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Adm
 fn enrol_all(
     dp: &mut Datapath,
     shared: &Shared,
+    observer: &Observer,
     prepared: Vec<(Pod, PodListeners)>,
     configs: Vec<PodConfig>,
 ) -> Result<(Inbound, Vec<u64>)> {
@@ -225,10 +276,11 @@ fn enrol_all(
         }
         inbound.add_pod(ctx.clone());
         dp.maps.add_pod(&ctx.name, pod.cookie);
+        observer.pod_enrolled(pod.cookie, &ctx.name);
         dp.enrol(pod.cookie, cfg)
             .with_context(|| format!("enrol pod {}", ctx.name))?;
         cookies.push(pod.cookie);
-        info!(pod = %ctx.name, netns_cookie = pod.cookie, addrs = ?pod.addrs, "pod enrolled");
+        info!(event = "pod_enrolled", pod = %ctx.name, netns_cookie = pod.cookie, addrs = ?pod.addrs, "pod enrolled");
         events::emit(
             serde_json::json!({ "event": "pod_enrolled", "pod": &*ctx.name, "netns_cookie": pod.cookie }),
         );
@@ -237,9 +289,20 @@ fn enrol_all(
 }
 
 /// Stop redirecting first (new connections go direct), then stop accepting, give live
-/// connections up to `grace` to finish, then detach and unpin.
-async fn stop(mut dp: Datapath, shared: &Shared, grace: Duration) {
+/// connections up to `grace` to finish, write the final per-peer figures, then detach and
+/// unpin.
+async fn stop(
+    mut dp: Datapath,
+    shared: &Shared,
+    observer: &Observer,
+    cookies: &[u64],
+    grace: Duration,
+) {
     dp.unenrol_all();
+    for &c in cookies {
+        observer.pod_removed(c);
+        info!(event = "pod_removed", netns_cookie = c, "pod removed");
+    }
     shared.cancel.cancel();
     shared.tasks.close();
     if tokio::time::timeout(grace, shared.tasks.wait())
@@ -251,6 +314,8 @@ async fn stop(mut dp: Datapath, shared: &Shared, grace: Duration) {
             "connections still open after the drain timeout; closing them"
         );
     }
+    // Every connection task has ended (or was dropped): the figures are complete now.
+    observer.flush();
     dp.shutdown();
 }
 

@@ -22,14 +22,27 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log_level: String,
+    /// Log line format on stderr: `text` or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "SOCKMESH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::observe::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load and attach the kernel programs, enrol pods and proxy their traffic.
     Run(Box<RunArgs>),
-    /// Show the kernel's per-pod counters from the pinned maps (works while the agent is down).
+    /// Totals: kernel counters per pod, agent per-peer figures summed (works while the agent is down).
     Stats(StatsArgs),
+    /// One row per (pod, direction, peer): connections, bytes, timeouts, throttling, breaker.
+    Peers(StatsArgs),
+    /// One row per pod: name, enrolment, and its peers' figures summed.
+    Pods(StatsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,6 +92,13 @@ pub struct RunArgs {
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
+    /// Where /metrics, /healthz and /readyz are served (ip:port), or `off`.
+    #[arg(long, env = "SOCKMESH_METRICS_ADDR", default_value = "127.0.0.1:15090", value_parser = crate::observe::http::parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Peers per pod and direction with their own `peer` label in /metrics; the rest are
+    /// summed under peer="other" (bounds the series count).
+    #[arg(long, env = "SOCKMESH_METRICS_TOP_PEERS", default_value_t = 20)]
+    pub metrics_top_peers: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -93,6 +113,18 @@ pub struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Refresh every INTERVAL (default 2s) until interrupted.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = crate::policy::parse_duration)]
+    pub watch: Option<std::time::Duration>,
+    /// Only this pod: a part of its name, or its netns cookie.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only peers whose `ip:port` contains this.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Order of peers: bytes (default), conns, active, throttled, timeouts, failures, peer, pod.
+    #[arg(long, value_parser = crate::observe::cli::parse_sort)]
+    pub sort: Option<String>,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {

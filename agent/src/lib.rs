@@ -6,9 +6,9 @@ pub mod config;
 pub mod datapath;
 pub mod events;
 pub mod inpod;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
-pub mod stats_cmd;
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh"));

@@ -1,23 +1,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use sockmesh::cli::{Cli, Command};
-use tracing_subscriber::EnvFilter;
+use sockmesh::{
+    cli::{Cli, Command},
+    observe::{cli::Which, logging},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // bpf-linker 0.10 leaves BTF the kernel rejects; aya then loads without it and says so at
-    // length on every start. The programs work without BTF (AYA-NOTES), so keep that quiet.
-    let directives = format!("{},aya::bpf=error", cli.log_level);
-    let filter =
-        EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,aya::bpf=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(&cli.log_level, cli.log_format);
     let result = match &cli.command {
         Command::Run(args) => sockmesh::app::run((**args).clone()),
-        Command::Stats(args) => sockmesh::stats_cmd::run(args),
+        Command::Stats(args) => sockmesh::observe::cli::run(Which::Stats, args),
+        Command::Peers(args) => sockmesh::observe::cli::run(Which::Peers, args),
+        Command::Pods(args) => sockmesh::observe::cli::run(Which::Pods, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

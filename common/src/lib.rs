@@ -13,8 +13,11 @@
 #[cfg(feature = "user")]
 extern crate std;
 
-/// Bumped whenever a layout or map name below changes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped whenever a layout or map name below (or in [`peer`]) changes.
+/// 2: per-peer maps (`SM_PEER_STATS`, `SM_PEER_STATE`), pod metadata, agent counters.
+pub const SCHEMA_VERSION: u32 = 2;
+
+pub mod peer;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.
 pub mod map_names {

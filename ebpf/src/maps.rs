@@ -1,8 +1,9 @@
 //! The maps, pinned by name under the agent's `--bpffs-dir`. Layouts live in `sockmesh-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap, RingBuf},
 };
+use sockmesh_common::peer::{self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta};
 use sockmesh_common::{
     map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
     SocketEntry, TupleKey, Verdict, VerdictKey,
@@ -48,3 +49,23 @@ pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
 /// Peers whose breaker is open: connect() to them fails in the kernel until the verdict expires.
 #[map(name = "SM_VERDICTS")]
 pub static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(map_sizes::VERDICTS, 0);
+
+/// Kernel counters per (pod, direction, peer); LRU so a pod talking to many peers evicts the
+/// stalest instead of failing the hook.
+#[map(name = "SM_PEER_STATS")]
+pub static PEER_STATS: LruPerCpuHashMap<PeerKey, PeerKernelStats> =
+    LruPerCpuHashMap::pinned(peer::map_sizes::PEERS, 0);
+
+/// The agent's per-peer state, written back for readers (the programs never touch it; it is
+/// declared here so it is created and pinned with the others, in one schema).
+#[map(name = "SM_PEER_STATE")]
+pub static PEER_STATE: LruHashMap<PeerKey, PeerState> =
+    LruHashMap::pinned(peer::map_sizes::PEERS, 0);
+
+/// Pod names and enrolment times, written by the agent.
+#[map(name = "SM_POD_META")]
+pub static POD_META: LruHashMap<u64, PodMeta> = LruHashMap::pinned(peer::map_sizes::POD_META, 0);
+
+/// Agent-wide counters, written by the agent.
+#[map(name = "SM_AGENT_STATS")]
+pub static AGENT_STATS: Array<AgentStats> = Array::pinned(1, 0);

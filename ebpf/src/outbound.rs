@@ -13,7 +13,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
-    counter, pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
+    counter,
+    peer::{direction, peer_counter},
+    pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
 };
 
 use crate::{
@@ -75,6 +77,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         // The agent saw this peer fail: refuse now, without a round trip to the proxy.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(netns, counter::FAST_REJECT);
+        count_peer(netns, direction::OUTBOUND, &dst, peer_counter::FAST_REJECT);
         return 0;
     }
     let mut entry = SocketEntry {
@@ -99,6 +102,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     redirect_to_loopback(sa, v6, dst.family, listen_port);
     count(netns, redirected);
+    if ty == SOCK_STREAM {
+        count_peer(netns, direction::OUTBOUND, &dst, peer_counter::REDIRECT);
+    }
     debug!(
         ctx,
         "sockmesh: redirect netns={} port={}",

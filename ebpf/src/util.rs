@@ -1,8 +1,15 @@
 //! Small helpers shared by the programs: who is enrolled, counters, address tests.
 use aya_ebpf::{bindings::bpf_sock, helpers::bpf_get_netns_cookie, EbpfContext};
-use sockmesh_common::{counter, GlobalConfig, PodConfig, SockAddr, AF_INET, SCHEMA_VERSION};
+use sockmesh_common::{
+    counter,
+    peer::{peer_counter, PeerKernelStats, PeerKey},
+    GlobalConfig, PodConfig, SockAddr, AF_INET, SCHEMA_VERSION,
+};
 
-use crate::maps::{CONFIG, PODS, POD_STATS};
+/// `BPF_NOEXIST` map-update flag: create only.
+const BPF_NOEXIST: u64 = 1;
+
+use crate::maps::{CONFIG, PEER_STATS, PODS, POD_STATS};
 
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
@@ -41,6 +48,34 @@ pub fn count(netns: u64, idx: usize) {
     if let Some(stats) = POD_STATS.get_ptr_mut(&netns) {
         // Per-CPU value: no other writer on this CPU while the program runs.
         unsafe { (*stats).counters[idx] += 1 };
+    }
+}
+
+/// Adds one to a per-peer counter, creating the peer's entry on first use.
+#[inline(always)]
+pub fn count_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize) {
+    if idx >= peer_counter::COUNT {
+        return;
+    }
+    let key = PeerKey {
+        netns_cookie: netns,
+        peer: *peer,
+        direction,
+        _pad: 0,
+    };
+    if let Some(stats) = PEER_STATS.get_ptr_mut(&key) {
+        unsafe { (*stats).counters[idx] += 1 };
+        return;
+    }
+    let mut fresh = PeerKernelStats::default();
+    fresh.counters[idx] = 1;
+    // NOEXIST: another CPU may have created the entry meanwhile; then add to ours in it. A new
+    // per-CPU entry starts at zero on every other CPU.
+    if PEER_STATS.insert(&key, &fresh, BPF_NOEXIST).is_err() {
+        match PEER_STATS.get_ptr_mut(&key) {
+            Some(stats) => unsafe { (*stats).counters[idx] += 1 },
+            None => count(netns, counter::MAP_FULL),
+        }
     }
 }
 

@@ -177,10 +177,16 @@ impl Agent {
         let tmp = TempDir::new()?;
         let stderr_log = tmp.join("agent.stderr.log");
         let stdout_log = tmp.join("agent.stdout.log");
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let mut cmd = Command::new(sockmesh_bin());
-        cmd.arg("run")
-            .args(args)
-            .arg("--bpffs-dir")
+        cmd.arg("run").args(&args);
+        // Agents of parallel tests must not fight over the default metrics port: an ephemeral
+        // one unless the test picks (the address is in the `metrics_listening` event).
+        if !args.iter().any(|a| a.to_str() == Some("--metrics-addr")) {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        cmd.arg("--bpffs-dir")
             .arg(bpffs.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -338,6 +344,28 @@ impl Agent {
         serde_json::from_str(&out).with_context(|| format!("stats output is not JSON: {out}"))
     }
 
+    /// `sockmesh <what> --bpffs-dir <dir> --json <extra...>` (what: stats, peers, pods), parsed.
+    pub fn read_json(&self, what: &str, extra: &[&str]) -> Result<Value> {
+        read_json(self.bpffs.path(), what, extra)
+    }
+
+    /// Where the metrics endpoint listens (from the `metrics_listening` event).
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        // From the history if an earlier call already took the event.
+        let seen = self
+            .events()
+            .into_iter()
+            .find(|v| v["event"] == "metrics_listening");
+        let ev = match seen {
+            Some(ev) => ev,
+            None => self.wait_event_named("metrics_listening", READY_TIMEOUT)?,
+        };
+        ev["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow!("metrics_listening event without an address: {ev}"))
+    }
+
     /// Runs `sockmesh <args>` (full command line, subcommand included) to completion within
     /// [`RUN_TIMEOUT`] and returns (status, stdout, stderr): for CLI calls and bad-input tests.
     /// Give any `run` a `--bpffs-dir` from [`BpfFsDir::new`] so it never touches the default one.
@@ -407,4 +435,16 @@ impl Drop for Agent {
         }
         // The bpffs dir goes when the last Arc does (field drop, right after this).
     }
+}
+
+/// `sockmesh <what> --bpffs-dir <dir> --json <extra...>`, parsed: works with no agent running.
+pub fn read_json(dir: &Path, what: &str, extra: &[&str]) -> Result<Value> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut args = vec![what, "--bpffs-dir", &dir, "--json"];
+    args.extend_from_slice(extra);
+    let (status, out, err) = Agent::run_to_exit(&args)?;
+    if !status.success() {
+        bail!("sockmesh {what} failed ({status}): {err}");
+    }
+    serde_json::from_str(&out).with_context(|| format!("{what} output is not JSON: {out}"))
 }

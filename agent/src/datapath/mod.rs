@@ -104,6 +104,8 @@ pub struct Datapath {
     stats: PerCpuHashMap<MapData, u64, PodStats>,
     pub maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
+    /// The observability maps the agent writes (taken by the app at start).
+    sink: Option<crate::observe::sink::Sink>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
     dir: PathBuf,
@@ -214,6 +216,7 @@ impl Datapath {
             pod_cookies: Mutex::new(Default::default()),
         });
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
+        let sink = Some(crate::observe::sink::Sink::take(&mut ebpf)?);
         info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");
         Ok(Datapath {
             _links: links,
@@ -221,6 +224,7 @@ impl Datapath {
             stats,
             maps,
             events,
+            sink,
             logger,
             _ebpf: ebpf,
             dir: dir.to_path_buf(),
@@ -251,6 +255,10 @@ impl Datapath {
 
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    pub fn take_sink(&mut self) -> Option<crate::observe::sink::Sink> {
+        self.sink.take()
     }
 
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
@@ -320,7 +328,10 @@ fn check_pinned_schema(dir: &Path) -> Result<()> {
 
 fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir.join("links"));
-    for name in map_names::ALL {
+    for name in map_names::ALL
+        .into_iter()
+        .chain(sockmesh_common::peer::map_names::ALL)
+    {
         let _ = std::fs::remove_file(dir.join(name));
     }
     // aya-log's own map is pinned too when present.

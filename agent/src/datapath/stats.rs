@@ -3,7 +3,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
-use sockmesh_common::{counter, map_names, GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION};
+use sockmesh_common::{
+    counter, map_names,
+    peer::{self, agent_counter, peer_counter, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta},
+    GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION,
+};
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
@@ -28,6 +32,8 @@ pub struct PodCounters {
     pub netns_cookie: u64,
     pub enrolled: bool,
     pub counters: [u64; counter::COUNT],
+    /// What the agent wrote about the pod (its name), if anything.
+    pub meta: Option<PodMeta>,
 }
 
 impl PodCounters {
@@ -38,18 +44,11 @@ impl PodCounters {
 
 /// Every pod with counters, enrolled now or not, after checking the schema version.
 pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
-    let cfg = read_config(dir)?;
-    if cfg.schema_version != SCHEMA_VERSION {
-        bail!(
-            "{} holds maps of schema version {}, this sockmesh understands {}: use the matching sockmesh binary",
-            dir.display(),
-            cfg.schema_version,
-            SCHEMA_VERSION
-        );
-    }
+    check_schema(dir)?;
     let pods: HashMap<MapData, u64, PodConfig> = open(dir, map_names::PODS)?.try_into()?;
     let stats: PerCpuHashMap<MapData, u64, PodStats> =
         open(dir, map_names::POD_STATS)?.try_into()?;
+    let meta: HashMap<MapData, u64, PodMeta> = open(dir, peer::map_names::POD_META)?.try_into()?;
     let mut out = Vec::new();
     for entry in stats.iter() {
         let (cookie, per_cpu) = entry?;
@@ -63,8 +62,79 @@ pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
             netns_cookie: cookie,
             enrolled: pods.get(&cookie, 0).is_ok(),
             counters: sum,
+            meta: meta.get(&cookie, 0).ok(),
         });
     }
     out.sort_by_key(|p| p.netns_cookie);
     Ok(out)
+}
+
+/// Refuses maps of a schema this binary does not understand, naming both versions.
+pub fn check_schema(dir: &Path) -> Result<()> {
+    let cfg = read_config(dir)?;
+    if cfg.schema_version != SCHEMA_VERSION {
+        bail!(
+            "{} holds maps of schema version {}, this sockmesh understands {}: use the matching sockmesh binary",
+            dir.display(),
+            cfg.schema_version,
+            SCHEMA_VERSION
+        );
+    }
+    Ok(())
+}
+
+/// One peer of one pod: the kernel's counters and the agent's state (either may be missing:
+/// the kernel only sees outbound connects, the agent only what it proxied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub key: PeerKey,
+    pub kernel: [u64; peer_counter::COUNT],
+    pub state: PeerState,
+}
+
+/// Every peer in `SM_PEER_STATE` or `SM_PEER_STATS`, sorted by key. Call after
+/// [`check_schema`].
+pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
+    let kernel: PerCpuHashMap<MapData, PeerKey, PeerKernelStats> =
+        open(dir, peer::map_names::PEER_STATS)?.try_into()?;
+    let state: HashMap<MapData, PeerKey, PeerState> =
+        open(dir, peer::map_names::PEER_STATE)?.try_into()?;
+    let mut out: std::collections::BTreeMap<Vec<u8>, PeerRecord> = Default::default();
+    let blank = |key: PeerKey| PeerRecord {
+        key,
+        kernel: [0; peer_counter::COUNT],
+        state: PeerState::default(),
+    };
+    for entry in kernel.iter() {
+        let (key, per_cpu) = entry?;
+        let rec = out.entry(sort_key(&key)).or_insert_with(|| blank(key));
+        for cpu in per_cpu.iter() {
+            for (s, v) in rec.kernel.iter_mut().zip(cpu.counters.iter()) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+    }
+    for entry in state.iter() {
+        let (key, v) = entry?;
+        out.entry(sort_key(&key)).or_insert_with(|| blank(key)).state = v;
+    }
+    Ok(out.into_values().collect())
+}
+
+/// A stable order for peers: pod, direction, family, address, port.
+fn sort_key(k: &PeerKey) -> Vec<u8> {
+    let mut v = k.netns_cookie.to_be_bytes().to_vec();
+    v.extend(k.direction.to_be_bytes());
+    v.extend(k.peer.family.to_be_bytes());
+    for w in k.peer.addr {
+        v.extend(w.to_ne_bytes());
+    }
+    v.extend(u16::from_be(k.peer.port).to_be_bytes());
+    v
+}
+
+/// Agent-wide counters (`agent_counter` indexes); zeros before any agent wrote them.
+pub fn read_agent_counters(dir: &Path) -> Result<[u64; agent_counter::COUNT]> {
+    let a: Array<MapData, AgentStats> = open(dir, peer::map_names::AGENT_STATS)?.try_into()?;
+    Ok(a.get(&0, 0).map(|s| s.counters).unwrap_or_default())
 }

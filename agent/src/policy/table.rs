@@ -312,18 +312,15 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
 
     pub fn peers(&self, now: Nanos) -> impl Iterator<Item = (&K, PeerView)> + '_ {
         let now = now.max(self.floor);
-        self.entries.iter().map(move |(key, e)| {
-            let s = &e.state;
-            let view = PeerView {
-                connections: s.concurrency.active(),
-                queued: s.concurrency.queued(),
-                breaker: s.breaker.as_ref().map(|b| b.state(now)),
-                reject_probability: s.adaptive.as_ref().map(|a| a.reject_probability(now)),
-                conn_tokens: s.rate.as_ref().map(|r| r.available(now)),
-                idle_for: now.saturating_since(e.last_use),
-            };
-            (key, view)
-        })
+        self.entries
+            .iter()
+            .map(move |(key, e)| (key, view_of(e, now)))
+    }
+
+    /// One peer's view, if tracked (for the metrics flusher, which asks per changed peer).
+    pub fn view(&self, now: Nanos, key: &K) -> Option<PeerView> {
+        let now = now.max(self.floor);
+        self.entries.get(key).map(|e| view_of(e, now))
     }
 
     /// Drops every resting entry untouched for `idle_expiry`; returns how many.
@@ -454,6 +451,18 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let class = entry.class;
         self.index.unlink(&mut entry);
         Some(class)
+    }
+}
+
+fn view_of(e: &Entry, now: Nanos) -> PeerView {
+    let s = &e.state;
+    PeerView {
+        connections: s.concurrency.active(),
+        queued: s.concurrency.queued(),
+        breaker: s.breaker.as_ref().map(|b| b.state(now)),
+        reject_probability: s.adaptive.as_ref().map(|a| a.reject_probability(now)),
+        conn_tokens: s.rate.as_ref().map(|r| r.available(now)),
+        idle_for: now.saturating_since(e.last_use),
     }
 }
 

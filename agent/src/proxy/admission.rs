@@ -233,12 +233,18 @@ impl<K: Hash + Eq + Clone> Admission<K> {
     }
 
     /// Report how the upstream connect ended (feeds the breaker and adaptive throttling).
-    pub fn connect_result(&self, key: &K, result: &Result<(), ConnectFailure>) {
+    /// Returns the breaker transition it caused, if any.
+    pub fn connect_result(
+        &self,
+        key: &K,
+        result: &Result<(), ConnectFailure>,
+    ) -> Option<BreakerTransition> {
         let now = self.clock.now();
         let t = lock(&self.table).on_connect_result(now, key, *result);
         if let Some(BreakerTransition::Opened { until }) = t {
             (self.on_open)(key, self.clock.kernel_ns(until));
         }
+        t
     }
 
     /// How long to hold back `bytes` to keep the peer within its bandwidth.

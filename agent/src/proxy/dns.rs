@@ -5,12 +5,14 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use sockmesh_common::{DnsKey, AF_INET, AF_INET6};
+use anyhow::Context;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::{PodCtx, Shared};
 use crate::{
     inpod::sockets,
+    observe::recorder::DnsOutcome,
     policy::{Direction, PeerKey},
 };
 
@@ -86,6 +88,30 @@ async fn forward(
         .get(..2)
         .ok_or_else(|| anyhow::anyhow!("query too short"))?
         .to_vec();
+    let key = PeerKey {
+        pod: pod.name.clone(),
+        direction: Direction::Outbound,
+        peer: server,
+    };
+    let result = exchange(query, &id, server, &key, pod, shared).await;
+    let outcome = match &result {
+        Ok(_) => DnsOutcome::Answered,
+        Err(e) if e.is::<tokio::time::error::Elapsed>() => DnsOutcome::TimedOut,
+        Err(_) => DnsOutcome::Failed,
+    };
+    shared.recorder.dns(&key, outcome);
+    result
+}
+
+/// Sends the query from the pod's namespace and waits (up to the DNS timeout) for its answer.
+async fn exchange(
+    query: &[u8],
+    id: &[u8],
+    server: SocketAddr,
+    key: &PeerKey,
+    pod: &PodCtx,
+    shared: &Shared,
+) -> anyhow::Result<Vec<u8>> {
     let mark = shared.cfg.mark;
     let std = pod
         .worker
@@ -104,17 +130,13 @@ async fn forward(
             }
         }
     };
-    let key = PeerKey {
-        pod: pod.name.clone(),
-        direction: Direction::Outbound,
-        peer: server,
-    };
-    let Some(limit) = shared.policy.resolve(&key).timeouts.dns else {
+    let Some(limit) = shared.policy.resolve(key).timeouts.dns else {
         return wait.await.map_err(Into::into);
     };
+    // The Elapsed error stays the root cause, so the caller can tell a timeout apart.
     tokio::time::timeout(limit, wait)
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {limit:?}"))?
+        .with_context(|| format!("no answer within {limit:?}"))?
         .map_err(Into::into)
 }
 

@@ -56,6 +56,8 @@ pub struct Shared {
     pub admission: Arc<Admission<PeerKey>>,
     /// The current policy set (flags + file), for lookups outside admission (DNS timeout).
     pub policy: Arc<PolicyHandle>,
+    /// Per-peer figures for `sockmesh peers` and `/metrics` (flushed to SM_PEER_STATE).
+    pub recorder: Arc<crate::observe::recorder::Recorder>,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
 }

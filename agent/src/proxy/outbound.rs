@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     admission::failure_kind,
@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     inpod::sockets,
-    policy::{Direction, PeerKey},
+    policy::{BreakerTransition, Direction, PeerKey},
 };
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
@@ -75,11 +75,13 @@ pub async fn proxy(
         Ok(p) => p,
         Err(reason) => {
             debug!(pod = %pod.name, peer = %key.peer, reason = reason.as_str(), "connection rejected by policy");
+            shared.recorder.rejected(&key, reason);
             relay::reset(&client);
             return;
         }
     };
     let local = on_bound.map(|_| SocketAddr::new(loopback(dst.is_ipv6()), 0));
+    let started = tokio::time::Instant::now();
     let upstream = async {
         let sock = socket_in_pod(pod, shared, dst, local).await?;
         if let (Some(f), Ok(addr)) = (on_bound, sock.local_addr()) {
@@ -89,7 +91,12 @@ pub async fn proxy(
     }
     .await;
     let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
-    shared.admission.connect_result(&key, &result);
+    if let Some(BreakerTransition::Closed) = shared.admission.connect_result(&key, &result) {
+        info!(event = "breaker_closed", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker closed");
+    }
+    shared
+        .recorder
+        .connected(&key, result.map(|()| started.elapsed()));
     let upstream = match upstream {
         Ok(s) => s,
         Err(e) => {
@@ -105,6 +112,7 @@ pub async fn proxy(
         shape: Some(&shape),
     };
     let r = relay::relay(client, upstream, limits).await;
+    shared.recorder.ended(&key, &r);
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }
 

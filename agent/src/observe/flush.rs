@@ -1,0 +1,103 @@
+//! Writing the recorder's figures to the pinned maps: about once a second, on every `/metrics`
+//! scrape (so a scrape is exact), and once more at shutdown after the connections drained (so
+//! the figures are exact after the agent exits).
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sockmesh_common::peer::agent_counter;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    recorder::Recorder,
+    sink::{unix_ms, Sink},
+};
+use crate::{
+    policy::{Clock, PeerKey},
+    proxy::admission::Admission,
+};
+
+/// How often changed per-peer state reaches the maps.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Observer {
+    pub recorder: Arc<Recorder>,
+    admission: Arc<Admission<PeerKey>>,
+    /// Held for a whole flush: two flushes interleaving their read-add-write of the same
+    /// entry would lose one's additions.
+    sink: Mutex<FlushState>,
+}
+
+struct FlushState {
+    sink: Sink,
+    /// The policy table's eviction count at the last flush (it counts from agent start; the
+    /// map's counter continues across restarts).
+    evicted_seen: u64,
+}
+
+impl Observer {
+    pub fn new(recorder: Arc<Recorder>, admission: Arc<Admission<PeerKey>>, sink: Sink) -> Self {
+        Observer {
+            recorder,
+            admission,
+            sink: Mutex::new(FlushState {
+                sink,
+                evicted_seen: 0,
+            }),
+        }
+    }
+
+    pub fn pod_enrolled(&self, netns_cookie: u64, name: &str) {
+        self.recorder.add_pod(name, netns_cookie);
+        self.state().sink.pod_enrolled(netns_cookie, name);
+    }
+
+    pub fn pod_removed(&self, netns_cookie: u64) {
+        self.state().sink.pod_removed(netns_cookie);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        self.sink.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes every changed (or live) peer's figures to `SM_PEER_STATE`.
+    pub fn flush(&self) {
+        let mut st = self.state();
+        let clock = self.admission.clock();
+        let now = clock.now();
+        let (batch, dropped) = self.recorder.drain(
+            |k| self.admission.with_table(|t| t.view(now, k)),
+            |t| clock.kernel_ns(t),
+        );
+        let stamp = unix_ms();
+        let mut failed = 0;
+        for (key, delta) in &batch {
+            if !st.sink.apply(*key, delta, stamp) {
+                failed += 1;
+            }
+        }
+        let evicted = self.admission.with_table(|t| t.counters().evicted);
+        let evicted_delta = evicted.saturating_sub(st.evicted_seen);
+        st.evicted_seen = evicted;
+        st.sink.add_agent(&[
+            (agent_counter::FLUSHES, 1),
+            (agent_counter::PEER_STATE_DROPPED, dropped),
+            (agent_counter::PEER_STATE_WRITE_FAILED, failed),
+            (agent_counter::POLICY_PEERS_EVICTED, evicted_delta),
+        ]);
+    }
+}
+
+/// Flushes every [`FLUSH_EVERY`] until cancelled (the final flush is the caller's, once the
+/// connections have drained).
+pub async fn run(observer: Arc<Observer>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => observer.flush(),
+        }
+    }
+}

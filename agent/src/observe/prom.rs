@@ -1,0 +1,213 @@
+//! `/metrics` in the Prometheus text exposition format (0.0.4), rendered from the same rows as
+//! the CLI. Label cardinality is bounded: per pod and direction, the `top` peers with the most
+//! traffic get their own `peer` label; the rest are summed under `peer="other"`.
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use sockmesh_common::{counter, peer::agent_counter};
+
+use super::view::{pod_rows, PeerRow, Snapshot};
+
+/// One metric family: its samples are appended in order, then written under HELP/TYPE.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    samples: Vec<(String, String)>,
+}
+
+struct Out {
+    families: Vec<Family>,
+}
+
+impl Out {
+    fn family(&mut self, name: &'static str, kind: &'static str, help: &'static str) -> usize {
+        if let Some(i) = self.families.iter().position(|f| f.name == name) {
+            return i;
+        }
+        self.families.push(Family {
+            name,
+            help,
+            kind,
+            samples: Vec::new(),
+        });
+        self.families.len() - 1
+    }
+
+    fn add(&mut self, f: usize, labels: &[(&str, &str)], value: impl ToString) {
+        let mut l = String::new();
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                l.push(',');
+            }
+            let _ = write!(l, "{k}=\"{}\"", escape(v));
+        }
+        self.families[f].samples.push((l, value.to_string()));
+    }
+
+    fn finish(self) -> String {
+        let mut s = String::new();
+        for f in self.families {
+            let _ = writeln!(s, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(s, "# TYPE {} {}", f.name, f.kind);
+            for (labels, v) in f.samples {
+                if labels.is_empty() {
+                    let _ = writeln!(s, "{} {v}", f.name);
+                } else {
+                    let _ = writeln!(s, "{}{{{labels}}} {v}", f.name);
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+pub fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Peers with their own label: per (pod, direction), the `top` with the most bytes (then
+/// connections); the others folded into one "other" row each.
+pub fn bound_peers(rows: &[PeerRow], top: usize) -> (Vec<PeerRow>, usize) {
+    let mut groups: BTreeMap<(u64, &str), Vec<&PeerRow>> = BTreeMap::new();
+    for r in rows {
+        groups.entry((r.netns_cookie, r.direction)).or_default().push(r);
+    }
+    let mut out = Vec::new();
+    let mut folded = 0;
+    for (_, mut g) in groups {
+        g.sort_by(|a, b| {
+            (b.bytes(), b.conns_total, &a.peer).cmp(&(a.bytes(), a.conns_total, &b.peer))
+        });
+        let rest = g.split_off(g.len().min(top));
+        out.extend(g.into_iter().cloned());
+        if let Some(first) = rest.first() {
+            folded += rest.len();
+            let mut other = (*first).clone();
+            other.peer = "other".into();
+            for r in &rest[1..] {
+                other.conns_active += r.conns_active;
+                other.conns_total += r.conns_total;
+                other.bytes_out += r.bytes_out;
+                other.bytes_in += r.bytes_in;
+                for (a, b) in other.timeouts.iter_mut().zip(&r.timeouts) {
+                    a.1 += b.1;
+                }
+                for (a, b) in other.throttled.iter_mut().zip(&r.throttled) {
+                    a.1 += b.1;
+                }
+                other.connect_failures += r.connect_failures;
+                other.resets += r.resets;
+                other.dns_queries += r.dns_queries;
+                other.redirects += r.redirects;
+                other.fast_rejects += r.fast_rejects;
+            }
+            out.push(other);
+        }
+    }
+    (out, folded)
+}
+
+pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> String {
+    let mut o = Out {
+        families: Vec::new(),
+    };
+    let f = o.family("sockmesh_ready", "gauge", "1 when programs are attached and pods enrolled.");
+    o.add(f, &[], u8::from(ready));
+    let f = o.family(
+        "sockmesh_schema_version",
+        "gauge",
+        "Layout version of the pinned maps.",
+    );
+    o.add(f, &[], sockmesh_common::SCHEMA_VERSION);
+
+    for p in pod_rows(snap, rows) {
+        let pod = p.pod.as_str();
+        let f = o.family("sockmesh_pod_enrolled", "gauge", "1 while the pod is enrolled.");
+        o.add(f, &[("pod", pod)], u8::from(p.enrolled));
+        let f = o.family(
+            "sockmesh_kernel_events_total",
+            "counter",
+            "Kernel datapath events per pod (redirects, bypasses and why, origin hits and misses, fast rejects, map full).",
+        );
+        for (i, name) in counter::NAMES.iter().enumerate() {
+            o.add(f, &[("pod", pod), ("event", name)], p.counters[i].1);
+        }
+    }
+
+    let (bounded, folded) = bound_peers(rows, top);
+    let f = o.family(
+        "sockmesh_peers",
+        "gauge",
+        "Peers in the pinned maps, and how many are folded into peer=\"other\".",
+    );
+    o.add(f, &[("kind", "tracked")], rows.len());
+    o.add(f, &[("kind", "folded")], folded);
+    for r in &bounded {
+        peer_samples(&mut o, r);
+    }
+
+    let f = o.family(
+        "sockmesh_agent_events_total",
+        "counter",
+        "Agent-wide events (flushes, per-peer state dropped or not written, policy peers evicted).",
+    );
+    for (i, name) in agent_counter::NAMES.iter().enumerate() {
+        o.add(f, &[("event", name)], snap.agent[i]);
+    }
+    o.finish()
+}
+
+fn peer_samples(o: &mut Out, r: &PeerRow) {
+    let base = [
+        ("pod", r.pod.as_str()),
+        ("direction", r.direction),
+        ("peer", r.peer.as_str()),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut l = base.to_vec();
+        l.push(extra);
+        l
+    };
+    let simple: [(&'static str, &'static str, &'static str, u64); 9] = [
+        ("sockmesh_peer_connections_active", "gauge", "Relayed connections open now.", r.conns_active),
+        ("sockmesh_peer_connections_total", "counter", "Connections relayed (upstream connect succeeded).", r.conns_total),
+        ("sockmesh_peer_sent_bytes_total", "counter", "Bytes from the pod to the peer (counted when a connection ends).", r.bytes_out),
+        ("sockmesh_peer_received_bytes_total", "counter", "Bytes from the peer to the pod (counted when a connection ends).", r.bytes_in),
+        ("sockmesh_peer_connect_failures_total", "counter", "Upstream connects that failed.", r.connect_failures),
+        ("sockmesh_peer_resets_total", "counter", "Relayed connections that ended in a reset.", r.resets),
+        ("sockmesh_peer_dns_queries_total", "counter", "DNS queries forwarded to the peer.", r.dns_queries),
+        ("sockmesh_peer_kernel_redirects_total", "counter", "connect() calls the kernel redirected to the proxy.", r.redirects),
+        ("sockmesh_peer_kernel_fast_rejects_total", "counter", "connect() calls refused in the kernel while the breaker was open.", r.fast_rejects),
+    ];
+    for (name, kind, help, v) in simple {
+        let f = o.family(name, kind, help);
+        o.add(f, &base, v);
+    }
+    let f = o.family("sockmesh_peer_timeouts_total", "counter", "Timeouts by kind (connect, idle, lifetime, dns).");
+    for (k, v) in &r.timeouts {
+        o.add(f, &with(("kind", k)), v);
+    }
+    let f = o.family("sockmesh_peer_throttled_total", "counter", "Connections refused locally, by reason.");
+    for (k, v) in &r.throttled {
+        o.add(f, &with(("reason", k)), v);
+    }
+    if r.peer == "other" {
+        // Gauges of a single peer's state do not add up across peers.
+        return;
+    }
+    let f = o.family("sockmesh_peer_breaker_open", "gauge", "1 while the peer's circuit breaker is open.");
+    o.add(f, &base, u8::from(r.breaker == "open"));
+    let f = o.family("sockmesh_peer_adaptive_reject_ratio", "gauge", "Adaptive throttling's local reject probability.");
+    o.add(f, &base, r.adaptive_reject_ratio);
+    let f = o.family("sockmesh_peer_connect_latency_seconds", "gauge", "Upstream connect latency over recent samples, by quantile.");
+    o.add(f, &with(("quantile", "0.5")), r.connect_p50_us as f64 / 1e6);
+    o.add(f, &with(("quantile", "0.99")), r.connect_p99_us as f64 / 1e6);
+}
+
+#[cfg(test)]
+#[path = "prom_tests.rs"]
+mod tests;

@@ -1,0 +1,99 @@
+use super::*;
+use crate::datapath::stats::{PeerRecord, PodCounters};
+use sockmesh_common::peer::{PeerKey, PeerState, PodMeta};
+use sockmesh_common::SockAddr;
+
+fn snapshot(peers: usize) -> Snapshot {
+    let mut counters = [0u64; counter::COUNT];
+    counters[counter::REDIRECT_TCP] = 9;
+    Snapshot {
+        pods: vec![PodCounters {
+            netns_cookie: 7,
+            enrolled: true,
+            counters,
+            meta: Some(PodMeta::new("web \"a\"", 1)),
+        }],
+        peers: (0..peers)
+            .map(|i| PeerRecord {
+                key: PeerKey {
+                    netns_cookie: 7,
+                    peer: SockAddr::from_std(format!("10.1.{}.{}:80", i / 250, i % 250).parse().expect("addr")),
+                    direction: sockmesh_common::peer::direction::OUTBOUND,
+                    _pad: 0,
+                },
+                kernel: [1, 0, 0, 0],
+                state: PeerState {
+                    conns_total: 1,
+                    bytes_out: i as u64,
+                    bytes_in: 1,
+                    ..Default::default()
+                },
+            })
+            .collect(),
+        agent: [0; agent_counter::COUNT],
+        monotonic_ns: 0,
+    }
+}
+
+/// (name, labels, value) of every sample line; checks each family is declared before use.
+fn samples(text: &str) -> Vec<(String, String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().expect("name");
+            assert!(typed.insert(name.to_string()), "family {name} declared twice");
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("value");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        assert!(typed.contains(name), "{name} has no TYPE line before its samples");
+        out.push((name.into(), labels.into(), value.parse().expect("number")));
+    }
+    out
+}
+
+#[test]
+fn peers_beyond_the_top_are_folded_into_other_exactly() {
+    let snap = snapshot(1000);
+    let rows = super::super::view::peer_rows(&snap);
+    let text = render(&snap, &rows, 10, true);
+    let s = samples(&text);
+    let sent: Vec<&(String, String, f64)> = s
+        .iter()
+        .filter(|(n, _, _)| n == "sockmesh_peer_sent_bytes_total")
+        .collect();
+    assert_eq!(sent.len(), 11, "10 peers and other");
+    // The biggest senders keep their label; the rest add up exactly.
+    assert!(sent.iter().any(|(_, l, v)| l.contains("peer=\"10.1.3.249:80\"") && *v == 999.0));
+    let total: f64 = sent.iter().map(|(_, _, v)| v).sum();
+    assert_eq!(total, (0..1000).sum::<u64>() as f64);
+    let other = sent.iter().find(|(_, l, _)| l.contains("peer=\"other\"")).expect("other");
+    assert_eq!(other.2, (0..990).sum::<u64>() as f64);
+    let conns: f64 = s
+        .iter()
+        .filter(|(n, _, _)| n == "sockmesh_peer_connections_total")
+        .map(|(_, _, v)| v)
+        .sum();
+    assert_eq!(conns, 1000.0);
+    assert!(s.iter().any(|(n, l, v)| n == "sockmesh_peers" && l == "kind=\"folded\"" && *v == 990.0));
+    // Label values are escaped.
+    assert!(text.contains("pod=\"web \\\"a\\\"\""));
+}
+
+#[test]
+fn kernel_events_and_readiness_are_exported() {
+    let snap = snapshot(1);
+    let rows = super::super::view::peer_rows(&snap);
+    let s = samples(&render(&snap, &rows, 10, false));
+    assert!(s.iter().any(|(n, l, v)| n == "sockmesh_kernel_events_total"
+        && l.contains("event=\"redirect_tcp\"")
+        && *v == 9.0));
+    assert!(s.iter().any(|(n, _, v)| n == "sockmesh_ready" && *v == 0.0));
+}

@@ -1,0 +1,351 @@
+//! Per-peer figures as the proxy produces them, kept in memory and handed to the flusher in
+//! batches. Recording is one short mutex hold per connection event (never per byte, never a
+//! syscall); the flusher turns what changed into map writes about once a second.
+//!
+//! Additive figures (connections, bytes, timeouts, throttles, failures) are kept as deltas
+//! since the last flush and *added* to the pinned entry, so a restarted agent continues the
+//! totals a previous one left. Gauges (active connections, breaker, adaptive ratio, last
+//! error, connect latency) are set.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sockmesh_common::{
+    peer::{
+        breaker_state, direction, peer_error, throttle_reason, timeout_kind, PeerKey as MapKey,
+        PeerState,
+    },
+    SockAddr,
+};
+
+use crate::{
+    policy::{BreakerState, ConnectFailure, Direction, PeerKey, PeerView, RejectReason},
+    proxy::relay::{End, Relayed},
+};
+
+/// Connect latencies kept per peer for the p50/p99 figures.
+const LATENCY_SAMPLES: usize = 64;
+
+/// What one flush adds to, and sets in, one peer's pinned entry.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delta {
+    /// Only the additive fields are used.
+    pub add: PeerState,
+    pub active: u64,
+    pub breaker: u8,
+    pub breaker_open_until_ns: u64,
+    pub adaptive_reject_ppm: u32,
+    /// `peer_error::NONE` keeps the entry's older error.
+    pub last_error: u8,
+    pub last_error_unix_ms: u64,
+    pub connect_p50_us: u32,
+    pub connect_p99_us: u32,
+}
+
+impl Delta {
+    pub fn apply_to(&self, v: &mut PeerState) {
+        let a = &self.add;
+        v.conns_total = v.conns_total.wrapping_add(a.conns_total);
+        v.bytes_out = v.bytes_out.wrapping_add(a.bytes_out);
+        v.bytes_in = v.bytes_in.wrapping_add(a.bytes_in);
+        for (t, d) in v.timeouts.iter_mut().zip(a.timeouts) {
+            *t = t.wrapping_add(d);
+        }
+        for (t, d) in v.throttled.iter_mut().zip(a.throttled) {
+            *t = t.wrapping_add(d);
+        }
+        v.connect_failures = v.connect_failures.wrapping_add(a.connect_failures);
+        v.resets = v.resets.wrapping_add(a.resets);
+        v.dns_queries = v.dns_queries.wrapping_add(a.dns_queries);
+        v.conns_active = self.active;
+        v.breaker = self.breaker;
+        v.breaker_open_until_ns = self.breaker_open_until_ns;
+        v.adaptive_reject_ppm = self.adaptive_reject_ppm;
+        if self.last_error != peer_error::NONE {
+            v.last_error = self.last_error;
+            v.last_error_unix_ms = self.last_error_unix_ms;
+        }
+        if self.connect_p50_us != 0 {
+            v.connect_p50_us = self.connect_p50_us;
+            v.connect_p99_us = self.connect_p99_us;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Obs {
+    pending: PeerState,
+    active: u64,
+    last_error: u8,
+    last_error_unix_ms: u64,
+    latencies_us: Vec<u32>,
+    next_sample: usize,
+    /// Changed since the last flush.
+    dirty: bool,
+    /// Has gauges that move without traffic (open connections, a breaker not closed, a
+    /// non-zero reject ratio): flushed every time.
+    live: bool,
+}
+
+impl Obs {
+    fn error(&mut self, code: u8, now_ms: u64) {
+        self.last_error = code;
+        self.last_error_unix_ms = now_ms;
+    }
+
+    fn sample(&mut self, us: u32) {
+        if self.latencies_us.len() < LATENCY_SAMPLES {
+            self.latencies_us.push(us);
+        } else {
+            self.latencies_us[self.next_sample] = us;
+        }
+        self.next_sample = (self.next_sample + 1) % LATENCY_SAMPLES;
+    }
+
+    /// Nearest-rank quantiles of the kept samples.
+    fn quantiles(&self) -> (u32, u32) {
+        if self.latencies_us.is_empty() {
+            return (0, 0);
+        }
+        let mut s = self.latencies_us.clone();
+        s.sort_unstable();
+        let rank = |q: f64| s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+        (rank(0.50), rank(0.99))
+    }
+}
+
+/// How a DNS query to a server ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsOutcome {
+    Answered,
+    TimedOut,
+    Failed,
+}
+
+pub type UnixClock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+struct Inner {
+    peers: HashMap<PeerKey, Obs>,
+    pods: HashMap<Arc<str>, u64>,
+    /// Figures lost because the table was full of unflushed or busy peers.
+    dropped: u64,
+}
+
+pub struct Recorder {
+    inner: Mutex<Inner>,
+    cap: usize,
+    clock: UnixClock,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // Counters are plain numbers: after a panic elsewhere they are still worth keeping.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Recorder {
+    /// `cap`: most peers kept in memory (flushed, idle ones are dropped first; they live on
+    /// in the pinned map). `clock`: Unix time in ms, for "last error at".
+    pub fn new(cap: usize, clock: UnixClock) -> Self {
+        Recorder {
+            inner: Mutex::new(Inner {
+                peers: HashMap::new(),
+                pods: HashMap::new(),
+                dropped: 0,
+            }),
+            cap: cap.max(1),
+            clock,
+        }
+    }
+
+    /// Pod names (as in `PeerKey::pod`) map to netns cookies, the maps' pod identity.
+    pub fn add_pod(&self, name: &str, netns_cookie: u64) {
+        lock(&self.inner).pods.insert(name.into(), netns_cookie);
+    }
+
+    fn with(&self, key: &PeerKey, f: impl FnOnce(&mut Obs, u64)) {
+        let now = (self.clock)();
+        let mut inner = lock(&self.inner);
+        if !inner.peers.contains_key(key) && inner.peers.len() >= self.cap {
+            // Flushed, idle entries lose nothing when dropped: their figures are in the map.
+            inner.peers.retain(|_, o| o.dirty || o.live);
+            if inner.peers.len() >= self.cap {
+                inner.dropped += 1;
+                return;
+            }
+        }
+        let obs = inner.peers.entry(key.clone()).or_default();
+        f(obs, now);
+        obs.dirty = true;
+    }
+
+    pub fn rejected(&self, key: &PeerKey, reason: RejectReason) {
+        let idx = match reason {
+            RejectReason::BreakerOpen => throttle_reason::BREAKER,
+            RejectReason::AdaptiveThrottle => throttle_reason::ADAPTIVE,
+            RejectReason::RateLimited => throttle_reason::RATE,
+            RejectReason::ConcurrencyFull => throttle_reason::CONCURRENCY,
+            RejectReason::QueueTimeout => throttle_reason::QUEUE_TIMEOUT,
+        };
+        self.with(key, |o, now| {
+            o.pending.throttled[idx] += 1;
+            o.error(peer_error::THROTTLED, now);
+        });
+    }
+
+    /// The upstream connect ended: on success a relayed connection starts.
+    pub fn connected(&self, key: &PeerKey, result: Result<Duration, ConnectFailure>) {
+        self.with(key, |o, now| match result {
+            Ok(took) => {
+                o.active += 1;
+                o.pending.conns_total += 1;
+                o.sample(took.as_micros().clamp(1, u32::MAX as u128) as u32);
+            }
+            Err(kind) => {
+                o.pending.connect_failures += 1;
+                let code = match kind {
+                    ConnectFailure::Timeout => {
+                        o.pending.timeouts[timeout_kind::CONNECT] += 1;
+                        peer_error::CONNECT_TIMEOUT
+                    }
+                    ConnectFailure::Refused => peer_error::CONNECT_REFUSED,
+                    ConnectFailure::Reset => peer_error::CONNECT_RESET,
+                    ConnectFailure::Unreachable => peer_error::UNREACHABLE,
+                };
+                o.error(code, now);
+            }
+        });
+    }
+
+    /// A relayed connection ended (after a successful [`Recorder::connected`]).
+    pub fn ended(&self, key: &PeerKey, r: &Relayed) {
+        self.with(key, |o, now| {
+            o.active = o.active.saturating_sub(1);
+            // a_to_b is client to upstream: for outbound that is pod to peer, for inbound
+            // (the client is the peer) the other way round.
+            let (out, inn) = match key.direction {
+                Direction::Outbound => (r.a_to_b, r.b_to_a),
+                Direction::Inbound => (r.b_to_a, r.a_to_b),
+            };
+            o.pending.bytes_out += out;
+            o.pending.bytes_in += inn;
+            match r.end {
+                End::Closed => {}
+                End::Reset => {
+                    o.pending.resets += 1;
+                    o.error(peer_error::RESET, now);
+                }
+                End::IdleTimeout => {
+                    o.pending.timeouts[timeout_kind::IDLE] += 1;
+                    o.error(peer_error::IDLE_TIMEOUT, now);
+                }
+                End::MaxLifetime => {
+                    o.pending.timeouts[timeout_kind::LIFETIME] += 1;
+                    o.error(peer_error::LIFETIME, now);
+                }
+            }
+        });
+    }
+
+    pub fn dns(&self, key: &PeerKey, outcome: DnsOutcome) {
+        self.with(key, |o, now| {
+            o.pending.dns_queries += 1;
+            match outcome {
+                DnsOutcome::Answered => {}
+                DnsOutcome::TimedOut => {
+                    o.pending.timeouts[timeout_kind::DNS] += 1;
+                    o.error(peer_error::DNS_TIMEOUT, now);
+                }
+                DnsOutcome::Failed => o.error(peer_error::DNS_FAILED, now),
+            }
+        });
+    }
+
+    /// Takes what the next flush writes: every changed or live peer, with its deltas (reset
+    /// here) and gauges. `view` gives the policy table's current view of a peer, and
+    /// `kernel_ns` turns its breaker deadline into CLOCK_MONOTONIC. Also returns, and resets,
+    /// the count of dropped records.
+    pub fn drain(
+        &self,
+        view: impl Fn(&PeerKey) -> Option<PeerView>,
+        kernel_ns: impl Fn(crate::policy::Nanos) -> u64,
+    ) -> (Vec<(MapKey, Delta)>, u64) {
+        let mut inner = lock(&self.inner);
+        let Inner {
+            peers,
+            pods,
+            dropped,
+        } = &mut *inner;
+        let mut out = Vec::new();
+        for (key, o) in peers.iter_mut().filter(|(_, o)| o.dirty || o.live) {
+            let Some(&cookie) = pods.get(&key.pod) else {
+                continue;
+            };
+            let v = view(key);
+            let (breaker, until) = match v.and_then(|v| v.breaker) {
+                None => (breaker_state::NONE, 0),
+                Some(BreakerState::Closed { .. }) => (breaker_state::CLOSED, 0),
+                Some(BreakerState::Open { until }) => (breaker_state::OPEN, kernel_ns(until)),
+                Some(BreakerState::HalfOpen { .. }) => (breaker_state::HALF_OPEN, 0),
+            };
+            let ratio = v.and_then(|v| v.reject_probability).unwrap_or(0.0);
+            let ppm = (ratio.clamp(0.0, 1.0) * 1e6).round() as u32;
+            let (p50, p99) = o.quantiles();
+            let delta = Delta {
+                add: std::mem::take(&mut o.pending),
+                active: o.active,
+                breaker,
+                breaker_open_until_ns: until,
+                adaptive_reject_ppm: ppm,
+                last_error: std::mem::replace(&mut o.last_error, peer_error::NONE),
+                last_error_unix_ms: o.last_error_unix_ms,
+                connect_p50_us: p50,
+                connect_p99_us: p99,
+            };
+            o.dirty = false;
+            o.live = o.active > 0
+                || matches!(breaker, breaker_state::OPEN | breaker_state::HALF_OPEN)
+                || ppm > 0;
+            out.push((map_key(cookie, key), delta));
+        }
+        (out, std::mem::take(dropped))
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.inner).peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The maps' key for a policy key of a pod with this cookie.
+pub fn map_key(netns_cookie: u64, key: &PeerKey) -> MapKey {
+    MapKey {
+        netns_cookie,
+        peer: SockAddr::from_std(canonical(key.peer)),
+        direction: match key.direction {
+            Direction::Outbound => direction::OUTBOUND,
+            Direction::Inbound => direction::INBOUND,
+        },
+        _pad: 0,
+    }
+}
+
+/// A v4-mapped IPv6 peer is stored as IPv4, as the kernel programs store it.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip4) => SocketAddr::new(ip4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+#[path = "recorder_tests.rs"]
+mod tests;

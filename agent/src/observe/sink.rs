@@ -1,0 +1,107 @@
+//! The agent's writes into the observability maps: per-peer state (flushed by the recorder),
+//! pod metadata (at enrolment and removal) and agent-wide counters.
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    Ebpf,
+};
+use sockmesh_common::peer::{map_names, AgentStats, PeerKey, PeerState, PodMeta};
+use tracing::warn;
+
+use super::recorder::Delta;
+
+pub struct Sink {
+    peer_state: HashMap<MapData, PeerKey, PeerState>,
+    pod_meta: HashMap<MapData, u64, PodMeta>,
+    agent_stats: Array<MapData, AgentStats>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+/// Unix time now, in milliseconds (for figures humans read: "last error at ...").
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}
+
+impl Sink {
+    /// Takes the observability maps out of the loaded object (they are pinned by then).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Sink> {
+        let mut sink = Sink {
+            peer_state: take(ebpf, map_names::PEER_STATE)?,
+            pod_meta: take(ebpf, map_names::POD_META)?,
+            agent_stats: take(ebpf, map_names::AGENT_STATS)?,
+        };
+        sink.forget_previous_connections();
+        Ok(sink)
+    }
+
+    /// A previous agent's open connections died with it: its "active" gauges would otherwise
+    /// stay up forever. Totals are kept, so counters stay monotonic across the restart.
+    fn forget_previous_connections(&mut self) {
+        let keys: Vec<PeerKey> = self.peer_state.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            if let Ok(mut v) = self.peer_state.get(&k, 0) {
+                if v.conns_active != 0 {
+                    v.conns_active = 0;
+                    let _ = self.peer_state.insert(k, v, 0);
+                }
+            }
+        }
+    }
+
+    /// Adds `delta` to the peer's entry (created if missing) and sets its gauges. Returns
+    /// false if the kernel refused the write.
+    pub fn apply(&mut self, key: PeerKey, delta: &Delta, now_unix_ms: u64) -> bool {
+        let mut v = self.peer_state.get(&key, 0).unwrap_or_default();
+        delta.apply_to(&mut v);
+        v.updated_unix_ms = now_unix_ms;
+        match self.peer_state.insert(key, v, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "could not write a peer's state to SM_PEER_STATE");
+                false
+            }
+        }
+    }
+
+    pub fn pod_enrolled(&mut self, netns_cookie: u64, name: &str) {
+        let meta = PodMeta::new(name, unix_ms());
+        if let Err(e) = self.pod_meta.insert(netns_cookie, meta, 0) {
+            warn!(pod = name, error = %e, "could not write the pod's metadata");
+        }
+    }
+
+    pub fn pod_removed(&mut self, netns_cookie: u64) {
+        if let Ok(mut meta) = self.pod_meta.get(&netns_cookie, 0) {
+            meta.removed_unix_ms = unix_ms();
+            let _ = self.pod_meta.insert(netns_cookie, meta, 0);
+        }
+    }
+
+    /// Adds to agent-wide counters (`agent_counter` indexes).
+    pub fn add_agent(&mut self, adds: &[(usize, u64)]) {
+        if adds.iter().all(|(_, n)| *n == 0) {
+            return;
+        }
+        let mut v = self.agent_stats.get(&0, 0).unwrap_or_default();
+        for &(i, n) in adds {
+            if let Some(c) = v.counters.get_mut(i) {
+                *c = c.wrapping_add(n);
+            }
+        }
+        if let Err(e) = self.agent_stats.set(0, v, 0) {
+            warn!(error = %e, "could not write SM_AGENT_STATS");
+        }
+    }
+}

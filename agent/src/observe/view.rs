@@ -1,0 +1,240 @@
+//! One snapshot of the pinned maps, and the rows every reader shows: `sockmesh stats|peers|pods`
+//! (tables and JSON) and `/metrics` are all rendered from these, so they cannot disagree.
+use std::{collections::HashMap, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+use sockmesh_common::{
+    counter,
+    peer::{agent_counter, breaker_state, direction, peer_counter, peer_error, throttle_reason, timeout_kind},
+};
+
+use crate::datapath::stats::{self, PeerRecord, PodCounters};
+
+/// Everything the readers show, read in one go.
+pub struct Snapshot {
+    pub pods: Vec<PodCounters>,
+    pub peers: Vec<PeerRecord>,
+    pub agent: [u64; agent_counter::COUNT],
+    /// CLOCK_MONOTONIC when read: decides whether an "open" breaker has reached half-open.
+    pub monotonic_ns: u64,
+}
+
+impl Snapshot {
+    /// Reads the maps pinned in `dir`; refuses a schema version this binary does not know.
+    pub fn read(dir: &Path) -> Result<Snapshot> {
+        stats::check_schema(dir)?;
+        Ok(Snapshot {
+            pods: stats::read_pod_counters(dir)?,
+            peers: stats::read_peers(dir)?,
+            agent: stats::read_agent_counters(dir)?,
+            monotonic_ns: monotonic_ns(),
+        })
+    }
+
+    /// Pod display names by netns cookie: the name the agent wrote, else the cookie.
+    pub fn pod_names(&self) -> HashMap<u64, String> {
+        self.pods
+            .iter()
+            .map(|p| (p.netns_cookie, pod_name(p)))
+            .collect()
+    }
+}
+
+pub fn pod_name(p: &PodCounters) -> String {
+    p.meta
+        .map(|m| m.name())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| p.netns_cookie.to_string())
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Named counters, in a fixed order (JSON objects and metric labels).
+pub type Named = Vec<(&'static str, u64)>;
+
+fn named(names: &[&'static str], values: &[u64]) -> Named {
+    names.iter().copied().zip(values.iter().copied()).collect()
+}
+
+/// One peer of one pod, as `sockmesh peers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerRow {
+    pub pod: String,
+    pub netns_cookie: u64,
+    pub direction: &'static str,
+    pub peer: String,
+    pub conns_active: u64,
+    pub conns_total: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    #[serde(serialize_with = "as_object")]
+    pub timeouts: Named,
+    #[serde(serialize_with = "as_object")]
+    pub throttled: Named,
+    pub connect_failures: u64,
+    pub resets: u64,
+    pub dns_queries: u64,
+    /// Kernel: connect()s redirected to the proxy, and refused at once while the breaker was open.
+    pub redirects: u64,
+    pub fast_rejects: u64,
+    pub breaker: &'static str,
+    pub adaptive_reject_ratio: f64,
+    pub connect_p50_us: u32,
+    pub connect_p99_us: u32,
+    pub last_error: &'static str,
+    pub last_error_unix_ms: u64,
+}
+
+fn as_object<S: serde::Serializer>(v: &Named, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(v.len()))?;
+    for (k, n) in v {
+        m.serialize_entry(k, n)?;
+    }
+    m.end()
+}
+
+impl PeerRow {
+    pub fn timeouts_total(&self) -> u64 {
+        self.timeouts.iter().map(|(_, n)| n).sum()
+    }
+    pub fn throttled_total(&self) -> u64 {
+        self.throttled.iter().map(|(_, n)| n).sum()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes_in.saturating_add(self.bytes_out)
+    }
+}
+
+/// The breaker as a reader sees it now: an open breaker whose time is up is half-open.
+pub fn breaker_now(state: u8, open_until_ns: u64, now_ns: u64) -> &'static str {
+    if state == breaker_state::OPEN && now_ns >= open_until_ns {
+        breaker_state::name(breaker_state::HALF_OPEN)
+    } else {
+        breaker_state::name(state)
+    }
+}
+
+pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
+    let names = snap.pod_names();
+    snap.peers
+        .iter()
+        .map(|r| {
+            let s = &r.state;
+            let peer = r
+                .key
+                .peer
+                .to_std()
+                .map_or_else(|| "?".to_string(), |a| a.to_string());
+            PeerRow {
+                pod: names
+                    .get(&r.key.netns_cookie)
+                    .cloned()
+                    .unwrap_or_else(|| r.key.netns_cookie.to_string()),
+                netns_cookie: r.key.netns_cookie,
+                direction: direction::name(r.key.direction),
+                peer,
+                conns_active: s.conns_active,
+                conns_total: s.conns_total,
+                bytes_out: s.bytes_out,
+                bytes_in: s.bytes_in,
+                timeouts: named(&timeout_kind::NAMES, &s.timeouts),
+                throttled: named(&throttle_reason::NAMES, &s.throttled),
+                connect_failures: s.connect_failures,
+                resets: s.resets,
+                dns_queries: s.dns_queries,
+                redirects: r.kernel[peer_counter::REDIRECT],
+                fast_rejects: r.kernel[peer_counter::FAST_REJECT],
+                breaker: breaker_now(s.breaker, s.breaker_open_until_ns, snap.monotonic_ns),
+                adaptive_reject_ratio: s.adaptive_reject_ppm as f64 / 1e6,
+                connect_p50_us: s.connect_p50_us,
+                connect_p99_us: s.connect_p99_us,
+                last_error: peer_error::name(s.last_error),
+                last_error_unix_ms: s.last_error_unix_ms,
+            }
+        })
+        .collect()
+}
+
+/// One pod, as `sockmesh pods` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PodRow {
+    pub pod: String,
+    pub netns_cookie: u64,
+    pub enrolled: bool,
+    pub enrolled_unix_ms: u64,
+    pub removed_unix_ms: u64,
+    pub peers: u64,
+    pub conns_active: u64,
+    pub conns_total: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub timeouts: u64,
+    pub throttled: u64,
+    pub connect_failures: u64,
+    pub breakers_open: u64,
+    #[serde(serialize_with = "as_object")]
+    pub counters: Named,
+}
+
+pub fn pod_rows(snap: &Snapshot, peers: &[PeerRow]) -> Vec<PodRow> {
+    snap.pods
+        .iter()
+        .map(|p| {
+            let mine = peers.iter().filter(|r| r.netns_cookie == p.netns_cookie);
+            let mut row = PodRow {
+                pod: pod_name(p),
+                netns_cookie: p.netns_cookie,
+                enrolled: p.enrolled,
+                enrolled_unix_ms: p.meta.map_or(0, |m| m.enrolled_unix_ms),
+                removed_unix_ms: p.meta.map_or(0, |m| m.removed_unix_ms),
+                peers: 0,
+                conns_active: 0,
+                conns_total: 0,
+                bytes_out: 0,
+                bytes_in: 0,
+                timeouts: 0,
+                throttled: 0,
+                connect_failures: 0,
+                breakers_open: 0,
+                counters: named(&counter::NAMES, &p.counters),
+            };
+            for r in mine {
+                row.peers += 1;
+                row.conns_active += r.conns_active;
+                row.conns_total += r.conns_total;
+                row.bytes_out += r.bytes_out;
+                row.bytes_in += r.bytes_in;
+                row.timeouts += r.timeouts_total();
+                row.throttled += r.throttled_total();
+                row.connect_failures += r.connect_failures;
+                row.breakers_open += u64::from(r.breaker == "open");
+            }
+            row
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_breaker_past_its_deadline_reads_half_open() {
+        assert_eq!(breaker_now(breaker_state::OPEN, 100, 99), "open");
+        assert_eq!(breaker_now(breaker_state::OPEN, 100, 100), "half_open");
+        assert_eq!(breaker_now(breaker_state::CLOSED, 0, 5), "closed");
+        assert_eq!(breaker_now(breaker_state::NONE, 0, 5), "none");
+    }
+}

@@ -1,0 +1,317 @@
+//! Observability schema: per-peer counters (kernel, per-CPU), the agent's per-peer state written
+//! back for readers, and per-pod metadata. Readers (`sockmesh stats|peers|pods`, `/metrics`,
+//! `bpftool map dump pinned ...`) use exactly these layouts.
+//!
+//! Every map here is an LRU hash: a full map evicts its least recently used entry instead of
+//! failing the writer. The agent counts what it had to drop (see [`agent_counter`]).
+
+use crate::SockAddr;
+
+/// Names of the observability maps, pinned beside the ones in [`crate::map_names`].
+pub mod map_names {
+    /// Kernel counters per (pod, direction, peer): [`PeerKernelStats`], per-CPU.
+    pub const PEER_STATS: &str = "SM_PEER_STATS";
+    /// The agent's per-peer state: [`PeerState`].
+    pub const PEER_STATE: &str = "SM_PEER_STATE";
+    /// Per-pod metadata written by the agent at enrolment: [`PodMeta`].
+    pub const POD_META: &str = "SM_POD_META";
+    /// Agent-wide counters (one entry): [`AgentStats`].
+    pub const AGENT_STATS: &str = "SM_AGENT_STATS";
+    pub const ALL: [&str; 4] = [PEER_STATS, PEER_STATE, POD_META, AGENT_STATS];
+}
+
+pub mod map_sizes {
+    /// Peers tracked per map; the same as the agent's default `--max-peers`.
+    pub const PEERS: u32 = 16384;
+    /// Pods whose metadata is kept (enrolled now or earlier): as many as `SM_PODS` holds.
+    pub const POD_META: u32 = 4096;
+}
+
+/// `PeerKey::direction`.
+pub mod direction {
+    /// The pod connects out; the peer is the original destination (ip, port).
+    pub const OUTBOUND: u16 = 1;
+    /// A client connects to the pod; the peer is the client's ip with the pod's port.
+    pub const INBOUND: u16 = 2;
+
+    pub fn name(d: u16) -> &'static str {
+        match d {
+            OUTBOUND => "outbound",
+            INBOUND => "inbound",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Key of `SM_PEER_STATS` and `SM_PEER_STATE`: one peer of one pod in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub netns_cookie: u64,
+    pub peer: SockAddr,
+    pub direction: u16,
+    pub _pad: u16,
+}
+
+/// Indexes into [`PeerKernelStats::counters`].
+pub mod peer_counter {
+    /// TCP connect() to this peer redirected to the outbound listener.
+    pub const REDIRECT: usize = 0;
+    /// connect() to this peer refused in the kernel while its breaker was open.
+    pub const FAST_REJECT: usize = 1;
+    pub const COUNT: usize = 4;
+    pub const NAMES: [&str; 2] = ["redirect", "fast_reject"];
+}
+
+/// `SM_PEER_STATS[PeerKey]` (per-CPU): written only by the kernel programs, readers sum CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKernelStats {
+    pub counters: [u64; peer_counter::COUNT],
+}
+
+/// Indexes into [`PeerState::timeouts`].
+pub mod timeout_kind {
+    pub const CONNECT: usize = 0;
+    pub const IDLE: usize = 1;
+    pub const LIFETIME: usize = 2;
+    pub const DNS: usize = 3;
+    pub const COUNT: usize = 4;
+    pub const NAMES: [&str; COUNT] = ["connect", "idle", "lifetime", "dns"];
+}
+
+/// Indexes into [`PeerState::throttled`]: why the agent refused a connection locally.
+pub mod throttle_reason {
+    pub const BREAKER: usize = 0;
+    pub const ADAPTIVE: usize = 1;
+    pub const RATE: usize = 2;
+    /// Over the concurrency limit with a full queue.
+    pub const CONCURRENCY: usize = 3;
+    /// Waited in the concurrency queue past its CoDel deadline.
+    pub const QUEUE_TIMEOUT: usize = 4;
+    pub const COUNT: usize = 6;
+    pub const NAMES: [&str; 5] = [
+        "breaker",
+        "adaptive",
+        "rate",
+        "concurrency",
+        "queue_timeout",
+    ];
+}
+
+/// `PeerState::breaker`.
+pub mod breaker_state {
+    /// No breaker configured for this peer.
+    pub const NONE: u8 = 0;
+    pub const CLOSED: u8 = 1;
+    /// Open until `PeerState::breaker_open_until_ns`; past it, readers show it half-open.
+    pub const OPEN: u8 = 2;
+    pub const HALF_OPEN: u8 = 3;
+
+    pub fn name(s: u8) -> &'static str {
+        match s {
+            CLOSED => "closed",
+            OPEN => "open",
+            HALF_OPEN => "half_open",
+            _ => "none",
+        }
+    }
+}
+
+/// `PeerState::last_error`.
+pub mod peer_error {
+    pub const NONE: u8 = 0;
+    pub const CONNECT_REFUSED: u8 = 1;
+    pub const CONNECT_TIMEOUT: u8 = 2;
+    pub const CONNECT_RESET: u8 = 3;
+    pub const UNREACHABLE: u8 = 4;
+    /// Refused locally by policy (see `throttled`).
+    pub const THROTTLED: u8 = 5;
+    pub const IDLE_TIMEOUT: u8 = 6;
+    pub const LIFETIME: u8 = 7;
+    /// A relayed connection was reset by one side.
+    pub const RESET: u8 = 8;
+    pub const DNS_TIMEOUT: u8 = 9;
+    pub const DNS_FAILED: u8 = 10;
+
+    pub fn name(e: u8) -> &'static str {
+        match e {
+            CONNECT_REFUSED => "connect_refused",
+            CONNECT_TIMEOUT => "connect_timeout",
+            CONNECT_RESET => "connect_reset",
+            UNREACHABLE => "unreachable",
+            THROTTLED => "throttled",
+            IDLE_TIMEOUT => "idle_timeout",
+            LIFETIME => "lifetime",
+            RESET => "reset",
+            DNS_TIMEOUT => "dns_timeout",
+            DNS_FAILED => "dns_failed",
+            _ => "none",
+        }
+    }
+}
+
+/// `SM_PEER_STATE[PeerKey]`: written by the agent (about once a second, and at exit), read by
+/// the CLI and `/metrics`. Counters are totals since the entry was created: a restarted agent
+/// continues from the values it finds, so they stay monotonic while the pinned map lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerState {
+    /// Relayed connections open now.
+    pub conns_active: u64,
+    /// Connections relayed (upstream connect succeeded), ever.
+    pub conns_total: u64,
+    /// Bytes from the pod to the peer, counted when each connection ends.
+    pub bytes_out: u64,
+    /// Bytes from the peer to the pod.
+    pub bytes_in: u64,
+    /// By [`timeout_kind`].
+    pub timeouts: [u64; timeout_kind::COUNT],
+    /// By [`throttle_reason`].
+    pub throttled: [u64; throttle_reason::COUNT],
+    /// Upstream connects that failed (refused, reset, unreachable, timed out).
+    pub connect_failures: u64,
+    /// Relayed connections that ended with a reset.
+    pub resets: u64,
+    /// DNS queries forwarded to this peer.
+    pub dns_queries: u64,
+    /// When `last_error` happened, Unix time in milliseconds (0: never).
+    pub last_error_unix_ms: u64,
+    /// While the breaker is open: until when, CLOCK_MONOTONIC ns (as `bpf_ktime_get_ns`).
+    pub breaker_open_until_ns: u64,
+    /// When the agent wrote this entry, Unix time in milliseconds.
+    pub updated_unix_ms: u64,
+    /// Upstream connect latency quantiles over the agent's recent samples, microseconds
+    /// (0: no sample).
+    pub connect_p50_us: u32,
+    pub connect_p99_us: u32,
+    /// Adaptive throttling's current local reject probability, in parts per million.
+    pub adaptive_reject_ppm: u32,
+    /// [`breaker_state`].
+    pub breaker: u8,
+    /// [`peer_error`].
+    pub last_error: u8,
+    pub _pad: u16,
+}
+
+/// Pod names are cut to this many bytes (NUL-padded).
+pub const POD_NAME_LEN: usize = 128;
+
+/// `SM_POD_META[netns cookie]`: who a pod is, so readers can show names instead of cookies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodMeta {
+    /// The pod's name as the agent knows it (the `--pod` netns path, or `namespace/name`),
+    /// UTF-8, NUL-padded.
+    pub name: [u8; POD_NAME_LEN],
+    /// When the pod was (last) enrolled, Unix time in milliseconds.
+    pub enrolled_unix_ms: u64,
+    /// When it was unenrolled (0: still enrolled, or the agent died).
+    pub removed_unix_ms: u64,
+}
+
+impl Default for PodMeta {
+    fn default() -> Self {
+        PodMeta {
+            name: [0; POD_NAME_LEN],
+            enrolled_unix_ms: 0,
+            removed_unix_ms: 0,
+        }
+    }
+}
+
+/// Indexes into [`AgentStats::counters`]: agent-wide events that belong to no single peer.
+pub mod agent_counter {
+    /// Per-peer entries the agent dropped from memory while they still had unflushed figures
+    /// (its in-memory table was full). Zero in practice; non-zero means raise the map size.
+    pub const PEER_STATE_DROPPED: usize = 0;
+    /// Writes to `SM_PEER_STATE` that failed.
+    pub const PEER_STATE_WRITE_FAILED: usize = 1;
+    /// Flushes of per-peer state done.
+    pub const FLUSHES: usize = 2;
+    /// Per-peer policy entries evicted from the policy table to make room (`--max-peers`).
+    pub const POLICY_PEERS_EVICTED: usize = 3;
+    pub const COUNT: usize = 8;
+    pub const NAMES: [&str; 4] = [
+        "peer_state_dropped",
+        "peer_state_write_failed",
+        "flushes",
+        "policy_peers_evicted",
+    ];
+}
+
+/// `SM_AGENT_STATS[0]`: agent-wide counters, monotonic across restarts while pinned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    pub counters: [u64; agent_counter::COUNT],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    impl PodMeta {
+        pub fn new(name: &str, enrolled_unix_ms: u64) -> Self {
+            let mut m = PodMeta {
+                enrolled_unix_ms,
+                ..Default::default()
+            };
+            // Cut at a char boundary so the stored name stays valid UTF-8.
+            let mut end = name.len().min(POD_NAME_LEN);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            m.name[..end].copy_from_slice(&name.as_bytes()[..end]);
+            m
+        }
+
+        pub fn name(&self) -> std::string::String {
+            let end = self.name.iter().position(|&b| b == 0).unwrap_or(POD_NAME_LEN);
+            std::string::String::from_utf8_lossy(&self.name[..end]).into_owned()
+        }
+    }
+
+    // SAFETY: #[repr(C)], Copy, no padding holes (explicit `_pad`, sizes checked below), every
+    // bit pattern valid.
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerKernelStats {}
+    unsafe impl aya::Pod for PeerState {}
+    unsafe impl aya::Pod for PodMeta {}
+    unsafe impl aya::Pod for AgentStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PeerKey>(), 8 + 20 + 2 + 2);
+        assert_eq!(size_of::<PeerKernelStats>(), 8 * peer_counter::COUNT);
+        assert_eq!(
+            size_of::<PeerState>(),
+            8 * (4 + timeout_kind::COUNT + throttle_reason::COUNT + 6) + 4 * 3 + 1 + 1 + 2
+        );
+        assert_eq!(size_of::<PodMeta>(), POD_NAME_LEN + 16);
+        assert_eq!(size_of::<AgentStats>(), 8 * agent_counter::COUNT);
+    }
+
+    #[test]
+    fn names_fit_their_arrays() {
+        assert!(peer_counter::NAMES.len() <= peer_counter::COUNT);
+        assert!(throttle_reason::NAMES.len() <= throttle_reason::COUNT);
+        assert!(agent_counter::NAMES.len() <= agent_counter::COUNT);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn pod_names_round_trip_and_are_cut_at_a_char_boundary() {
+        assert_eq!(PodMeta::new("/var/run/netns/web", 1).name(), "/var/run/netns/web");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = PodMeta::new(&long, 1).name();
+        assert_eq!(cut.len(), 128);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}
