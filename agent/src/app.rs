@@ -19,16 +19,10 @@ use sockmesh_common::peer;
 
 use crate::{
     cli::RunArgs,
-    observe::{
-        self,
-        flush::Observer,
-        http::MetricsState,
-        recorder::Recorder,
-        sink::unix_ms,
-    },
     datapath::{preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
+    observe::{self, flush::Observer, http::MetricsState, recorder::Recorder, sink::unix_ms},
     policy::{watch::PolicyWatcher, Direction, PeerKey, PeerTable, PolicyArgs, PolicyHandle},
     proxy::{admission::Admission, dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
 };
@@ -73,7 +67,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
-    let metrics = args.metrics_addr.map(observe::http::bind).transpose()?;
+    let metrics = args.metrics_addr.0.map(observe::http::bind).transpose()?;
     // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
     let mut prepared = Vec::new();
     for spec in &args.pods {
@@ -216,7 +210,12 @@ fn reload(policy: &PolicyHandle, shared: &Shared, why: &str) {
         Ok(()) => {
             let source = policy.current().source();
             shared.admission.with_table(|t| t.set_source(source));
-            info!(event = "policy_reloaded", why, generation = policy.generation(), "policy reloaded");
+            info!(
+                event = "policy_reloaded",
+                why,
+                generation = policy.generation(),
+                "policy reloaded"
+            );
             events::emit(
                 serde_json::json!({ "event": "policy_reloaded", "generation": policy.generation() }),
             );

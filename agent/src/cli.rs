@@ -94,7 +94,7 @@ pub struct RunArgs {
     pub policy: crate::policy::PolicyArgs,
     /// Where /metrics, /healthz and /readyz are served (ip:port), or `off`.
     #[arg(long, env = "SOCKMESH_METRICS_ADDR", default_value = "127.0.0.1:15090", value_parser = crate::observe::http::parse_addr)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_addr: crate::observe::http::MetricsAddr,
     /// Peers per pod and direction with their own `peer` label in /metrics; the rest are
     /// summed under peer="other" (bounds the series count).
     #[arg(long, env = "SOCKMESH_METRICS_TOP_PEERS", default_value_t = 20)]
@@ -142,6 +142,7 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn marks() {
@@ -173,5 +174,38 @@ mod tests {
         assert_eq!(run.outbound_port, 16001);
         assert_eq!(run.dns_port, 15053);
         assert_eq!(run.exclude_outbound_cidrs.len(), 2);
+        assert_eq!(
+            run.metrics_addr.0,
+            Some("127.0.0.1:15090".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn observability_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "sockmesh",
+            "--log-format",
+            "json",
+            "run",
+            "--metrics-addr",
+            "off",
+            "--metrics-top-peers",
+            "5",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.metrics_addr.0, None);
+        assert_eq!(run.metrics_top_peers, 5);
+        assert!(Cli::try_parse_from(["sockmesh", "run", "--metrics-addr", "nope"]).is_err());
+        let cli = Cli::try_parse_from(["sockmesh", "peers", "--watch", "--sort", "throttled"])
+            .expect("parses");
+        let Command::Peers(p) = cli.command else {
+            panic!("not peers")
+        };
+        assert_eq!(p.watch, Some(std::time::Duration::from_secs(2)));
+        assert!(Cli::try_parse_from(["sockmesh", "peers", "--sort", "colour"]).is_err());
+        Cli::command().debug_assert();
     }
 }

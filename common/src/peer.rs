@@ -267,7 +267,11 @@ mod user {
         }
 
         pub fn name(&self) -> std::string::String {
-            let end = self.name.iter().position(|&b| b == 0).unwrap_or(POD_NAME_LEN);
+            let end = self
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(POD_NAME_LEN);
             std::string::String::from_utf8_lossy(&self.name[..end]).into_owned()
         }
     }
@@ -308,7 +312,10 @@ mod tests {
     #[cfg(feature = "user")]
     #[test]
     fn pod_names_round_trip_and_are_cut_at_a_char_boundary() {
-        assert_eq!(PodMeta::new("/var/run/netns/web", 1).name(), "/var/run/netns/web");
+        assert_eq!(
+            PodMeta::new("/var/run/netns/web", 1).name(),
+            "/var/run/netns/web"
+        );
         let long = "é".repeat(100); // 200 bytes
         let cut = PodMeta::new(&long, 1).name();
         assert_eq!(cut.len(), 128);

@@ -28,11 +28,12 @@ pub mod peers;
 pub mod pod;
 pub mod process;
 pub mod procnet;
+pub mod prom;
 pub mod sockaddr;
 pub mod sys;
 pub mod tempdir;
 
-pub use agent::{pod_spec, sockmesh_bin, Agent, BpfFsDir};
+pub use agent::{pod_spec, read_json, sockmesh_bin, Agent, BpfFsDir};
 pub use netns::{current_netns_inode, run_in_netns, NetNs};
 pub use peers::{
     tcp_connect, tcp_connect_from, tcp_echo_roundtrip, udp_connected, udp_sendto, Accepted,

@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
 use sockmesh_common::{
     counter, map_names,
-    peer::{self, agent_counter, peer_counter, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta},
+    peer::{
+        self, agent_counter, peer_counter, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta,
+    },
     GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION,
 };
 
@@ -116,7 +118,9 @@ pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
     }
     for entry in state.iter() {
         let (key, v) = entry?;
-        out.entry(sort_key(&key)).or_insert_with(|| blank(key)).state = v;
+        out.entry(sort_key(&key))
+            .or_insert_with(|| blank(key))
+            .state = v;
     }
     Ok(out.into_values().collect())
 }

@@ -136,8 +136,22 @@ fn nonzero(v: &[(&str, u64)]) -> String {
 
 pub fn peers_table(rows: &[PeerRow]) -> String {
     let mut t = Cols::new(&[
-        "POD", "DIR", "PEER", "ACTIVE", "CONNS", "BYTES_OUT", "BYTES_IN", "TIMEOUTS", "THROTTLED",
-        "FAILED", "FAST_REJ", "BREAKER", "ADAPTIVE", "P50_MS", "P99_MS", "LAST_ERROR",
+        "POD",
+        "DIR",
+        "PEER",
+        "ACTIVE",
+        "CONNS",
+        "BYTES_OUT",
+        "BYTES_IN",
+        "TIMEOUTS",
+        "THROTTLED",
+        "FAILED",
+        "FAST_REJ",
+        "BREAKER",
+        "ADAPTIVE",
+        "P50_MS",
+        "P99_MS",
+        "LAST_ERROR",
     ]);
     for r in rows {
         t.row(vec![
@@ -164,8 +178,20 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
 
 pub fn pods_table(rows: &[PodRow]) -> String {
     let mut t = Cols::new(&[
-        "POD", "NETNS_COOKIE", "ENROLLED", "PEERS", "ACTIVE", "CONNS", "BYTES_OUT", "BYTES_IN",
-        "TIMEOUTS", "THROTTLED", "FAILED", "BREAKERS_OPEN", "REDIRECTS", "FAST_REJ",
+        "POD",
+        "NETNS_COOKIE",
+        "ENROLLED",
+        "PEERS",
+        "ACTIVE",
+        "CONNS",
+        "BYTES_OUT",
+        "BYTES_IN",
+        "TIMEOUTS",
+        "THROTTLED",
+        "FAILED",
+        "BREAKERS_OPEN",
+        "REDIRECTS",
+        "FAST_REJ",
     ]);
     for p in rows {
         let c = |i: usize| p.counters.get(i).map_or(0, |(_, n)| *n).to_string();
@@ -203,11 +229,17 @@ struct Totals {
 
 fn totals(pods: &[PodRow], peers: &[PeerRow]) -> Totals {
     let sum = |names: &[&'static str], get: &dyn Fn(usize) -> u64| -> Vec<(&'static str, u64)> {
-        names.iter().enumerate().map(|(i, n)| (*n, get(i))).collect()
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, get(i)))
+            .collect()
     };
     Totals {
         kernel: sum(&counter::NAMES, &|i| {
-            pods.iter().map(|p| p.counters.get(i).map_or(0, |c| c.1)).sum()
+            pods.iter()
+                .map(|p| p.counters.get(i).map_or(0, |c| c.1))
+                .sum()
         }),
         timeouts: sum(&timeout_kind::NAMES, &|i| {
             peers.iter().map(|r| r.timeouts[i].1).sum()
@@ -224,7 +256,10 @@ fn totals(pods: &[PodRow], peers: &[PeerRow]) -> Totals {
 }
 
 fn obj(v: &[(&str, u64)]) -> serde_json::Value {
-    v.iter().map(|(k, n)| ((*k).to_string(), (*n).into())).collect::<serde_json::Map<_, _>>().into()
+    v.iter()
+        .map(|(k, n)| ((*k).to_string(), (*n).into()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn agent_named(agent: &[u64]) -> Vec<(&'static str, u64)> {
@@ -240,10 +275,12 @@ fn stats_json(pods: &[PodRow], peers: &[PeerRow], agent: &[u64]) -> serde_json::
     let t = totals(pods, peers);
     let pod_list: Vec<_> = pods
         .iter()
-        .map(|p| serde_json::json!({
-            "netns_cookie": p.netns_cookie, "pod": p.pod, "enrolled": p.enrolled,
-            "counters": obj(&p.counters),
-        }))
+        .map(|p| {
+            serde_json::json!({
+                "netns_cookie": p.netns_cookie, "pod": p.pod, "enrolled": p.enrolled,
+                "counters": obj(&p.counters),
+            })
+        })
         .collect();
     serde_json::json!({
         "pods": pod_list,
@@ -264,7 +301,10 @@ fn stats_table(pods: &[PodRow], peers: &[PeerRow], agent: &[u64]) -> String {
     let mut c = Cols::new(&["WHAT", "VALUE"]);
     let mut add = |k: String, v: u64| c.row(vec![k, v.to_string()]);
     add("pods".into(), pods.len() as u64);
-    add("pods enrolled".into(), pods.iter().filter(|p| p.enrolled).count() as u64);
+    add(
+        "pods enrolled".into(),
+        pods.iter().filter(|p| p.enrolled).count() as u64,
+    );
     add("peers".into(), peers.len() as u64);
     add("connections active".into(), t.conns_active);
     add("connections total".into(), t.conns_total);

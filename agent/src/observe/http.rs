@@ -70,9 +70,15 @@ fn route(state: &MetricsState, req: &Request<hyper::body::Incoming>) -> Response
     match req.uri().path() {
         "/metrics" => metrics(state),
         "/healthz" => reply(200, "text/plain", "ok\n".into()),
-        "/readyz" if state.ready.load(Ordering::SeqCst) => reply(200, "text/plain", "ready\n".into()),
+        "/readyz" if state.ready.load(Ordering::SeqCst) => {
+            reply(200, "text/plain", "ready\n".into())
+        }
         "/readyz" => reply(503, "text/plain", "not ready\n".into()),
-        _ => reply(404, "text/plain", "try /metrics, /healthz or /readyz\n".into()),
+        _ => reply(
+            404,
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
     }
 }
 
@@ -114,14 +120,17 @@ pub async fn serve(
     }
 }
 
-/// `--metrics-addr`: an address, or `off`.
-pub fn parse_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+/// `--metrics-addr`: an address, or `off` (None).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+pub fn parse_addr(s: &str) -> Result<MetricsAddr, String> {
     if s.eq_ignore_ascii_case("off") {
-        return Ok(None);
+        return Ok(MetricsAddr(None));
     }
-    s.parse()
-        .map(Some)
-        .map_err(|_| format!("'{s}' is not an address: use ip:port such as 127.0.0.1:15090, or off"))
+    s.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
+        format!("'{s}' is not an address: use ip:port such as 127.0.0.1:15090, or off")
+    })
 }
 
 /// Binds the metrics listener before anything is loaded, so a taken port is a clean error.

@@ -74,7 +74,10 @@ pub fn escape(v: &str) -> String {
 pub fn bound_peers(rows: &[PeerRow], top: usize) -> (Vec<PeerRow>, usize) {
     let mut groups: BTreeMap<(u64, &str), Vec<&PeerRow>> = BTreeMap::new();
     for r in rows {
-        groups.entry((r.netns_cookie, r.direction)).or_default().push(r);
+        groups
+            .entry((r.netns_cookie, r.direction))
+            .or_default()
+            .push(r);
     }
     let mut out = Vec::new();
     let mut folded = 0;
@@ -115,7 +118,11 @@ pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> Str
     let mut o = Out {
         families: Vec::new(),
     };
-    let f = o.family("sockmesh_ready", "gauge", "1 when programs are attached and pods enrolled.");
+    let f = o.family(
+        "sockmesh_ready",
+        "gauge",
+        "1 when programs are attached and pods enrolled.",
+    );
     o.add(f, &[], u8::from(ready));
     let f = o.family(
         "sockmesh_schema_version",
@@ -126,7 +133,11 @@ pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> Str
 
     for p in pod_rows(snap, rows) {
         let pod = p.pod.as_str();
-        let f = o.family("sockmesh_pod_enrolled", "gauge", "1 while the pod is enrolled.");
+        let f = o.family(
+            "sockmesh_pod_enrolled",
+            "gauge",
+            "1 while the pod is enrolled.",
+        );
         o.add(f, &[("pod", pod)], u8::from(p.enrolled));
         let f = o.family(
             "sockmesh_kernel_events_total",
@@ -173,25 +184,78 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         l
     };
     let simple: [(&'static str, &'static str, &'static str, u64); 9] = [
-        ("sockmesh_peer_connections_active", "gauge", "Relayed connections open now.", r.conns_active),
-        ("sockmesh_peer_connections_total", "counter", "Connections relayed (upstream connect succeeded).", r.conns_total),
-        ("sockmesh_peer_sent_bytes_total", "counter", "Bytes from the pod to the peer (counted when a connection ends).", r.bytes_out),
-        ("sockmesh_peer_received_bytes_total", "counter", "Bytes from the peer to the pod (counted when a connection ends).", r.bytes_in),
-        ("sockmesh_peer_connect_failures_total", "counter", "Upstream connects that failed.", r.connect_failures),
-        ("sockmesh_peer_resets_total", "counter", "Relayed connections that ended in a reset.", r.resets),
-        ("sockmesh_peer_dns_queries_total", "counter", "DNS queries forwarded to the peer.", r.dns_queries),
-        ("sockmesh_peer_kernel_redirects_total", "counter", "connect() calls the kernel redirected to the proxy.", r.redirects),
-        ("sockmesh_peer_kernel_fast_rejects_total", "counter", "connect() calls refused in the kernel while the breaker was open.", r.fast_rejects),
+        (
+            "sockmesh_peer_connections_active",
+            "gauge",
+            "Relayed connections open now.",
+            r.conns_active,
+        ),
+        (
+            "sockmesh_peer_connections_total",
+            "counter",
+            "Connections relayed (upstream connect succeeded).",
+            r.conns_total,
+        ),
+        (
+            "sockmesh_peer_sent_bytes_total",
+            "counter",
+            "Bytes from the pod to the peer (counted when a connection ends).",
+            r.bytes_out,
+        ),
+        (
+            "sockmesh_peer_received_bytes_total",
+            "counter",
+            "Bytes from the peer to the pod (counted when a connection ends).",
+            r.bytes_in,
+        ),
+        (
+            "sockmesh_peer_connect_failures_total",
+            "counter",
+            "Upstream connects that failed.",
+            r.connect_failures,
+        ),
+        (
+            "sockmesh_peer_resets_total",
+            "counter",
+            "Relayed connections that ended in a reset.",
+            r.resets,
+        ),
+        (
+            "sockmesh_peer_dns_queries_total",
+            "counter",
+            "DNS queries forwarded to the peer.",
+            r.dns_queries,
+        ),
+        (
+            "sockmesh_peer_kernel_redirects_total",
+            "counter",
+            "connect() calls the kernel redirected to the proxy.",
+            r.redirects,
+        ),
+        (
+            "sockmesh_peer_kernel_fast_rejects_total",
+            "counter",
+            "connect() calls refused in the kernel while the breaker was open.",
+            r.fast_rejects,
+        ),
     ];
     for (name, kind, help, v) in simple {
         let f = o.family(name, kind, help);
         o.add(f, &base, v);
     }
-    let f = o.family("sockmesh_peer_timeouts_total", "counter", "Timeouts by kind (connect, idle, lifetime, dns).");
+    let f = o.family(
+        "sockmesh_peer_timeouts_total",
+        "counter",
+        "Timeouts by kind (connect, idle, lifetime, dns).",
+    );
     for (k, v) in &r.timeouts {
         o.add(f, &with(("kind", k)), v);
     }
-    let f = o.family("sockmesh_peer_throttled_total", "counter", "Connections refused locally, by reason.");
+    let f = o.family(
+        "sockmesh_peer_throttled_total",
+        "counter",
+        "Connections refused locally, by reason.",
+    );
     for (k, v) in &r.throttled {
         o.add(f, &with(("reason", k)), v);
     }
@@ -199,13 +263,29 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         // Gauges of a single peer's state do not add up across peers.
         return;
     }
-    let f = o.family("sockmesh_peer_breaker_open", "gauge", "1 while the peer's circuit breaker is open.");
+    let f = o.family(
+        "sockmesh_peer_breaker_open",
+        "gauge",
+        "1 while the peer's circuit breaker is open.",
+    );
     o.add(f, &base, u8::from(r.breaker == "open"));
-    let f = o.family("sockmesh_peer_adaptive_reject_ratio", "gauge", "Adaptive throttling's local reject probability.");
+    let f = o.family(
+        "sockmesh_peer_adaptive_reject_ratio",
+        "gauge",
+        "Adaptive throttling's local reject probability.",
+    );
     o.add(f, &base, r.adaptive_reject_ratio);
-    let f = o.family("sockmesh_peer_connect_latency_seconds", "gauge", "Upstream connect latency over recent samples, by quantile.");
+    let f = o.family(
+        "sockmesh_peer_connect_latency_seconds",
+        "gauge",
+        "Upstream connect latency over recent samples, by quantile.",
+    );
     o.add(f, &with(("quantile", "0.5")), r.connect_p50_us as f64 / 1e6);
-    o.add(f, &with(("quantile", "0.99")), r.connect_p99_us as f64 / 1e6);
+    o.add(
+        f,
+        &with(("quantile", "0.99")),
+        r.connect_p99_us as f64 / 1e6,
+    );
 }
 
 #[cfg(test)]

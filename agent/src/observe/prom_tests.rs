@@ -17,7 +17,11 @@ fn snapshot(peers: usize) -> Snapshot {
             .map(|i| PeerRecord {
                 key: PeerKey {
                     netns_cookie: 7,
-                    peer: SockAddr::from_std(format!("10.1.{}.{}:80", i / 250, i % 250).parse().expect("addr")),
+                    peer: SockAddr::from_std(
+                        format!("10.1.{}.{}:80", i / 250, i % 250)
+                            .parse()
+                            .expect("addr"),
+                    ),
                     direction: sockmesh_common::peer::direction::OUTBOUND,
                     _pad: 0,
                 },
@@ -42,7 +46,10 @@ fn samples(text: &str) -> Vec<(String, String, f64)> {
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let name = rest.split(' ').next().expect("name");
-            assert!(typed.insert(name.to_string()), "family {name} declared twice");
+            assert!(
+                typed.insert(name.to_string()),
+                "family {name} declared twice"
+            );
             continue;
         }
         if line.starts_with('#') {
@@ -53,7 +60,10 @@ fn samples(text: &str) -> Vec<(String, String, f64)> {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (series, ""),
         };
-        assert!(typed.contains(name), "{name} has no TYPE line before its samples");
+        assert!(
+            typed.contains(name),
+            "{name} has no TYPE line before its samples"
+        );
         out.push((name.into(), labels.into(), value.parse().expect("number")));
     }
     out
@@ -71,10 +81,15 @@ fn peers_beyond_the_top_are_folded_into_other_exactly() {
         .collect();
     assert_eq!(sent.len(), 11, "10 peers and other");
     // The biggest senders keep their label; the rest add up exactly.
-    assert!(sent.iter().any(|(_, l, v)| l.contains("peer=\"10.1.3.249:80\"") && *v == 999.0));
+    assert!(sent
+        .iter()
+        .any(|(_, l, v)| l.contains("peer=\"10.1.3.249:80\"") && *v == 999.0));
     let total: f64 = sent.iter().map(|(_, _, v)| v).sum();
     assert_eq!(total, (0..1000).sum::<u64>() as f64);
-    let other = sent.iter().find(|(_, l, _)| l.contains("peer=\"other\"")).expect("other");
+    let other = sent
+        .iter()
+        .find(|(_, l, _)| l.contains("peer=\"other\""))
+        .expect("other");
     assert_eq!(other.2, (0..990).sum::<u64>() as f64);
     let conns: f64 = s
         .iter()
@@ -82,7 +97,9 @@ fn peers_beyond_the_top_are_folded_into_other_exactly() {
         .map(|(_, _, v)| v)
         .sum();
     assert_eq!(conns, 1000.0);
-    assert!(s.iter().any(|(n, l, v)| n == "sockmesh_peers" && l == "kind=\"folded\"" && *v == 990.0));
+    assert!(s
+        .iter()
+        .any(|(n, l, v)| n == "sockmesh_peers" && l == "kind=\"folded\"" && *v == 990.0));
     // Label values are escaped.
     assert!(text.contains("pod=\"web \\\"a\\\"\""));
 }

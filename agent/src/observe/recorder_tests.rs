@@ -16,7 +16,11 @@ fn no_view(_: &PeerKey) -> Option<PeerView> {
 }
 
 fn relayed(a_to_b: u64, b_to_a: u64, end: End) -> Relayed {
-    Relayed { a_to_b, b_to_a, end }
+    Relayed {
+        a_to_b,
+        b_to_a,
+        end,
+    }
 }
 
 #[test]
@@ -27,12 +31,21 @@ fn a_connection_adds_bytes_by_direction_and_ends_inactive() {
     r.connected(&out, Ok(Duration::from_micros(300)));
     r.connected(&inn, Ok(Duration::from_micros(100)));
     let (batch, _) = r.drain(no_view, |_| 0);
-    assert!(batch.iter().all(|(_, d)| d.active == 1 && d.add.conns_total == 1));
+    assert!(batch
+        .iter()
+        .all(|(_, d)| d.active == 1 && d.add.conns_total == 1));
     r.ended(&out, &relayed(10, 2000, End::Closed));
     r.ended(&inn, &relayed(10, 2000, End::Closed));
     let (batch, dropped) = r.drain(no_view, |_| 0);
     assert_eq!(dropped, 0);
-    let get = |d: u16| batch.iter().find(|(k, _)| k.direction == d).expect("peer").1.clone();
+    let get = |d: u16| {
+        batch
+            .iter()
+            .find(|(k, _)| k.direction == d)
+            .expect("peer")
+            .1
+            .clone()
+    };
     let o = get(direction::OUTBOUND);
     assert_eq!((o.add.bytes_out, o.add.bytes_in, o.active), (10, 2000, 0));
     assert_eq!(o.add.conns_total, 0, "counted once, at connect");
@@ -89,7 +102,11 @@ fn deltas_add_to_what_the_map_holds_and_gauges_are_set() {
     let (again, _) = r.drain(view, |t| t.0);
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].1.add, PeerState::default());
-    assert_eq!(again[0].1.last_error, peer_error::NONE, "keeps the map's error");
+    assert_eq!(
+        again[0].1.last_error,
+        peer_error::NONE,
+        "keeps the map's error"
+    );
 }
 
 #[test]

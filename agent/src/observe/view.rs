@@ -6,7 +6,10 @@ use anyhow::Result;
 use serde::Serialize;
 use sockmesh_common::{
     counter,
-    peer::{agent_counter, breaker_state, direction, peer_counter, peer_error, throttle_reason, timeout_kind},
+    peer::{
+        agent_counter, breaker_state, direction, peer_counter, peer_error, throttle_reason,
+        timeout_kind,
+    },
 };
 
 use crate::datapath::stats::{self, PeerRecord, PodCounters};

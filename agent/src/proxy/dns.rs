@@ -4,8 +4,8 @@
 //! server that does not answer within the DNS timeout earns the client a SERVFAIL.
 use std::{net::SocketAddr, sync::Arc};
 
-use sockmesh_common::{DnsKey, AF_INET, AF_INET6};
 use anyhow::Context;
+use sockmesh_common::{DnsKey, AF_INET, AF_INET6};
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 

@@ -1,0 +1,437 @@
+//! Observability end to end: real traffic through the agent, then the CLI's JSON, the parsed
+//! Prometheus exposition and `bpftool map dump pinned` must all agree with what was sent, to
+//! the connection and the byte; bounded metric cardinality; figures that outlive the agent and
+//! continue across a restart; health endpoints; refusals of bad input.
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use sockmesh_tests::prom::{http_get, scrape, Sample};
+use sockmesh_tests::*;
+
+/// How much the test server answers per byte received: makes "in" and "out" differ.
+const REPLY_FACTOR: usize = 3;
+
+/// A server in `pod` that reads each connection to EOF, then answers REPLY_FACTOR times as
+/// many bytes and closes. Its threads end when the test process does.
+fn start_reply_server(pod: &Pod, addr: SocketAddr) -> Result<()> {
+    let listener = pod.run(|| TcpListener::bind(addr))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                if c.read_to_end(&mut got).is_ok() {
+                    let _ = c.write_all(&vec![7u8; got.len() * REPLY_FACTOR]);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// One request/response through the mesh: returns (bytes sent, bytes received).
+fn exchange(client: &Pod, dst: SocketAddr, n: usize) -> (u64, u64) {
+    let mut c = tcp_connect(client, dst, common::T).expect("connect through the mesh");
+    c.stream.write_all(&vec![1u8; n]).expect("send");
+    c.stream.shutdown(Shutdown::Write).expect("half-close");
+    let mut got = Vec::new();
+    c.stream.read_to_end(&mut got).expect("receive");
+    assert_eq!(got.len(), n * REPLY_FACTOR, "the whole answer came back");
+    (n as u64, got.len() as u64)
+}
+
+/// The samples of `name` for one peer (all pods' rows carry the pod label).
+fn metric(samples: &[Sample], name: &str, pod: &str, peer: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && s.label("pod") == Some(pod) && s.label("peer") == Some(peer))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Scrapes until `done` holds: per-peer figures are recorded when a connection's relay ends,
+/// just after the client sees its close, and no event tells the test that moment.
+fn scrape_until(addr: SocketAddr, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = scrape(addr).expect("scrape /metrics");
+        if done(&s) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn peer_row<'a>(peers: &'a Value, peer: &str) -> &'a Value {
+    peers["peers"]
+        .as_array()
+        .expect("peers array")
+        .iter()
+        .find(|r| r["peer"] == peer)
+        .unwrap_or_else(|| panic!("no row for {peer} in {peers}"))
+}
+
+/// `bpftool -j map dump pinned`: (key bytes, value bytes summed per u64 over CPUs).
+fn bpftool_dump(path: &std::path::Path) -> Result<Vec<(Vec<u8>, Vec<u64>)>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .context("run bpftool")?;
+    if !out.status.success() {
+        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let bytes = |a: &Value| -> Vec<u8> {
+        a.as_array()
+            .expect("byte array")
+            .iter()
+            .map(|b| {
+                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
+                    .expect("hex byte")
+            })
+            .collect()
+    };
+    let words = |b: &[u8]| -> Vec<u64> {
+        b.chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for e in v.as_array().context("dump is an array")? {
+        let key = bytes(&e["key"]);
+        let value = match e.get("values") {
+            // Per-CPU map: one value per CPU, summed.
+            Some(cpus) => {
+                let mut sum: Vec<u64> = Vec::new();
+                for c in cpus.as_array().expect("cpus") {
+                    let w = words(&bytes(&c["value"]));
+                    sum.resize(w.len(), 0);
+                    for (s, x) in sum.iter_mut().zip(w) {
+                        *s += x;
+                    }
+                }
+                sum
+            }
+            None => words(&bytes(&e["value"])),
+        };
+        rows.push((key, value));
+    }
+    Ok(rows)
+}
+
+/// The `PeerKey` bytes of an IPv4 outbound peer of a pod, as the maps hold them.
+fn peer_key_bytes(cookie: u64, peer: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(v4) = peer else {
+        panic!("ipv4 only")
+    };
+    let mut k = cookie.to_ne_bytes().to_vec();
+    k.extend(v4.ip().octets());
+    k.extend([0u8; 12]);
+    k.extend(v4.port().to_be_bytes());
+    k.extend(2u16.to_ne_bytes()); // AF_INET
+    k.extend(1u16.to_ne_bytes()); // outbound
+    k.extend([0u8; 2]);
+    k
+}
+
+#[test]
+fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server = cluster.add_pod("server").expect("pod");
+    let (a, b) = (server.addr4(8080), server.addr4(8081));
+    start_reply_server(&server, a).expect("server a");
+    start_reply_server(&server, b).expect("server b");
+    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let metrics = agent.metrics_addr().expect("metrics address");
+    let pod = client.netns_path().display().to_string();
+
+    let (mut sent_a, mut recv_a) = (0, 0);
+    for n in [1, 1000, 70_000, 333, 4096] {
+        let (s, r) = exchange(&client, a, n);
+        sent_a += s;
+        recv_a += r;
+    }
+    let (sent_b, recv_b) = exchange(&client, b, 12_345);
+
+    let (pa, pb) = (a.to_string(), b.to_string());
+    let prom = scrape_until(metrics, |s| {
+        metric(s, "sockmesh_peer_connections_total", &pod, &pa) == 5.0
+            && metric(s, "sockmesh_peer_connections_total", &pod, &pb) == 1.0
+            && metric(s, "sockmesh_peer_connections_active", &pod, &pa) == 0.0
+            && metric(s, "sockmesh_peer_connections_active", &pod, &pb) == 0.0
+    });
+    let m = |name: &str, peer: &str| metric(&prom, name, &pod, peer);
+    assert_eq!(m("sockmesh_peer_connections_total", &pa), 5.0);
+    assert_eq!(m("sockmesh_peer_connections_active", &pa), 0.0);
+    assert_eq!(m("sockmesh_peer_sent_bytes_total", &pa), sent_a as f64);
+    assert_eq!(m("sockmesh_peer_received_bytes_total", &pa), recv_a as f64);
+    assert_eq!(m("sockmesh_peer_kernel_redirects_total", &pa), 5.0);
+    assert_eq!(m("sockmesh_peer_connections_total", &pb), 1.0);
+    assert_eq!(m("sockmesh_peer_sent_bytes_total", &pb), sent_b as f64);
+    assert_eq!(m("sockmesh_peer_received_bytes_total", &pb), recv_b as f64);
+    assert_eq!(m("sockmesh_peer_connect_failures_total", &pa), 0.0);
+    let redirects: f64 = prom
+        .iter()
+        .filter(|s| {
+            s.name == "sockmesh_kernel_events_total"
+                && s.label("pod") == Some(pod.as_str())
+                && s.label("event") == Some("redirect_tcp")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(redirects, 6.0);
+
+    // The CLI reads the same maps (the scrape above flushed them).
+    let peers = agent.read_json("peers", &["--pod", &pod]).expect("peers");
+    let ra = peer_row(&peers, &pa);
+    assert_eq!(ra["direction"], "outbound");
+    assert_eq!(ra["pod"], pod.as_str());
+    assert_eq!(ra["conns_total"], 5);
+    assert_eq!(ra["conns_active"], 0);
+    assert_eq!(ra["bytes_out"], sent_a);
+    assert_eq!(ra["bytes_in"], recv_a);
+    assert_eq!(ra["redirects"], 5);
+    assert_eq!(ra["breaker"], "closed");
+    assert!(
+        ra["connect_p50_us"].as_u64().expect("p50") > 0,
+        "latency kept"
+    );
+    assert_eq!(peer_row(&peers, &pb)["bytes_out"], sent_b);
+    // Sorted by traffic: the busier peer first.
+    assert_eq!(peers["peers"][0]["peer"], pa.as_str());
+    let only_b = agent
+        .read_json("peers", &["--peer", ":8081"])
+        .expect("peers");
+    assert_eq!(only_b["peers"].as_array().expect("rows").len(), 1);
+    let pods = agent.read_json("pods", &[]).expect("pods");
+    let row = &pods["pods"][0];
+    assert_eq!(row["pod"], pod.as_str());
+    assert_eq!(
+        (row["conns_total"].as_u64(), row["peers"].as_u64()),
+        (Some(6), Some(2))
+    );
+    let stats = agent.read_json("stats", &[]).expect("stats");
+    assert_eq!(stats["totals"]["bytes_out"], sent_a + sent_b);
+    assert_eq!(stats["totals"]["kernel"]["redirect_tcp"], 6);
+
+    // bpftool, with nothing of sockmesh in between, reads the same bytes.
+    let cookie = client.netns_cookie().expect("cookie");
+    let state = bpftool_dump(&agent.bpffs_dir().join("SM_PEER_STATE")).expect("dump state");
+    let key = peer_key_bytes(cookie, a);
+    let (_, v) = state
+        .iter()
+        .find(|(k, _)| *k == key)
+        .expect("peer a in SM_PEER_STATE");
+    // conns_active, conns_total, bytes_out, bytes_in
+    assert_eq!(&v[..4], &[0, 5, sent_a, recv_a]);
+    let kernel = bpftool_dump(&agent.bpffs_dir().join("SM_PEER_STATS")).expect("dump stats");
+    let (_, v) = kernel
+        .iter()
+        .find(|(k, _)| *k == key)
+        .expect("peer a in SM_PEER_STATS");
+    assert_eq!(v[0], 5, "redirects summed over CPUs");
+}
+
+#[test]
+fn metrics_cardinality_stays_bounded_with_1000_peers() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server = cluster.add_pod("server").expect("pod");
+    let agent = Agent::start([
+        "--pod",
+        &pod_spec(&client, ""),
+        "--metrics-top-peers",
+        "10",
+        "--adaptive-k",
+        "off",
+    ])
+    .expect("agent");
+    agent.wait_ready().expect("ready");
+    let metrics = agent.metrics_addr().expect("metrics address");
+    let pod = client.netns_path().display().to_string();
+    // 1000 distinct peers: ports where nothing listens. The agent's upstream connect is
+    // refused at once, so each is one quick connect failure for a different peer.
+    let base = server.ip4();
+    client.run(|| {
+        for port in 20_000..21_000u16 {
+            if let Ok(mut s) =
+                TcpStream::connect_timeout(&SocketAddr::new(base.into(), port), common::T)
+            {
+                let _ = s.set_read_timeout(Some(common::T));
+                let _ = s.read(&mut [0u8; 1]);
+            }
+        }
+    });
+    let failures = |s: &[Sample]| -> f64 {
+        s.iter()
+            .filter(|s| {
+                s.name == "sockmesh_peer_connect_failures_total"
+                    && s.label("pod") == Some(pod.as_str())
+            })
+            .map(|s| s.value)
+            .sum()
+    };
+    let prom = scrape_until(metrics, |s| failures(s) == 1000.0);
+    assert_eq!(
+        failures(&prom),
+        1000.0,
+        "every failure counted, folded or not"
+    );
+    let labels: BTreeSet<&str> = prom
+        .iter()
+        .filter(|s| s.name == "sockmesh_peer_connect_failures_total")
+        .filter_map(|s| s.label("peer"))
+        .collect();
+    assert_eq!(labels.len(), 11, "10 peers and other: {labels:?}");
+    assert!(labels.contains("other"));
+    let series = prom
+        .iter()
+        .filter(|s| s.name.starts_with("sockmesh_peer_"))
+        .count();
+    assert!(series < 300, "{series} per-peer series for 1000 peers");
+    let tracked = prom
+        .iter()
+        .find(|s| s.name == "sockmesh_peers" && s.label("kind") == Some("tracked"))
+        .expect("sockmesh_peers");
+    assert_eq!(tracked.value, 1000.0);
+    // The CLI is not capped: every peer has its row.
+    let peers = agent
+        .read_json("peers", &["--sort", "failures"])
+        .expect("peers");
+    assert_eq!(peers["peers"].as_array().expect("rows").len(), 1000);
+}
+
+#[test]
+fn figures_outlive_the_agent_and_continue_after_a_restart() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server = cluster.add_pod("server").expect("pod");
+    let dst = server.addr4(8080);
+    start_reply_server(&server, dst).expect("server");
+    let args = [
+        "--pod".to_string(),
+        pod_spec(&client, ""),
+        "--keep-pins".into(),
+    ];
+    let mut agent = Agent::start(&args).expect("agent");
+    agent.wait_ready().expect("ready");
+    let (s1, _) = exchange(&client, dst, 100);
+    let (s2, _) = exchange(&client, dst, 200);
+    let dir = agent.bpffs();
+    assert!(agent.stop().expect("stop").success());
+    // Stopped: the final flush ran after the drain, so the figures are exact now.
+    let peers = read_json(dir.path(), "peers", &[]).expect("peers with the agent down");
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(
+        (row["conns_total"].as_u64(), row["bytes_out"].as_u64()),
+        (Some(2), Some(s1 + s2))
+    );
+    let pods = read_json(dir.path(), "pods", &[]).expect("pods");
+    assert_eq!(pods["pods"][0]["enrolled"], false);
+    assert!(pods["pods"][0]["removed_unix_ms"].as_u64().expect("ms") > 0);
+    drop(agent);
+
+    let mut again = Agent::start_in(dir.clone(), &args).expect("restart");
+    again.wait_ready().expect("ready");
+    let (s3, _) = exchange(&client, dst, 300);
+    assert!(again.stop().expect("stop").success());
+    let peers = read_json(dir.path(), "peers", &[]).expect("peers");
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["conns_total"], 3, "continued, not restarted: {row}");
+    assert_eq!(row["bytes_out"], s1 + s2 + s3);
+    assert_eq!(row["redirects"], 3);
+}
+
+#[test]
+fn health_endpoints_and_json_logs() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let agent =
+        Agent::start(["--pod", &pod_spec(&client, ""), "--log-format", "json"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let addr = agent.metrics_addr().expect("metrics address");
+    assert_eq!(http_get(addr, "/healthz").expect("healthz").0, 200);
+    assert_eq!(http_get(addr, "/readyz").expect("readyz").0, 200);
+    assert_eq!(http_get(addr, "/nope").expect("404").0, 404);
+    let prom = scrape(addr).expect("metrics");
+    let ready = prom
+        .iter()
+        .find(|s| s.name == "sockmesh_ready")
+        .expect("ready gauge");
+    assert_eq!(ready.value, 1.0);
+    // Every log line is one JSON object; enrolment is a structured event.
+    let log = agent.stderr();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["event"] == "pod_enrolled"
+        && l["pod"] == client.netns_path().display().to_string().as_str()));
+}
+
+#[test]
+fn bad_metrics_address_and_unknown_schema_are_refused() {
+    require_root();
+    // A taken port: one clear error, nothing loaded or pinned.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = BpfFsDir::new().expect("bpffs dir");
+    let pins = dir.path().join("pins");
+    let (status, _, err) = Agent::run_to_exit([
+        "run",
+        "--metrics-addr",
+        &addr,
+        "--bpffs-dir",
+        pins.to_str().expect("utf-8"),
+    ])
+    .expect("run");
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!(
+            "sockmesh: error: --metrics-addr {addr}: cannot listen"
+        )),
+        "{err}"
+    );
+    assert!(!pins.exists(), "nothing pinned");
+
+    // Maps of a schema this binary does not know are refused by every reader.
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let mut agent = Agent::start(["--pod", &pod_spec(&client, ""), "--keep-pins"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let dir = agent.bpffs();
+    assert!(agent.stop().expect("stop").success());
+    let config = dir.path().join("SM_CONFIG");
+    // GlobalConfig is 16 bytes; schema_version is the first u32.
+    let mut cmd = std::process::Command::new("bpftool");
+    cmd.args(["map", "update", "pinned"])
+        .arg(&config)
+        .args(["key", "0", "0", "0", "0", "value", "99", "0", "0", "0"]);
+    cmd.args(std::iter::repeat_n("0", 12));
+    let out = cmd.output().expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for what in ["stats", "peers", "pods"] {
+        let e = read_json(dir.path(), what, &[]).expect_err("refused");
+        assert!(
+            format!("{e:#}").contains("schema version 99, this sockmesh understands 2"),
+            "{what}: {e:#}"
+        );
+    }
+}
