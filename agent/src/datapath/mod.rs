@@ -113,7 +113,7 @@ pub struct Datapath {
     _lock: PinDirLock,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

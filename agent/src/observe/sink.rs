@@ -1,6 +1,6 @@
 //! The agent's writes into the observability maps: per-peer state (flushed by the recorder),
 //! pod metadata (at enrolment and removal) and agent-wide counters.
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::{
     maps::{Array, HashMap, MapData},
     Ebpf,
@@ -9,21 +9,12 @@ use sockmesh_common::peer::{map_names, AgentStats, PeerKey, PeerState, PodMeta};
 use tracing::warn;
 
 use super::recorder::Delta;
+use crate::datapath::take;
 
 pub struct Sink {
     peer_state: HashMap<MapData, PeerKey, PeerState>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
     agent_stats: Array<MapData, AgentStats>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("map {name} missing from the object"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
 }
 
 /// Unix time now, in milliseconds (for figures humans read: "last error at ...").

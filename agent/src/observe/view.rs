@@ -12,7 +12,10 @@ use sockmesh_common::{
     },
 };
 
-use crate::datapath::stats::{self, PeerRecord, PodCounters};
+use crate::{
+    datapath::stats::{self, PeerRecord, PodCounters},
+    proxy::admission::monotonic_ns,
+};
 
 /// Everything the readers show, read in one go.
 pub struct Snapshot {
@@ -49,18 +52,6 @@ pub fn pod_name(p: &PodCounters) -> String {
         .map(|m| m.name())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| p.netns_cookie.to_string())
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Named counters, in a fixed order (JSON objects and metric labels).
