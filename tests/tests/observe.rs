@@ -435,3 +435,91 @@ fn bad_metrics_address_and_unknown_schema_are_refused() {
         );
     }
 }
+
+/// "Which peer of which pod is being throttled, and why" from one command: a rate-limited
+/// peer and a failing peer whose breaker opened, each with its reason and exact counts.
+#[test]
+fn peers_shows_which_peer_is_throttled_and_why() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server = cluster.add_pod("server").expect("pod");
+    let limited = server.addr4(8080);
+    start_reply_server(&server, limited).expect("server");
+    let agent = Agent::start([
+        "--pod",
+        &pod_spec(&client, ""),
+        "--peer-conn-rate",
+        "1/h",
+        "--peer-conn-burst",
+        "2",
+        "--breaker-failures",
+        "2",
+        "--adaptive-k",
+        "off",
+    ])
+    .expect("agent");
+    agent.wait_ready().expect("ready");
+    let metrics = agent.metrics_addr().expect("metrics address");
+    // Two pass, three are refused by the rate limit (the agent resets them).
+    for i in 0..5 {
+        if i < 2 {
+            exchange(&client, limited, 10);
+        } else if let Ok(mut c) = tcp_connect(&client, limited, common::T) {
+            let n = c.stream.read(&mut [0u8; 1]);
+            assert!(
+                matches!(n, Ok(0) | Err(_)),
+                "a throttled connection gets no data"
+            );
+        }
+    }
+    // Nothing listens on 9: two refused connects open the breaker; the third connect()
+    // fails in the kernel.
+    let dead = server.addr4(9);
+    for _ in 0..2 {
+        if let Ok(mut c) = tcp_connect(&client, dead, common::T) {
+            let _ = c.stream.read(&mut [0u8; 1]);
+        }
+    }
+    let (pl, pd) = (limited.to_string(), dead.to_string());
+    let pod = client.netns_path().display().to_string();
+    let prom = scrape_until(metrics, |s| {
+        metric(s, "sockmesh_peer_breaker_open", &pod, &pd) == 1.0
+            && metric(s, "sockmesh_peer_throttled_total", &pod, &pl) == 3.0
+    });
+    let e = tcp_connect(&client, dead, common::T).expect_err("refused in the kernel");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    let rate = prom
+        .iter()
+        .find(|s| {
+            s.name == "sockmesh_peer_throttled_total"
+                && s.label("peer") == Some(pl.as_str())
+                && s.label("reason") == Some("rate")
+        })
+        .expect("rate series");
+    assert_eq!(rate.value, 3.0);
+
+    let peers = agent
+        .read_json("peers", &["--sort", "throttled"])
+        .expect("peers");
+    let first = &peers["peers"][0];
+    assert_eq!(first["peer"], pl.as_str(), "the throttled peer sorts first");
+    assert_eq!(first["throttled"]["rate"], 3);
+    assert_eq!(first["conns_total"], 2);
+    assert_eq!(first["last_error"], "throttled");
+    let d = peer_row(&peers, &pd);
+    assert_eq!(d["connect_failures"], 2);
+    assert_eq!(d["last_error"], "connect_refused");
+    assert_eq!(d["breaker"], "open");
+    assert_eq!(d["fast_rejects"], 1);
+    // The human table says the same in one row per peer.
+    let dir = agent.bpffs_dir().to_string_lossy().into_owned();
+    let (status, table, _) =
+        Agent::run_to_exit(["peers", "--bpffs-dir", &dir, "--sort", "throttled"]).expect("peers");
+    assert!(status.success());
+    let row = table.lines().nth(1).expect("first row");
+    assert!(
+        row.contains(&pl) && row.contains("rate=3") && row.contains("throttled"),
+        "{table}"
+    );
+}
