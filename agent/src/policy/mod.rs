@@ -63,6 +63,7 @@ pub mod concurrency;
 pub mod config;
 pub mod decision;
 pub mod file;
+mod file_error;
 pub mod flags;
 pub mod knobs;
 mod peer;
