@@ -177,9 +177,10 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
-    // The noisy peer is a sink; the quiet one a sink and an echo server (each port its own
-    // peer, all with the same limits).
-    let noisy = Sink::start(&server_pod, 8080);
+    // The noisy peer is an echo server; the quiet one a sink and an echo server (each port
+    // its own peer, all with the same limits).
+    let _noisy_echo =
+        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
     let quiet_sink = Sink::start(&server_pod, 9080);
     let _quiet_echo =
         TcpServer::start(&server_pod, "0.0.0.0:9081".parse().expect("addr")).expect("echo server");
@@ -199,22 +200,32 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
     ])
     .expect("agent");
     agent.wait_ready().expect("ready");
+    let noisy = server_pod.addr4(8080);
 
-    // Noisy, bandwidth: a sender that never stops, far over 128 KiB/s.
-    let mut hog = tcp_connect(&client, noisy.addr(), T).expect("connect");
+    // Noisy, bandwidth: a writer that never stops, far over 128 KiB/s, and a reader that
+    // discards the echo. Each connection is admitted (echo seen) before the next one starts.
+    let hog = attempt(&client, noisy).admitted();
     let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        let mut stream = hog.stream.try_clone().expect("clone");
-        std::thread::spawn(move || {
-            let chunk = [1u8; 16 << 10];
-            while !stop.load(Ordering::SeqCst) && stream.write_all(&chunk).is_ok() {}
-        })
-    };
-    // Noisy, connections: its second slot, then over its rate (burst 2 spent).
-    let _second = tcp_connect(&client, noisy.addr(), T).expect("connect");
-    let over: String = (0..2).map(|_| refused(&client, noisy.addr())).collect();
-    assert_eq!(over, "RK", "the noisy peer is over its rate");
+    let mut w = hog.stream.try_clone().expect("clone");
+    let mut r = hog.stream.try_clone().expect("clone");
+    let stop_w = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = [1u8; 16 << 10];
+        while !stop_w.load(Ordering::SeqCst) && w.write_all(&chunk).is_ok() {}
+    });
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 16 << 10];
+        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    // Noisy, connections: its second slot, then more than it may have. Each extra attempt is
+    // refused: over the rate (reset, then refused in the kernel) or, when the echoes shaped
+    // behind the hog took long enough for a token to come back, at the concurrency limit.
+    let _second = attempt(&client, noisy).admitted();
+    let over: String = (0..3).map(|_| attempt(&client, noisy).letter()).collect();
+    assert!(
+        !over.contains('A'),
+        "the noisy peer got more than its limits: {over}"
+    );
     // By now the hog has spent its 128 KiB burst many times over (it writes 16 KiB chunks
     // back to back, and the agent reads them at once until the bucket is in debt).
 
@@ -235,30 +246,6 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
 
     stop.store(true, Ordering::SeqCst);
     let _ = hog.stream.shutdown(std::net::Shutdown::Both);
-    let _ = sender.join();
-}
-
-/// 'R' (reset by the agent) or 'K' (refused by the kernel) for a connect to a peer that
-/// never answers by itself (a sink); 'A' if the connection stays open.
-fn refused(pod: &Pod, dst: std::net::SocketAddr) -> char {
-    match tcp_connect(pod, dst, T) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => 'K',
-        Err(_) => 'R',
-        Ok(mut c) => {
-            c.stream
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .expect("timeout");
-            match c.stream.read(&mut [0u8; 1]) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    'A'
-                }
-                _ => 'R',
-            }
-        }
-    }
+    let _ = writer.join();
+    let _ = reader.join();
 }
