@@ -208,8 +208,7 @@ async fn serve(
 fn reload(policy: &PolicyHandle, shared: &Shared, why: &str) {
     match policy.reload() {
         Ok(()) => {
-            let source = policy.current().source();
-            shared.admission.with_table(|t| t.set_source(source));
+            shared.admission.set_source(policy.current().source());
             info!(
                 event = "policy_reloaded",
                 why,
@@ -227,18 +226,20 @@ fn reload(policy: &PolicyHandle, shared: &Shared, why: &str) {
     }
 }
 
-/// The policy engine behind every proxied connection; an opened breaker becomes a kernel
-/// verdict so the pod's next connect() to that peer fails at once.
+/// The policy engine behind every proxied connection; an open breaker or an empty rate
+/// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
 fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
     let table = PeerTable::new(args.table_config(), policy.current().source());
     let verdicts = dp.maps.clone();
     Admission::new(
         table,
-        Box::new(move |key: &PeerKey, until_ns: u64| {
-            info!(event = "breaker_opened", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker opened");
+        Box::new(move |key: &PeerKey, until_ns: Option<u64>| {
+            // Only outbound connect()s pass through the kernel hook that reads verdicts.
             if key.direction == Direction::Outbound {
-                // New connect()s to this peer now fail in the kernel until it half-opens.
-                verdicts.set_verdict(&key.pod, key.peer, until_ns);
+                match until_ns {
+                    Some(t) => verdicts.set_verdict(&key.pod, key.peer, t),
+                    None => verdicts.clear_verdict(&key.pod, key.peer),
+                }
             }
         }),
     )

@@ -206,7 +206,8 @@ pub mod counter {
     pub const MAP_FULL: usize = 8;
     /// An event could not be sent to the agent (ring buffer full).
     pub const EVENT_LOST: usize = 9;
-    /// connect() refused in the kernel: the peer's breaker is open (`SM_VERDICTS`).
+    /// connect() refused in the kernel: a verdict in `SM_VERDICTS` (breaker open, or the
+    /// peer's rate bucket empty with no queueing) is still current.
     pub const FAST_REJECT: usize = 10;
     pub const COUNT: usize = 16;
     pub const NAMES: [&str; 11] = [

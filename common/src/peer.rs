@@ -57,7 +57,8 @@ pub struct PeerKey {
 pub mod peer_counter {
     /// TCP connect() to this peer redirected to the outbound listener.
     pub const REDIRECT: usize = 0;
-    /// connect() to this peer refused in the kernel while its breaker was open.
+    /// connect() to this peer refused in the kernel by a current verdict (breaker open or
+    /// rate bucket empty).
     pub const FAST_REJECT: usize = 1;
     pub const COUNT: usize = 4;
     pub const NAMES: [&str; 2] = ["redirect", "fast_reject"];

@@ -461,16 +461,21 @@ fn peers_shows_which_peer_is_throttled_and_why() {
     .expect("agent");
     agent.wait_ready().expect("ready");
     let metrics = agent.metrics_addr().expect("metrics address");
-    // Two pass, three are refused by the rate limit (the agent resets them).
+    // Two pass; the third is reset by the agent, which then tells the kernel the bucket is
+    // empty, so the fourth and fifth connect() fail at once in the kernel.
     for i in 0..5 {
         if i < 2 {
             exchange(&client, limited, 10);
-        } else if let Ok(mut c) = tcp_connect(&client, limited, common::T) {
+        } else if i == 2 {
+            let mut c = tcp_connect(&client, limited, common::T).expect("reaches the agent");
             let n = c.stream.read(&mut [0u8; 1]);
             assert!(
                 matches!(n, Ok(0) | Err(_)),
                 "a throttled connection gets no data"
             );
+        } else {
+            let e = tcp_connect(&client, limited, common::T).expect_err("refused in the kernel");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
         }
     }
     // Nothing listens on 9: two refused connects open the breaker; the third connect()
@@ -485,7 +490,7 @@ fn peers_shows_which_peer_is_throttled_and_why() {
     let pod = client.netns_path().display().to_string();
     let prom = scrape_until(metrics, |s| {
         metric(s, "sockmesh_peer_breaker_open", &pod, &pd) == 1.0
-            && metric(s, "sockmesh_peer_throttled_total", &pod, &pl) == 3.0
+            && metric(s, "sockmesh_peer_throttled_total", &pod, &pl) == 1.0
     });
     let e = tcp_connect(&client, dead, common::T).expect_err("refused in the kernel");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -497,14 +502,15 @@ fn peers_shows_which_peer_is_throttled_and_why() {
                 && s.label("reason") == Some("rate")
         })
         .expect("rate series");
-    assert_eq!(rate.value, 3.0);
+    assert_eq!(rate.value, 1.0);
 
     let peers = agent
         .read_json("peers", &["--sort", "throttled"])
         .expect("peers");
     let first = &peers["peers"][0];
     assert_eq!(first["peer"], pl.as_str(), "the throttled peer sorts first");
-    assert_eq!(first["throttled"]["rate"], 3);
+    assert_eq!(first["throttled"]["rate"], 1);
+    assert_eq!(first["fast_rejects"], 2);
     assert_eq!(first["conns_total"], 2);
     assert_eq!(first["last_error"], "throttled");
     let d = peer_row(&peers, &pd);
@@ -519,7 +525,7 @@ fn peers_shows_which_peer_is_throttled_and_why() {
     assert!(status.success());
     let row = table.lines().nth(1).expect("first row");
     assert!(
-        row.contains(&pl) && row.contains("rate=3") && row.contains("throttled"),
+        row.contains(&pl) && row.contains("rate=1") && row.contains("throttled"),
         "{table}"
     );
 }

@@ -76,24 +76,34 @@ impl KernelMaps {
 
     /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
     pub fn set_verdict(&self, pod: &str, peer: std::net::SocketAddr, until_ns: u64) {
-        let Some(cookie) = self
-            .pod_cookies
-            .lock()
-            .ok()
-            .and_then(|m| m.get(pod).copied())
-        else {
+        let Some(key) = self.verdict_key(pod, peer) else {
             return;
-        };
-        let key = VerdictKey {
-            netns_cookie: cookie,
-            peer: SockAddr::from_std(peer),
-            _pad: 0,
         };
         if let Ok(mut m) = self.verdicts.lock() {
             if let Err(e) = m.insert(key, Verdict { until_ns }, 0) {
                 warn!(%pod, %peer, error = %e, "could not write the fast-reject verdict");
             }
         }
+    }
+
+    /// Lift a verdict written by `set_verdict` before it expires (a policy reload).
+    pub fn clear_verdict(&self, pod: &str, peer: std::net::SocketAddr) {
+        let Some(key) = self.verdict_key(pod, peer) else {
+            return;
+        };
+        if let Ok(mut m) = self.verdicts.lock() {
+            // Already gone (expired and removed by the kernel, or evicted) is fine.
+            let _ = m.remove(&key);
+        }
+    }
+
+    fn verdict_key(&self, pod: &str, peer: std::net::SocketAddr) -> Option<VerdictKey> {
+        let cookie = self.pod_cookies.lock().ok()?.get(pod).copied()?;
+        Some(VerdictKey {
+            netns_cookie: cookie,
+            peer: SockAddr::from_std(peer),
+            _pad: 0,
+        })
     }
 }
 

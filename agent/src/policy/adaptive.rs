@@ -165,6 +165,13 @@ impl AdaptiveThrottle {
             .unwrap_or(Nanos::ZERO)
     }
 
+    /// Forgets every sample: the breaker calls for it when its half-open ramp
+    /// closes (see `peer.rs`).
+    pub fn clear(&mut self) {
+        self.buckets = [Bucket::default(); BUCKETS];
+        self.latest = 0;
+    }
+
     /// A new window length or K. Recorded counts are kept; if the bucket width
     /// changed, they are dropped, since their epochs no longer mean the same time.
     pub fn set_config(&mut self, config: AdaptiveConfig) {

@@ -64,6 +64,30 @@ pub enum ConnectFailure {
     Unreachable,
 }
 
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 4] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Reset,
+        ConnectFailure::Timeout,
+        ConnectFailure::Unreachable,
+    ];
+
+    /// Stable snake_case name, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Reset => "reset",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Unreachable => "unreachable",
+        }
+    }
+
+    /// Position in [`ConnectFailure::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Observable breaker state.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum BreakerState {
@@ -194,6 +218,23 @@ impl Breaker {
             State::Open { .. } => None,
             State::HalfOpen { .. } => Some(self.open(now)),
         }
+    }
+
+    /// An attempt adaptive throttling refused locally while the breaker is
+    /// closed: it counts toward the consecutive-failure streak (see `peer.rs` for
+    /// why). Ignored in any other state: half-open probes are never throttled,
+    /// and nothing reaches the throttle while open.
+    pub fn on_local_reject(&mut self, now: Nanos) -> Option<BreakerTransition> {
+        self.state = self.state_at(now);
+        match self.state {
+            State::Closed { .. } => self.on_failure(now),
+            _ => None,
+        }
+    }
+
+    /// Whether an attempt admitted at `now` is a half-open probe.
+    pub fn is_probing(&self, now: Nanos) -> bool {
+        matches!(self.state_at(now), State::HalfOpen { .. })
     }
 
     fn open(&mut self, now: Nanos) -> BreakerTransition {

@@ -27,7 +27,8 @@
 //!    spent on it; an open breaker is also what the kernel fast-rejects, so the
 //!    agent's answer agrees with the kernel's.
 //! 2. **adaptive throttle** — a local rejection here counts as a request (as in
-//!    the SRE design) but spends nothing else.
+//!    the SRE design) and, while the breaker is closed, as a breaker failure;
+//!    half-open probes skip it (see `peer.rs` for why).
 //! 3. **connection rate** — takes one token.
 //! 4. **concurrency** — takes a slot, queues, or rejects (and then refunds the
 //!    rate token: the attempt went nowhere).
@@ -48,8 +49,8 @@
 //! |---|---|---|
 //! | `Admit` | the proxied connection | the forwarded query |
 //! | `Queue` | nothing yet: the accepted socket waits, no upstream connect | — |
-//! | `Reject{BreakerOpen}` | RST (while open, the kernel verdict makes `connect()` fail at once instead) | SERVFAIL |
-//! | `Reject{AdaptiveThrottle \| RateLimited \| ConcurrencyFull \| QueueTimeout}` | RST (abortive close, SO_LINGER 0): a fast, unambiguous failure, never a hang | SERVFAIL |
+//! | `Reject{..}` with [`Decision::fast_reject_until`] (open breaker, empty rate bucket) | RST; until then the kernel verdict makes `connect()` fail at once instead | SERVFAIL |
+//! | any other `Reject` (throttled, rate without a verdict, full queue, queue timeout) | RST (abortive close, SO_LINGER 0): a fast, unambiguous failure, never a hang | SERVFAIL |
 //! | bandwidth (`shape`) | data delayed by the returned wait; never dropped | — |
 //! | connect timeout | RST; reported as `ConnectFailure::Timeout` | — |
 //! | idle timeout | both sides closed | — |
@@ -63,6 +64,7 @@ pub mod concurrency;
 pub mod config;
 pub mod decision;
 pub mod file;
+mod file_error;
 pub mod flags;
 pub mod knobs;
 mod peer;

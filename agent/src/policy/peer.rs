@@ -1,5 +1,33 @@
 //! One peer's state: the knobs of its [`PeerPolicy`] composed in admission order.
 //! The table adds identity (lease), LRU bookkeeping and counters on top.
+//!
+//! # Breaker and adaptive throttling together
+//!
+//! The two answer different questions: the breaker "is this peer down?" (and,
+//! when it says so, the kernel refuses at once), adaptive throttling "how much
+//! should a struggling peer get?". Left independent they fight on a dead peer:
+//! after the first failure the throttle starts refusing locally, those refusals
+//! never reach the peer, so the breaker's F consecutive failures take e^F
+//! attempts instead of F, and the kernel fast path starts late. And after an
+//! outage the throttle's window is full of failures, so it would starve the
+//! breaker's half-open probes and keep refusing a recovered peer for minutes.
+//! So, with both knobs on:
+//!
+//! 1. **A throttled attempt counts as a breaker failure while the breaker is
+//!    closed.** It did not get a connection, and the throttle only refuses once
+//!    more than 1 - 1/K of the window's attempts failed. A dead peer opens the
+//!    breaker after exactly F attempts, as with throttling off. A success still
+//!    resets the streak, so a peer that mostly works keeps its breaker closed
+//!    and is only throttled.
+//! 2. **Half-open probes bypass the throttle.** The ramp (10 % → 100 %) is
+//!    already the more careful throttle, and a probe refused by the coin would
+//!    delay recovery for nothing.
+//! 3. **When the ramp closes the breaker, the throttle's window is cleared.**
+//!    Its samples describe the outage the breaker has just handled; the
+//!    recovered peer starts with a clean history.
+//!
+//! Without a breaker (`breaker_failures = off`) the throttle is plain SRE
+//! throttling.
 
 use super::adaptive::AdaptiveThrottle;
 use super::breaker::{Breaker, BreakerDecision, BreakerTransition, ConnectFailure};
@@ -20,6 +48,10 @@ pub(super) enum Verdict {
     Reject {
         reason: RejectReason,
         retry_after: Option<Duration>,
+        /// See [`super::Decision::fast_reject_until`].
+        fast_reject_until: Option<Nanos>,
+        /// This rejection opened the breaker (a throttled attempt, rule 1).
+        opened_breaker: bool,
     },
 }
 
@@ -90,21 +122,38 @@ impl PeerState {
 
     /// Admission order: breaker → adaptive → rate → concurrency (see `mod.rs`).
     pub(super) fn admit(&mut self, now: Nanos, rand01: f64) -> Verdict {
+        let mut probe = false;
         if let Some(breaker) = &mut self.breaker {
             if let BreakerDecision::Reject { retry_after } = breaker.admit(now) {
-                return reject(RejectReason::BreakerOpen, retry_after);
+                let until = retry_after.map(|d| now.saturating_add(d));
+                return reject(RejectReason::BreakerOpen, retry_after, until);
             }
+            probe = breaker.is_probing(now);
         }
-        if let Some(adaptive) = &mut self.adaptive {
+        if let (Some(adaptive), false) = (&mut self.adaptive, probe) {
             if adaptive.admit(now, rand01).is_err() {
-                return reject(RejectReason::AdaptiveThrottle, None);
+                let opened = self.breaker.as_mut().and_then(|b| b.on_local_reject(now));
+                if let Some(BreakerTransition::Opened { until }) = opened {
+                    return Verdict::Reject {
+                        reason: RejectReason::AdaptiveThrottle,
+                        retry_after: Some(until.saturating_since(now)),
+                        fast_reject_until: Some(until),
+                        opened_breaker: true,
+                    };
+                }
+                return reject(RejectReason::AdaptiveThrottle, None, None);
             }
         }
         if let Some(rate) = &mut self.rate {
             match rate.try_take(now, 1) {
                 Ok(()) => {}
-                Err(Wait::After(wait)) => return reject(RejectReason::RateLimited, Some(wait)),
-                Err(Wait::Never) => return reject(RejectReason::RateLimited, None),
+                Err(Wait::After(wait)) => {
+                    // Only time refills the bucket, and nothing queues on it: every
+                    // attempt until the next token is due would be refused too.
+                    let due = now.saturating_add(wait);
+                    return reject(RejectReason::RateLimited, Some(wait), Some(due));
+                }
+                Err(Wait::Never) => return reject(RejectReason::RateLimited, None, None),
             }
         }
         match self.concurrency.try_acquire(now) {
@@ -116,7 +165,7 @@ impl PeerState {
                 if let Some(rate) = &mut self.rate {
                     rate.refund(1);
                 }
-                reject(RejectReason::ConcurrencyFull, None)
+                reject(RejectReason::ConcurrencyFull, None, None)
             }
         }
     }
@@ -130,10 +179,16 @@ impl PeerState {
             adaptive.on_result(now, result.is_ok());
         }
         let breaker = self.breaker.as_mut()?;
-        match result {
+        let transition = match result {
             Ok(()) => breaker.on_success(now),
             Err(_) => breaker.on_failure(now),
+        };
+        if let (Some(BreakerTransition::Closed), Some(adaptive)) = (transition, &mut self.adaptive)
+        {
+            // Rule 3 (module doc): the outage is over, so is its history.
+            adaptive.clear();
         }
+        transition
     }
 
     /// Connections or waiters present: dropping this state would lose track of them.
@@ -159,10 +214,16 @@ impl PeerState {
     }
 }
 
-fn reject(reason: RejectReason, retry_after: Option<Duration>) -> Verdict {
+fn reject(
+    reason: RejectReason,
+    retry_after: Option<Duration>,
+    fast_reject_until: Option<Nanos>,
+) -> Verdict {
     Verdict::Reject {
         reason,
         retry_after,
+        fast_reject_until,
+        opened_breaker: false,
     }
 }
 

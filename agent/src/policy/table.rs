@@ -77,6 +77,14 @@ struct Entry {
     last_use: Nanos,
     class: Class,
     state: PeerState,
+    /// This peer's share of the table's counters.
+    counters: Counters,
+}
+
+/// Counts one event in both the table's and the entry's counters.
+fn count(table: &mut Counters, entry: &mut Entry, f: impl Fn(&mut Counters)) {
+    f(table);
+    f(&mut entry.counters);
 }
 
 /// Ordering indexes over the entries (see the module doc).
@@ -206,13 +214,14 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let lease = Lease(entry.lease);
         let timeouts = entry.state.policy.timeouts;
         self.index.touch(key, entry, now);
+        let counters = &mut self.counters;
         match verdict {
             Verdict::Admit => {
-                self.counters.admitted += 1;
+                count(counters, entry, |c| c.admitted += 1);
                 Decision::Admit { lease, timeouts }
             }
             Verdict::Queue { ticket, deadline } => {
-                self.counters.queued += 1;
+                count(counters, entry, |c| c.queued += 1);
                 Decision::Queue {
                     lease,
                     ticket,
@@ -222,11 +231,19 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
             Verdict::Reject {
                 reason,
                 retry_after,
+                fast_reject_until,
+                opened_breaker,
             } => {
-                self.counters.reject(reason);
+                count(counters, entry, |c| {
+                    c.reject(reason);
+                    c.fast_reject_verdicts += u64::from(fast_reject_until.is_some());
+                    c.breaker_opened += u64::from(opened_breaker);
+                    c.breaker_opened_by_throttle += u64::from(opened_breaker);
+                });
                 Decision::Reject {
                     reason,
                     retry_after,
+                    fast_reject_until,
                 }
             }
         }
@@ -245,9 +262,14 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let entry = refreshed(&mut self.entries, &self.source, self.epoch, now, key)?;
         let transition = entry.state.on_connect_result(now, result);
         self.index.touch(key, entry, now);
-        if let Some(BreakerTransition::Opened { .. }) = transition {
-            self.counters.breaker_opened += 1;
-        }
+        count(&mut self.counters, entry, |c| {
+            c.connect_result(result);
+            match transition {
+                Some(BreakerTransition::Opened { .. }) => c.breaker_opened += 1,
+                Some(BreakerTransition::Closed) => c.breaker_closed += 1,
+                None => {}
+            }
+        });
         transition
     }
 
@@ -259,7 +281,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let granted = entry.state.concurrency.release(now);
         self.index.touch(key, entry, now);
         if granted.is_some() {
-            self.counters.granted += 1;
+            count(&mut self.counters, entry, |c| c.granted += 1);
         }
         granted
     }
@@ -268,17 +290,15 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     /// rejected (counted as `QueueTimeout`); `false`: it had already been granted,
     /// and the grant must be honoured.
     pub fn queue_timeout(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
-        let timed_out = self.remove_waiter(now, key, lease, ticket);
-        if timed_out {
-            self.counters.reject(RejectReason::QueueTimeout);
-        }
-        timed_out
+        self.remove_waiter(now, key, lease, ticket, |c| {
+            c.reject(RejectReason::QueueTimeout)
+        })
     }
 
-    /// A waiter's client went away. Same return value as `queue_timeout`, but
-    /// nothing is counted.
+    /// A waiter's client went away. Same return value as `queue_timeout`;
+    /// counted as `queue_cancelled`, not as a rejection.
     pub fn cancel_wait(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
-        self.remove_waiter(now, key, lease, ticket)
+        self.remove_waiter(now, key, lease, ticket, |c| c.queue_cancelled += 1)
     }
 
     /// Debits `bytes` from the peer's bandwidth bucket; returns how long to hold
@@ -292,6 +312,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
             return Duration::ZERO;
         };
         let wait = bucket.reserve(now, bytes);
+        count(&mut self.counters, entry, |c| c.shaped(bytes, wait));
         // A busy entry is re-filed on close anyway; skip the per-write B-tree work.
         if entry.class != Class::Busy {
             self.index.touch(key, entry, now);
@@ -359,16 +380,29 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         self.floor
     }
 
-    fn remove_waiter(&mut self, now: Nanos, key: &K, lease: Lease, ticket: Ticket) -> bool {
+    /// Takes a waiter out of its queue; `counted` records why, if it was still
+    /// waiting.
+    fn remove_waiter(
+        &mut self,
+        now: Nanos,
+        key: &K,
+        lease: Lease,
+        ticket: Ticket,
+        counted: impl Fn(&mut Counters),
+    ) -> bool {
         let now = self.observe(now);
         // No entry (or a newer one): the waiter's queue is gone, so it was never
         // granted after this point. Report it as no longer waiting.
         let Some(entry) = leased(&mut self.entries, &self.source, self.epoch, now, key, lease)
         else {
+            counted(&mut self.counters);
             return true;
         };
         let removed = entry.state.concurrency.cancel(now, ticket);
         self.index.touch(key, entry, now);
+        if removed {
+            count(&mut self.counters, entry, counted);
+        }
         removed
     }
 
@@ -386,6 +420,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
             last_use: now,
             class: Class::Unlinked,
             state: PeerState::new((self.source)(key), now),
+            counters: Counters::default(),
         };
         self.next_lease += 1;
         self.entries.insert(key.clone(), entry);
@@ -463,6 +498,7 @@ fn view_of(e: &Entry, now: Nanos) -> PeerView {
         reject_probability: s.adaptive.as_ref().map(|a| a.reject_probability(now)),
         conn_tokens: s.rate.as_ref().map(|r| r.available(now)),
         idle_for: now.saturating_since(e.last_use),
+        counters: e.counters,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The policy engine at work on real connections: one place where the proxy asks "may this
 //! connection go ahead?", waits in the peer's queue without polling, reports connect outcomes,
-//! shapes bandwidth, and writes the kernel fast-reject verdict when a breaker opens. The
-//! algorithms live in `crate::policy`; this is only the async and kernel glue around it.
+//! shapes bandwidth, and writes the kernel fast-reject verdict whenever the engine says the
+//! next attempts are refused for certain (breaker open, rate bucket empty until the next
+//! token). The algorithms live in `crate::policy`; this is only the async and kernel glue.
 use std::{
     collections::HashMap,
     hash::Hash,
@@ -14,10 +15,11 @@ use std::{
 };
 
 use tokio::sync::oneshot;
+use tracing::{debug, info};
 
 use crate::policy::{
-    BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, RejectReason,
-    Ticket, Timeouts,
+    BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, PolicySource,
+    RejectReason, Ticket, Timeouts,
 };
 
 /// Monotonic time since the admission layer started, convertible both to tokio instants
@@ -71,33 +73,44 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-/// Called when a peer's breaker opens, with the kernel time until which to refuse.
-pub type OnBreakerOpen<K> = Box<dyn Fn(&K, u64) + Send + Sync>;
+/// What admission keys need: hashable, cloneable, and printable in logs.
+pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug {}
+impl<T: Hash + Eq + Clone + std::fmt::Debug> PeerId for T {}
+
+/// Tells the kernel about a peer: `Some(t)`: refuse the pod's connect()s to it until `t`
+/// (CLOCK_MONOTONIC ns); `None`: stop refusing them now (a reload lifts every verdict).
+pub type OnVerdict<K> = Box<dyn Fn(&K, Option<u64>) + Send + Sync>;
+
+/// Verdicts tracked beyond this many get their expired ones dropped (bounds the map; the
+/// kernel map itself is an LRU).
+const VERDICTS_PRUNE_AT: usize = 4096;
 
 pub struct Admission<K> {
     table: Mutex<PeerTable<K>>,
     waiters: Mutex<HashMap<Ticket, oneshot::Sender<()>>>,
     clock: ProxyClock,
     rng: AtomicU64,
-    on_open: OnBreakerOpen<K>,
+    on_verdict: OnVerdict<K>,
+    /// Verdicts written and maybe not yet expired, so a reload can lift them.
+    verdicts: Mutex<HashMap<K, Nanos>>,
 }
 
 /// An admitted connection's slot; dropping it frees the slot (and may wake a waiter).
-pub struct Permit<K: Hash + Eq + Clone> {
+pub struct Permit<K: PeerId> {
     admission: Arc<Admission<K>>,
     key: K,
     lease: Lease,
     pub timeouts: Timeouts,
 }
 
-impl<K: Hash + Eq + Clone> Drop for Permit<K> {
+impl<K: PeerId> Drop for Permit<K> {
     fn drop(&mut self) {
         self.admission.release(&self.key, self.lease);
     }
 }
 
 /// Removes a waiter that gave up (client gone, shutdown) without losing a grant that raced it.
-struct Waiting<'a, K: Hash + Eq + Clone> {
+struct Waiting<'a, K: PeerId> {
     admission: &'a Arc<Admission<K>>,
     key: &'a K,
     lease: Lease,
@@ -105,7 +118,7 @@ struct Waiting<'a, K: Hash + Eq + Clone> {
     armed: bool,
 }
 
-impl<K: Hash + Eq + Clone> Drop for Waiting<'_, K> {
+impl<K: PeerId> Drop for Waiting<'_, K> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -127,16 +140,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl<K: Hash + Eq + Clone> Admission<K> {
-    pub fn new(table: PeerTable<K>, on_open: OnBreakerOpen<K>) -> Arc<Self> {
+impl<K: PeerId> Admission<K> {
+    pub fn new(table: PeerTable<K>, on_verdict: OnVerdict<K>) -> Arc<Self> {
         let clock = ProxyClock::new();
         Arc::new(Admission {
             table: Mutex::new(table),
             waiters: Mutex::new(HashMap::new()),
             rng: AtomicU64::new(monotonic_ns() | 1),
             clock,
-            on_open,
+            on_verdict,
+            verdicts: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A reload: new connections follow `source`, and every kernel verdict is lifted, since
+    /// it was decided under the old policy (a raised rate, a breaker turned off). Those still
+    /// warranted come back with the next attempt the agent sees.
+    pub fn set_source(&self, source: PolicySource<K>) {
+        lock(&self.table).set_source(source);
+        let now = self.clock.now();
+        let lifted: Vec<(K, Nanos)> = lock(&self.verdicts).drain().collect();
+        for (key, until) in lifted {
+            if until > now {
+                (self.on_verdict)(&key, None);
+            }
+        }
+    }
+
+    /// Lets the kernel refuse `key` until `until`.
+    fn refuse_until(&self, key: &K, until: Nanos) {
+        (self.on_verdict)(key, Some(self.clock.kernel_ns(until)));
+        let mut verdicts = lock(&self.verdicts);
+        if verdicts.len() >= VERDICTS_PRUNE_AT {
+            let now = self.clock.now();
+            verdicts.retain(|_, t| *t > now);
+        }
+        verdicts.insert(key.clone(), until);
     }
 
     pub fn clock(&self) -> ProxyClock {
@@ -179,7 +218,24 @@ impl<K: Hash + Eq + Clone> Admission<K> {
                 lease,
                 timeouts,
             }),
-            (Decision::Reject { reason, .. }, _) => Err(reason),
+            (
+                Decision::Reject {
+                    reason,
+                    fast_reject_until,
+                    ..
+                },
+                _,
+            ) => {
+                if let Some(until) = fast_reject_until {
+                    if reason == RejectReason::AdaptiveThrottle {
+                        info!(event = "breaker_opened", peer = ?key, reason = "throttled_attempts", "breaker opened");
+                    } else {
+                        debug!(peer = ?key, reason = reason.as_str(), "kernel fast-reject verdict");
+                    }
+                    self.refuse_until(&key, until);
+                }
+                Err(reason)
+            }
             (
                 Decision::Queue {
                     lease,
@@ -243,7 +299,8 @@ impl<K: Hash + Eq + Clone> Admission<K> {
         let now = self.clock.now();
         let t = lock(&self.table).on_connect_result(now, key, *result);
         if let Some(BreakerTransition::Opened { until }) = t {
-            (self.on_open)(key, self.clock.kernel_ns(until));
+            info!(event = "breaker_opened", peer = ?key, reason = "connect_failures", "breaker opened");
+            self.refuse_until(key, until);
         }
         t
     }

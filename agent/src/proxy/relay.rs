@@ -144,12 +144,39 @@ pub async fn relay(mut a: TcpStream, mut b: TcpStream, limits: Limits<'_>) -> Re
         }
     };
     out.end = end;
-    if end == End::Reset {
-        reset(&a);
-        reset(&b);
+    match end {
+        End::Reset => {
+            reset(&a);
+            reset(&b);
+        }
+        End::IdleTimeout | End::MaxLifetime => close_gracefully(&mut a, &mut b).await,
+        // Both sides already closed: dropping the streams finishes the close.
+        End::Closed => {}
     }
-    // Otherwise dropping both streams closes them with a FIN.
     out
+}
+
+/// How long a connection ended by a limit may take to be closed by its ends after our FIN.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Ends a connection we cut (a limit, not a side) with a FIN both ways, never a reset: close()
+/// on a socket with unread data sends RST, and bytes in flight are the normal state of a busy
+/// connection reaching its lifetime. So: FIN to both, then discard what still arrives until each
+/// side closes too, for at most [`DRAIN_GRACE`].
+async fn close_gracefully(a: &mut TcpStream, b: &mut TcpStream) {
+    let _ = a.shutdown().await;
+    let _ = b.shutdown().await;
+    let drain = async { tokio::join!(discard(a), discard(b)) };
+    let _ = tokio::time::timeout(DRAIN_GRACE, drain).await;
+}
+
+async fn discard(s: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 /// Make the coming close send RST instead of FIN.

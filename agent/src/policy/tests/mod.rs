@@ -9,6 +9,7 @@ mod concurrency;
 mod config;
 mod file;
 mod flags;
+mod interplay;
 mod reload;
 mod rules;
 mod table;

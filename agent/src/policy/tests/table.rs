@@ -58,10 +58,21 @@ pub(super) fn table(max_peers: usize, policy: PeerPolicy) -> PeerTable<Key> {
     PeerTable::with_policy(config, policy)
 }
 
+/// A rejection the next attempts could pass (no kernel verdict).
 fn reject(reason: RejectReason, retry_after: Option<Duration>) -> Decision {
     Decision::Reject {
         reason,
         retry_after,
+        fast_reject_until: None,
+    }
+}
+
+/// A rejection certain to repeat for `wait` from `now`: the kernel may refuse until then.
+pub(super) fn refused(reason: RejectReason, now: Nanos, wait: Duration) -> Decision {
+    Decision::Reject {
+        reason,
+        retry_after: Some(wait),
+        fast_reject_until: Some(now.saturating_add(wait)),
     }
 }
 
@@ -110,7 +121,7 @@ fn knobs_are_consulted_breaker_rate_concurrency() {
     // Both rate and concurrency would refuse; rate is asked first.
     assert_eq!(
         t.admit(secs(0), &k, 0.5),
-        reject(RateLimited, Some(Duration::from_secs(1)))
+        refused(RateLimited, secs(0), Duration::from_secs(1))
     );
     // A token again, but the only slot is taken and there is no queue.
     assert_eq!(t.admit(secs(1), &k, 0.5), reject(ConcurrencyFull, None));
@@ -125,7 +136,7 @@ fn knobs_are_consulted_breaker_rate_concurrency() {
     // The rate limit would refuse too; the breaker answers first.
     assert_eq!(
         t.admit(ms(1500), &k, 0.5),
-        reject(BreakerOpen, Some(dms(14_500)))
+        refused(BreakerOpen, ms(1500), dms(14_500))
     );
     assert_eq!(t.breaker_open_until(ms(1500), &k), Some(secs(16)));
 
@@ -158,7 +169,7 @@ fn adaptive_comes_before_rate_and_counts_only_its_own_rejections() {
     // …0.95 passes the throttle and meets the rate limit.
     assert_eq!(
         t.admit(secs(0), &k, 0.95),
-        reject(RateLimited, Some(Duration::from_secs(1)))
+        refused(RateLimited, secs(0), Duration::from_secs(1))
     );
     // 10 failures + 1 local throttle = 11 requests; the rate rejection is not one.
     let view = t.peers(secs(0)).next().map(|(_, v)| v);
@@ -273,7 +284,7 @@ fn reload_keeps_the_state_of_each_knob() {
     t.set_source(Box::new(move |_| faster.clone()));
     assert_eq!(
         t.admit(secs(0), &k, 0.5),
-        reject(BreakerOpen, Some(Duration::from_secs(15)))
+        refused(BreakerOpen, secs(0), Duration::from_secs(15))
     );
 
     // Breaker off: the bucket kept its (empty) level and refills at the new rate.
@@ -284,7 +295,7 @@ fn reload_keeps_the_state_of_each_knob() {
     t.set_source(Box::new(move |_| no_breaker.clone()));
     assert_eq!(
         t.admit(secs(0), &k, 0.5),
-        reject(RateLimited, Some(dms(100)))
+        refused(RateLimited, secs(0), dms(100))
     );
     assert_eq!(t.policy(&k).map(|p| p.breaker), Some(None));
 
@@ -336,7 +347,8 @@ fn clock_going_backwards_is_read_as_the_latest_time() {
     admitted(t.admit(secs(1), &k, 0.5));
     assert_eq!(
         t.admit(secs(0), &k, 0.5),
-        reject(RateLimited, Some(dms(100)))
+        // The kernel expiry is from the latest time seen too.
+        refused(RateLimited, secs(1), dms(100))
     );
     admitted(t.admit(ms(1100), &k, 0.5));
 }

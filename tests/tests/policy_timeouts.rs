@@ -1,0 +1,164 @@
+//! Per-peer timeouts end to end: connect timeout, idle timeout (and nothing leaks after a
+//! burst of them), maximum lifetime.
+mod policy_util;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use policy_util::{fd_count, map_len, wait_until, T};
+use sockmesh_tests::*;
+
+/// A peer that drops SYNs: the agent gives up after the connect timeout and resets the
+/// client, whose connection task and sockets are then gone.
+#[test]
+fn connect_timeout_resets_the_client() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    // DROP inside the test's own server pod: SYNs vanish, nothing answers.
+    server_pod
+        .exec(&[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "7777", "-j", "DROP",
+        ])
+        .expect("iptables in the server pod");
+    let agent =
+        Agent::start(["--pod", &pod_spec(&client, ""), "--connect-timeout", "1s"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let mut c = tcp_connect(&client, server_pod.addr4(7777), T).expect("accepted by the agent");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    let r = c.stream.read(&mut buf);
+    let err = r.expect_err("reset after the connect timeout");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    // Generous bound: the point is that it ends well before the 20 s read timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The agent's footprint that a connection adds: its fds, and its entries in the pinned
+/// maps that link a redirected socket to its original destination.
+fn footprint(agent: &Agent) -> (usize, usize, usize) {
+    (
+        fd_count(agent.pid()),
+        map_len(agent, "SM_SOCKETS"),
+        map_len(agent, "SM_ORIG_TUPLE"),
+    )
+}
+
+/// Silent connections are closed on both sides after the idle timeout; after a burst of 40,
+/// the agent's fds and pinned map entries are back where they were.
+#[test]
+fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
+    require_root();
+    const BURST: usize = 40;
+    const IDLE: Duration = Duration::from_millis(300);
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    let listener = server_pod
+        .run(|| TcpListener::bind("0.0.0.0:8080"))
+        .expect("listen in the server pod");
+    let agent =
+        Agent::start(["--pod", &pod_spec(&client, ""), "--idle-timeout", "300ms"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let dst = server_pod.addr4(8080);
+
+    // One connection first, so that whatever the agent sets up lazily is in the baseline.
+    let mut warm = tcp_connect(&client, dst, T).expect("connect");
+    let (mut warm_up, _) = listener.accept().expect("accept");
+    warm.stream.write_all(b"x").expect("write");
+    warm_up.read_exact(&mut [0u8; 1]).expect("read");
+    assert_eq!(warm.stream.read(&mut [0u8; 1]).expect("EOF"), 0);
+    drop((warm, warm_up));
+    let before = footprint(&agent);
+    wait_until("the warm-up connection to be gone", T, || {
+        let now = footprint(&agent);
+        now.1 == 0 && now.2 == 0
+    });
+    let baseline = footprint(&agent);
+    eprintln!("footprint before the warm-up closed {before:?}, baseline {baseline:?}");
+
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..BURST {
+        clients.push(tcp_connect(&client, dst, T).expect("connect"));
+    }
+    let mut upstreams = Vec::new();
+    for _ in 0..BURST {
+        let (s, _) = listener.accept().expect("the agent connected upstream");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        upstreams.push(s);
+    }
+    // While they are open, the footprint is there to see (so the check below is not vacuous).
+    let open = footprint(&agent);
+    assert!(
+        open.0 >= baseline.0 + 2 * BURST && open.2 >= BURST,
+        "40 open connections should show in the agent's fds and SM_ORIG_TUPLE: {open:?} vs {baseline:?}"
+    );
+    // Both sides see a clean EOF, none before the idle timeout.
+    for c in &mut clients {
+        let n = c.stream.read(&mut [0u8; 1]).expect("EOF, not an error");
+        assert_eq!(n, 0, "client got data instead of EOF");
+    }
+    assert!(started.elapsed() >= IDLE, "closed before the idle timeout");
+    for s in &mut upstreams {
+        let n = s.read(&mut [0u8; 1]).expect("EOF, not an error");
+        assert_eq!(n, 0, "server got data instead of EOF");
+    }
+    drop((clients, upstreams));
+    wait_until(
+        "the agent's fds and map entries to return to the baseline",
+        T,
+        || footprint(&agent) == baseline,
+    );
+}
+
+/// A connection still carrying data is closed gracefully (EOF, not a reset) once it reaches
+/// its maximum lifetime.
+#[test]
+fn max_lifetime_closes_a_busy_connection_gracefully() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    let _echo =
+        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
+    let agent = Agent::start(["--pod", &pod_spec(&client, ""), "--max-conn-lifetime", "1s"])
+        .expect("agent");
+    agent.wait_ready().expect("ready");
+
+    let mut c = tcp_connect(&client, server_pod.addr4(8080), T).expect("connect");
+    let started = Instant::now();
+    let (mut echoed, mut last_echo) = (0usize, Duration::ZERO);
+    let chunk = [7u8; 512];
+    let end = loop {
+        // A write can race the close; what counts is what the read sees.
+        let _ = c.stream.write_all(&chunk);
+        let mut back = [0u8; 512];
+        match c.stream.read(&mut back) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                echoed += n;
+                last_echo = started.elapsed();
+            }
+            Err(e) => break Err(e),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+    };
+    let took = started.elapsed();
+    end.expect("a graceful close (EOF), not a reset");
+    assert!(took >= Duration::from_secs(1), "closed after {took:?}");
+    assert!(
+        echoed > 0 && last_echo >= Duration::from_millis(500),
+        "bytes must flow up to the end: {echoed} bytes, last at {last_echo:?}"
+    );
+}
