@@ -124,7 +124,18 @@ pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Re
     println!("xtask: agent {}", agent.display());
     catch_interrupts();
     let nofile = scale::raise_nofile()?;
-    println!("xtask: open-file limit raised to {nofile}");
+    println!("xtask: open-file limit {nofile}");
+    let mut plan = plan;
+    let cap = scale::max_conns(nofile);
+    if plan.scale_conns > cap {
+        println!(
+            "xtask: WARNING: the open-file limit ({nofile}; raising it needs CAP_SYS_RESOURCE, \
+             which this process lacks) allows {cap} proxied connections, not {}: the scale step \
+             holds {cap}",
+            plan.scale_conns
+        );
+        plan.scale_conns = cap;
+    }
 
     let stamp = report::timestamp();
     let out_dir = repo_root().join("bench-results");

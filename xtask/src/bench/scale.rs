@@ -222,20 +222,34 @@ fn fds(pid: u32) -> Result<usize> {
         .count())
 }
 
-/// Raises this process's open-file limit to the kernel's maximum; the agent and the clients
-/// started from here inherit it.
+/// Raises this process's open-file limit as far as it may (the agent and the clients started
+/// from here inherit it) and returns it. Past the hard limit needs CAP_SYS_RESOURCE; without
+/// it the soft limit still goes up to the hard one.
 pub fn raise_nofile() -> Result<u64> {
     let max: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1 << 20);
-    let lim = libc::rlimit {
+    let mut lim = libc::rlimit {
         rlim_cur: max,
         rlim_max: max,
     };
-    // SAFETY: plain syscall with a valid struct.
+    // SAFETY: plain syscalls with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        return Ok(max);
+    }
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("read RLIMIT_NOFILE");
+    }
+    lim.rlim_cur = lim.rlim_max;
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(std::io::Error::last_os_error()).context("raise RLIMIT_NOFILE");
     }
-    Ok(max)
+    Ok(lim.rlim_max)
+}
+
+/// How many proxied connections `nofile` allows: the agent holds two sockets per connection
+/// (and so does this process: client and server end), plus a margin for everything else.
+pub fn max_conns(nofile: u64) -> usize {
+    (nofile.saturating_sub(512) / 2) as usize
 }

@@ -184,11 +184,18 @@ fn start_servers(server: &Netns, tmp: &Path) -> Result<Vec<ChildGuard>> {
         let mut g = ChildGuard::spawn(name, cmd)?;
         wait_until(&format!("{name} to listen"), &mut g, || {
             Ok(listening(server, port))
-        })?;
+        })
+        .with_context(|| log_of(&tmp.join(format!("{name}.err"))))?;
         out.push(g);
     }
     println!("    servers: iperf3 :{IPERF_PORT}, sockperf :{SOCKPERF_PORT}, nginx :{HTTP_PORT}");
     Ok(out)
+}
+
+/// A process's log, for the error when it did not start.
+fn log_of(path: &Path) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    format!("its log ({}):\n{}", path.display(), log.trim())
 }
 
 /// Whether something listens on TCP `port` in `ns` (per `ss`).
@@ -225,7 +232,7 @@ fn start_agent(
 
 fn start_haproxy(pod: &Netns, tmp: &Path) -> Result<ChildGuard> {
     let mut conf = String::from(
-        "global\n  maxconn 200000\n  nbthread 2\n\
+        "global\n  maxconn 4096\n  nbthread 2\n\
          defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
          timeout client 1h\n  timeout server 1h\n",
     );
@@ -246,7 +253,8 @@ fn start_haproxy(pod: &Netns, tmp: &Path) -> Result<ChildGuard> {
     let mut g = ChildGuard::spawn("haproxy", &mut cmd)?;
     wait_until("haproxy to listen", &mut g, || {
         Ok(listening(pod, HTTP_PORT))
-    })?;
+    })
+    .with_context(|| log_of(&tmp.join("haproxy.err")))?;
     println!("    haproxy (TCP mode, 2 threads, splice-auto) in its client pod");
     Ok(g)
 }
