@@ -34,7 +34,9 @@ pub async fn pump(
     pool: &PipePool,
 ) -> io::Result<()> {
     match shape {
-        Some(shape) => copy(src, dst, total, last, shape).await,
+        // Boxed: a shaped connection is the rare case, and the copy state (buffer, shaping
+        // timer) would otherwise sit in every connection's task, idle ones included.
+        Some(shape) => Box::pin(copy(src, dst, total, last, shape)).await,
         None => splice(src, dst, total, last, pool).await,
     }
 }

@@ -126,7 +126,10 @@ async fn half_close(client_first: bool) {
     assert_eq!(got, b"request", "bytes before the FIN, then EOF");
     // The other direction is still open after the half-close.
     let reply = stream(3, 300_000);
-    second.write_all(&reply).await.expect("write after peer's FIN");
+    second
+        .write_all(&reply)
+        .await
+        .expect("write after peer's FIN");
     second.shutdown().await.expect("shutdown");
     let mut back = Vec::new();
     first.read_to_end(&mut back).await.expect("read reply");
@@ -226,8 +229,14 @@ async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_i
     assert!(s.pool.created() >= 1, "the bytes went by splice");
     // Both sides are closed (FIN, not reset).
     let mut rest = Vec::new();
-    s.client.read_to_end(&mut rest).await.expect("client sees EOF");
-    s.server.read_to_end(&mut rest).await.expect("server sees EOF");
+    s.client
+        .read_to_end(&mut rest)
+        .await
+        .expect("client sees EOF");
+    s.server
+        .read_to_end(&mut rest)
+        .await
+        .expect("server sees EOF");
     assert!(rest.is_empty());
 }
 
