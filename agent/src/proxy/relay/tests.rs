@@ -32,6 +32,27 @@ struct Setup {
     pool: &'static PipePool,
 }
 
+/// What is left of a `Setup` once its two ends are taken.
+struct Rest {
+    relay: JoinHandle<Relayed>,
+    pool: &'static PipePool,
+}
+
+impl Setup {
+    /// (client, server) or (server, client), and the rest.
+    fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
+        let rest = Rest {
+            relay: self.relay,
+            pool: self.pool,
+        };
+        if client_first {
+            (self.client, self.server, rest)
+        } else {
+            (self.server, self.client, rest)
+        }
+    }
+}
+
 async fn setup(limits: Limits<'static>) -> Setup {
     // Leaked so the spawned relay can borrow it; a few bytes per test.
     let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
@@ -46,18 +67,14 @@ async fn setup(limits: Limits<'static>) -> Setup {
     }
 }
 
-/// A deterministic, non-repeating byte stream (xorshift), so a reordered, lost or duplicated
-/// chunk anywhere shows up as a mismatch.
-fn stream(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// Bytes whose every 4-byte word holds its own index (xored with `seed`): a reordered, lost or
+/// duplicated chunk anywhere shows up as a mismatch.
+fn stream(seed: u32, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len.div_ceil(4) as u32)
+        .flat_map(|i| (i ^ seed).to_le_bytes())
+        .collect();
+    v.truncate(len);
+    v
 }
 
 async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
@@ -113,12 +130,7 @@ async fn large_transfers_both_ways_arrive_intact_by_splice_with_exact_counts() {
 
 /// A FIN from one side half-closes the other, and the open direction keeps working.
 async fn half_close(client_first: bool) {
-    let s = setup(Limits::default()).await;
-    let (mut first, mut second) = if client_first {
-        (s.client, s.server)
-    } else {
-        (s.server, s.client)
-    };
+    let (mut first, mut second, s) = setup(Limits::default()).await.ends(client_first);
     first.write_all(b"request").await.expect("write");
     first.shutdown().await.expect("shutdown");
     let mut got = Vec::new();
@@ -156,12 +168,7 @@ async fn half_close_from_the_server_keeps_the_request_flowing() {
 
 /// A reset on one side reaches the other as a reset, mid-stream.
 async fn reset_propagates(server_resets: bool) {
-    let s = setup(Limits::default()).await;
-    let (mut resetter, mut other) = if server_resets {
-        (s.server, s.client)
-    } else {
-        (s.client, s.server)
-    };
+    let (mut resetter, mut other, s) = setup(Limits::default()).await.ends(!server_resets);
     other.write_all(&stream(5, 100_000)).await.expect("write");
     let mut buf = vec![0u8; 100_000];
     resetter.read_exact(&mut buf).await.expect("read through");
