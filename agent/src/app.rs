@@ -79,11 +79,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         )?);
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sockmesh")
-        .build()
-        .context("start the async runtime")?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("sockmesh");
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(usize::from(n));
+    }
+    let rt = rt.build().context("start the async runtime")?;
     rt.block_on(serve(args, cgroup, prepared, configs, policy, metrics))
 }
 

@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// At shutdown, how long live connections may take to finish before they are closed.
     #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = crate::policy::parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Threads running the proxies (default: one per CPU). Measured on 2 cores: see the
+    /// README's performance section.
+    #[arg(long, env = "SOCKMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::build::build_agent;
+use crate::netns::Netns;
 use crate::prereqs::{self, Level};
-use crate::util::{bail_if_interrupted, catch_interrupts, describe, output, signal, ChildGuard};
+use crate::util::{bail_if_interrupted, catch_interrupts, describe, output, ChildGuard};
 
 const SWITCH: &str = "smdemo-switch";
 const CLIENT: &str = "smdemo-client";
@@ -154,7 +155,7 @@ fn wire_pods() -> Result<(Netns, Netns, Netns)> {
     ] {
         // The switch end is named after the pod ("client"/"server"); the pod end is eth0.
         let port = pod.name.trim_start_matches("smdemo-");
-        let name = pod.name;
+        let name = &pod.name;
         switch.ip(&format!(
             "link add {port} type veth peer name eth0 netns {name}"
         ))?;
@@ -241,24 +242,37 @@ fn start_agent(agent: &Path) -> Result<ChildGuard> {
     .stderr(Stdio::piped())
     .env("NO_COLOR", "1"); // its log is relayed line by line below
     println!("    $ {} &", describe(&cmd));
-    let mut proc = ChildGuard::spawn("the agent", &mut cmd)?;
-    let stdout = proc.child.stdout.take().expect("piped");
-    let stderr = proc.child.stderr.take().expect("piped");
+    spawn_agent_until_ready(&mut cmd, true)
+}
+
+/// Starts the agent (`cmd` with stdout piped) and waits for its ready event. With `echo`, its
+/// events (and its log, if stderr is piped too) are printed as they come.
+pub(crate) fn spawn_agent_until_ready(cmd: &mut Command, echo: bool) -> Result<ChildGuard> {
+    let mut proc = ChildGuard::spawn("the agent", cmd)?;
+    let stdout = proc
+        .child
+        .stdout
+        .take()
+        .context("the agent's stdout must be piped")?;
     let (ready_tx, ready_rx) = mpsc::channel();
     // Lifecycle events are JSON lines on stdout; logs go to stderr.
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("    [agent event] {line}");
+            if echo {
+                println!("    [agent event] {line}");
+            }
             if is_ready_event(&line) {
                 let _ = ready_tx.send(());
             }
         }
     });
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("    [agent log] {line}");
-        }
-    });
+    if let Some(stderr) = proc.child.stderr.take() {
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("    [agent log] {line}");
+            }
+        });
+    }
     let start = Instant::now();
     loop {
         bail_if_interrupted()?;
@@ -313,7 +327,7 @@ fn print_indented(text: &str) {
     }
 }
 
-fn wait_until(
+pub(crate) fn wait_until(
     what: &str,
     proc: &mut ChildGuard,
     mut ready: impl FnMut() -> Result<bool>,
@@ -340,69 +354,11 @@ fn remove_leftover_pins() -> Result<()> {
     Ok(())
 }
 
-/// A named network namespace, deleted (with every process still in it) when dropped.
-struct Netns {
-    name: &'static str,
-}
-
-impl Netns {
-    fn create(name: &'static str) -> Result<Self> {
-        if delete_netns(name) {
-            println!("    removed network namespace {name} left over from an earlier run");
-        }
-        output(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Netns { name };
-        ns.ip("link set lo up")?;
-        Ok(ns)
-    }
-
-    /// `ip -n NAME ARGS...` (ARGS split on spaces).
-    fn ip(&self, args: &str) -> Result<()> {
-        output(
-            Command::new("ip")
-                .args(["-n", self.name])
-                .args(args.split_whitespace()),
-        )
-        .map(drop)
-    }
-
-    /// A command that runs `program` inside this namespace.
-    fn exec(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.name, program]);
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if delete_netns(self.name) {
-            println!("    deleted network namespace {}", self.name);
-        }
-    }
-}
-
-/// Kills what still runs in the namespace and deletes it; true if it existed.
-fn delete_netns(name: &str) -> bool {
-    if !Path::new("/var/run/netns").join(name).exists() {
-        return false;
-    }
-    if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", name])) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-            signal(pid, libc::SIGKILL);
-        }
-    }
-    if let Err(e) = output(Command::new("ip").args(["netns", "delete", name])) {
-        eprintln!("    warning: could not delete network namespace {name}: {e:#}");
-    }
-    true
-}
-
 /// A directory removed (recursively) when dropped: the temp dir, and the agent's bpffs pins.
-struct DirGuard(PathBuf);
+pub(crate) struct DirGuard(pub PathBuf);
 
 impl DirGuard {
-    fn create(path: PathBuf) -> Result<Self> {
+    pub(crate) fn create(path: PathBuf) -> Result<Self> {
         fs::create_dir_all(&path)
             .with_context(|| format!("could not create {}", path.display()))?;
         Ok(DirGuard(path))

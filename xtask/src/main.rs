@@ -1,7 +1,9 @@
 //! Developer tasks for sockmesh: `cargo xtask <command>` (alias in .cargo/config.toml).
 
+mod bench;
 mod build;
 mod demo;
+mod netns;
 mod prereqs;
 mod test;
 mod util;
@@ -41,10 +43,18 @@ enum Cmd {
     },
     /// Two pods on a private bridge, real curl and dig traffic through the agent (needs root).
     Demo,
-    /// Throughput and latency benchmarks (not implemented yet, issue #6).
+    /// Benchmarks between two pods: direct, sockmesh, iptables REDIRECT + agent, HAProxy;
+    /// then many idle proxied connections. Results in bench-results/ (needs root).
     Bench {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        _args: Vec<String>,
+        /// A short run (one repetition, 2 s per run, 10k idle connections): about 2 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of every workload and variant (default 3, or 1 with --quick).
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Idle connections held in the scale step (default 100000, or 10000 with --quick).
+        #[arg(long)]
+        scale_conns: Option<usize>,
     },
     /// Long-running soak test (not implemented yet, issue #7).
     Soak {
@@ -63,9 +73,11 @@ fn main() -> ExitCode {
         Cmd::Build { release } => build::build(release),
         Cmd::Test { args } => test::test(&args),
         Cmd::Demo => demo::demo(),
-        Cmd::Bench { .. } => Err(anyhow::anyhow!(
-            "`cargo xtask bench` is not implemented yet (issue #6)"
-        )),
+        Cmd::Bench {
+            quick,
+            reps,
+            scale_conns,
+        } => bench::bench(quick, reps, scale_conns),
         Cmd::Soak { .. } => Err(anyhow::anyhow!(
             "`cargo xtask soak` is not implemented yet (issue #7)"
         )),

@@ -187,15 +187,20 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn debian_packages() -> Result<()> {
-    let what = "Debian packages for tests and demo";
-    let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    install_packages("Debian packages for tests and demo", PACKAGES)
+}
+
+/// Installs the missing ones of `packages` (package, binaries it must provide) with apt-get,
+/// then checks every binary is on PATH. Idempotent: only checks when all are there.
+pub fn install_packages(what: &str, packages: &[(&str, &[&str])]) -> Result<()> {
+    let names: Vec<&str> = packages.iter().map(|(p, _)| *p).collect();
     if find_in_path("dpkg-query").is_none() {
         // Not Debian: accept the binaries if they are there, else say what to install.
         line(
             what,
             "skipped (no dpkg-query); checking the binaries instead",
         );
-        return check_binaries();
+        return check_binaries(packages);
     }
     let missing: Vec<&str> = names
         .iter()
@@ -220,19 +225,19 @@ fn debian_packages() -> Result<()> {
         apt(&args).with_context(|| format!("could not install {}", missing.join(" ")))?;
         line(what, "ok (installed)");
     }
-    check_binaries()
+    check_binaries(packages)
 }
 
-fn check_binaries() -> Result<()> {
+fn check_binaries(packages: &[(&str, &[&str])]) -> Result<()> {
     let mut missing = Vec::new();
-    for (pkg, bins) in PACKAGES {
+    for (pkg, bins) in packages {
         for bin in *bins {
             if find_in_path(bin).is_none() {
                 missing.push(format!("{bin} (package {pkg})"));
             }
         }
     }
-    let all: Vec<&str> = PACKAGES
+    let all: Vec<&str> = packages
         .iter()
         .flat_map(|(_, b)| b.iter().copied())
         .collect();

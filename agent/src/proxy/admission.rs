@@ -309,6 +309,14 @@ impl<K: PeerId> Admission<K> {
     pub fn shape(&self, key: &K, bytes: u64) -> Duration {
         lock(&self.table).shape(self.clock.now(), key, bytes)
     }
+
+    /// Whether the peer has a bandwidth limit: only then must its bytes pass through `shape`
+    /// (the relay copies them); otherwise they can be spliced without touching the agent.
+    pub fn shaped(&self, key: &K) -> bool {
+        lock(&self.table)
+            .policy(key)
+            .is_some_and(|p| p.bandwidth.is_some())
+    }
 }
 
 /// Which breaker failure an upstream connect error is.

@@ -106,10 +106,14 @@ pub async fn proxy(
         }
     };
     let shape = |n: u64| shared.admission.shape(&key, n);
+    // Decided once per connection, like its timeouts: a reload applies to new connections.
     let limits = Limits {
         idle: permit.timeouts.idle,
         lifetime: permit.timeouts.max_lifetime,
-        shape: Some(&shape),
+        shape: shared
+            .admission
+            .shaped(&key)
+            .then_some(&shape as relay::Shaper<'_>),
     };
     let r = relay::relay(client, upstream, limits).await;
     shared.recorder.ended(&key, &r);

@@ -1,24 +1,30 @@
-//! Copying a proxied connection both ways, TCP semantics preserved: a FIN on one side becomes
+//! Relaying a proxied connection both ways, TCP semantics preserved: a FIN on one side becomes
 //! a half-close (shutdown(SHUT_WR)) on the other while the other direction keeps flowing; a
 //! reset on either side resets both. The per-peer idle timeout and maximum lifetime end the
 //! connection from a timer that is re-armed only when it fires (no polling), and bandwidth
 //! shaping delays reads, never drops bytes.
+//!
+//! Unshaped connections are forwarded with splice(2) through a pooled pipe (zero copy, see
+//! `pipe`); shaped ones are copied through a buffer so each chunk can be held back. Either
+//! way nothing is allocated per read, and an idle connection holds no pipe and no buffer.
+mod pipe;
+mod pump;
+#[cfg(test)]
+mod tests;
+
 use std::{
-    io,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{ReadHalf, WriteHalf},
-        TcpStream,
-    },
+    net::TcpStream,
     time::Instant,
 };
 
-const BUF_SIZE: usize = 32 * 1024;
+pub use pipe::PipePool;
+pub use pump::Shaper;
 
 /// How a relayed connection ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +42,7 @@ pub enum End {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Relayed {
-    /// Bytes from the first stream to the second.
+    /// Bytes from the first stream to the second (written to the second).
     pub a_to_b: u64,
     pub b_to_a: u64,
     pub end: End,
@@ -44,7 +50,7 @@ pub struct Relayed {
 
 /// When the connection last saw a byte, as nanoseconds since it started (both pumps write it,
 /// the timer reads it; the task is Send, so no Cell).
-struct Activity {
+pub struct Activity {
     start: Instant,
     last_ns: AtomicU64,
 }
@@ -66,33 +72,8 @@ pub struct Limits<'a> {
     pub idle: Option<Duration>,
     pub lifetime: Option<Duration>,
     /// Debits bytes from the peer's bandwidth bucket; returns how long to hold them back.
-    pub shape: Option<&'a (dyn Fn(u64) -> Duration + Sync)>,
-}
-
-async fn pump(
-    r: &mut ReadHalf<'_>,
-    w: &mut WriteHalf<'_>,
-    total: &mut u64,
-    last: &Activity,
-    shape: Option<&(dyn Fn(u64) -> Duration + Sync)>,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = r.read(&mut buf).await?;
-        last.touch();
-        if n == 0 {
-            // Peer sent FIN: pass the half-close on, keep the other direction open.
-            return w.shutdown().await;
-        }
-        if let Some(shape) = shape {
-            let wait = shape(n as u64);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
-        w.write_all(&buf[..n]).await?;
-        *total += n as u64;
-    }
+    /// `None` (no bandwidth limit) lets the bytes go by splice, never through the agent.
+    pub shape: Option<Shaper<'a>>,
 }
 
 /// Fires when the idle timeout or the lifetime is reached; pending forever if neither is set.
@@ -118,17 +99,28 @@ async fn deadline(limits: &Limits<'_>, last: &Activity) -> End {
 }
 
 /// Relay until both directions have finished, either fails, or a limit is reached.
-pub async fn relay(mut a: TcpStream, mut b: TcpStream, limits: Limits<'_>) -> Relayed {
+pub async fn relay(a: TcpStream, b: TcpStream, limits: Limits<'_>) -> Relayed {
+    relay_with(a, b, limits, PipePool::global()).await
+}
+
+async fn relay_with(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    limits: Limits<'_>,
+    pool: &PipePool,
+) -> Relayed {
+    // Forwarded segments go out as they come: Nagle would hold a small reply behind an
+    // un-acked one and add a delayed-ACK wait to request/response traffic.
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
     let mut out = Relayed::default();
     let last = Activity {
         start: Instant::now(),
         last_ns: AtomicU64::new(0),
     };
     let end = {
-        let (mut ar, mut aw) = a.split();
-        let (mut br, mut bw) = b.split();
-        let ab = pump(&mut ar, &mut bw, &mut out.a_to_b, &last, limits.shape);
-        let ba = pump(&mut br, &mut aw, &mut out.b_to_a, &last, limits.shape);
+        let ab = pump::pump(&a, &b, &mut out.a_to_b, &last, limits.shape, pool);
+        let ba = pump::pump(&b, &a, &mut out.b_to_a, &last, limits.shape, pool);
         let timer = deadline(&limits, &last);
         tokio::pin!(ab, ba, timer);
         let (mut ab_done, mut ba_done) = (false, false);

@@ -1,0 +1,124 @@
+//! One direction of a relayed connection: bytes from `src` to `dst` until `src` ends (then the
+//! half-close is passed on) or either side fails. Two ways to move them:
+//! - splice: socket -> pipe -> socket inside the kernel, for unshaped peers (the common case);
+//! - copy: read into a buffer, let the shaper hold the bytes back, write; for peers with a
+//!   bandwidth limit, where each chunk must be debited before it goes on.
+//!
+//! Both wait on tokio's readiness and do the I/O with non-blocking syscalls, so a pump costs
+//! no thread and no buffer while its direction is idle.
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsRawFd, RawFd},
+    time::Duration,
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{
+    pipe::{PipePool, PipeSlot, PIPE_SIZE},
+    Activity,
+};
+
+/// The copy path's buffer, allocated on the first byte the direction sees.
+const BUF_SIZE: usize = 32 * 1024;
+
+pub type Shaper<'a> = &'a (dyn Fn(u64) -> Duration + Sync);
+
+pub async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    total: &mut u64,
+    last: &Activity,
+    shape: Option<Shaper<'_>>,
+    pool: &PipePool,
+) -> io::Result<()> {
+    match shape {
+        // Boxed: a shaped connection is the rare case, and the copy state (buffer, shaping
+        // timer) would otherwise sit in every connection's task, idle ones included.
+        Some(shape) => Box::pin(copy(src, dst, total, last, shape)).await,
+        None => splice(src, dst, total, last, pool).await,
+    }
+}
+
+/// Pass the end of stream on, keeping the other direction open.
+fn half_close(dst: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(dst).shutdown(Shutdown::Write)
+}
+
+async fn splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    total: &mut u64,
+    last: &Activity,
+    pool: &PipePool,
+) -> io::Result<()> {
+    let (src_fd, dst_fd): (RawFd, RawFd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut slot = PipeSlot::new(pool);
+    loop {
+        src.readable().await?;
+        let pipe = slot.get()?;
+        let n = match src.try_io(Interest::READABLE, || pipe.fill(src_fd, PIPE_SIZE)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained and nothing more yet: the direction is idle, give the pipe back.
+                slot.release();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        last.touch();
+        if n == 0 {
+            return half_close(dst);
+        }
+        while pipe.len > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd)) {
+                Ok(m) => *total += m as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    total: &mut u64,
+    last: &Activity,
+    shape: Shaper<'_>,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        src.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0u8; BUF_SIZE];
+        }
+        let n = match src.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        last.touch();
+        if n == 0 {
+            return half_close(dst);
+        }
+        let wait = shape(n as u64);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let mut sent = 0;
+        while sent < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[sent..n]) {
+                Ok(m) => {
+                    sent += m;
+                    *total += m as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The relay against real loopback sockets: client <-> [a relay b] <-> server. Each test has
+//! its own pipe pool so it can tell whether bytes went by splice and whether pipes were held.
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use super::{relay_with, End, Limits, PipePool, Relayed};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A connected pair on 127.0.0.1: (the end a peer holds, the end the relay holds).
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+    (c.expect("connect"), a.expect("accept").0)
+}
+
+struct Setup {
+    client: TcpStream,
+    server: TcpStream,
+    relay: JoinHandle<Relayed>,
+    pool: &'static PipePool,
+}
+
+/// What is left of a `Setup` once its two ends are taken.
+struct Rest {
+    relay: JoinHandle<Relayed>,
+    pool: &'static PipePool,
+}
+
+impl Setup {
+    /// (client, server) or (server, client), and the rest.
+    fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
+        let rest = Rest {
+            relay: self.relay,
+            pool: self.pool,
+        };
+        if client_first {
+            (self.client, self.server, rest)
+        } else {
+            (self.server, self.client, rest)
+        }
+    }
+}
+
+async fn setup(limits: Limits<'static>) -> Setup {
+    // Leaked so the spawned relay can borrow it; a few bytes per test.
+    let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
+    let (client, a) = pair().await;
+    let (b, server) = pair().await;
+    let relay = tokio::spawn(relay_with(a, b, limits, pool));
+    Setup {
+        client,
+        server,
+        relay,
+        pool,
+    }
+}
+
+/// Bytes whose every 4-byte word holds its own index (xored with `seed`): a reordered, lost or
+/// duplicated chunk anywhere shows up as a mismatch.
+fn stream(seed: u32, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len.div_ceil(4) as u32)
+        .flat_map(|i| (i ^ seed).to_le_bytes())
+        .collect();
+    v.truncate(len);
+    v
+}
+
+async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
+    s.write_all(&data).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+}
+
+async fn read_to_end(mut s: tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).await.expect("read");
+    v
+}
+
+async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
+    tokio::time::timeout(T, relay)
+        .await
+        .expect("relay ended")
+        .expect("relay task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_both_ways_arrive_intact_by_splice_with_exact_counts() {
+    const LEN: usize = 24 * 1024 * 1024;
+    let s = setup(Limits::default()).await;
+    let (up, down) = (stream(7, LEN), stream(11, LEN));
+    let (cr, cw) = s.client.into_split();
+    let (sr, sw) = s.server.into_split();
+    // Both directions at once: each pump has its own pipe.
+    let (got_up, got_down, (), ()) = tokio::time::timeout(T, async {
+        tokio::join!(
+            read_to_end(sr),
+            read_to_end(cr),
+            send_all_then_fin(cw, up.clone()),
+            send_all_then_fin(sw, down.clone()),
+        )
+    })
+    .await
+    .expect("transfers finished");
+    assert!(got_up == up, "client -> server bytes differ");
+    assert!(got_down == down, "server -> client bytes differ");
+    let r = ended(s.relay).await;
+    assert_eq!(
+        r,
+        Relayed {
+            a_to_b: LEN as u64,
+            b_to_a: LEN as u64,
+            end: End::Closed
+        }
+    );
+    assert!(s.pool.created() >= 1, "the bytes went through a pipe");
+    assert_eq!(s.pool.in_use(), 0, "every pipe went back");
+}
+
+/// A FIN from one side half-closes the other, and the open direction keeps working.
+async fn half_close(client_first: bool) {
+    let (mut first, mut second, s) = setup(Limits::default()).await.ends(client_first);
+    first.write_all(b"request").await.expect("write");
+    first.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    second.read_to_end(&mut got).await.expect("read to EOF");
+    assert_eq!(got, b"request", "bytes before the FIN, then EOF");
+    // The other direction is still open after the half-close.
+    let reply = stream(3, 300_000);
+    second
+        .write_all(&reply)
+        .await
+        .expect("write after peer's FIN");
+    second.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    first.read_to_end(&mut back).await.expect("read reply");
+    assert!(back == reply, "reply after the half-close arrived intact");
+    let r = ended(s.relay).await;
+    assert_eq!(r.end, End::Closed);
+    let (up, down) = if client_first {
+        (7, 300_000)
+    } else {
+        (300_000, 7)
+    };
+    assert_eq!((r.a_to_b, r.b_to_a), (up, down));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_client_keeps_the_reply_flowing() {
+    half_close(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_server_keeps_the_request_flowing() {
+    half_close(false).await;
+}
+
+/// A reset on one side reaches the other as a reset, mid-stream.
+async fn reset_propagates(server_resets: bool) {
+    let (mut resetter, mut other, s) = setup(Limits::default()).await.ends(!server_resets);
+    other.write_all(&stream(5, 100_000)).await.expect("write");
+    let mut buf = vec![0u8; 100_000];
+    resetter.read_exact(&mut buf).await.expect("read through");
+    socket2::SockRef::from(&resetter)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(resetter);
+    let r = ended(s.relay).await;
+    assert_eq!(r.end, End::Reset);
+    let mut rest = Vec::new();
+    let err = other
+        .read_to_end(&mut rest)
+        .await
+        .expect_err("the other side is reset, not closed");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    assert_eq!(s.pool.in_use(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_resets_the_client() {
+    reset_propagates(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_resets_the_server() {
+    reset_propagates(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_idle() {
+    const IDLE: Duration = Duration::from_millis(400);
+    let mut s = setup(Limits {
+        idle: Some(IDLE),
+        ..Limits::default()
+    })
+    .await;
+    // Bytes keep flowing for longer than the idle timeout: activity, not a timeout.
+    let chunk = stream(9, 64 * 1024);
+    let mut buf = vec![0u8; chunk.len()];
+    let start = Instant::now();
+    let mut last_write = start;
+    while start.elapsed() < IDLE * 2 {
+        last_write = Instant::now();
+        s.client.write_all(&chunk).await.expect("write");
+        s.server.read_exact(&mut buf).await.expect("read");
+        assert!(buf == chunk);
+        tokio::time::sleep(IDLE / 8).await;
+    }
+    assert!(!s.relay.is_finished(), "no idle timeout while bytes flow");
+    // Idle now: the pipe goes back to the pool as soon as the pump finds nothing to read.
+    // No event tells the test when that happened, hence the bounded wait.
+    let deadline = Instant::now() + IDLE / 2;
+    while s.pool.in_use() != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if !s.relay.is_finished() {
+        assert_eq!(s.pool.in_use(), 0, "an idle connection holds no pipe");
+    }
+    let r = ended(s.relay).await;
+    assert!(
+        Instant::now() >= last_write + IDLE,
+        "timed out only after a full idle period"
+    );
+    assert_eq!(r.end, End::IdleTimeout);
+    assert!(s.pool.created() >= 1, "the bytes went by splice");
+    // Both sides are closed (FIN, not reset).
+    let mut rest = Vec::new();
+    s.client
+        .read_to_end(&mut rest)
+        .await
+        .expect("client sees EOF");
+    s.server
+        .read_to_end(&mut rest)
+        .await
+        .expect("server sees EOF");
+    assert!(rest.is_empty());
+}
+
+static SHAPED: AtomicU64 = AtomicU64::new(0);
+
+fn count_shaped(n: u64) -> Duration {
+    SHAPED.fetch_add(n, Ordering::Relaxed);
+    Duration::ZERO
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shaped_connections_are_copied_and_every_byte_is_debited() {
+    let s = setup(Limits {
+        shape: Some(&count_shaped),
+        ..Limits::default()
+    })
+    .await;
+    let (up, down) = (stream(1, 1 << 20), stream(2, 3 << 19));
+    let (cr, cw) = s.client.into_split();
+    let (sr, sw) = s.server.into_split();
+    let (got_up, got_down, (), ()) = tokio::join!(
+        read_to_end(sr),
+        read_to_end(cr),
+        send_all_then_fin(cw, up.clone()),
+        send_all_then_fin(sw, down.clone()),
+    );
+    assert!(got_up == up && got_down == down, "bytes intact");
+    let r = ended(s.relay).await;
+    assert_eq!((r.a_to_b, r.b_to_a), (up.len() as u64, down.len() as u64));
+    assert_eq!(SHAPED.load(Ordering::Relaxed), r.a_to_b + r.b_to_a);
+    assert_eq!(s.pool.created(), 0, "shaped bytes are not spliced");
+}

@@ -1,0 +1,219 @@
+//! `cargo xtask bench`: the same workloads, in one run, through four paths between two pods:
+//! direct (no mesh), sockmesh (eBPF capture + agent), iptables REDIRECT + the same agent (the
+//! capture Istio uses, so the difference is the capture alone), and HAProxy in TCP mode.
+//! Variants are interleaved within each repetition (rotating which goes first), and figures
+//! are medians over repetitions with their spread; ratios pair each run with the direct run
+//! of the same repetition. Then a scale step holds many idle proxied connections.
+//! Results go to bench-results/ as JSON, Markdown and an SVG chart.
+
+mod report;
+mod scale;
+mod stats;
+mod topo;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::prereqs::{self, Level};
+use crate::util::{bail_if_interrupted, cargo, catch_interrupts, repo_root, run, target_dir};
+use workloads::Workload;
+
+/// The paths a connection can take from a client pod to the server pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Direct,
+    Sockmesh,
+    Iptables,
+    Haproxy,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Direct,
+        Variant::Sockmesh,
+        Variant::Iptables,
+        Variant::Haproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Sockmesh => "sockmesh",
+            Variant::Iptables => "iptables+agent",
+            Variant::Haproxy => "haproxy",
+        }
+    }
+
+    /// Pod name suffix.
+    pub fn short(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Sockmesh => "mesh",
+            Variant::Iptables => "ipt",
+            Variant::Haproxy => "hap",
+        }
+    }
+
+    /// Where the client connects: the server, except HAProxy's pod, whose client talks to
+    /// HAProxy on its loopback as it would to a sidecar.
+    pub fn target_host(self) -> &'static str {
+        match self {
+            Variant::Haproxy => "127.0.0.1",
+            _ => topo::SERVER_V4,
+        }
+    }
+
+    /// Whether the pod's connections to the server are redirected to the agent.
+    pub fn captured(self) -> bool {
+        matches!(self, Variant::Sockmesh | Variant::Iptables)
+    }
+}
+
+/// How long and how often.
+pub struct Plan {
+    pub reps: usize,
+    pub seconds: u64,
+    pub connects: usize,
+    pub scale_conns: usize,
+}
+
+/// Debian packages the benchmark runs, beyond those of the tests.
+const PACKAGES: &[(&str, &[&str])] = &[
+    ("iperf3", &["iperf3"]),
+    ("sockperf", &["sockperf"]),
+    ("wrk", &["wrk"]),
+    ("haproxy", &["haproxy"]),
+    ("nginx-light", &["nginx"]),
+    ("iptables", &["iptables"]),
+    ("iproute2", &["ip", "ss"]),
+];
+
+pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Result<()> {
+    let plan = if quick {
+        Plan {
+            reps: reps.unwrap_or(1),
+            seconds: 2,
+            connects: 300,
+            scale_conns: scale_conns.unwrap_or(10_000),
+        }
+    } else {
+        Plan {
+            reps: reps.unwrap_or(3),
+            seconds: 4,
+            connects: 2000,
+            scale_conns: scale_conns.unwrap_or(100_000),
+        }
+    };
+    if plan.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    prereqs::ensure(Level::Run)?;
+    prereqs::install_packages("benchmark tools", PACKAGES)?;
+    let agent = match std::env::var_os("SOCKMESH_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            println!("xtask: building the agent (release)");
+            run(cargo().args(["build", "--release", "-p", "sockmesh"]))
+                .context("could not build the agent")?;
+            target_dir().join("release").join("sockmesh")
+        }
+    };
+    println!("xtask: agent {}", agent.display());
+    catch_interrupts();
+    let nofile = scale::raise_nofile()?;
+    println!("xtask: open-file limit {nofile}");
+    let mut plan = plan;
+    let cap = scale::max_conns(nofile);
+    if plan.scale_conns > cap {
+        println!(
+            "xtask: WARNING: the open-file limit ({nofile}; raising it needs CAP_SYS_RESOURCE, \
+             which this process lacks) allows {cap} proxied connections, not {}: the scale step \
+             holds {cap}",
+            plan.scale_conns
+        );
+        plan.scale_conns = cap;
+    }
+
+    let stamp = report::timestamp();
+    let out_dir = repo_root().join("bench-results");
+    let tmp = std::env::temp_dir().join(format!("sockmesh-bench-{}", std::process::id()));
+    let tmp_guard = crate::demo::DirGuard::create(tmp.clone())?;
+    let started = Instant::now();
+    let machine = report::machine();
+    println!("==> setting up pods, servers, agent, iptables rule, haproxy");
+    let topo = topo::create(&agent, &tmp)?;
+    let mut results = report::Results::new(plan.reps);
+    for rep in 0..plan.reps {
+        for w in Workload::ALL {
+            // Rotate the order each repetition so no variant always runs first (warm caches)
+            // or last (after the others' TIME_WAIT sockets).
+            for k in 0..Variant::ALL.len() {
+                bail_if_interrupted()?;
+                let v = Variant::ALL[(k + rep) % Variant::ALL.len()];
+                let r = w.run(&topo, v, &plan);
+                match &r {
+                    Ok(vals) => println!(
+                        "    rep {}/{} {:<50} {:<15} {}",
+                        rep + 1,
+                        plan.reps,
+                        w.name(),
+                        v.name(),
+                        vals.iter()
+                            .zip(w.metrics())
+                            .map(|(x, m)| format!("{} {x:.2} {}", m.name, m.unit))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    Err(e) => println!(
+                        "    rep {} {} {}: FAILED: {e:#}",
+                        rep + 1,
+                        w.name(),
+                        v.name()
+                    ),
+                }
+                results.record(w, v, rep, r);
+            }
+        }
+    }
+    println!(
+        "==> scale: {} concurrent idle connections through the agent",
+        plan.scale_conns
+    );
+    let scale = scale::idle_connections(&topo, plan.scale_conns);
+    match &scale {
+        Ok(s) => println!(
+            "    established in {:.1} s; agent RSS {} -> {} KiB ({:.0} B per connection); fds {} -> {} -> {}",
+            s.establish_secs,
+            s.rss_before_kib,
+            s.rss_after_kib,
+            s.rss_per_conn_bytes(),
+            s.fds_before,
+            s.fds_after,
+            s.fds_after_close
+        ),
+        Err(e) => println!("    scale step FAILED: {e:#}"),
+    }
+    println!("==> cleaning up");
+    drop(topo);
+    drop(tmp_guard);
+    let written = report::write(
+        &out_dir,
+        &stamp,
+        &machine,
+        &plan,
+        &results,
+        scale.as_ref().ok(),
+        started.elapsed(),
+    )?;
+    for p in &written {
+        println!("xtask: wrote {}", p.display());
+    }
+    let failed = results.failures() + usize::from(scale.is_err());
+    if failed > 0 {
+        bail!("{failed} measurement(s) failed; the report shows which");
+    }
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! The benchmark's outputs: one JSON document with every sample, a Markdown table (absolute
+//! medians, spread, ratios to direct, and the issue's targets checked), and an SVG chart of
+//! the ratios. `bench-results/latest.*` are copies of the newest run.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::scale::ScaleResult;
+use super::stats::{summarise, Better, Summary};
+use super::workloads::Workload;
+use super::{Plan, Variant};
+use crate::util::try_output;
+
+/// One run's values (in the order of the workload's metrics), or why it failed.
+type Run = Result<Vec<f64>, String>;
+
+/// Every repetition's run per (workload, variant).
+pub struct Results {
+    reps: usize,
+    runs: HashMap<(usize, usize), Vec<Run>>,
+}
+
+fn key(w: Workload, v: Variant) -> (usize, usize) {
+    let wi = Workload::ALL.iter().position(|x| *x == w).unwrap_or(0);
+    let vi = Variant::ALL.iter().position(|x| *x == v).unwrap_or(0);
+    (wi, vi)
+}
+
+impl Results {
+    pub fn new(reps: usize) -> Self {
+        Results {
+            reps,
+            runs: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, w: Workload, v: Variant, rep: usize, r: Result<Vec<f64>>) {
+        let runs = self
+            .runs
+            .entry(key(w, v))
+            .or_insert_with(|| vec![Err("not run".into()); self.reps]);
+        runs[rep] = r.map_err(|e| format!("{e:#}"));
+    }
+
+    pub fn failures(&self) -> usize {
+        self.runs.values().flatten().filter(|r| r.is_err()).count()
+    }
+
+    /// Per repetition, metric `i` of (w, v) (None where the run failed).
+    fn column(&self, w: Workload, v: Variant, i: usize) -> Vec<Option<f64>> {
+        match self.runs.get(&key(w, v)) {
+            Some(runs) => runs
+                .iter()
+                .map(|r| r.as_ref().ok().and_then(|vals| vals.get(i).copied()))
+                .collect(),
+            None => vec![None; self.reps],
+        }
+    }
+
+    pub fn summary(&self, w: Workload, v: Variant, i: usize) -> Option<Summary> {
+        summarise(&self.column(w, v, i), &self.column(w, Variant::Direct, i))
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in Workload::ALL {
+            for v in Variant::ALL {
+                for (rep, r) in self.runs.get(&key(w, v)).into_iter().flatten().enumerate() {
+                    if let Err(e) = r {
+                        out.push(format!("rep {} {} {}: {e}", rep + 1, w.name(), v.name()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn timestamp() -> String {
+    try_output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// What the figures were measured on.
+pub fn machine() -> Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_default();
+    let vm = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.contains(" hypervisor"));
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": model,
+        "virtual_machine": vm,
+        "kernel": try_output(Command::new("uname").arg("-r")).unwrap_or_default().trim(),
+        "loadavg_at_start": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    })
+}
+
+pub fn write(
+    dir: &Path,
+    stamp: &str,
+    machine: &Value,
+    plan: &Plan,
+    results: &Results,
+    scale: Option<&ScaleResult>,
+    took: Duration,
+) -> Result<Vec<PathBuf>> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut machine = machine.clone();
+    machine["loadavg_at_end"] = json!(fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim());
+    let doc = to_json(&machine, plan, results, scale, took);
+    let md = to_markdown(&machine, plan, results, scale, took);
+    let svg = to_svg(results);
+    let mut written = Vec::new();
+    for (ext, body) in [
+        ("json", serde_json::to_string_pretty(&doc)?),
+        ("md", md),
+        ("svg", svg),
+    ] {
+        for name in [format!("bench-{stamp}.{ext}"), format!("latest.{ext}")] {
+            let p = dir.join(name);
+            fs::write(&p, &body).with_context(|| format!("write {}", p.display()))?;
+            written.push(p);
+        }
+    }
+    Ok(written)
+}
+
+fn to_json(
+    machine: &Value,
+    plan: &Plan,
+    results: &Results,
+    scale: Option<&ScaleResult>,
+    took: Duration,
+) -> Value {
+    let mut rows = Vec::new();
+    for w in Workload::ALL {
+        for (i, m) in w.metrics().iter().enumerate() {
+            let mut variants = serde_json::Map::new();
+            for v in Variant::ALL {
+                variants.insert(
+                    v.name().into(),
+                    results
+                        .summary(w, v, i)
+                        .map_or(Value::Null, |s| s.to_json()),
+                );
+            }
+            rows.push(json!({
+                "workload": w.name(), "metric": m.name, "unit": m.unit,
+                "better": m.better.as_str(), "variants": variants,
+            }));
+        }
+    }
+    json!({
+        "machine": machine,
+        "plan": { "repetitions": plan.reps, "seconds_per_run": plan.seconds,
+                  "connects_per_run": plan.connects, "scale_connections": plan.scale_conns },
+        "duration_seconds": took.as_secs_f64(),
+        "results": rows,
+        "scale": scale.map(ScaleResult::to_json),
+        "targets": targets(results, scale).iter().map(|t| json!({
+            "target": t.what, "reached": t.reached, "measured": t.measured })).collect::<Vec<_>>(),
+        "errors": results.errors(),
+    })
+}
+
+fn fmt_val(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn to_markdown(
+    machine: &Value,
+    plan: &Plan,
+    results: &Results,
+    scale: Option<&ScaleResult>,
+    took: Duration,
+) -> String {
+    let mut s = format!(
+        "# sockmesh benchmark\n\nMachine: {} cores ({}), kernel {}, {}; load average at start {}, at end {}.\n\
+         {} repetition(s) of {} s per run, variants interleaved; run took {:.0} s.\n\
+         Cells: median (spread = (max-min)/median over repetitions) and, in bold, the median ratio \
+         to direct in the same repetition.\n\n",
+        machine["cores"],
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["kernel"].as_str().unwrap_or("?"),
+        if machine["virtual_machine"] == true { "virtual machine" } else { "bare metal?" },
+        machine["loadavg_at_start"].as_str().unwrap_or("?"),
+        machine["loadavg_at_end"].as_str().unwrap_or("?"),
+        plan.reps,
+        plan.seconds,
+        took.as_secs_f64(),
+    );
+    s.push_str("| workload | metric |");
+    for v in Variant::ALL {
+        s.push_str(&format!(" {} |", v.name()));
+    }
+    s.push_str("\n|---|---|");
+    s.push_str(&"---|".repeat(Variant::ALL.len()));
+    s.push('\n');
+    for w in Workload::ALL {
+        for (i, m) in w.metrics().iter().enumerate() {
+            s.push_str(&format!(
+                "| {} | {} ({}, {} is better) |",
+                w.name(),
+                m.name,
+                m.unit,
+                m.better.as_str()
+            ));
+            for v in Variant::ALL {
+                match results.summary(w, v, i) {
+                    Some(x) => {
+                        s.push_str(&format!(" {} (±{:.0}%)", fmt_val(x.median), x.spread_pct));
+                        if let (true, Some(r)) = (v != Variant::Direct, x.ratio_to_direct) {
+                            s.push_str(&format!(" **×{r:.2}**"));
+                        }
+                        s.push_str(" |");
+                    }
+                    None => s.push_str(" failed |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+    s.push_str(
+        "\nconnect(): direct is a plain connect() to a listener on the pod's own loopback; \
+         sockmesh and iptables+agent connect to the server and are redirected to the agent on \
+         that same loopback, so their ratio is the cost of the capture itself. HAProxy's client \
+         connects to HAProxy on loopback (no capture). sockperf reports half the round trip.\n",
+    );
+    if let Some(sc) = scale {
+        s.push_str(&format!(
+            "\n## Scale: {} concurrent idle proxied connections\n\n\
+             Established in {:.1} s ({:.0} conn/s, client never more than 512 ahead of the \
+             server's accepts). Agent RSS {} KiB before, {} KiB with them open: **{:.0} bytes \
+             per connection**. Agent fds {} -> {} -> {} after they closed.\n",
+            sc.conns,
+            sc.establish_secs,
+            sc.conns as f64 / sc.establish_secs,
+            sc.rss_before_kib,
+            sc.rss_after_kib,
+            sc.rss_per_conn_bytes(),
+            sc.fds_before,
+            sc.fds_after,
+            sc.fds_after_close
+        ));
+    }
+    s.push_str("\n## The issue's targets\n\n| target | measured | reached |\n|---|---|---|\n");
+    for t in targets(results, scale) {
+        let mark = match t.reached {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "n/a",
+        };
+        s.push_str(&format!("| {} | {} | {mark} |\n", t.what, t.measured));
+    }
+    let errors = results.errors();
+    if !errors.is_empty() {
+        s.push_str("\n## Failed runs\n\n");
+        for e in errors {
+            s.push_str(&format!("- {e}\n"));
+        }
+    }
+    s
+}
+
+struct Target {
+    what: String,
+    measured: String,
+    reached: Option<bool>,
+}
+
+/// The issue's targets, checked against this run's ratios.
+fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
+    let ratio = |w, v, i| results.summary(w, v, i).and_then(|s| s.ratio_to_direct);
+    let med = |w, v, i| results.summary(w, v, i).map(|s| s.median);
+    let mut t = Vec::new();
+    let mut check = |what: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool, fmt: &str| {
+        t.push(Target {
+            what: what.into(),
+            measured: measured.map_or("n/a".into(), |x| fmt.replace("{}", &format!("{x:.2}"))),
+            reached: measured.map(ok),
+        });
+    };
+    // (target, workload, bound, whether the ratio to direct must be at least the bound)
+    let vs_direct = [
+        (
+            "bulk, 1 stream: sockmesh >= 0.90x direct",
+            Workload::Bulk1,
+            0.9,
+            true,
+        ),
+        (
+            "bulk, 8 streams: sockmesh >= 0.90x direct",
+            Workload::Bulk8,
+            0.9,
+            true,
+        ),
+        ("RR p50 <= 1.3x direct", Workload::Rr, 1.3, false),
+        ("new connections/s >= 0.8x direct", Workload::Cps, 0.8, true),
+    ];
+    for (what, w, bound, at_least) in vs_direct {
+        let ok = move |r: f64| if at_least { r >= bound } else { r <= bound };
+        check(what, ratio(w, Variant::Sockmesh, 0), &ok, "×{}");
+    }
+    let below = |w, i| Some(med(w, Variant::Sockmesh, i)? / med(w, Variant::Iptables, i)?);
+    for (what, w) in [
+        ("RR p50 below iptables+agent", Workload::Rr),
+        (
+            "eBPF capture cheaper than iptables REDIRECT (connect() p50)",
+            Workload::Connect,
+        ),
+    ] {
+        check(what, below(w, 0), &|r| r < 1.0, "sockmesh/iptables ×{}");
+    }
+    check(
+        "agent RSS <= 4 KiB per idle connection",
+        scale.map(|s| s.rss_per_conn_bytes() / 1024.0),
+        &|k| k <= 4.0,
+        "{} KiB",
+    );
+    for w in Workload::ALL {
+        for (i, m) in w.metrics().iter().enumerate() {
+            let vs = (|| {
+                let (a, b) = (med(w, Variant::Sockmesh, i)?, med(w, Variant::Haproxy, i)?);
+                Some(a / b)
+            })();
+            let better = m.better;
+            check(
+                &format!("ahead of HAProxy: {} {}", w.name(), m.name),
+                vs,
+                &move |r| match better {
+                    Better::Higher => r > 1.0,
+                    Better::Lower => r < 1.0,
+                },
+                "sockmesh/haproxy ×{}",
+            );
+        }
+    }
+    t
+}
+
+/// Horizontal bars: each metric's ratio to direct for the three non-direct variants, with a
+/// line at 1.0 (direct). Hand-written SVG: readable in any browser, no plotting dependency.
+fn to_svg(results: &Results) -> String {
+    const W: f64 = 900.0;
+    const LABEL: f64 = 330.0;
+    const BAR: f64 = 14.0;
+    let colours = [
+        ("sockmesh", "#2a7ab0"),
+        ("iptables+agent", "#e08a1e"),
+        ("haproxy", "#7a7a7a"),
+    ];
+    let others = &Variant::ALL[1..];
+    let mut rows = Vec::new();
+    for w in Workload::ALL {
+        for (i, m) in w.metrics().iter().enumerate() {
+            let r: Vec<Option<f64>> = others
+                .iter()
+                .map(|v| results.summary(w, *v, i).and_then(|s| s.ratio_to_direct))
+                .collect();
+            rows.push((
+                format!("{} {} ({} better)", w.name(), m.name, m.better.as_str()),
+                r,
+            ));
+        }
+    }
+    let max = rows
+        .iter()
+        .flat_map(|(_, r)| r.iter().flatten().copied())
+        .fold(1.5f64, f64::max)
+        .min(10.0);
+    let scale = (W - LABEL - 60.0) / max;
+    let row_h = BAR * others.len() as f64 + 12.0;
+    let h = 70.0 + row_h * rows.len() as f64 + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"15\">sockmesh bench: ratio to direct (median over repetitions)</text>\n"
+    );
+    for (k, (name, c)) in colours.iter().enumerate() {
+        let x = LABEL + k as f64 * 150.0;
+        s.push_str(&format!(
+            "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{c}\"/><text x=\"{}\" y=\"42\">{name}</text>\n",
+            x + 16.0
+        ));
+    }
+    for (j, (label, ratios)) in rows.iter().enumerate() {
+        let y0 = 60.0 + row_h * j as f64;
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
+            LABEL - 8.0,
+            y0 + row_h / 2.0,
+            xml(label)
+        ));
+        for (k, r) in ratios.iter().enumerate() {
+            let y = y0 + BAR * k as f64;
+            match r {
+                Some(r) => s.push_str(&format!(
+                    "<rect x=\"{LABEL}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{r:.2}</text>\n",
+                    (r.min(max) * scale).max(1.0),
+                    BAR - 2.0,
+                    colours[k].1,
+                    LABEL + r.min(max) * scale + 4.0,
+                    y + BAR - 4.0
+                )),
+                None => s.push_str(&format!(
+                    "<text x=\"{}\" y=\"{}\" fill=\"red\">failed</text>\n",
+                    LABEL + 4.0,
+                    y + BAR - 4.0
+                )),
+            }
+        }
+    }
+    let x1 = LABEL + scale;
+    s.push_str(&format!(
+        "<line x1=\"{x1}\" y1=\"52\" x2=\"{x1}\" y2=\"{}\" stroke=\"black\" stroke-dasharray=\"4 3\"/>\n\
+         <text x=\"{x1}\" y=\"{}\" text-anchor=\"middle\">1.0 = direct</text>\n</svg>\n",
+        h - 20.0,
+        h - 6.0
+    ));
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,260 @@
+//! The benchmark's private network: a switch namespace with a bridge, one server pod and one
+//! client pod per variant, the servers, the agent, the iptables rule and HAProxy. Names carry
+//! the xtask's pid (`smb-<pid>-...`) so parallel runs and test suites never collide; every
+//! piece is a guard, removed when `Topology` drops (error and Ctrl-C included).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+
+use super::Variant;
+use crate::demo::{spawn_agent_until_ready, wait_until, DirGuard};
+use crate::netns::Netns;
+use crate::util::{describe, output, ChildGuard};
+
+pub const SERVER_V4: &str = "10.79.0.11";
+pub const SERVER_V6: &str = "fd79::11";
+pub const IPERF_PORT: u16 = 5201;
+pub const SOCKPERF_PORT: u16 = 11111;
+pub const HTTP_PORT: u16 = 80;
+/// The agent's default outbound port and SO_MARK (what the iptables rule uses).
+const OUTBOUND_PORT: u16 = 15001;
+const AGENT_MARK: &str = "0x534d";
+
+/// Fields drop in declaration order: processes before the pins and namespaces they use.
+pub struct Topology {
+    pub agent: ChildGuard,
+    _haproxy: ChildGuard,
+    _servers: Vec<ChildGuard>,
+    _pins: DirGuard,
+    pub tmp: PathBuf,
+    pub server: Netns,
+    pub clients: Vec<(Variant, Netns)>,
+    _switch: Netns,
+}
+
+impl Topology {
+    pub fn client(&self, v: Variant) -> &Netns {
+        &self
+            .clients
+            .iter()
+            .find(|(c, _)| *c == v)
+            .expect("one client pod per variant")
+            .1
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.child.id()
+    }
+}
+
+pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
+    let base = format!("smb-{}", std::process::id());
+    let switch = Netns::create(&format!("{base}-sw"))?;
+    switch.ip("link add br0 type bridge mcast_snooping 0")?;
+    switch.ip("link set br0 up")?;
+    let server = pod(&switch, &format!("{base}-srv"), 11)?;
+    let mut clients = Vec::new();
+    for (i, v) in Variant::ALL.iter().enumerate() {
+        let ns = pod(&switch, &format!("{base}-{}", v.short()), 20 + i as u8)?;
+        // Many short connections per run: every ephemeral port, and TIME_WAIT reuse.
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        clients.push((*v, ns));
+    }
+    server.sysctl("net.core.somaxconn", "8192")?;
+    println!("    pods: server {SERVER_V4}, one client pod per variant, on a private bridge");
+
+    let servers = start_servers(&server, tmp)?;
+    let find = |v: Variant| &clients.iter().find(|(c, _)| *c == v).expect("pod").1;
+    // iptables REDIRECT to the same agent: the ipt pod is enrolled (so the agent opens its
+    // listener there) but the server is excluded from eBPF capture; the agent's own sockets
+    // carry its mark and are not redirected again.
+    let ipt = find(Variant::Iptables);
+    output(ipt.exec("iptables").args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        SERVER_V4,
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        AGENT_MARK,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &OUTBOUND_PORT.to_string(),
+    ]))
+    .context("add the iptables REDIRECT rule in the iptables pod")?;
+
+    let pins = PathBuf::from(format!("/sys/fs/bpf/{base}"));
+    if pins.exists() {
+        fs::remove_dir_all(&pins).with_context(|| format!("remove {}", pins.display()))?;
+    }
+    let pins = DirGuard(pins);
+    let agent = start_agent(agent_bin, find(Variant::Sockmesh), ipt, &pins.0, tmp)?;
+    let haproxy = start_haproxy(find(Variant::Haproxy), tmp)?;
+    Ok(Topology {
+        agent,
+        _haproxy: haproxy,
+        _servers: servers,
+        _pins: pins,
+        tmp: tmp.to_path_buf(),
+        server,
+        clients,
+        _switch: switch,
+    })
+}
+
+fn pod(switch: &Netns, name: &str, host: u8) -> Result<Netns> {
+    let ns = Netns::create(name)?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    let port = format!("vp{host}");
+    output(Command::new("ip").args([
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &port,
+        "netns",
+        &switch.name,
+    ]))?;
+    switch.ip(&format!("link set {port} master br0 up"))?;
+    ns.ip(&format!("addr add 10.79.0.{host}/24 dev eth0"))?;
+    ns.ip(&format!("-6 addr add fd79::{host}/64 dev eth0 nodad"))?;
+    ns.ip("link set eth0 up")?;
+    Ok(ns)
+}
+
+fn start_servers(server: &Netns, tmp: &Path) -> Result<Vec<ChildGuard>> {
+    let log = |name: &str| -> Result<Stdio> {
+        Ok(fs::File::create(tmp.join(format!("{name}.log")))?.into())
+    };
+    let mut iperf = server.exec("iperf3");
+    iperf
+        .args(["-s", "-p", &IPERF_PORT.to_string()])
+        .stdout(log("iperf3")?)
+        .stderr(log("iperf3.err")?);
+    let mut sockperf = server.exec("sockperf");
+    sockperf
+        .args(["server", "--tcp", "-i", "0.0.0.0", "-p"])
+        .arg(SOCKPERF_PORT.to_string())
+        .stdout(log("sockperf")?)
+        .stderr(log("sockperf.err")?);
+    let d = tmp.display();
+    // One worker, no keep-alive: every request of the connection-rate test is a new
+    // connection that the server closes.
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log stderr error;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\n\
+         http {{\n  access_log off;\n  keepalive_timeout 0;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  \
+         scgi_temp_path {d}/scgi;\n  server {{\n    listen {HTTP_PORT} backlog=8192;\n    \
+         location / {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+    );
+    let path = tmp.join("nginx.conf");
+    fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
+    let mut nginx = server.exec("nginx");
+    nginx
+        .args(["-e", "stderr", "-p"])
+        .arg(tmp)
+        .arg("-c")
+        .arg(&path)
+        .stdout(log("nginx")?)
+        .stderr(log("nginx.err")?);
+    let mut out = Vec::new();
+    for (name, cmd, port) in [
+        ("iperf3", &mut iperf, IPERF_PORT),
+        ("sockperf", &mut sockperf, SOCKPERF_PORT),
+        ("nginx", &mut nginx, HTTP_PORT),
+    ] {
+        cmd.stdin(Stdio::null());
+        let mut g = ChildGuard::spawn(name, cmd)?;
+        wait_until(&format!("{name} to listen"), &mut g, || {
+            Ok(listening(server, port))
+        })
+        .with_context(|| log_of(&tmp.join(format!("{name}.err"))))?;
+        out.push(g);
+    }
+    println!("    servers: iperf3 :{IPERF_PORT}, sockperf :{SOCKPERF_PORT}, nginx :{HTTP_PORT}");
+    Ok(out)
+}
+
+/// A process's log, for the error when it did not start.
+fn log_of(path: &Path) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    format!("its log ({}):\n{}", path.display(), log.trim())
+}
+
+/// Whether something listens on TCP `port` in `ns` (per `ss`).
+fn listening(ns: &Netns, port: u16) -> bool {
+    output(ns.exec("ss").args(["-Htln", &format!("sport = :{port}")]))
+        .is_ok_and(|s| !s.trim().is_empty())
+}
+
+fn start_agent(
+    bin: &Path,
+    mesh: &Netns,
+    ipt: &Netns,
+    pins: &Path,
+    tmp: &Path,
+) -> Result<ChildGuard> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .arg("--pod")
+        .arg(mesh.path())
+        .arg("--pod")
+        .arg(format!(
+            "{},exclude-cidrs={SERVER_V4}/32;{SERVER_V6}/128",
+            ipt.path().display()
+        ))
+        .arg("--bpffs-dir")
+        .arg(pins)
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(tmp.join("agent.log"))?);
+    println!("    $ {} &", describe(&cmd));
+    spawn_agent_until_ready(&mut cmd, false)
+}
+
+fn start_haproxy(pod: &Netns, tmp: &Path) -> Result<ChildGuard> {
+    let mut conf = String::from(
+        "global\n  maxconn 4096\n  nbthread 2\n\
+         defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
+         timeout client 1h\n  timeout server 1h\n",
+    );
+    for port in [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT] {
+        conf.push_str(&format!(
+            "listen p{port}\n  bind 127.0.0.1:{port}\n  server s {SERVER_V4}:{port}\n"
+        ));
+    }
+    let path = tmp.join("haproxy.cfg");
+    fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
+    let mut cmd = pod.exec("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(tmp.join("haproxy.log"))?)
+        .stderr(fs::File::create(tmp.join("haproxy.err"))?);
+    let mut g = ChildGuard::spawn("haproxy", &mut cmd)?;
+    wait_until("haproxy to listen", &mut g, || {
+        Ok(listening(pod, HTTP_PORT))
+    })
+    .with_context(|| log_of(&tmp.join("haproxy.err")))?;
+    println!("    haproxy (TCP mode, 2 threads, splice-auto) in its client pod");
+    Ok(g)
+}

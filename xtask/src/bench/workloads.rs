@@ -1,0 +1,262 @@
+//! The workloads, each run by a real third-party client from a variant's client pod (iperf3,
+//! sockperf, wrk), except connect(), which needs a per-call timer no tool gives: a small
+//! client here times each connect() from inside the pod. Parsers are pure and unit-tested.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::stats::{percentile, Better};
+use super::topo::{Topology, HTTP_PORT, IPERF_PORT, SERVER_V4, SOCKPERF_PORT};
+use super::{Plan, Variant};
+use crate::util::{describe, wait_timeout};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    Bulk1,
+    Bulk8,
+    Rr,
+    Cps,
+    Connect,
+}
+
+/// One measured figure of a workload.
+pub struct Metric {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub better: Better,
+}
+
+const fn m(name: &'static str, unit: &'static str, better: Better) -> Metric {
+    Metric { name, unit, better }
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Bulk1,
+        Workload::Bulk8,
+        Workload::Rr,
+        Workload::Cps,
+        Workload::Connect,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Bulk1 => "bulk, 1 stream (iperf3)",
+            Workload::Bulk8 => "bulk, 8 streams (iperf3)",
+            Workload::Rr => "request/response, 64 B (sockperf ping-pong)",
+            Workload::Cps => "new connections (wrk, Connection: close, 8 conns)",
+            Workload::Connect => "connect() of the app",
+        }
+    }
+
+    pub fn metrics(self) -> &'static [Metric] {
+        const BULK: &[Metric] = &[m("throughput", "Gbit/s", Better::Higher)];
+        const RR: &[Metric] = &[
+            m("p50", "µs", Better::Lower),
+            m("p99", "µs", Better::Lower),
+            m("p99.9", "µs", Better::Lower),
+        ];
+        const CPS: &[Metric] = &[m("rate", "conn/s", Better::Higher)];
+        const CONNECT: &[Metric] = &[m("p50", "µs", Better::Lower), m("p99", "µs", Better::Lower)];
+        match self {
+            Workload::Bulk1 | Workload::Bulk8 => BULK,
+            Workload::Rr => RR,
+            Workload::Cps => CPS,
+            Workload::Connect => CONNECT,
+        }
+    }
+
+    /// Runs once for `v`; values in the order of `metrics()`.
+    pub fn run(self, topo: &Topology, v: Variant, plan: &Plan) -> Result<Vec<f64>> {
+        let pod = topo.client(v);
+        let host = v.target_host();
+        let secs = plan.seconds.to_string();
+        match self {
+            Workload::Bulk1 | Workload::Bulk8 => {
+                let streams = if self == Workload::Bulk1 { "1" } else { "8" };
+                let mut cmd = pod.exec("iperf3");
+                cmd.args(["-c", host, "-p", &IPERF_PORT.to_string(), "-J", "-O", "1"])
+                    .args(["-t", &secs, "-P", streams]);
+                let out = bounded(&mut cmd, plan, topo)?;
+                Ok(vec![parse_iperf3(&out)?])
+            }
+            Workload::Rr => {
+                let mut cmd = pod.exec("sockperf");
+                cmd.args(["ping-pong", "--tcp", "-i", host, "-p"])
+                    .arg(SOCKPERF_PORT.to_string())
+                    .args(["-m", "64", "-t", &secs]);
+                let out = bounded(&mut cmd, plan, topo)?;
+                parse_sockperf(&out)
+            }
+            Workload::Cps => {
+                let mut cmd = pod.exec("wrk");
+                cmd.args(["-t1", "-c8", "-d", &format!("{secs}s")])
+                    .args(["-H", "Connection: close"])
+                    .arg(format!("http://{host}:{HTTP_PORT}/"));
+                let out = bounded(&mut cmd, plan, topo)?;
+                Ok(vec![parse_wrk(&out)?])
+            }
+            Workload::Connect => {
+                let n = plan.connects;
+                let captured = v.captured();
+                pod_thread(pod, move || connect_times(captured, n))
+            }
+        }
+    }
+}
+
+/// Runs `cmd` to completion within the run length plus a margin; its stdout.
+fn bounded(cmd: &mut Command, plan: &Plan, topo: &Topology) -> Result<String> {
+    let out_path = topo.tmp.join("client.out");
+    let err_path = topo.tmp.join("client.err");
+    cmd.stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path)?)
+        .stderr(fs::File::create(&err_path)?);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("start `{}`", describe(cmd)))?;
+    let limit = Duration::from_secs(plan.seconds + 30);
+    let status = match wait_timeout(&mut child, limit)? {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{}` did not finish within {limit:?}", describe(cmd));
+        }
+    };
+    let out = fs::read_to_string(&out_path).unwrap_or_default();
+    if !status.success() {
+        let err = fs::read_to_string(&err_path).unwrap_or_default();
+        bail!(
+            "`{}` failed ({status}): {} {}",
+            describe(cmd),
+            err.trim(),
+            tail(&out, 400)
+        );
+    }
+    Ok(out)
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let start = (start..=s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    &s[start..]
+}
+
+/// Runs `f` on a thread inside `pod`'s namespace.
+pub fn pod_thread<T: Send + 'static>(
+    pod: &crate::netns::Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = pod.path();
+    let name = pod.name.clone();
+    std::thread::spawn(move || {
+        crate::netns::Netns::enter_path(&path, &name)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+}
+
+/// Times `n` blocking connect()s and returns (p50, p99) in µs. Uncaptured (direct, HAProxy's
+/// local listener): to a listener on the pod's loopback; captured: to the server, which the
+/// capture sends to the agent on the same loopback, so the difference is the capture's cost.
+fn connect_times(captured: bool, n: usize) -> Result<Vec<f64>> {
+    let local = TcpListener::bind("127.0.0.1:0").context("bind a local listener")?;
+    local.set_nonblocking(true)?;
+    let dst: SocketAddr = if captured {
+        format!("{SERVER_V4}:{HTTP_PORT}").parse()?
+    } else {
+        local.local_addr()?
+    };
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(s);
+        // Keep the local listener's backlog empty.
+        while local.accept().is_ok() {}
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(vec![
+        percentile(&times, 50.0).unwrap_or(f64::NAN),
+        percentile(&times, 99.0).unwrap_or(f64::NAN),
+    ])
+}
+
+/// iperf3 -J: what the receiver got, in Gbit/s.
+pub fn parse_iperf3(json: &str) -> Result<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 output is not JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 JSON has no end.sum_received.bits_per_second")
+}
+
+/// sockperf ping-pong: the p50, p99 and p99.9 lines (µs; sockperf reports half the round trip).
+pub fn parse_sockperf(out: &str) -> Result<Vec<f64>> {
+    let pick = |p: &str| -> Result<f64> {
+        out.lines()
+            .find_map(|l| {
+                let rest = l.split("---> percentile ").nth(1)?;
+                let (pct, val) = rest.split_once('=')?;
+                (pct.trim() == p).then(|| val.trim().parse::<f64>().ok())?
+            })
+            .with_context(|| format!("sockperf output has no percentile {p}"))
+    };
+    Ok(vec![pick("50.000")?, pick("99.000")?, pick("99.900")?])
+}
+
+/// wrk: requests per second; with `Connection: close` each request is a new connection.
+pub fn parse_wrk(out: &str) -> Result<f64> {
+    if let Some(l) = out.lines().find(|l| l.contains("Non-2xx")) {
+        bail!("wrk saw failed requests: {}", l.trim());
+    }
+    out.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("wrk output has no Requests/sec line")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iperf3_json() {
+        let j = r#"{"end":{"sum_received":{"bits_per_second":12500000000.0}}}"#;
+        assert_eq!(parse_iperf3(j).unwrap(), 12.5);
+        let e = parse_iperf3(r#"{"error":"the server is busy"}"#).unwrap_err();
+        assert!(e.to_string().contains("busy"));
+        assert!(parse_iperf3("not json").is_err());
+    }
+
+    #[test]
+    fn parses_sockperf_percentiles() {
+        let out = "sockperf: ---> <MAX> observation = 8074.067\n\
+                   sockperf: ---> percentile 99.999 = 7693.478\n\
+                   sockperf: ---> percentile 99.900 =   53.835\n\
+                   sockperf: ---> percentile 99.000 =   25.863\n\
+                   sockperf: ---> percentile 50.000 =    9.744\n";
+        assert_eq!(parse_sockperf(out).unwrap(), vec![9.744, 25.863, 53.835]);
+        assert!(parse_sockperf("sockperf: ---> percentile 50.000 = 1\n").is_err());
+    }
+
+    #[test]
+    fn parses_wrk() {
+        let out = "  25449 requests in 2.01s, 3.52MB read\nRequests/sec:  12684.93\n";
+        assert_eq!(parse_wrk(out).unwrap(), 12684.93);
+        assert!(parse_wrk("Non-2xx or 3xx responses: 5\nRequests/sec: 1\n").is_err());
+        assert!(parse_wrk("").is_err());
+    }
+}
