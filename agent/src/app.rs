@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     cli::RunArgs,
-    datapath::{preflight, Datapath, DatapathOptions},
+    datapath::{heartbeat, preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
     policy::{watch::PolicyWatcher, Direction, PeerKey, PeerTable, PolicyArgs, PolicyHandle},
@@ -105,6 +105,7 @@ async fn serve(
         dns_port: args.dns_port,
         keep_pins: args.keep_pins,
         kernel_log: args.kernel_log,
+        fail_open_after: args.fail_open_after.0,
     })?;
     let shared = Shared {
         cfg: std::sync::Arc::new(ProxyConfig {
@@ -116,8 +117,14 @@ async fn serve(
         admission: admission(&dp, &args.policy, &policy),
         policy: policy.clone(),
         cancel: CancellationToken::new(),
+        abort: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
+    // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
+    if let Some(hb) = dp.take_heartbeat() {
+        let period = heartbeat::period(args.fail_open_after.0);
+        shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
+    }
     let result = enrol_all(&mut dp, &shared, prepared, configs);
     let (mut inbound, cookies) = match result {
         Ok(x) => x,
@@ -236,21 +243,46 @@ fn enrol_all(
     Ok((inbound, cookies))
 }
 
-/// Stop redirecting first (new connections go direct), then stop accepting, give live
-/// connections up to `grace` to finish, then detach and unpin.
+/// How long reset connections get to close after the drain deadline. Resetting is immediate;
+/// this only bounds a task caught before its relay (connecting upstream, queued for
+/// admission), which then ends with the runtime.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// Graceful drain. Stop redirecting first (new connections go direct), stop accepting (the
+/// accept loops end and close their listeners), give live connections up to `grace` to finish,
+/// reset (RST) the ones still open, then detach, or keep the pins per `--keep-pins`. Every wait
+/// is on the task tracker, woken when the last task ends: nothing polls.
 async fn stop(mut dp: Datapath, shared: &Shared, grace: Duration) {
     dp.unenrol_all();
     shared.cancel.cancel();
     shared.tasks.close();
+    events::emit(serde_json::json!({
+        "event": "draining",
+        "tasks": shared.tasks.len(),
+        "grace_ms": grace.as_millis() as u64,
+    }));
+    let mut reset = 0;
     if tokio::time::timeout(grace, shared.tasks.wait())
         .await
         .is_err()
     {
+        reset = shared.tasks.len();
         warn!(
-            left = shared.tasks.len(),
-            "connections still open after the drain timeout; closing them"
+            left = reset,
+            "connections still open after the drain timeout; resetting them"
         );
+        shared.abort.cancel();
+        if tokio::time::timeout(ABORT_WAIT, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = shared.tasks.len(),
+                "tasks still running after the reset; they end with the agent"
+            );
+        }
     }
+    events::emit(serde_json::json!({ "event": "drained", "reset": reset }));
     dp.shutdown();
 }
 

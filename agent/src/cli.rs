@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// At shutdown, how long live connections may take to finish before they are closed.
     #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = crate::policy::parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Fail open: when the agent's heartbeat (written every 125-500 ms) is older than this,
+    /// the kernel stops redirecting and new connections go direct; `off` never fails open.
+    #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
+    pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -93,6 +97,14 @@ pub struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+fn fail_open_after(
+    s: &str,
+) -> Result<crate::policy::OrOff<std::time::Duration>, Box<dyn std::error::Error + Send + Sync>> {
+    let d = crate::policy::knobs::parse_timeout_knob(s)?;
+    crate::datapath::heartbeat::validate(d)?;
+    Ok(crate::policy::OrOff(d))
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -141,5 +153,25 @@ mod tests {
         assert_eq!(run.outbound_port, 16001);
         assert_eq!(run.dns_port, 15053);
         assert_eq!(run.exclude_outbound_cidrs.len(), 2);
+        assert_eq!(
+            run.fail_open_after.0,
+            Some(std::time::Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn fail_open_after_takes_off_and_refuses_too_short() {
+        let parse = |v: &str| Cli::try_parse_from(["sockmesh", "run", "--fail-open-after", v]);
+        let Ok(Cli {
+            command: Command::Run(run),
+            ..
+        }) = parse("off")
+        else {
+            panic!("off parses")
+        };
+        assert_eq!(run.fail_open_after.0, None);
+        let e = parse("100ms").expect_err("too short").to_string();
+        assert!(e.contains("at least 500ms"), "{e}");
+        assert!(parse("banana").is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
 pub mod admission;
 pub mod dns;
+pub mod drain;
 pub mod inbound;
 pub mod origdst;
 pub mod outbound;
@@ -57,5 +58,7 @@ pub struct Shared {
     /// The current policy set (flags + file), for lookups outside admission (DNS timeout).
     pub policy: Arc<PolicyHandle>,
     pub cancel: CancellationToken,
+    /// Fires at the drain deadline: connections still open are reset.
+    pub abort: CancellationToken,
     pub tasks: TaskTracker,
 }

@@ -104,7 +104,7 @@ pub async fn proxy(
         lifetime: permit.timeouts.max_lifetime,
         shape: Some(&shape),
     };
-    let r = relay::relay(client, upstream, limits).await;
+    let r = super::drain::relay_until(client, upstream, limits, &shared.abort).await;
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }
 
