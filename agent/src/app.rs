@@ -29,6 +29,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_kernel()?;
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
+    // Before any thread exists, so every thread the agent starts inherits the reduced sets.
+    crate::caps::drop_unneeded()?;
 
     // Pure validation of every pod before touching anything.
     let configs = args
