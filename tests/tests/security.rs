@@ -31,9 +31,9 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
-/// A UDP datagram to `dst` from `pod` gets no answer (refused, or nothing within a second).
-fn udp_unanswered(pod: &Pod, dst: SocketAddr) {
-    match udp_connected(pod, dst, &dns_query(7, "x.test"), Duration::from_secs(1)) {
+/// `payload` sent to `dst` from `pod` gets no answer (refused, or nothing within a second).
+fn udp_unanswered(pod: &Pod, dst: SocketAddr, payload: &[u8]) {
+    match udp_connected(pod, dst, payload, Duration::from_secs(1)) {
         Ok(r) => panic!("{dst} answered {} bytes from {}", r.data.len(), r.from),
         Err(e) => assert!(
             matches!(
@@ -80,7 +80,7 @@ fn outbound_and_dns_listeners_are_reachable_only_from_inside_their_pod() {
     for dst in [pod.addr4(port), pod.addr6(port)] {
         let e = tcp_connect(&other, dst, T).expect_err("outbound listener reachable");
         assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{dst}: {e}");
-        udp_unanswered(&other, dst);
+        udp_unanswered(&other, dst, &dns_query(7, "x.test"));
     }
     // The host's own loopback has nothing of the agent's.
     let loopback: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -258,4 +258,39 @@ fn the_agent_keeps_only_the_capabilities_it_needs() {
     let mut c = tcp_connect(&pod, server_pod.addr4(8080), T).expect("connect");
     tcp_echo_roundtrip(&mut c.stream, b"least privilege").expect("echo");
     assert_eq!(counter(&agent, &pod, "redirect_tcp"), 1);
+}
+
+/// Hostile DNS through the mesh: a datagram that is not a query is dropped, not forwarded; an
+/// upstream datagram that is not a response to the query is not passed to the app (the app gets
+/// SERVFAIL at the DNS timeout); the agent keeps serving.
+#[test]
+fn malformed_dns_is_dropped_and_non_answers_become_servfail() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let pod = cluster.add_pod("meshed").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    // Echoes every datagram back unchanged: a query comes back with QR clear, not an answer.
+    let echo = UdpEchoServer::start(&server_pod, "0.0.0.0:53".parse().expect("addr")).expect("udp");
+    let agent =
+        Agent::start(["--pod", &pod_spec(&pod, ""), "--dns-timeout", "500ms"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let server = server_pod.addr4(53);
+
+    for round in 0..2 {
+        let q = dns_query(0x1000 + round, "hostile.test");
+        let r = udp_connected(&pod, server, &q, T).expect("an answer");
+        assert_eq!(&r.data[..2], &q[..2], "same id");
+        assert!(r.data[2] & 0x80 != 0, "a response, not the echoed query");
+        assert_eq!(r.data[3] & 0x0f, 2, "SERVFAIL");
+        echo.next_datagram(T)
+            .expect("the query itself was forwarded");
+    }
+    for garbage in [&b"\x01\x02\x03"[..], &[0u8; 11][..]] {
+        udp_unanswered(&pod, server, garbage);
+    }
+    assert!(
+        echo.next_datagram(Duration::from_millis(300)).is_err(),
+        "a malformed datagram was forwarded"
+    );
+    assert!(agent.is_running());
 }

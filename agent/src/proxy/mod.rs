@@ -2,6 +2,7 @@
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
 pub mod admission;
 pub mod dns;
+pub mod dns_msg;
 pub mod drain;
 pub mod inbound;
 pub mod origdst;
