@@ -132,6 +132,9 @@ fn policy_key() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Key/value lines of one TOML table.
+type Table = Vec<(String, String)>;
+
 /// A plausible file: some `[defaults]` keys and some `[[rule]]` tables of random keys/values.
 fn policy_file() -> impl Strategy<Value = String> {
     let table = || proptest::collection::vec((policy_key(), policy_value()), 0..6);
@@ -139,25 +142,23 @@ fn policy_file() -> impl Strategy<Value = String> {
         proptest::option::of(table()),
         proptest::collection::vec(table(), 0..4),
     )
-        .prop_map(
-            |(defaults, rules): (Option<Vec<(String, String)>>, Vec<Vec<(String, String)>>)| {
-                let mut text = String::new();
-                let body = |t: &[(String, String)], text: &mut String| {
-                    for (k, v) in t {
-                        text.push_str(&format!("{k} = {v}\n"));
-                    }
-                };
-                if let Some(d) = defaults {
-                    text.push_str("[defaults]\n");
-                    body(&d, &mut text);
+        .prop_map(|(defaults, rules): (Option<Table>, Vec<Table>)| {
+            let mut text = String::new();
+            let body = |t: &[(String, String)], text: &mut String| {
+                for (k, v) in t {
+                    text.push_str(&format!("{k} = {v}\n"));
                 }
-                for r in rules {
-                    text.push_str("[[rule]]\n");
-                    body(&r, &mut text);
-                }
-                text
-            },
-        )
+            };
+            if let Some(d) = defaults {
+                text.push_str("[defaults]\n");
+                body(&d, &mut text);
+            }
+            for r in rules {
+                text.push_str("[[rule]]\n");
+                body(&r, &mut text);
+            }
+            text
+        })
 }
 
 /// A corpus file with a few bytes overwritten, inserted or cut.
