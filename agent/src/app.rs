@@ -95,6 +95,7 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
     let mut watcher = match policy.path() {
         Some(p) => Some(PolicyWatcher::new(p).with_context(|| format!("watch {}", p.display()))?),
         None => None,
@@ -156,6 +157,12 @@ async fn serve(
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             Some(ev) = ev_rx.recv() => inbound.on_event(ev).await,
             _ = sighup.recv() => reload(&policy, &shared, "SIGHUP"),
+            // Live task count on demand: what an operator (and the soak test) checks for leaks.
+            _ = sigusr1.recv() => events::emit(serde_json::json!({
+                "event": "status",
+                "tasks": shared.tasks.len(),
+                "pods": cookies.len(),
+            })),
             r = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
                 match r {
                     Ok(()) => reload(&policy, &shared, "file changed"),
