@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::T;
+use common::{client_and_echo_server, T};
 use sockmesh_tests::*;
 
 const GRACE: Duration = Duration::from_secs(3);
@@ -34,12 +34,7 @@ fn agent_with_pod(client: &Pod, grace: &str) -> Agent {
 
 #[test]
 fn sigterm_lets_a_short_transfer_finish_and_resets_a_long_one_at_the_deadline() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let agent = agent_with_pod(&client, "3s");
     let dst = server_pod.addr4(8080);
 
@@ -133,12 +128,7 @@ fn sigterm_lets_a_short_transfer_finish_and_resets_a_long_one_at_the_deadline() 
 /// exits as soon as its last connection closes.
 #[test]
 fn drain_ends_when_the_last_connection_closes_not_at_the_timeout() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let agent = agent_with_pod(&client, "5m");
     let mut c = tcp_connect(&client, server_pod.addr4(8080), T).expect("connect");
     echo_exact(&mut c, b"open across the SIGTERM");

@@ -7,7 +7,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{counter, T};
+use common::{client_and_echo_server, counter, T};
 use sockmesh_tests::*;
 
 /// The bound the tests set (the agent's minimum is 500 ms, its default 2 s).
@@ -53,19 +53,9 @@ fn until(client: &Pod, dst: SocketAddr, want: Seen, since: Instant, within: Dura
     }
 }
 
-fn setup() -> (Cluster, Pod, Pod, TcpServer) {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    (cluster, client, server_pod, server)
-}
-
 #[test]
 fn killed_agent_fails_open_within_the_bound_and_a_restarted_one_captures_again() {
-    let (_cluster, client, server_pod, server) = setup();
+    let (_cluster, client, server_pod, server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
     let args = ["--pod", &spec, "--keep-pins", "--fail-open-after", BOUND];
     let mut agent = Agent::start(args).expect("agent");
@@ -125,7 +115,7 @@ fn killed_agent_fails_open_within_the_bound_and_a_restarted_one_captures_again()
 /// as it runs again, without a restart.
 #[test]
 fn hung_agent_fails_open_and_captures_again_when_it_resumes() {
-    let (_cluster, client, server_pod, _server) = setup();
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
     let agent = Agent::start(["--pod", &spec, "--fail-open-after", BOUND]).expect("agent");
     agent.wait_ready().expect("ready");
@@ -150,7 +140,7 @@ fn hung_agent_fails_open_and_captures_again_when_it_resumes() {
 /// who run their own proxy on the listener port, as the SO_ORIGINAL_DST test does).
 #[test]
 fn fail_open_off_keeps_capturing_after_the_agent_dies() {
-    let (_cluster, client, server_pod, _server) = setup();
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
     let mut agent =
         Agent::start(["--pod", &spec, "--keep-pins", "--fail-open-after", "off"]).expect("agent");

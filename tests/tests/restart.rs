@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{counter, T};
+use common::{client_and_echo_server, counter, T};
 use serde_json::Value;
 use sockmesh_tests::*;
 
@@ -64,12 +64,7 @@ fn attached(ids: &BTreeSet<u64>) -> Vec<usize> {
 
 #[test]
 fn restart_readopts_maps_replaces_stale_links_and_uninstall_detaches() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
     let args = ["--pod", &spec, "--keep-pins"];
     let dst = server_pod.addr4(8080);
