@@ -19,7 +19,7 @@ use sockmesh_common::peer;
 
 use crate::{
     cli::RunArgs,
-    datapath::{preflight, Datapath, DatapathOptions},
+    datapath::{heartbeat, preflight, Datapath, DatapathOptions},
     events,
     inpod::pod::{Pod, PodListeners},
     observe::{self, flush::Observer, http::MetricsState, recorder::Recorder, sink::unix_ms},
@@ -32,6 +32,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_kernel()?;
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
+    // Before any thread exists, so every thread the agent starts inherits the reduced sets.
+    crate::caps::drop_unneeded()?;
 
     // Pure validation of every pod before touching anything.
     let configs = args
@@ -100,6 +102,7 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
     let mut watcher = match policy.path() {
         Some(p) => Some(PolicyWatcher::new(p).with_context(|| format!("watch {}", p.display()))?),
         None => None,
@@ -112,6 +115,7 @@ async fn serve(
         dns_port: args.dns_port,
         keep_pins: args.keep_pins,
         kernel_log: args.kernel_log,
+        fail_open_after: args.fail_open_after.0,
     })?;
     let Some(sink) = dp.take_sink() else {
         dp.shutdown();
@@ -134,6 +138,7 @@ async fn serve(
         policy: policy.clone(),
         recorder,
         cancel: CancellationToken::new(),
+        abort: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
     let metrics_state = Arc::new(MetricsState {
@@ -157,6 +162,11 @@ async fn serve(
             }
             Err(e) => warn!(error = %e, "cannot serve metrics"),
         }
+    }
+    // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
+    if let Some(hb) = dp.take_heartbeat() {
+        let period = heartbeat::period(args.fail_open_after.0);
+        shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
     }
     let result = enrol_all(&mut dp, &shared, &observer, prepared, configs);
     let (mut inbound, cookies) = match result {
@@ -191,6 +201,14 @@ async fn serve(
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             Some(ev) = ev_rx.recv() => inbound.on_event(ev).await,
             _ = sighup.recv() => reload(&policy, &shared, "SIGHUP"),
+            // Live task count on demand: what an operator (and the soak test) checks for leaks.
+            _ = sigusr1.recv() => events::emit(serde_json::json!({
+                "event": "status",
+                "tasks": shared.tasks.len(),
+                "pods": cookies.len(),
+                "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
+                "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
+            })),
             r = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
                 match r {
                     Ok(()) => reload(&policy, &shared, "file changed"),
@@ -289,9 +307,16 @@ fn enrol_all(
     Ok((inbound, cookies))
 }
 
-/// Stop redirecting first (new connections go direct), then stop accepting, give live
-/// connections up to `grace` to finish, write the final per-peer figures, then detach and
-/// unpin.
+/// How long reset connections get to close after the drain deadline. Resetting is immediate;
+/// this only bounds a task caught before its relay (connecting upstream, queued for
+/// admission), which then ends with the runtime.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// Graceful drain. Stop redirecting first (new connections go direct), stop accepting (the
+/// accept loops end and close their listeners), give live connections up to `grace` to finish,
+/// reset (RST) the ones still open, then detach, or keep the pins per `--keep-pins`. Every wait
+/// is on the task tracker, woken when the last task ends: nothing polls. The final per-peer
+/// figures are written once every connection task has ended.
 async fn stop(
     mut dp: Datapath,
     shared: &Shared,
@@ -306,17 +331,35 @@ async fn stop(
     }
     shared.cancel.cancel();
     shared.tasks.close();
+    events::emit(serde_json::json!({
+        "event": "draining",
+        "tasks": shared.tasks.len(),
+        "grace_ms": grace.as_millis() as u64,
+    }));
+    let mut reset = 0;
     if tokio::time::timeout(grace, shared.tasks.wait())
         .await
         .is_err()
     {
+        reset = shared.tasks.len();
         warn!(
-            left = shared.tasks.len(),
-            "connections still open after the drain timeout; closing them"
+            left = reset,
+            "connections still open after the drain timeout; resetting them"
         );
+        shared.abort.cancel();
+        if tokio::time::timeout(ABORT_WAIT, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = shared.tasks.len(),
+                "tasks still running after the reset; they end with the agent"
+            );
+        }
     }
     // Every connection task has ended (or was dropped): the figures are complete now.
     observer.flush();
+    events::emit(serde_json::json!({ "event": "drained", "reset": reset }));
     dp.shutdown();
 }
 

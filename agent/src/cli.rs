@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// README's performance section.
     #[arg(long, env = "SOCKMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// Fail open: when the agent's heartbeat (written every 125-500 ms) is older than this,
+    /// the kernel stops redirecting and new connections go direct; `off` never fails open.
+    #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
+    pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -129,6 +133,14 @@ pub struct StatsArgs {
     /// Order of peers: bytes (default), conns, active, throttled, timeouts, failures, peer, pod.
     #[arg(long, value_parser = crate::observe::cli::parse_sort)]
     pub sort: Option<String>,
+}
+
+fn fail_open_after(
+    s: &str,
+) -> Result<crate::policy::OrOff<std::time::Duration>, Box<dyn std::error::Error + Send + Sync>> {
+    let d = crate::policy::knobs::parse_timeout_knob(s)?;
+    crate::datapath::heartbeat::validate(d)?;
+    Ok(crate::policy::OrOff(d))
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -182,6 +194,10 @@ mod tests {
             run.metrics_addr.0,
             Some("127.0.0.1:15090".parse().expect("addr"))
         );
+        assert_eq!(
+            run.fail_open_after.0,
+            Some(std::time::Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -211,5 +227,21 @@ mod tests {
         assert_eq!(p.watch, Some(std::time::Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["sockmesh", "peers", "--sort", "colour"]).is_err());
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fail_open_after_takes_off_and_refuses_too_short() {
+        let parse = |v: &str| Cli::try_parse_from(["sockmesh", "run", "--fail-open-after", v]);
+        let Ok(Cli {
+            command: Command::Run(run),
+            ..
+        }) = parse("off")
+        else {
+            panic!("off parses")
+        };
+        assert_eq!(run.fail_open_after.0, None);
+        let e = parse("100ms").expect_err("too short").to_string();
+        assert!(e.contains("at least 500ms"), "{e}");
+        assert!(parse("banana").is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! sockmesh: a sidecar-less eBPF service-mesh agent. The binary is a thin shell over this
 //! library so the pure parts are unit-tested and the integration tests can reuse the schema.
 pub mod app;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod datapath;

@@ -117,6 +117,23 @@ pub struct GlobalConfig {
     pub outbound_port: u16,
     pub dns_port: u16,
     pub _pad: u32,
+    /// Fail open: the agent's last heartbeat, CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`), rewritten
+    /// every few hundred ms by a task in the agent's runtime, so a dead or hung agent stops it.
+    pub heartbeat_ns: u64,
+    /// Programs stop capturing (new connections go direct, counted `bypass_stale`) once the
+    /// heartbeat is older than this; 0 never fails open.
+    pub fail_open_after_ns: u64,
+}
+
+impl GlobalConfig {
+    /// Whether the agent's heartbeat is older than its fail-open bound at `now_ns`. A heartbeat
+    /// from the future (clock read before the write landed) is fresh, never stale.
+    #[inline(always)]
+    pub fn is_stale(&self, now_ns: u64) -> bool {
+        self.fail_open_after_ns != 0
+            && now_ns > self.heartbeat_ns
+            && now_ns - self.heartbeat_ns > self.fail_open_after_ns
+    }
 }
 
 /// One inclusive port range, host order. `lo == 0 && hi == 0` is an unused slot.
@@ -209,8 +226,10 @@ pub mod counter {
     /// connect() refused in the kernel: a verdict in `SM_VERDICTS` (breaker open, or the
     /// peer's rate bucket empty with no queueing) is still current.
     pub const FAST_REJECT: usize = 10;
+    /// Not captured (connect, bind or DNS sendmsg went direct): the agent's heartbeat is stale.
+    pub const BYPASS_STALE: usize = 11;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 11] = [
+    pub const NAMES: [&str; 12] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -222,6 +241,7 @@ pub mod counter {
         "map_full",
         "event_lost",
         "fast_reject",
+        "bypass_stale",
     ];
 }
 
@@ -398,7 +418,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<SockAddr>(), 20);
-        assert_eq!(size_of::<GlobalConfig>(), 16);
+        assert_eq!(size_of::<GlobalConfig>(), 32);
         assert_eq!(size_of::<Cidr>(), 40);
         assert_eq!(size_of::<PodConfig>(), 4 + 8 * 4 * 2 + 8 * 40);
         assert_eq!(size_of::<TupleKey>(), 8 + 20 + 20);
@@ -446,6 +466,27 @@ mod tests {
         assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
         assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
         assert_eq!(SockAddr::default().to_std(), None);
+    }
+
+    #[test]
+    fn heartbeat_goes_stale_only_past_the_bound() {
+        let cfg = GlobalConfig {
+            heartbeat_ns: 10_000,
+            fail_open_after_ns: 2_000,
+            ..Default::default()
+        };
+        assert!(!cfg.is_stale(10_000));
+        assert!(!cfg.is_stale(12_000), "exactly at the bound is still fresh");
+        assert!(cfg.is_stale(12_001));
+        assert!(
+            !cfg.is_stale(5),
+            "a heartbeat ahead of the reader's clock is fresh"
+        );
+        let never = GlobalConfig {
+            fail_open_after_ns: 0,
+            ..cfg
+        };
+        assert!(!never.is_stale(u64::MAX), "0 disables fail-open");
     }
 
     #[test]

@@ -143,6 +143,9 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         count(netns, counter::BYPASS_EXCLUDED);
         return;
     }
+    if !agent_alive(netns, cfg) {
+        return;
+    }
     let port = unsafe { read_volatile(&(*sk).src_port) } as u16;
     if port == 0 || !remember(netns, port, &dst) {
         return;

@@ -52,7 +52,7 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, _cfg, pod)) = pod_for(ctx, sk) else {
+    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
         return;
     };
     if !pod.has(pod_flags::INBOUND) {
@@ -63,6 +63,9 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
             count(netns, counter::BYPASS_EXCLUDED);
             return;
         }
+    }
+    if !agent_alive(netns, cfg) {
+        return;
     }
     unsafe {
         if v6 {

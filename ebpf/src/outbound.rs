@@ -73,6 +73,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         count(netns, counter::BYPASS_EXCLUDED);
         return 1;
     }
+    if !agent_alive(netns, cfg) {
+        return 1;
+    }
     if ty == SOCK_STREAM && breaker_open(netns, &dst) {
         // The agent saw this peer fail: refuse now, without a round trip to the proxy.
         unsafe { bpf_set_retval(-ECONNREFUSED) };

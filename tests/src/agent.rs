@@ -327,6 +327,13 @@ impl Agent {
         }
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself (no signal sent); `None` if it
+    /// is still running then.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let mut child = self.child.lock().expect("child lock");
+        Ok(sys::wait_timeout(&mut child, timeout)?)
+    }
+
     /// SIGKILL (a crash, as far as the kernel side can tell): pins stay in the bpffs dir.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         let mut child = self.child.lock().expect("child lock");

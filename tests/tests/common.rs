@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sockmesh_tests::{Agent, Pod};
+use sockmesh_tests::{Agent, Cluster, Pod, TcpServer};
 
 pub const T: Duration = Duration::from_secs(5);
 
@@ -28,4 +28,19 @@ pub fn has_row(stats: &Value, pod: &Pod) -> bool {
         .expect("pods array")
         .iter()
         .any(|p| p["netns_cookie"].as_u64() == Some(cookie))
+}
+
+/// Port of the echo server [`client_and_echo_server`] starts.
+pub const ECHO_PORT: u16 = 8080;
+
+/// A cluster with a client pod and a server pod whose echo server listens on
+/// `0.0.0.0:`[`ECHO_PORT`]: the usual cast of a test through the mesh.
+pub fn client_and_echo_server() -> (Cluster, Pod, Pod, TcpServer) {
+    sockmesh_tests::require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    let bind = std::net::SocketAddr::from(([0, 0, 0, 0], ECHO_PORT));
+    let server = TcpServer::start(&server_pod, bind).expect("echo server");
+    (cluster, client, server_pod, server)
 }

@@ -415,12 +415,15 @@ fn bad_metrics_address_and_unknown_schema_are_refused() {
     let dir = agent.bpffs();
     assert!(agent.stop().expect("stop").success());
     let config = dir.path().join("SM_CONFIG");
-    // GlobalConfig is 16 bytes; schema_version is the first u32.
+    // schema_version is GlobalConfig's first u32; the rest of the value stays zero.
     let mut cmd = std::process::Command::new("bpftool");
     cmd.args(["map", "update", "pinned"])
         .arg(&config)
         .args(["key", "0", "0", "0", "0", "value", "99", "0", "0", "0"]);
-    cmd.args(std::iter::repeat_n("0", 12));
+    cmd.args(std::iter::repeat_n(
+        "0",
+        std::mem::size_of::<sockmesh_common::GlobalConfig>() - 4,
+    ));
     let out = cmd.output().expect("bpftool");
     assert!(
         out.status.success(),
@@ -477,7 +480,14 @@ fn peers_shows_which_peer_is_throttled_and_why() {
                         "a throttled connection gets no data"
                     );
                 }
-                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+                // Reset before getpeername() ran: ENOTCONN. Either way not refused.
+                Err(e) => assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::NotConnected
+                    ),
+                    "{e}"
+                ),
             }
         } else {
             let e = tcp_connect(&client, limited, common::T).expect_err("refused in the kernel");

@@ -79,7 +79,15 @@ fn so_original_dst_answers_any_proxy_like_iptables_redirect() {
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
-    let mut agent = Agent::start(["--pod", &pod_spec(&client, ""), "--keep-pins"]).expect("agent");
+    // Fail-open off: the stand-in proxy keeps being used however long the agent stays dead.
+    let mut agent = Agent::start([
+        "--pod",
+        &pod_spec(&client, ""),
+        "--keep-pins",
+        "--fail-open-after",
+        "off",
+    ])
+    .expect("agent");
     agent.wait_ready().expect("ready");
     agent.kill().expect("kill -9 the agent");
     // Programs stay attached through the pinned links; the pod's listener is free again.

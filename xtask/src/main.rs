@@ -5,6 +5,7 @@ mod build;
 mod demo;
 mod netns;
 mod prereqs;
+mod soak;
 mod test;
 mod util;
 
@@ -56,11 +57,28 @@ enum Cmd {
         #[arg(long)]
         scale_conns: Option<usize>,
     },
-    /// Long-running soak test (not implemented yet, issue #7).
+    /// Soak: many connections with random sizes, half-closes and resets through the mesh
+    /// between two pods; bytes checked per connection, agent fds/tasks/RSS flat (needs root).
     Soak {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        _args: Vec<String>,
+        /// Connections to push (the CI form of the same test runs 1500).
+        #[arg(long, default_value_t = soak::MIN_CONNS)]
+        conns: u64,
+        /// Fail if pushing them takes longer than this many seconds.
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Replay a run: the seed its [soak] line printed.
+        #[arg(long, value_parser = parse_seed)]
+        seed: Option<u64>,
     },
+}
+
+/// A seed as the soak prints it (`0x5eed50a4`) or in decimal.
+fn parse_seed(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("'{s}' is not a seed: give the number the [soak] line printed"))
 }
 
 fn main() -> ExitCode {
@@ -78,9 +96,7 @@ fn main() -> ExitCode {
             reps,
             scale_conns,
         } => bench::bench(quick, reps, scale_conns),
-        Cmd::Soak { .. } => Err(anyhow::anyhow!(
-            "`cargo xtask soak` is not implemented yet (issue #7)"
-        )),
+        Cmd::Soak { conns, secs, seed } => soak::soak(conns, secs, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The kernel side as the agent drives it: load the programs, pin the maps, attach every
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
+pub mod heartbeat;
 pub mod links;
 pub mod preflight;
 pub mod stats;
@@ -53,6 +54,8 @@ pub struct DatapathOptions<'a> {
     pub dns_port: u16,
     pub keep_pins: bool,
     pub kernel_log: bool,
+    /// Programs stop capturing when the heartbeat is older than this; `None` never.
+    pub fail_open_after: Option<std::time::Duration>,
 }
 
 /// Maps the proxies use while running.
@@ -116,6 +119,7 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     /// The observability maps the agent writes (taken by the app at start).
     sink: Option<crate::observe::sink::Sink>,
+    heartbeat: Option<heartbeat::Heartbeat>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
     dir: PathBuf,
@@ -174,7 +178,7 @@ impl Datapath {
             None
         };
 
-        let mut config: Array<MapData, GlobalConfig> = take(&mut ebpf, map_names::CONFIG)?;
+        let config: Array<MapData, GlobalConfig> = take(&mut ebpf, map_names::CONFIG)?;
         let mut pods: HashMap<MapData, u64, PodConfig> = take(&mut ebpf, map_names::PODS)?;
         // Pods enrolled by a previous agent that died are not ours to redirect.
         let stale: Vec<u64> = pods.keys().filter_map(|k| k.ok()).collect();
@@ -187,8 +191,11 @@ impl Datapath {
             outbound_port: opts.outbound_port,
             dns_port: opts.dns_port,
             _pad: 0,
+            heartbeat_ns: 0,
+            fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
         };
-        config.set(0, gc, 0).context("write SM_CONFIG")?;
+        // Fresh from the first write, so pods are captured while the task gets going.
+        let heartbeat = heartbeat::Heartbeat::new(config, gc)?;
 
         let cgroup = File::open(opts.cgroup_root)
             .with_context(|| format!("open cgroup {}", opts.cgroup_root.display()))?;
@@ -235,6 +242,7 @@ impl Datapath {
             maps,
             events,
             sink,
+            heartbeat: Some(heartbeat),
             logger,
             _ebpf: ebpf,
             dir: dir.to_path_buf(),
@@ -269,6 +277,11 @@ impl Datapath {
 
     pub fn take_sink(&mut self) -> Option<crate::observe::sink::Sink> {
         self.sink.take()
+    }
+
+    /// The `SM_CONFIG` writer, for the heartbeat task.
+    pub fn take_heartbeat(&mut self) -> Option<heartbeat::Heartbeat> {
+        self.heartbeat.take()
     }
 
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {

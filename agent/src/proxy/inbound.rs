@@ -24,8 +24,8 @@ use crate::{
 struct PortState {
     /// The app's binds; shared with the accept loops so they pick the target at accept time.
     targets: Arc<Mutex<Targets>>,
-    v4_listeners: Option<CancellationToken>,
-    v6_listeners: Option<CancellationToken>,
+    v4_listeners: Option<Listening>,
+    v6_listeners: Option<Listening>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -89,17 +89,28 @@ impl Inbound {
         let want_v4 = binds.v4_bound || binds.v6_bound;
         let want_v6 = binds.v6_bound;
         let targets = st.targets.clone();
+        let mut opened = Vec::new();
         if want_v4 && st.v4_listeners.is_none() {
             st.v4_listeners = open(&pod, &self.shared, ev.port, false, targets.clone()).await;
+            opened.extend(st.v4_listeners.as_ref().map(|_| "ipv4"));
         }
         if want_v6 && st.v6_listeners.is_none() {
             st.v6_listeners = open(&pod, &self.shared, ev.port, true, targets).await;
+            opened.extend(st.v6_listeners.as_ref().map(|_| "ipv6"));
+        }
+        // Reported once every family of this bind listens, so whoever reacts to the first
+        // event can already connect over either family.
+        for family in opened {
+            info!(pod = %pod.name, port = ev.port, family, "inbound listeners open");
+            events::emit(serde_json::json!({
+                "event": "inbound_listening", "netns_cookie": pod.cookie, "port": ev.port, "family": family,
+            }));
         }
         if !want_v4 {
-            close(&pod, &mut st.v4_listeners, ev.port, "ipv4");
+            close(&pod, &mut st.v4_listeners, ev.port, "ipv4").await;
         }
         if !want_v6 {
-            close(&pod, &mut st.v6_listeners, ev.port, "ipv6");
+            close(&pod, &mut st.v6_listeners, ev.port, "ipv6").await;
         }
         if !want_v4 && !want_v6 {
             self.ports.remove(&key);
@@ -107,9 +118,19 @@ impl Inbound {
     }
 }
 
-fn close(pod: &PodCtx, slot: &mut Option<CancellationToken>, port: u16, family: &str) {
-    if let Some(token) = slot.take() {
-        token.cancel();
+/// One family's listeners for a port: the token that stops their accept loops, and the loops,
+/// awaited on close so `inbound_closed` is only reported once the sockets are really closed.
+struct Listening {
+    stop: CancellationToken,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn close(pod: &PodCtx, slot: &mut Option<Listening>, port: u16, family: &str) {
+    if let Some(l) = slot.take() {
+        l.stop.cancel();
+        for h in l.loops {
+            let _ = h.await;
+        }
         info!(pod = %pod.name, port, family, "inbound listeners closed");
         events::emit(serde_json::json!({
             "event": "inbound_closed", "netns_cookie": pod.cookie, "port": port, "family": family,
@@ -124,7 +145,7 @@ async fn open(
     port: u16,
     v6: bool,
     targets: Arc<Mutex<Targets>>,
-) -> Option<CancellationToken> {
+) -> Option<Listening> {
     let addrs: Vec<SocketAddr> = pod
         .addrs
         .iter()
@@ -146,7 +167,7 @@ async fn open(
         .await
         .ok()?;
     let token = shared.cancel.child_token();
-    let mut any = false;
+    let mut loops = Vec::new();
     for (addr, res) in opened {
         let listener = match res.and_then(TcpListener::from_std) {
             Ok(l) => l,
@@ -156,22 +177,18 @@ async fn open(
                 continue;
             }
         };
-        any = true;
         let (pod2, shared2, token2, targets2) =
             (pod.clone(), shared.clone(), token.clone(), targets.clone());
-        shared
-            .tasks
-            .spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await });
+        loops.push(
+            shared
+                .tasks
+                .spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await }),
+        );
     }
-    if !any {
+    if loops.is_empty() {
         return None;
     }
-    let family = if v6 { "ipv6" } else { "ipv4" };
-    info!(pod = %pod.name, port, family, "inbound listeners open");
-    events::emit(serde_json::json!({
-        "event": "inbound_listening", "netns_cookie": pod.cookie, "port": port, "family": family,
-    }));
-    Some(token)
+    Some(Listening { stop: token, loops })
 }
 
 async fn serve(

@@ -2,6 +2,8 @@
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
 pub mod admission;
 pub mod dns;
+pub mod dns_msg;
+pub mod drain;
 pub mod inbound;
 pub mod origdst;
 pub mod outbound;
@@ -59,5 +61,7 @@ pub struct Shared {
     /// Per-peer figures for `sockmesh peers` and `/metrics` (flushed to SM_PEER_STATE).
     pub recorder: Arc<crate::observe::recorder::Recorder>,
     pub cancel: CancellationToken,
+    /// Fires at the drain deadline: connections still open are reset.
+    pub abort: CancellationToken,
     pub tasks: TaskTracker,
 }

@@ -115,7 +115,7 @@ pub async fn proxy(
             .shaped(&key)
             .then_some(&shape as relay::Shaper<'_>),
     };
-    let r = relay::relay(client, upstream, limits).await;
+    let r = super::drain::relay_until(client, upstream, limits, &shared.abort).await;
     shared.recorder.ended(&key, &r);
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }

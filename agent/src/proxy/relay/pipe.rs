@@ -129,6 +129,11 @@ impl PipePool {
         self.in_use.load(Ordering::Relaxed)
     }
 
+    /// Empty pipes kept for reuse (two fds each, held on purpose, not leaked).
+    pub fn pooled(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
     /// Pipes ever created (a pooled pipe reused is not counted again).
     pub fn created(&self) -> usize {
         self.created.load(Ordering::Relaxed)
