@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
+    /// Kubernetes mode: enrol this node's opted-in pods from the API.
+    #[command(flatten)]
+    pub kube: crate::kube::KubeArgs,
 }
 
 #[derive(Args, Debug, Clone)]

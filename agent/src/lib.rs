@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod events;
 pub mod inpod;
+pub mod kube;
 pub mod policy;
 pub mod proxy;
 pub mod stats_cmd;
