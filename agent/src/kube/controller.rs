@@ -170,6 +170,7 @@ impl Controller {
         mgr: &mut PodManager,
         dp: &mut Datapath,
     ) {
+        let mut listed = false;
         let changed: Vec<String> = match ev {
             watcher::Event::Apply(n) => {
                 let name = n.metadata.name.clone().unwrap_or_default();
@@ -196,8 +197,7 @@ impl Controller {
                     return;
                 };
                 let old = std::mem::replace(&mut self.namespaces, new);
-                self.synced.1 = true;
-                self.announce_sync();
+                listed = true;
                 old.into_keys()
                     .chain(self.namespaces.keys().cloned())
                     .collect()
@@ -212,6 +212,10 @@ impl Controller {
             .collect();
         for uid in uids {
             self.reconcile(&uid, mgr, dp);
+        }
+        if listed {
+            self.synced.1 = true;
+            self.announce_sync();
         }
     }
 
@@ -297,7 +301,10 @@ impl Controller {
         let uid = g.id.to_string();
         if let Some(found) = self.resolver.find(&uid) {
             if Some(found.ns_id) == mgr.ns_of(&uid) {
-                debug!(pod = %uid, pid = found.pid, "pod's namespace lives on in another process");
+                info!(pod = %uid, pid = found.pid, why = %g.why, "pod's namespace lives on in another of its processes");
+                events::emit(serde_json::json!({
+                    "event": "pod_reresolved", "id": &uid, "pid": found.pid,
+                }));
                 mgr.rewatch(&uid, Anchor::Pid(found.pid as i32));
                 return;
             }
