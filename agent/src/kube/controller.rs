@@ -36,10 +36,10 @@ use crate::{
 
 type Watch<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
-/// One item from either watch.
+/// One item from either watch (a Pod is large: boxed, so every Input is small to move).
 pub enum Input {
-    Pod(Result<watcher::Event<Pod>, watcher::Error>),
-    Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
+    Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
+    Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
 }
 
 /// A pod as enrolled.
@@ -104,8 +104,8 @@ impl Controller {
     /// The next change from either watch (never ends: the watches retry forever).
     pub async fn next(&mut self) -> Input {
         tokio::select! {
-            Some(e) = self.pod_watch.next() => Input::Pod(e),
-            Some(e) = self.ns_watch.next() => Input::Namespace(e),
+            Some(e) = self.pod_watch.next() => Input::Pod(Box::new(e)),
+            Some(e) = self.ns_watch.next() => Input::Namespace(Box::new(e)),
             else => std::future::pending().await,
         }
     }
@@ -117,14 +117,18 @@ impl Controller {
 
     pub fn handle(&mut self, input: Input, mgr: &mut PodManager, dp: &mut Datapath) {
         match input {
-            Input::Pod(Err(e)) => {
-                warn!(error = %e, "pod watch failed; retrying with backoff (enrolled pods keep working)")
-            }
-            Input::Namespace(Err(e)) => {
-                warn!(error = %e, "namespace watch failed; retrying with backoff (enrolled pods keep working)")
-            }
-            Input::Pod(Ok(ev)) => self.on_pod(ev, mgr, dp),
-            Input::Namespace(Ok(ev)) => self.on_namespace(ev, mgr, dp),
+            Input::Pod(e) => match *e {
+                Err(e) => {
+                    warn!(error = %e, "pod watch failed; retrying with backoff (enrolled pods keep working)")
+                }
+                Ok(ev) => self.on_pod(ev, mgr, dp),
+            },
+            Input::Namespace(e) => match *e {
+                Err(e) => {
+                    warn!(error = %e, "namespace watch failed; retrying with backoff (enrolled pods keep working)")
+                }
+                Ok(ev) => self.on_namespace(ev, mgr, dp),
+            },
         }
     }
 
