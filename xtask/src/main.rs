@@ -2,6 +2,7 @@
 
 mod build;
 mod demo;
+mod manifests;
 mod prereqs;
 mod test;
 mod util;
