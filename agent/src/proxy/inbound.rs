@@ -8,7 +8,10 @@ use std::{
 };
 
 use sockmesh_common::{event_kind, Event, SockAddr, TupleKey, AF_INET6};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -24,8 +27,8 @@ use crate::{
 struct PortState {
     /// The app's binds; shared with the accept loops so they pick the target at accept time.
     targets: Arc<Mutex<Targets>>,
-    v4_listeners: Option<CancellationToken>,
-    v6_listeners: Option<CancellationToken>,
+    v4_listeners: Option<Listeners>,
+    v6_listeners: Option<Listeners>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -45,6 +48,13 @@ impl Targets {
         };
         SocketAddr::new(loopback(v6), port)
     }
+}
+
+/// The accept loops of one (pod, port, family): a token stops them, and `closed` yields None
+/// once every one has returned, i.e. its listening socket is closed.
+struct Listeners {
+    stop: CancellationToken,
+    closed: mpsc::Receiver<()>,
 }
 
 /// Turns bind/unbind events into listeners.
@@ -70,11 +80,11 @@ impl Inbound {
         self.pods.remove(&cookie);
         self.ports.retain(|(c, _), st| {
             if *c == cookie {
-                for t in [st.v4_listeners.take(), st.v6_listeners.take()]
+                for l in [st.v4_listeners.take(), st.v6_listeners.take()]
                     .into_iter()
                     .flatten()
                 {
-                    t.cancel();
+                    l.stop.cancel();
                 }
             }
             *c != cookie
@@ -110,10 +120,10 @@ impl Inbound {
             st.v6_listeners = open(&pod, &shared, ev.port, true, targets).await;
         }
         if !want_v4 {
-            close(&pod, &mut st.v4_listeners, ev.port, "ipv4");
+            close(&pod, &mut st.v4_listeners, ev.port, "ipv4").await;
         }
         if !want_v6 {
-            close(&pod, &mut st.v6_listeners, ev.port, "ipv6");
+            close(&pod, &mut st.v6_listeners, ev.port, "ipv6").await;
         }
         if !want_v4 && !want_v6 {
             self.ports.remove(&key);
@@ -121,9 +131,12 @@ impl Inbound {
     }
 }
 
-fn close(pod: &PodCtx, slot: &mut Option<CancellationToken>, port: u16, family: &str) {
-    if let Some(token) = slot.take() {
-        token.cancel();
+/// Stop the listeners and announce it once their sockets are closed (a client connecting after
+/// `inbound_closed` is refused, never accepted by a listener on its way out).
+async fn close(pod: &PodCtx, slot: &mut Option<Listeners>, port: u16, family: &str) {
+    if let Some(mut l) = slot.take() {
+        l.stop.cancel();
+        while l.closed.recv().await.is_some() {}
         info!(pod = %pod.name, port, family, "inbound listeners closed");
         events::emit(serde_json::json!({
             "event": "inbound_closed", "netns_cookie": pod.cookie, "port": port, "family": family,
@@ -138,7 +151,7 @@ async fn open(
     port: u16,
     v6: bool,
     targets: Arc<Mutex<Targets>>,
-) -> Option<CancellationToken> {
+) -> Option<Listeners> {
     let addrs: Vec<SocketAddr> = pod
         .addrs
         .iter()
@@ -160,6 +173,7 @@ async fn open(
         .await
         .ok()?;
     let token = shared.cancel.child_token();
+    let (done, closed) = mpsc::channel::<()>(1);
     let mut any = false;
     for (addr, res) in opened {
         let listener = match res.and_then(TcpListener::from_std) {
@@ -173,9 +187,12 @@ async fn open(
         any = true;
         let (pod2, shared2, token2, targets2) =
             (pod.clone(), shared.clone(), token.clone(), targets.clone());
-        shared
-            .tasks
-            .spawn(async move { serve(listener, pod2, shared2, token2, targets2, port).await });
+        let done = done.clone();
+        shared.tasks.spawn(async move {
+            serve(listener, pod2, shared2, token2, targets2, port).await;
+            // After serve() returned, and so dropped the listener.
+            drop(done);
+        });
     }
     if !any {
         return None;
@@ -185,7 +202,10 @@ async fn open(
     events::emit(serde_json::json!({
         "event": "inbound_listening", "netns_cookie": pod.cookie, "port": port, "family": family,
     }));
-    Some(token)
+    Some(Listeners {
+        stop: token,
+        closed,
+    })
 }
 
 async fn serve(
