@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sockmesh_tests::{Agent, Pod};
+use sockmesh_tests::{tcp_connect, tcp_echo_roundtrip, Agent, Pod};
 
 pub const T: Duration = Duration::from_secs(5);
 
@@ -28,4 +28,12 @@ pub fn has_row(stats: &Value, pod: &Pod) -> bool {
         .expect("pods array")
         .iter()
         .any(|p| p["netns_cookie"].as_u64() == Some(cookie))
+}
+
+/// Connects from `client` to `dst` (an echo server) and says whether the connection went
+/// through the agent: the app's own end is then the pod's loopback, the agent's listener.
+pub fn redirected(client: &Pod, dst: std::net::SocketAddr) -> bool {
+    let mut c = tcp_connect(client, dst, T).expect("connect");
+    tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
+    c.local.ip().is_loopback()
 }

@@ -4,6 +4,8 @@
 //! real resolver (pod UID in /proc/*/cgroup -> /proc/PID/ns/net).
 mod common;
 
+use common::redirected;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -53,6 +55,34 @@ impl KubePod {
     }
 }
 
+/// A cluster with a server pod (echo on 8080), a fake API server and a fresh node name.
+struct World {
+    cluster: Cluster,
+    server_pod: Pod,
+    _server: TcpServer,
+    dst: SocketAddr,
+    api: FakeKubeApi,
+    node: String,
+}
+
+impl World {
+    fn new() -> World {
+        require_root();
+        let cluster = Cluster::new().expect("cluster");
+        let server_pod = cluster.add_pod("server").expect("pod");
+        let server =
+            TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
+        World {
+            dst: server_pod.addr4(8080),
+            cluster,
+            server_pod,
+            _server: server,
+            api: FakeKubeApi::start().expect("fake api"),
+            node: unique_name(),
+        }
+    }
+}
+
 fn kube_agent(api: &FakeKubeApi, node: &str) -> Agent {
     let agent =
         Agent::start(["--kube", "--kube-api", &api.url(), "--node-name", node]).expect("agent");
@@ -72,14 +102,6 @@ fn wait_removed(agent: &Agent, uid: &str) -> Value {
         .unwrap_or_else(|e| panic!("pod {uid} never removed: {e:#}"))
 }
 
-/// Connects from `client` to `dst` and says whether the connection went through the agent
-/// (the app's own end is then the pod's loopback, the agent's listener).
-fn redirected(client: &Pod, dst: SocketAddr) -> bool {
-    let mut c = tcp_connect(client, dst, common::T).expect("connect");
-    tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
-    c.local.ip().is_loopback()
-}
-
 fn ids_of(agent: &Agent, event: &str) -> Vec<String> {
     agent
         .events()
@@ -91,19 +113,13 @@ fn ids_of(agent: &Agent, event: &str) -> Vec<String> {
 
 #[test]
 fn an_opted_in_pod_is_redirected_and_opting_out_or_deleting_it_stops_that() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let dst = server_pod.addr4(8080);
-    let api = FakeKubeApi::start().expect("fake api");
-    let node = unique_name();
+    let w = World::new();
+    let (cluster, api, node, dst) = (&w.cluster, &w.api, w.node.as_str(), w.dst);
     api.add_namespace("shop", &[(MESH, "enabled")]);
-    let agent = kube_agent(&api, &node);
+    let agent = kube_agent(api, node);
     agent.wait_event_named("kube_synced", KT).expect("synced");
 
-    let app = KubePod::new(&cluster, "app", "shop", &node, Driver::Systemd);
+    let app = KubePod::new(cluster, "app", "shop", node, Driver::Systemd);
     assert!(!redirected(&app.pod, dst), "not in the API yet: not meshed");
 
     api.add_pod(&app.obj);
@@ -133,7 +149,7 @@ fn an_opted_in_pod_is_redirected_and_opting_out_or_deleting_it_stops_that() {
     assert!(!redirected(&app.pod, dst), "deleted: direct again");
 
     // The namespace label going away opts out every pod in it.
-    let other = KubePod::new(&cluster, "other", "shop", &node, Driver::Cgroupfs);
+    let other = KubePod::new(cluster, "other", "shop", node, Driver::Cgroupfs);
     api.add_pod(&other.obj);
     wait_enrolled(&agent, other.uid());
     api.add_namespace("shop", &[]);
@@ -144,24 +160,18 @@ fn an_opted_in_pod_is_redirected_and_opting_out_or_deleting_it_stops_that() {
 
 #[test]
 fn pods_running_before_the_agent_are_enrolled_and_only_the_opted_in_ones() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let dst = server_pod.addr4(8080);
-    let api = FakeKubeApi::start().expect("fake api");
-    let node = unique_name();
+    let w = World::new();
+    let (cluster, api, node, dst) = (&w.cluster, &w.api, w.node.as_str(), w.dst);
     api.add_namespace("shop", &[(MESH, "enabled")]);
     api.add_namespace("plain", &[]);
 
-    let labelled = KubePod::new(&cluster, "labelled", "shop", &node, Driver::Systemd);
-    let plain = KubePod::new(&cluster, "plain", "plain", &node, Driver::Systemd);
-    let annotated = KubePod::new(&cluster, "annotated", "plain", &node, Driver::Cgroupfs);
-    let opted_out = KubePod::new(&cluster, "optedout", "shop", &node, Driver::Systemd);
-    let host = KubePod::new(&cluster, "host", "shop", &node, Driver::Systemd);
+    let labelled = KubePod::new(cluster, "labelled", "shop", node, Driver::Systemd);
+    let plain = KubePod::new(cluster, "plain", "plain", node, Driver::Systemd);
+    let annotated = KubePod::new(cluster, "annotated", "plain", node, Driver::Cgroupfs);
+    let opted_out = KubePod::new(cluster, "optedout", "shop", node, Driver::Systemd);
+    let host = KubePod::new(cluster, "host", "shop", node, Driver::Systemd);
     let elsewhere = KubePod::new(
-        &cluster,
+        cluster,
         "elsewhere",
         "shop",
         "another-node",
@@ -174,7 +184,7 @@ fn pods_running_before_the_agent_are_enrolled_and_only_the_opted_in_ones() {
     api.add_pod(&host.obj.clone().host_network());
     api.add_pod(&elsewhere.obj);
 
-    let agent = kube_agent(&api, &node);
+    let agent = kube_agent(api, node);
     let synced = agent.wait_event_named("kube_synced", KT).expect("synced");
     let mut enrolled = ids_of(&agent, "pod_enrolled");
     enrolled.sort();
@@ -203,19 +213,15 @@ fn pods_running_before_the_agent_are_enrolled_and_only_the_opted_in_ones() {
 
 #[test]
 fn annotations_apply_and_a_malformed_one_is_reported_and_isolated() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _s1 = TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let _s2 = TcpServer::start(&server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("server");
-    let api = FakeKubeApi::start().expect("fake api");
-    let node = unique_name();
+    let w = World::new();
+    let (cluster, api, node, server_pod) = (&w.cluster, &w.api, w.node.as_str(), &w.server_pod);
+    let _s2 = TcpServer::start(server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("server");
     api.add_namespace("shop", &[(MESH, "enabled")]);
-    let agent = kube_agent(&api, &node);
+    let agent = kube_agent(api, node);
     agent.wait_event_named("kube_synced", KT).expect("synced");
 
-    let good = KubePod::new(&cluster, "good", "shop", &node, Driver::Systemd);
-    let bad = KubePod::new(&cluster, "bad", "shop", &node, Driver::Systemd);
+    let good = KubePod::new(cluster, "good", "shop", node, Driver::Systemd);
+    let bad = KubePod::new(cluster, "bad", "shop", node, Driver::Systemd);
     api.add_pod(
         &good
             .obj
@@ -274,18 +280,12 @@ fn annotations_apply_and_a_malformed_one_is_reported_and_isolated() {
 
 #[test]
 fn an_api_outage_and_410_gone_do_not_disturb_traffic_and_the_watch_recovers() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let dst = server_pod.addr4(8080);
-    let api = FakeKubeApi::start().expect("fake api");
-    let node = unique_name();
+    let w = World::new();
+    let (cluster, api, node, dst) = (&w.cluster, &w.api, w.node.as_str(), w.dst);
     api.add_namespace("shop", &[(MESH, "enabled")]);
-    let first = KubePod::new(&cluster, "first", "shop", &node, Driver::Systemd);
+    let first = KubePod::new(cluster, "first", "shop", node, Driver::Systemd);
     api.add_pod(&first.obj);
-    let agent = kube_agent(&api, &node);
+    let agent = kube_agent(api, node);
     wait_enrolled(&agent, first.uid());
     agent.wait_event_named("kube_synced", KT).expect("synced");
     let mut long = tcp_connect(&first.pod, dst, common::T).expect("connect");
@@ -300,7 +300,7 @@ fn an_api_outage_and_410_gone_do_not_disturb_traffic_and_the_watch_recovers() {
     }
     // Changes while it was down are beyond the history the server keeps: resuming the watch
     // gets 410 Gone, and only a relist sees the new pod.
-    let second = KubePod::new(&cluster, "second", "shop", &node, Driver::Systemd);
+    let second = KubePod::new(cluster, "second", "shop", node, Driver::Systemd);
     api.add_pod(&second.obj);
     api.compact();
     api.restart().expect("restart the API");
@@ -331,20 +331,14 @@ fn an_api_outage_and_410_gone_do_not_disturb_traffic_and_the_watch_recovers() {
 
 #[test]
 fn a_restarted_container_keeps_the_pod_and_a_new_sandbox_is_enrolled_anew() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _server =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let dst = server_pod.addr4(8080);
-    let api = FakeKubeApi::start().expect("fake api");
-    let node = unique_name();
+    let w = World::new();
+    let (cluster, api, node, dst) = (&w.cluster, &w.api, w.node.as_str(), w.dst);
     api.add_namespace("shop", &[(MESH, "enabled")]);
     // Two containers: the first started (lowest pid) plays the sandbox.
-    let mut app = KubePod::new(&cluster, "app", "shop", &node, Driver::Cgroupfs);
+    let mut app = KubePod::new(cluster, "app", "shop", node, Driver::Cgroupfs);
     app.start_container();
     api.add_pod(&app.obj);
-    let agent = kube_agent(&api, &node);
+    let agent = kube_agent(api, node);
     let first = wait_enrolled(&agent, app.uid());
 
     // One process of the pod exits; another still holds the namespace: the pod stays.

@@ -7,15 +7,9 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::T;
+use common::{redirected, T};
 use sockmesh_tests::names::unique_name;
 use sockmesh_tests::*;
-
-fn redirected(client: &Pod, dst: std::net::SocketAddr) -> bool {
-    let mut c = tcp_connect(client, dst, T).expect("connect");
-    tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
-    c.local.ip().is_loopback()
-}
 
 /// Threads of `pid` whose network namespace is `ns` (device, inode).
 fn threads_in(pid: u32, ns: (u64, u64)) -> usize {
