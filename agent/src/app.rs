@@ -1,65 +1,61 @@
 //! `sockmesh run`: validate everything, then load, enrol, proxy, and take it all down on
 //! SIGINT/SIGTERM. The order is chosen so a failure at any step leaves nothing behind, and
-//! the kernel only starts redirecting a pod once its listeners are open.
+//! the kernel only starts redirecting a pod once its listeners are open. Pods come from
+//! `--pod` at start and, with `--kube`, from the Kubernetes API at any time; either kind is
+//! removed when its namespace goes away.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{MapData, RingBuf};
-use sockmesh_common::{Event, PodConfig};
+use sockmesh_common::{peer, Event};
 use tokio::{
     io::unix::AsyncFd,
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
-use sockmesh_common::peer;
-
 use crate::{
     cli::RunArgs,
     datapath::{heartbeat, preflight, Datapath, DatapathOptions},
     events,
-    inpod::pod::{Pod, PodListeners},
+    inpod::{
+        manager::{Enrolment, PodManager, PodTemplate},
+        resolver::{ns_id, Resolver},
+    },
+    kube::{controller::Controller, report::Report},
     observe::{self, flush::Observer, http::MetricsState, recorder::Recorder, sink::unix_ms},
     policy::{watch::PolicyWatcher, Direction, PeerKey, PeerTable, PolicyArgs, PolicyHandle},
-    proxy::{admission::Admission, dns, inbound::Inbound, outbound, PodCtx, ProxyConfig, Shared},
+    proxy::{admission::Admission, ProxyConfig, Shared},
 };
 
 pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_privileges()?;
+    // Before any thread exists, so every thread the agent starts inherits the reduced sets.
+    crate::caps::drop_unneeded()?;
     preflight::check_kernel()?;
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
-    // Before any thread exists, so every thread the agent starts inherits the reduced sets.
-    crate::caps::drop_unneeded()?;
+    let node = args.kube.validate()?;
+    let template = PodTemplate::from_args(&args);
 
     // Pure validation of every pod before touching anything.
-    let configs = args
-        .pods
-        .iter()
-        .map(|p| {
-            p.to_kernel(
-                &args.exclude_outbound_ports,
-                &args.exclude_outbound_cidrs,
-                &args.exclude_inbound_ports,
-            )
-        })
-        .collect::<Result<Vec<PodConfig>, String>>()
-        .map_err(|e| anyhow!(e))?;
+    for spec in &args.pods {
+        template.config(spec).map_err(|e| anyhow!(e))?;
+    }
     // The policy file is validated before anything is loaded: a bad file is one clear error.
     let policy = Arc::new(args.policy.policy_handle().map_err(|e| anyhow!("{e}"))?);
-    if args.pods.is_empty() {
+    if args.pods.is_empty() && node.is_none() {
         warn!("no --pod given: the programs are attached but no traffic is captured");
     }
     // The same namespace under two paths would fight over its listeners: refuse it by the
     // namespace's identity (device and inode of the nsfs file) before opening anything.
     let mut seen: HashMap<(u64, u64), &std::path::Path> = HashMap::new();
     for spec in &args.pods {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::metadata(&spec.netns) {
-            if let Some(other) = seen.insert((m.dev(), m.ino()), &spec.netns) {
+        if let Ok(id) = ns_id(&spec.netns) {
+            if let Some(other) = seen.insert(id, &spec.netns) {
                 bail!(
                     "--pod {} and --pod {} are the same network namespace: give each pod once",
                     other.display(),
@@ -68,18 +64,15 @@ pub fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
-    // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
-    let metrics = args.metrics_addr.0.map(observe::http::bind).transpose()?;
     // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
     let mut prepared = Vec::new();
     for spec in &args.pods {
-        prepared.push(Pod::prepare(
-            spec,
-            args.mark,
-            args.outbound_port,
-            args.dns_port,
-        )?);
+        let path = spec.netns.display().to_string();
+        prepared.push(template.prepare(&path, &path, spec)?);
     }
+
+    // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
+    let metrics = args.metrics_addr.0.map(observe::http::bind).transpose()?;
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("sockmesh");
@@ -87,15 +80,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         rt.worker_threads(usize::from(n));
     }
     let rt = rt.build().context("start the async runtime")?;
-    rt.block_on(serve(args, cgroup, prepared, configs, policy, metrics))
+    rt.block_on(serve(
+        args, cgroup, prepared, policy, node, template, metrics,
+    ))
 }
 
 async fn serve(
     args: RunArgs,
     cgroup: std::path::PathBuf,
-    prepared: Vec<(Pod, PodListeners)>,
-    configs: Vec<PodConfig>,
+    prepared: Vec<Enrolment>,
     policy: Arc<PolicyHandle>,
+    node: Option<String>,
+    template: PodTemplate,
     metrics: Option<std::net::TcpListener>,
 ) -> Result<()> {
     // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
@@ -105,6 +101,11 @@ async fn serve(
     let mut sigusr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
     let mut watcher = match policy.path() {
         Some(p) => Some(PolicyWatcher::new(p).with_context(|| format!("watch {}", p.display()))?),
+        None => None,
+    };
+    // Built (not connected) before anything is loaded: a bad kubeconfig is a clean error.
+    let client = match &node {
+        Some(_) => Some(args.kube.client().await?),
         None => None,
     };
     let mut dp = Datapath::start(&DatapathOptions {
@@ -138,8 +139,8 @@ async fn serve(
         policy: policy.clone(),
         recorder,
         cancel: CancellationToken::new(),
-        abort: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        abort: CancellationToken::new(),
     };
     let metrics_state = Arc::new(MetricsState {
         bpffs_dir: args.bpffs_dir.clone(),
@@ -168,17 +169,26 @@ async fn serve(
         let period = heartbeat::period(args.fail_open_after.0);
         shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
     }
-    let result = enrol_all(&mut dp, &shared, &observer, prepared, configs);
-    let (mut inbound, cookies) = match result {
-        Ok(x) => x,
-        Err(e) => {
-            stop(dp, &shared, &observer, &[], Duration::ZERO).await;
+    let (mut pods, mut gone_rx) = PodManager::new(shared.clone(), observer.clone());
+    for e in prepared {
+        if let Err(e) = pods.enrol(&mut dp, e) {
+            stop(dp, &shared, &observer, &pods, Duration::ZERO).await;
             return Err(e);
         }
-    };
+    }
     shared
         .tasks
         .spawn(observe::flush::run(observer.clone(), shared.cancel.clone()));
+    let mut kube = match (client, &node) {
+        (Some(client), Some(node)) => {
+            let tasks = shared.tasks.clone();
+            let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
+            let resolver = Resolver::new(&args.kube.proc_root);
+            info!(%node, "watching this node's pods in the Kubernetes API");
+            Some(Controller::new(client, node, resolver, report, template))
+        }
+        _ => None,
+    };
 
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
     if let Some(ring) = dp.take_events() {
@@ -191,21 +201,32 @@ async fn serve(
             .tasks
             .spawn(read_kernel_logs(logger, shared.cancel.clone()));
     }
+    info!(pods = pods.len(), "ready");
+    events::emit(serde_json::json!({ "event": "ready", "pods": pods.len() }));
     metrics_state.set_ready(true);
-    info!(pods = cookies.len(), "ready");
-    events::emit(serde_json::json!({ "event": "ready", "pods": cookies.len() }));
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            Some(ev) = ev_rx.recv() => inbound.on_event(ev).await,
+            Some(ev) = ev_rx.recv() => pods.on_event(ev).await,
+            Some(g) = gone_rx.recv() => match kube.as_mut() {
+                Some(k) if k.owns(&g.id) => k.on_gone(g, &mut pods, &mut dp),
+                _ if pods.is_current(&g) => {
+                    let why = format!("namespace gone: {}", g.why);
+                    pods.remove(&mut dp, &g.id, &why);
+                }
+                _ => {}
+            },
+            input = async { match kube.as_mut() { Some(k) => k.next().await, None => std::future::pending().await } } => {
+                if let Some(k) = kube.as_mut() { k.handle(input, &mut pods, &mut dp); }
+            }
             _ = sighup.recv() => reload(&policy, &shared, "SIGHUP"),
             // Live task count on demand: what an operator (and the soak test) checks for leaks.
             _ = sigusr1.recv() => events::emit(serde_json::json!({
                 "event": "status",
                 "tasks": shared.tasks.len(),
-                "pods": cookies.len(),
+                "pods": pods.len(),
                 "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
                 "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
             })),
@@ -217,8 +238,10 @@ async fn serve(
             }
         }
     }
+    // The watches end before the pods go, so no enrolment races the shutdown.
+    drop(kube);
     metrics_state.set_ready(false);
-    stop(dp, &shared, &observer, &cookies, args.drain_timeout).await;
+    stop(dp, &shared, &observer, &pods, args.drain_timeout).await;
     events::emit(serde_json::json!({ "event": "stopped" }));
     Ok(())
 }
@@ -264,49 +287,6 @@ fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Adm
     )
 }
 
-/// Start each pod's proxies, then tell the kernel to redirect its sockets.
-fn enrol_all(
-    dp: &mut Datapath,
-    shared: &Shared,
-    observer: &Observer,
-    prepared: Vec<(Pod, PodListeners)>,
-    configs: Vec<PodConfig>,
-) -> Result<(Inbound, Vec<u64>)> {
-    let mut inbound = Inbound::new(shared.clone());
-    let mut cookies = Vec::new();
-    for ((pod, listeners), cfg) in prepared.into_iter().zip(configs) {
-        let ctx = PodCtx {
-            name: pod.name().into(),
-            cookie: pod.cookie,
-            worker: pod.worker.clone(),
-            addrs: pod.addrs.clone().into(),
-        };
-        for l in listeners.outbound {
-            let l = TcpListener::from_std(l).context("register outbound listener")?;
-            shared
-                .tasks
-                .spawn(outbound::serve(l, ctx.clone(), shared.clone()));
-        }
-        for s in listeners.dns {
-            let s = UdpSocket::from_std(s).context("register DNS listener")?;
-            shared
-                .tasks
-                .spawn(dns::serve(s, ctx.clone(), shared.clone()));
-        }
-        inbound.add_pod(ctx.clone());
-        dp.maps.add_pod(&ctx.name, pod.cookie);
-        observer.pod_enrolled(pod.cookie, &ctx.name);
-        dp.enrol(pod.cookie, cfg)
-            .with_context(|| format!("enrol pod {}", ctx.name))?;
-        cookies.push(pod.cookie);
-        info!(event = "pod_enrolled", pod = %ctx.name, netns_cookie = pod.cookie, addrs = ?pod.addrs, "pod enrolled");
-        events::emit(
-            serde_json::json!({ "event": "pod_enrolled", "pod": &*ctx.name, "netns_cookie": pod.cookie }),
-        );
-    }
-    Ok((inbound, cookies))
-}
-
 /// How long reset connections get to close after the drain deadline. Resetting is immediate;
 /// this only bounds a task caught before its relay (connecting upstream, queued for
 /// admission), which then ends with the runtime.
@@ -321,13 +301,18 @@ async fn stop(
     mut dp: Datapath,
     shared: &Shared,
     observer: &Observer,
-    cookies: &[u64],
+    pods: &PodManager,
     grace: Duration,
 ) {
     dp.unenrol_all();
-    for &c in cookies {
+    for c in pods.cookies() {
         observer.pod_removed(c);
-        info!(event = "pod_removed", netns_cookie = c, "pod removed");
+        info!(
+            event = "pod_removed",
+            netns_cookie = c,
+            reason = "agent stopping",
+            "pod removed"
+        );
     }
     shared.cancel.cancel();
     shared.tasks.close();

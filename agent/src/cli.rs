@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// summed under peer="other" (bounds the series count).
     #[arg(long, env = "SOCKMESH_METRICS_TOP_PEERS", default_value_t = 20)]
     pub metrics_top_peers: usize,
+    /// Kubernetes mode: enrol this node's opted-in pods from the API.
+    #[command(flatten)]
+    pub kube: crate::kube::KubeArgs,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -132,7 +132,8 @@ impl Drop for BpfFsDir {
 fn hermetic_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         let Some(k) = k.to_str() else { continue };
-        if k.starts_with("SOCKMESH_") && k != "SOCKMESH_LOG_LEVEL" {
+        // NODE_NAME is --node-name's fallback (the DaemonSet's downward API variable).
+        if (k.starts_with("SOCKMESH_") && k != "SOCKMESH_LOG_LEVEL") || k == "NODE_NAME" {
             cmd.env_remove(k);
         }
     }

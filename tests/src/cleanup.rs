@@ -105,6 +105,12 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             }
         }
     }
+    // 4. Kubelet-style pod cgroups (tests of the netns resolver): processes go back to the
+    //    root cgroup, then the subtree is removed.
+    for (_, path) in stale_entries(Path::new(crate::kubelet::CGROUP2)) {
+        crate::kubelet::remove_cgroup_tree(&path);
+        done.push(format!("removed cgroup {}", path.display()));
+    }
     Ok(done)
 }
 

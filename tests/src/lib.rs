@@ -22,6 +22,8 @@
 
 pub mod agent;
 pub mod cleanup;
+pub mod kubeapi;
+pub mod kubelet;
 pub mod names;
 pub mod netns;
 pub mod peers;
@@ -34,6 +36,8 @@ pub mod sys;
 pub mod tempdir;
 
 pub use agent::{pod_spec, read_json, sockmesh_bin, Agent, BpfFsDir};
+pub use kubeapi::{FakeKubeApi, FakePod};
+pub use kubelet::{new_uid, Driver, KubeletPod};
 pub use netns::{current_netns_inode, run_in_netns, NetNs};
 pub use peers::{
     tcp_connect, tcp_connect_from, tcp_echo_roundtrip, udp_connected, udp_sendto, Accepted,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sockmesh_tests::{Agent, Cluster, Pod, TcpServer};
+use sockmesh_tests::{tcp_connect, tcp_echo_roundtrip, Agent, Cluster, Pod, TcpServer};
 
 pub const T: Duration = Duration::from_secs(5);
 
@@ -43,4 +43,12 @@ pub fn client_and_echo_server() -> (Cluster, Pod, Pod, TcpServer) {
     let bind = std::net::SocketAddr::from(([0, 0, 0, 0], ECHO_PORT));
     let server = TcpServer::start(&server_pod, bind).expect("echo server");
     (cluster, client, server_pod, server)
+}
+
+/// Connects from `client` to `dst` (an echo server) and says whether the connection went
+/// through the agent: the app's own end is then the pod's loopback, the agent's listener.
+pub fn redirected(client: &Pod, dst: std::net::SocketAddr) -> bool {
+    let mut c = tcp_connect(client, dst, T).expect("connect");
+    tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
+    c.local.ip().is_loopback()
 }

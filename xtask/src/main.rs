@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod manifests;
 mod netns;
 mod prereqs;
 mod soak;

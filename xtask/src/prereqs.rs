@@ -63,6 +63,7 @@ pub fn ensure(level: Level) -> Result<Found> {
         return Ok(Found { nextest: false });
     }
     debian_packages()?;
+    crate::manifests::ensure_validator()?;
     let nextest = nextest();
     bpffs()?;
     cgroup2()?;

@@ -41,6 +41,18 @@ pub fn test(extra: &[String]) -> Result<()> {
         "run `cargo fmt --all`",
     );
 
+    let manifests = match crate::manifests::command() {
+        Ok(mut cmd) => lint(
+            "manifests",
+            &mut cmd,
+            "fix deploy/ (strict Kubernetes schema)",
+        ),
+        Err(e) => {
+            println!("xtask: manifests FAILED: {e:#}");
+            false
+        }
+    };
+
     let mut cmd = cargo();
     let runner = if found.nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"])
@@ -61,13 +73,14 @@ pub fn test(extra: &[String]) -> Result<()> {
 
     let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
     println!(
-        "xtask test summary: clippy {}; rustfmt {}; tests ({}) {}",
+        "xtask test summary: clippy {}; rustfmt {}; manifests {}; tests ({}) {}",
         verdict(clippy),
         verdict(rustfmt),
+        verdict(manifests),
         runner.name(),
         verdict(tests_ok)
     );
-    let all_ok = clippy && rustfmt && tests_ok;
+    let all_ok = clippy && rustfmt && manifests && tests_ok;
     let word = if all_ok { "PASSED" } else { "FAILED" };
     match counts {
         Some(c) => println!(

@@ -77,6 +77,25 @@ impl KernelMaps {
         }
     }
 
+    /// Forget a removed pod: its name and every fast-reject verdict of its namespace.
+    pub fn remove_pod(&self, name: &str, netns_cookie: u64) {
+        if let Ok(mut m) = self.pod_cookies.lock() {
+            if m.get(name) == Some(&netns_cookie) {
+                m.remove(name);
+            }
+        }
+        if let Ok(mut m) = self.verdicts.lock() {
+            let keys: Vec<VerdictKey> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.netns_cookie == netns_cookie)
+                .collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
+        }
+    }
+
     /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
     pub fn set_verdict(&self, pod: &str, peer: std::net::SocketAddr, until_ns: u64) {
         let Some(key) = self.verdict_key(pod, peer) else {
@@ -269,6 +288,12 @@ impl Datapath {
     /// Stop redirecting a pod's new sockets.
     pub fn unenrol(&mut self, netns_cookie: u64) {
         let _ = self.pods.remove(&netns_cookie);
+    }
+
+    /// Drop a removed pod's counters: pods come and go under Kubernetes, and the counters map
+    /// is bounded. (At shutdown they stay, for `sockmesh stats` after the agent is gone.)
+    pub fn forget_pod(&mut self, netns_cookie: u64) {
+        let _ = self.stats.remove(&netns_cookie);
     }
 
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {

@@ -48,27 +48,41 @@ impl Targets {
 }
 
 /// Turns bind/unbind events into listeners.
+#[derive(Default)]
 pub struct Inbound {
-    shared: Shared,
-    pods: HashMap<u64, PodCtx>,
+    /// Each pod with its own `Shared`, whose token stops exactly that pod's listeners.
+    pods: HashMap<u64, (PodCtx, Shared)>,
     ports: HashMap<(u64, u16), PortState>,
 }
 
 impl Inbound {
-    pub fn new(shared: Shared) -> Self {
-        Inbound {
-            shared,
-            pods: HashMap::new(),
-            ports: HashMap::new(),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub fn add_pod(&mut self, pod: PodCtx) {
-        self.pods.insert(pod.cookie, pod);
+    /// Serve `pod`'s binds with `shared` (its cancellation token stops them all).
+    pub fn add_pod(&mut self, pod: PodCtx, shared: Shared) {
+        self.pods.insert(pod.cookie, (pod, shared));
+    }
+
+    /// Forget a removed pod: its listeners stop (their tokens are cancelled) and its ports go.
+    pub fn remove_pod(&mut self, cookie: u64) {
+        self.pods.remove(&cookie);
+        self.ports.retain(|(c, _), st| {
+            if *c == cookie {
+                for l in [st.v4_listeners.take(), st.v6_listeners.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    l.stop.cancel();
+                }
+            }
+            *c != cookie
+        });
     }
 
     pub async fn on_event(&mut self, ev: Event) {
-        let Some(pod) = self.pods.get(&ev.netns_cookie).cloned() else {
+        let Some((pod, shared)) = self.pods.get(&ev.netns_cookie).cloned() else {
             return;
         };
         let key = (ev.netns_cookie, ev.port);
@@ -91,11 +105,11 @@ impl Inbound {
         let targets = st.targets.clone();
         let mut opened = Vec::new();
         if want_v4 && st.v4_listeners.is_none() {
-            st.v4_listeners = open(&pod, &self.shared, ev.port, false, targets.clone()).await;
+            st.v4_listeners = open(&pod, &shared, ev.port, false, targets.clone()).await;
             opened.extend(st.v4_listeners.as_ref().map(|_| "ipv4"));
         }
         if want_v6 && st.v6_listeners.is_none() {
-            st.v6_listeners = open(&pod, &self.shared, ev.port, true, targets).await;
+            st.v6_listeners = open(&pod, &shared, ev.port, true, targets).await;
             opened.extend(st.v6_listeners.as_ref().map(|_| "ipv6"));
         }
         // Reported once every family of this bind listens, so whoever reacts to the first

@@ -1,0 +1,304 @@
+//! The enrolled pods at runtime: enrol one (its listeners are already open), remove one, and
+//! notice when one's namespace goes away. Every pod's proxy tasks run under its own
+//! cancellation token (a child of the agent's), so removing a pod stops exactly its listeners,
+//! and the agent's shutdown still reaches all of them.
+//!
+//! Order matters both ways. Enrolment: listeners serve first, then the kernel starts
+//! redirecting (SM_PODS), so no connect() is sent to a port nobody listens on. Removal: the
+//! kernel stops redirecting first, then the listeners close, then the pod's map entries go.
+//! Connections already proxied are left to finish (bounded by the idle timeout and lifetime
+//! policy), as at shutdown: removing a pod does not cut its live connections.
+use std::{collections::HashMap, sync::Arc};
+
+use anyhow::{bail, Context, Result};
+use sockmesh_common::{Event, PodConfig};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{
+    liveness::{self, Anchor},
+    pod::{Pod, PodListeners},
+    resolver::{ns_id, NsId},
+};
+use crate::{
+    cli::RunArgs,
+    config::{CidrSpec, PodSpec, PortRangeSpec},
+    datapath::Datapath,
+    events,
+    observe::flush::Observer,
+    proxy::{dns, inbound::Inbound, outbound, PodCtx, Shared},
+};
+
+/// A pod's namespace went away (sent by its liveness watch).
+#[derive(Debug)]
+pub struct Gone {
+    pub id: Arc<str>,
+    generation: u64,
+    pub why: String,
+}
+
+/// One enrolled pod.
+struct Enrolled {
+    name: Arc<str>,
+    cookie: u64,
+    ns: NsId,
+    generation: u64,
+    /// Stops this pod's listeners and its liveness watch.
+    cancel: CancellationToken,
+    /// Holds the namespace (fd and worker thread) until removal.
+    _pod: Pod,
+}
+
+/// Everything [`PodManager::enrol`] needs about a pod.
+pub struct Enrolment {
+    /// Stable identity of the pod for its source (the netns path for `--pod`, the UID for
+    /// Kubernetes).
+    pub id: Arc<str>,
+    /// Name used in logs, events and policy rules.
+    pub name: Arc<str>,
+    pub pod: Pod,
+    pub listeners: PodListeners,
+    pub config: PodConfig,
+    /// What to watch to learn that the namespace is gone.
+    pub anchor: Anchor,
+}
+
+pub struct PodManager {
+    shared: Shared,
+    /// Per-pod figures: a pod's name for `sockmesh pods`, its peers flushed to the maps.
+    observer: Arc<Observer>,
+    inbound: Inbound,
+    pods: HashMap<Arc<str>, Enrolled>,
+    gone_tx: mpsc::UnboundedSender<Gone>,
+    next_generation: u64,
+}
+
+impl PodManager {
+    pub fn new(
+        shared: Shared,
+        observer: Arc<Observer>,
+    ) -> (PodManager, mpsc::UnboundedReceiver<Gone>) {
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        let mgr = PodManager {
+            inbound: Inbound::new(),
+            shared,
+            observer,
+            pods: HashMap::new(),
+            gone_tx,
+            next_generation: 0,
+        };
+        (mgr, gone_rx)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// The netns cookies of every enrolled pod.
+    pub fn cookies(&self) -> Vec<u64> {
+        self.pods.values().map(|p| p.cookie).collect()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.pods.contains_key(id)
+    }
+
+    /// The namespace identity of an enrolled pod.
+    pub fn ns_of(&self, id: &str) -> Option<NsId> {
+        self.pods.get(id).map(|p| p.ns)
+    }
+
+    /// Whether `g` is about the pod as currently enrolled (not an earlier enrolment).
+    pub fn is_current(&self, g: &Gone) -> bool {
+        self.pods
+            .get(&g.id)
+            .is_some_and(|p| p.generation == g.generation)
+    }
+
+    /// Start the pod's proxies, then tell the kernel to redirect its sockets. On error nothing
+    /// of the pod is left running or in the maps.
+    pub fn enrol(&mut self, dp: &mut Datapath, e: Enrolment) -> Result<()> {
+        if self.pods.contains_key(&e.id) {
+            bail!("pod {} is already enrolled", e.name);
+        }
+        let ns = ns_id(e.pod.netns.path())
+            .with_context(|| format!("pod {}: stat its namespace", e.name))?;
+        if let Some(other) = self.pods.values().find(|p| p.ns == ns) {
+            bail!(
+                "pod {} is in the same network namespace as pod {}: a namespace is enrolled once",
+                e.name,
+                other.name
+            );
+        }
+        let cancel = self.shared.cancel.child_token();
+        let shared = Shared {
+            cancel: cancel.clone(),
+            ..self.shared.clone()
+        };
+        let ctx = PodCtx {
+            name: e.name.clone(),
+            cookie: e.pod.cookie,
+            worker: e.pod.worker.clone(),
+            addrs: e.pod.addrs.clone().into(),
+        };
+        let started = (|| -> Result<()> {
+            for l in e.listeners.outbound {
+                let l = TcpListener::from_std(l).context("register outbound listener")?;
+                shared
+                    .tasks
+                    .spawn(outbound::serve(l, ctx.clone(), shared.clone()));
+            }
+            for s in e.listeners.dns {
+                let s = UdpSocket::from_std(s).context("register DNS listener")?;
+                shared
+                    .tasks
+                    .spawn(dns::serve(s, ctx.clone(), shared.clone()));
+            }
+            self.inbound.add_pod(ctx.clone(), shared.clone());
+            dp.maps.add_pod(&ctx.name, ctx.cookie);
+            dp.enrol(ctx.cookie, e.config)
+                .with_context(|| format!("enrol pod {}", ctx.name))
+        })();
+        if let Err(err) = started {
+            cancel.cancel();
+            self.inbound.remove_pod(ctx.cookie);
+            dp.maps.remove_pod(&ctx.name, ctx.cookie);
+            return Err(err);
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.watch(e.id.clone(), generation, e.anchor, ns, cancel.clone());
+        self.observer.pod_enrolled(ctx.cookie, &ctx.name);
+        info!(event = "pod_enrolled", pod = %ctx.name, netns_cookie = ctx.cookie, addrs = ?e.pod.addrs, "pod enrolled");
+        events::emit(serde_json::json!({
+            "event": "pod_enrolled", "pod": &*ctx.name, "id": &*e.id, "netns_cookie": ctx.cookie,
+        }));
+        self.pods.insert(
+            e.id,
+            Enrolled {
+                name: ctx.name,
+                cookie: ctx.cookie,
+                ns,
+                generation,
+                cancel,
+                _pod: e.pod,
+            },
+        );
+        Ok(())
+    }
+
+    /// Watch another anchor of the same namespace (a Kubernetes pod whose watched process
+    /// exited while its namespace lives on in another one).
+    pub fn rewatch(&mut self, id: &str, anchor: Anchor) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        if let Some(p) = self.pods.get_mut(id) {
+            p.generation = generation;
+            let (key, ns, cancel) = (Arc::<str>::from(id), p.ns, p.cancel.clone());
+            self.watch(key, generation, anchor, ns, cancel);
+        }
+    }
+
+    fn watch(
+        &self,
+        id: Arc<str>,
+        generation: u64,
+        anchor: Anchor,
+        ns: NsId,
+        cancel: CancellationToken,
+    ) {
+        let tx = self.gone_tx.clone();
+        self.shared.tasks.spawn(async move {
+            let what = format!("{anchor:?}");
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = liveness::gone(anchor, ns) => match r {
+                    Ok(why) => { let _ = tx.send(Gone { id, generation, why }); }
+                    // The pod stays enrolled: without a watch its removal needs its source
+                    // (Kubernetes) or a restart.
+                    Err(e) => warn!(pod = %id, anchor = %what, error = %e, "cannot watch the pod's namespace"),
+                },
+            }
+        });
+    }
+
+    /// Stop redirecting the pod, close its listeners and forget its map entries. False if it
+    /// was not enrolled.
+    pub fn remove(&mut self, dp: &mut Datapath, id: &str, reason: &str) -> bool {
+        let Some(p) = self.pods.remove(id) else {
+            return false;
+        };
+        dp.unenrol(p.cookie);
+        p.cancel.cancel();
+        self.inbound.remove_pod(p.cookie);
+        dp.maps.remove_pod(&p.name, p.cookie);
+        dp.forget_pod(p.cookie);
+        self.observer.pod_removed(p.cookie);
+        info!(event = "pod_removed", pod = %p.name, netns_cookie = p.cookie, reason, "pod removed");
+        events::emit(serde_json::json!({
+            "event": "pod_removed", "pod": &*p.name, "id": id, "netns_cookie": p.cookie, "reason": reason,
+        }));
+        true
+    }
+
+    /// A bind/unbind event from the kernel.
+    pub async fn on_event(&mut self, ev: Event) {
+        self.inbound.on_event(ev).await;
+    }
+}
+
+/// What every pod shares: the agent's mark and ports and the global exclusions. Turns a
+/// [`PodSpec`] into an [`Enrolment`] (namespace opened, listeners open, nothing in the kernel).
+#[derive(Clone, Debug)]
+pub struct PodTemplate {
+    pub mark: u32,
+    pub outbound_port: u16,
+    pub dns_port: u16,
+    pub exclude_outbound_ports: Vec<PortRangeSpec>,
+    pub exclude_outbound_cidrs: Vec<CidrSpec>,
+    pub exclude_inbound_ports: Vec<PortRangeSpec>,
+}
+
+impl PodTemplate {
+    pub fn from_args(args: &RunArgs) -> PodTemplate {
+        PodTemplate {
+            mark: args.mark,
+            outbound_port: args.outbound_port,
+            dns_port: args.dns_port,
+            exclude_outbound_ports: args.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: args.exclude_outbound_cidrs.clone(),
+            exclude_inbound_ports: args.exclude_inbound_ports.clone(),
+        }
+    }
+
+    /// The kernel's view of the pod, global exclusions merged in (pure).
+    pub fn config(&self, spec: &PodSpec) -> Result<PodConfig, String> {
+        spec.to_kernel(
+            &self.exclude_outbound_ports,
+            &self.exclude_outbound_cidrs,
+            &self.exclude_inbound_ports,
+        )
+    }
+
+    /// Open the pod's namespace and listeners (blocking: a thread enters the namespace).
+    pub fn prepare(&self, id: &str, name: &str, spec: &PodSpec) -> Result<Enrolment> {
+        let config = self.config(spec).map_err(|e| anyhow::anyhow!(e))?;
+        let (pod, listeners) = Pod::prepare(spec, self.mark, self.outbound_port, self.dns_port)?;
+        Ok(Enrolment {
+            id: id.into(),
+            name: name.into(),
+            pod,
+            listeners,
+            config,
+            anchor: Anchor::of(&spec.netns),
+        })
+    }
+}

@@ -1,0 +1,589 @@
+//! A fake Kubernetes API server inside the test process: real HTTP/1.1 on 127.0.0.1, real Pod
+//! and Namespace JSON, list and watch (chunked streams of `{"type","object"}` lines) with
+//! resource versions, `410 Gone` for a watch resumed from a compacted version (as etcd
+//! compaction makes a real API server do), and stop/restart on the same port to play an outage.
+//! Events the agent posts (events.k8s.io/v1) are recorded for the test to read.
+//!
+//! Only what the agent uses is served: `GET /api/v1/pods` (with `fieldSelector=spec.nodeName=`),
+//! `GET /api/v1/namespaces`, and `POST`/`PATCH` of events. Anything else is a 404 Status.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Pod,
+    Namespace,
+}
+
+struct Change {
+    rv: u64,
+    kind: Kind,
+    ty: &'static str,
+    obj: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    pods: BTreeMap<String, Value>,
+    namespaces: BTreeMap<String, Value>,
+    log: Vec<Change>,
+    /// Watches resumed from a version below this get 410 Gone.
+    compacted: u64,
+    events: Vec<Value>,
+    requests: Vec<String>,
+    /// Bumped at every stop: connections of an earlier run end.
+    epoch: u64,
+    running: bool,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    /// Open connections (clones, to cut them at a stop), removed when their handler ends so
+    /// the clone does not keep a finished connection open.
+    conns: Mutex<BTreeMap<u64, TcpStream>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A pod for [`FakeKubeApi::add_pod`].
+#[derive(Clone, Debug)]
+pub struct FakePod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub annotations: BTreeMap<String, String>,
+    pub host_network: bool,
+}
+
+impl FakePod {
+    pub fn new(namespace: &str, name: &str, uid: &str, node: &str) -> Self {
+        FakePod {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+            node: node.into(),
+            annotations: BTreeMap::new(),
+            host_network: false,
+        }
+    }
+
+    pub fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.annotations.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": self.name, "namespace": self.namespace, "uid": self.uid,
+                "annotations": self.annotations,
+                "creationTimestamp": "2024-01-01T00:00:00Z",
+            },
+            "spec": {
+                "nodeName": self.node, "hostNetwork": self.host_network,
+                "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+            },
+            "status": {"phase": "Running", "podIP": "10.77.0.10"},
+        })
+    }
+}
+
+/// The fake API server. Dropping it stops it.
+pub struct FakeKubeApi {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl FakeKubeApi {
+    pub fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind the fake API server")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                rv: 100,
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            conns: Mutex::new(BTreeMap::new()),
+        });
+        let api = FakeKubeApi { shared, addr };
+        api.serve(listener);
+        Ok(api)
+    }
+
+    /// `http://127.0.0.1:PORT`, for `--kube-api`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let shared = self.shared.clone();
+        let epoch = {
+            let mut g = shared.lock();
+            g.running = true;
+            g.epoch
+        };
+        thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(conn) = conn else { continue };
+                if shared.lock().epoch != epoch {
+                    return; // stopped: this accept was the wake-up
+                }
+                let id = (epoch << 32) | n as u64;
+                if let Ok(c) = conn.try_clone() {
+                    let mut conns = shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+                    conns.insert(id, c);
+                }
+                let s = shared.clone();
+                thread::spawn(move || {
+                    let _ = handle_conn(&s, conn, epoch);
+                    s.conns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                });
+            }
+        });
+    }
+
+    /// An outage: refuse new connections and cut every open one (watches included).
+    pub fn stop(&self) {
+        {
+            let mut g = self.shared.lock();
+            if !g.running {
+                return;
+            }
+            g.running = false;
+            g.epoch += 1;
+        }
+        self.shared.changed.notify_all();
+        // Wake the accept loop so it sees the new epoch and drops the listener.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        for c in self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        // The port is free once the accept thread has dropped the listener.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && TcpStream::connect(self.addr).is_ok() {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Back on the same port, with the same objects.
+    pub fn restart(&self) -> Result<()> {
+        let listener = TcpListener::bind(self.addr)
+            .with_context(|| format!("rebind the fake API server on {}", self.addr))?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Forget the change history up to now: a watch resumed from a version older than the
+    /// current one gets `410 Gone` and the client must list again.
+    pub fn compact(&self) {
+        let mut g = self.shared.lock();
+        g.compacted = g.rv;
+        g.log.clear();
+    }
+
+    fn record(&self, kind: Kind, ty: &'static str, mut obj: Value) -> Value {
+        let mut g = self.shared.lock();
+        g.rv += 1;
+        let rv = g.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = match kind {
+            Kind::Pod => format!(
+                "{}/{}",
+                obj["metadata"]["namespace"].as_str().unwrap_or(""),
+                obj["metadata"]["name"].as_str().unwrap_or("")
+            ),
+            Kind::Namespace => obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        };
+        let map = match kind {
+            Kind::Pod => &mut g.pods,
+            Kind::Namespace => &mut g.namespaces,
+        };
+        if ty == "DELETED" {
+            map.remove(&key);
+        } else {
+            map.insert(key, obj.clone());
+        }
+        g.log.push(Change {
+            rv,
+            kind,
+            ty,
+            obj: obj.clone(),
+        });
+        drop(g);
+        self.shared.changed.notify_all();
+        obj
+    }
+
+    pub fn add_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let ns = json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels},
+            "status": {"phase": "Active"},
+        });
+        let exists = self.shared.lock().namespaces.contains_key(name);
+        self.record(
+            Kind::Namespace,
+            if exists { "MODIFIED" } else { "ADDED" },
+            ns,
+        );
+    }
+
+    pub fn add_pod(&self, pod: &FakePod) {
+        self.record(Kind::Pod, "ADDED", pod.to_json());
+    }
+
+    /// Replaces the pod's annotations (a MODIFIED event).
+    pub fn set_pod_annotations(&self, pod: &FakePod) {
+        self.record(Kind::Pod, "MODIFIED", pod.to_json());
+    }
+
+    pub fn delete_pod(&self, pod: &FakePod) {
+        self.record(Kind::Pod, "DELETED", pod.to_json());
+    }
+
+    /// Events the agent posted (events.k8s.io/v1 Event objects), oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.clone()
+    }
+
+    /// Waits for a posted event satisfying `pred`.
+    pub fn wait_event(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(e) = g.events.iter().find(|e| pred(e)) {
+                return Ok(e.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no matching event posted within {timeout:?}; posted: {:?}",
+                    g.events
+                );
+            }
+            g = self
+                .shared
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Request lines served so far (`GET /api/v1/pods?...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// How many list (non-watch) requests for `path` were served.
+    pub fn lists_of(&self, path: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with(&format!("GET {path}"))
+                    && !r.contains("watch=true")
+                    && !r.contains("watch=1")
+            })
+            .count()
+    }
+}
+
+impl Drop for FakeKubeApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = q
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect();
+    Ok(Some(Request {
+        method,
+        path: path.to_string(),
+        query,
+        body,
+    }))
+}
+
+/// Percent-decoding of a query component ('+' is a space).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => out.push(v),
+                    Err(_) => out.extend_from_slice(&b[i..i + 3]),
+                }
+                i += 3;
+                continue;
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn respond(w: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        404 => "Not Found",
+        410 => "Gone",
+        _ => "Error",
+    };
+    write!(
+        w,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    w.flush()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    while let Some(req) = read_request(&mut r)? {
+        {
+            let mut g = shared.lock();
+            if g.epoch != epoch {
+                return Ok(());
+            }
+            let q: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            g.requests
+                .push(format!("{} {}?{}", req.method, req.path, q.join("&")));
+        }
+        let kind = match req.path.as_str() {
+            "/api/v1/pods" => Some(Kind::Pod),
+            "/api/v1/namespaces" => Some(Kind::Namespace),
+            _ => None,
+        };
+        let node = req
+            .query
+            .get("fieldSelector")
+            .and_then(|f| f.strip_prefix("spec.nodeName="))
+            .map(str::to_string);
+        match (req.method.as_str(), kind) {
+            ("GET", Some(kind))
+                if req
+                    .query
+                    .get("watch")
+                    .is_some_and(|v| v == "true" || v == "1") =>
+            {
+                let since: u64 = req
+                    .query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let timeout = req
+                    .query
+                    .get("timeoutSeconds")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(300u64);
+                // A watch that ended cleanly leaves the connection reusable (keep-alive).
+                if !watch(shared, &mut w, kind, node, since, timeout, epoch)? {
+                    return Ok(());
+                }
+            }
+            ("GET", Some(kind)) => {
+                let g = shared.lock();
+                let (items, list_kind): (Vec<Value>, &str) = match kind {
+                    Kind::Pod => (
+                        g.pods
+                            .values()
+                            .filter(|p| matches(p, kind, node.as_deref()))
+                            .cloned()
+                            .collect(),
+                        "PodList",
+                    ),
+                    Kind::Namespace => (g.namespaces.values().cloned().collect(), "NamespaceList"),
+                };
+                let body = json!({"kind": list_kind, "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": g.rv.to_string()}, "items": items});
+                drop(g);
+                respond(&mut w, 200, &body)?;
+            }
+            ("POST", None) | ("PATCH", None) if req.path.contains("/events") => {
+                let mut ev: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                if ev["metadata"]["name"].is_null() {
+                    ev["metadata"]["name"] = json!(format!("ev-{}", shared.lock().events.len()));
+                }
+                shared.lock().events.push(ev.clone());
+                shared.changed.notify_all();
+                respond(&mut w, if req.method == "POST" { 201 } else { 200 }, &ev)?;
+            }
+            _ => respond(
+                &mut w,
+                404,
+                &status(404, "NotFound", &format!("{} not served", req.path)),
+            )?,
+        }
+    }
+    Ok(())
+}
+
+fn matches(obj: &Value, kind: Kind, node: Option<&str>) -> bool {
+    match (kind, node) {
+        (Kind::Pod, Some(n)) => obj["spec"]["nodeName"].as_str() == Some(n),
+        _ => true,
+    }
+}
+
+fn chunk(w: &mut TcpStream, v: &Value) -> std::io::Result<()> {
+    let line = format!("{v}\n");
+    write!(w, "{:x}\r\n{line}\r\n", line.len())?;
+    w.flush()
+}
+
+/// A watch stream: every change after `since`, then new ones as they happen, until the
+/// timeout, a stop, or the client going away. False when the server stopped mid-stream (the
+/// connection is then dropped unterminated, as by a dying server).
+fn watch(
+    shared: &Shared,
+    w: &mut TcpStream,
+    kind: Kind,
+    node: Option<String>,
+    since: u64,
+    timeout_s: u64,
+    epoch: u64,
+) -> Result<bool> {
+    write!(
+        w,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let mut last = since;
+    let mut g = shared.lock();
+    if since < g.compacted {
+        drop(g);
+        let gone = status(
+            410,
+            "Expired",
+            &format!("too old resource version: {since}"),
+        );
+        chunk(w, &json!({"type": "ERROR", "object": gone}))?;
+        write!(w, "0\r\n\r\n")?;
+        return Ok(true);
+    }
+    loop {
+        if g.epoch != epoch {
+            return Ok(false);
+        }
+        let out: Vec<Value> = g
+            .log
+            .iter()
+            .filter(|c| c.rv > last && c.kind == kind && matches(&c.obj, kind, node.as_deref()))
+            .map(|c| json!({"type": c.ty, "object": c.obj}))
+            .collect();
+        last = g.rv;
+        drop(g);
+        for ev in &out {
+            chunk(w, ev)?;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            write!(w, "0\r\n\r\n")?;
+            return Ok(true);
+        }
+        g = shared.lock();
+        if g.rv == last && g.epoch == epoch {
+            g = shared
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(decode("spec.nodeName%3Dnode-a"), "spec.nodeName=node-a");
+        assert_eq!(decode("a+b%2Fc"), "a b/c");
+        assert_eq!(decode("100%"), "100%");
+    }
+}
