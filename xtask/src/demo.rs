@@ -27,6 +27,8 @@ const SERVER_V6: &str = "fd78::11";
 const DNS_NAME: &str = "demo.sockmesh.test";
 const BPFFS_DIR: &str = "/sys/fs/bpf/sockmesh-demo";
 const GREETING: &str = "hello from server";
+/// The server's second port: the demo's policy file rate-limits it.
+const LIMITED_PORT: u16 = 8081;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -90,7 +92,9 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
     )?);
     let tmp = std::env::temp_dir().join(format!("sockmesh-demo-{}", std::process::id()));
     let tmp = made.tmp.insert(DirGuard::create(tmp)?);
-    let title = format!("Start nginx in the server pod: \"{GREETING}\" on port 80, IPv4 and IPv6");
+    let title = format!(
+        "Start nginx in the server pod: \"{GREETING}\" on ports 80 and {LIMITED_PORT}, IPv4 and IPv6"
+    );
     made.nginx = Some(n.step(&title, || start_nginx(server, &tmp.0))?);
     let title = format!("Start dnsmasq in the server pod: {DNS_NAME} -> {SERVER_V4}");
     made.dnsmasq = Some(n.step(&title, || start_dnsmasq(server))?);
@@ -107,7 +111,10 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
         "Start the sockmesh agent enrolling the client pod (pins under {BPFFS_DIR}); wait for its \
          \"ready\" event"
     );
-    let agent_proc = made.agent.insert(n.step(&title, || start_agent(agent))?);
+    let policy = write_policy(&tmp.0)?;
+    let agent_proc = made
+        .agent
+        .insert(n.step(&title, || start_agent(agent, &policy))?);
 
     n.step(
         "HTTP over IPv4 from the client pod, now through the agent",
@@ -122,6 +129,51 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
         || {
             let dig = format!("dig @{SERVER_V4} {DNS_NAME} +short +time=2 +tries=1");
             in_client(&dig, SERVER_V4)
+        },
+    )?;
+    let title = format!(
+        "Per-peer policy: {SERVER_V4}:{LIMITED_PORT} admits a burst of 2 connections, then 1 a \
+         minute. Five curls: two answered; the agent resets the first one over the limit and \
+         tells the kernel, so the next ones are refused at connect() without reaching the agent"
+    );
+    n.step(&title, || {
+        let curl = format!("curl -sS --max-time 5 http://{SERVER_V4}:{LIMITED_PORT}/");
+        let outcomes: Vec<String> = (0..5)
+            .map(|_| try_in_client(&curl))
+            .collect::<Result<_>>()?;
+        let answered = outcomes.iter().filter(|o| o.as_str() == GREETING).count();
+        if answered != 2 {
+            bail!("expected the first 2 answered and the rest refused, got {outcomes:?}");
+        }
+        Ok(())
+    })?;
+    let limited = format!("{SERVER_V4}:{LIMITED_PORT}");
+    n.step(
+        "Which peer is throttled, and why (sockmesh peers, from the pinned maps the agent \
+         writes every second)",
+        || {
+            // The agent writes its per-peer figures once a second: wait for the one that
+            // has the throttled attempt.
+            wait_until("the agent's per-peer figures", agent_proc, || {
+                let mut cmd = Command::new(agent);
+                cmd.args(["peers", "--bpffs-dir", BPFFS_DIR, "--json"]);
+                let v: serde_json::Value = serde_json::from_str(&output(&mut cmd)?)?;
+                let row = v["peers"]
+                    .as_array()
+                    .and_then(|rows| rows.iter().find(|r| r["peer"].as_str() == Some(&limited)));
+                Ok(row.is_some_and(|r| {
+                    r["throttled"]["rate"] == 1 && r["fast_rejects"] == 2 && r["conns_total"] == 2
+                }))
+            })?;
+            let mut cmd = Command::new(agent);
+            cmd.args(["peers", "--bpffs-dir", BPFFS_DIR, "--sort", "throttled"]);
+            println!("    $ {}", describe(&cmd));
+            print_indented(&output(&mut cmd)?);
+            println!(
+                "    {limited}: 2 connections, 1 reset by the agent (THROTTLED rate=1), \
+                 2 refused in the kernel (FAST_REJ 2)"
+            );
+            Ok(())
         },
     )?;
     n.step("What the kernel programs counted (sockmesh stats)", || {
@@ -175,7 +227,7 @@ fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
          error_log stderr warn;\nevents {{ worker_connections 256; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
-         server {{\n    listen 80;\n    listen [::]:80;\n    \
+         server {{\n    listen 80;\n    listen [::]:80;\n    listen {LIMITED_PORT};\n    \
          location / {{ default_type text/plain; return 200 \"{GREETING}\\n\"; }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
@@ -228,7 +280,26 @@ fn start_dnsmasq(server: &Netns) -> Result<ChildGuard> {
     Ok(dnsmasq)
 }
 
-fn start_agent(agent: &Path) -> Result<ChildGuard> {
+/// The demo's policy file: one rule, for the server's second port.
+fn write_policy(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("policy.toml");
+    let text = format!(
+        "# The demo's policy: flags give the defaults, rules override them per peer.\n\
+         [[rule]]\n\
+         name = \"demo: rate-limited API\"\n\
+         direction = \"outbound\"\n\
+         peer = \"{SERVER_V4}/32\"\n\
+         ports = {LIMITED_PORT}\n\
+         conn_rate = \"1/m\"\n\
+         conn_burst = 2\n"
+    );
+    fs::write(&path, &text).with_context(|| format!("could not write {}", path.display()))?;
+    println!("    policy file {}:", path.display());
+    print_indented(&text);
+    Ok(path)
+}
+
+fn start_agent(agent: &Path, policy: &Path) -> Result<ChildGuard> {
     let mut cmd = Command::new(agent);
     cmd.args([
         "run",
@@ -237,6 +308,8 @@ fn start_agent(agent: &Path) -> Result<ChildGuard> {
         "--bpffs-dir",
         BPFFS_DIR,
     ])
+    .arg("--policy")
+    .arg(policy)
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -319,6 +392,26 @@ fn in_client(line: &str, expected: &str) -> Result<()> {
         bail!("`{line}` printed {:?}, expected {expected:?}", out.trim());
     }
     Ok(())
+}
+
+/// Runs `line` in the client pod and returns what it printed: stdout if it succeeded, else
+/// its error message (a refused or reset connection is an expected outcome here).
+fn try_in_client(line: &str) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", CLIENT])
+        .args(line.split_whitespace());
+    println!("    $ {}", describe(&cmd));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+    let text = if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    } else {
+        String::from_utf8_lossy(&out.stderr).trim().to_owned()
+    };
+    print_indented(&text);
+    Ok(text)
 }
 
 fn print_indented(text: &str) {
