@@ -21,6 +21,7 @@
 //! ```
 
 pub mod agent;
+pub mod bpfmap;
 pub mod cleanup;
 pub mod kubeapi;
 pub mod kubelet;

@@ -118,21 +118,41 @@ pub fn cgroup_root(flag: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Holds an exclusive lock on a pin directory for the agent's lifetime, so two agents never
-/// share one, and pins found with the lock free are known to be left by a dead agent.
-pub struct PinDirLock {
-    _file: File,
-}
+/// Where the agent keeps its per-pin-dir files (lock, handover control socket).
+pub const RUN_DIR: &str = "/run/sockmesh";
 
-pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock> {
-    let lock_dir = Path::new("/run/sockmesh");
-    std::fs::create_dir_all(lock_dir).with_context(|| format!("create {}", lock_dir.display()))?;
-    let name: String = dir
+/// `/run/sockmesh/<bpffs dir with / as _>.<ext>`: one name per pin directory.
+pub fn run_path(bpffs_dir: &Path, ext: &str) -> PathBuf {
+    let name: String = bpffs_dir
         .to_string_lossy()
         .chars()
         .map(|c| if c == '/' { '_' } else { c })
         .collect();
-    let path = lock_dir.join(format!("{name}.lock"));
+    Path::new(RUN_DIR).join(format!("{name}.{ext}"))
+}
+
+/// Holds an exclusive lock on a pin directory for the agent's lifetime, so two agents never
+/// share one, and pins found with the lock free are known to be left by a dead agent. An
+/// upgrade hands the lock's open file to the successor (SCM_RIGHTS): a flock belongs to the
+/// open file, so the directory stays locked while either agent lives.
+pub struct PinDirLock {
+    file: File,
+}
+
+impl PinDirLock {
+    /// A lock received from the agent being replaced (already held).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> PinDirLock {
+        PinDirLock { file: fd.into() }
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+}
+
+pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock> {
+    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("create {RUN_DIR}"))?;
+    let path = run_path(dir, "lock");
     let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
     // SAFETY: file is open; flock has no memory effects.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -141,7 +161,7 @@ pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock> {
             dir.display()
         );
     }
-    Ok(PinDirLock { _file: file })
+    Ok(PinDirLock { file })
 }
 
 #[cfg(test)]
