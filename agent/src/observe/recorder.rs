@@ -366,6 +366,20 @@ impl Recorder {
         (out, std::mem::take(dropped))
     }
 
+    /// A pod left: forget its peers, so a pod enrolled again under the name starts afresh.
+    /// Flush first: figures not yet flushed are kept, and so are peers with connections still
+    /// winding down, whose last bytes must be added once, when they end.
+    pub fn forget_pod(&self, pod: &str) {
+        lock(&self.inner).peers.retain(|k, o| {
+            if &*k.pod != pod {
+                return true;
+            }
+            o.latencies_us.clear();
+            o.next_sample = 0;
+            o.dirty || o.active > 0 || !o.open.is_empty()
+        });
+    }
+
     pub fn len(&self) -> usize {
         lock(&self.inner).peers.len()
     }

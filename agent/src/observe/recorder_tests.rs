@@ -230,3 +230,37 @@ fn open_connections_add_their_bytes_as_they_flow_and_exactly_once() {
         assert!(r.drain(no_view, |_| 0).0.is_empty());
     }
 }
+
+#[test]
+fn a_forgotten_pod_starts_afresh_but_open_connections_still_count_once() {
+    let r = recorder();
+    let idle = key("10.0.0.1:80", Direction::Outbound);
+    let open = key("10.0.0.2:80", Direction::Outbound);
+    r.connected(&idle, Ok(Duration::from_micros(900)));
+    r.ended(&idle, &relayed(5, 5, End::Closed), None);
+    r.connected(&open, Ok(Duration::from_micros(900)));
+    let bytes = Arc::new(Counts::default());
+    r.relaying(&open, &bytes);
+    bytes
+        .a_to_b
+        .fetch_add(10, std::sync::atomic::Ordering::Relaxed);
+    let first = bytes_added(&r.drain(no_view, |_| 0).0);
+    assert_eq!(first, (15, 5));
+    r.forget_pod("/var/run/netns/web");
+    assert_eq!(r.len(), 1, "only the peer with an open connection stays");
+    // Back again: fresh latency samples.
+    r.connected(&idle, Ok(Duration::from_micros(7)));
+    let (batch, _) = r.drain(no_view, |_| 0);
+    let d = &batch
+        .iter()
+        .find(|(k, _)| k.peer.to_std() == Some(idle.peer))
+        .expect("idle peer")
+        .1;
+    assert_eq!((d.connect_p50_us, d.connect_p99_us), (7, 7));
+    // The open connection ends after the forget: only its rest is added.
+    bytes
+        .a_to_b
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    r.ended(&open, &relayed(11, 0, End::Closed), Some(&bytes));
+    assert_eq!(bytes_added(&r.drain(no_view, |_| 0).0), (1, 0));
+}
