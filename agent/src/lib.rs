@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod events;
+pub mod inotify;
 pub mod inpod;
 pub mod kube;
 pub mod observe;
