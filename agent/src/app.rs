@@ -201,9 +201,10 @@ async fn serve(
             .tasks
             .spawn(read_kernel_logs(logger, shared.cancel.clone()));
     }
+    // /readyz turns ready before the event, so whoever reacts to the event sees it ready.
+    metrics_state.set_ready(true);
     info!(pods = pods.len(), "ready");
     events::emit(serde_json::json!({ "event": "ready", "pods": pods.len() }));
-    metrics_state.set_ready(true);
 
     loop {
         tokio::select! {

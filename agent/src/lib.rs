@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod events;
 pub mod handover;
+pub mod inotify;
 pub mod inpod;
 pub mod kube;
 pub mod observe;

@@ -60,8 +60,12 @@ pub mod peer_counter {
     /// connect() to this peer refused in the kernel by a current verdict (breaker open or
     /// rate bucket empty).
     pub const FAST_REJECT: usize = 1;
+    /// A DNS datagram to this peer (the pod's DNS server) redirected to the DNS listener:
+    /// a UDP connect() (counted once per socket) or a sendto() (once per datagram).
+    pub const REDIRECT_DNS: usize = 2;
+    /// Slots in the value (one spare): new counters fit without a layout change.
     pub const COUNT: usize = 4;
-    pub const NAMES: [&str; 2] = ["redirect", "fast_reject"];
+    pub const NAMES: [&str; 3] = ["redirect", "fast_reject", "redirect_dns"];
 }
 
 /// `SM_PEER_STATS[PeerKey]` (per-CPU): written only by the kernel programs, readers sum CPUs.

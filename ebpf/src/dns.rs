@@ -10,7 +10,9 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 use sockmesh_common::{
-    counter, pod_flags, socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
+    counter,
+    peer::{direction, peer_counter},
+    pod_flags, socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
@@ -160,6 +162,7 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
     let _ = SOCKETS.insert(&cookie, &entry, 0);
     redirect_to_loopback(sa, v6, dst.family, cfg.dns_port);
     count(netns, counter::REDIRECT_DNS);
+    count_peer(netns, direction::OUTBOUND, &dst, peer_counter::REDIRECT_DNS);
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -105,9 +105,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     redirect_to_loopback(sa, v6, dst.family, listen_port);
     count(netns, redirected);
-    if ty == SOCK_STREAM {
-        count_peer(netns, direction::OUTBOUND, &dst, peer_counter::REDIRECT);
-    }
+    let per_peer = if ty == SOCK_STREAM {
+        peer_counter::REDIRECT
+    } else {
+        peer_counter::REDIRECT_DNS
+    };
+    count_peer(netns, direction::OUTBOUND, &dst, per_peer);
     debug!(
         ctx,
         "sockmesh: redirect netns={} port={}",

@@ -143,6 +143,29 @@ pub fn scrape(addr: SocketAddr) -> Result<Vec<Sample>> {
     parse(&body)
 }
 
+/// The samples of `name` for one peer (all pods' rows carry the pod label), summed.
+pub fn metric(samples: &[Sample], name: &str, pod: &str, peer: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && s.label("pod") == Some(pod) && s.label("peer") == Some(peer))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Scrapes until `done` holds or 20 s pass (then returns the last scrape, for the caller's
+/// asserts to explain): per-peer figures change when a relay ends or a flush runs, moments no
+/// event tells a test about.
+pub fn scrape_until(addr: SocketAddr, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = scrape(addr).expect("scrape /metrics");
+        if done(&s) || std::time::Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

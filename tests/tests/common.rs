@@ -52,3 +52,33 @@ pub fn redirected(client: &Pod, dst: std::net::SocketAddr) -> bool {
     tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
     c.local.ip().is_loopback()
 }
+
+/// The row of `peer` (as printed, `ip:port`) in `sockmesh peers --json`, if any.
+pub fn find_peer<'a>(peers: &'a Value, peer: &str) -> Option<&'a Value> {
+    peers["peers"]
+        .as_array()
+        .expect("peers array")
+        .iter()
+        .find(|r| r["peer"] == peer)
+}
+
+/// The row of `peer` in `sockmesh peers --json`; panics if there is none.
+pub fn peer_row<'a>(peers: &'a Value, peer: &str) -> &'a Value {
+    find_peer(peers, peer).unwrap_or_else(|| panic!("no row for {peer} in {peers}"))
+}
+
+/// Reads `sockmesh peers --json` (with `extra` filters) until `done` holds for it or 20 s
+/// pass, then returns the last read: the agent flushes its figures to the maps about once a
+/// second, and no event tells a test when.
+pub fn peers_until(agent: &Agent, extra: &[&str], done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = agent
+            .read_json("peers", extra)
+            .expect("sockmesh peers --json");
+        if done(&v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -6,9 +6,12 @@
 //! Every test checks something that would be false without the feature: the kernel counter
 //! that only a capture bumps, the source the server saw, or the source the client saw.
 
+mod common;
+
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use sockmesh_tests::names::random_hex;
+use sockmesh_tests::prom::{metric, scrape};
 use sockmesh_tests::*;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -275,6 +278,23 @@ fn sendto_and_connected(v6: bool) -> Result<()> {
             dnsmasq.log()
         );
     }
+    // Per peer (the DNS server): the kernel counted both redirects (this agent's maps are
+    // fresh, so exactly two), and the agent both queries; the scrape flushes the agent's part.
+    let pod = client.netns_path().display().to_string();
+    let prom = scrape(agent.metrics_addr()?)?;
+    let m = |name: &str| metric(&prom, name, &pod, &dst.to_string());
+    assert_eq!(m("sockmesh_peer_kernel_dns_redirects_total"), 2.0);
+    assert_eq!(m("sockmesh_peer_dns_queries_total"), 2.0);
+    assert_eq!(
+        m("sockmesh_peer_kernel_redirects_total"),
+        0.0,
+        "no TCP counted"
+    );
+    let peers = agent.read_json("peers", &["--pod", &pod])?;
+    let row = common::peer_row(&peers, &dst.to_string());
+    assert_eq!(row["direction"], "outbound");
+    assert_eq!(row["dns_redirects"], 2, "{row}");
+    assert_eq!(row["dns_queries"], 2, "{row}");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! named the way the kubelet names them, so the agent finds each pod's namespace through its
 //! real resolver (pod UID in /proc/*/cgroup -> /proc/PID/ns/net).
 mod common;
+mod policy_util;
 
 use common::redirected;
 
@@ -156,6 +157,67 @@ fn an_opted_in_pod_is_redirected_and_opting_out_or_deleting_it_stops_that() {
     let ev = wait_removed(&agent, other.uid());
     assert_eq!(ev["reason"], "namespace not opted in");
     assert!(agent.is_running());
+}
+
+/// A pod that leaves and comes back starts with fresh per-peer policy state: a breaker it
+/// tripped before leaving is closed again, so its first connect to the (now healthy) peer
+/// goes through instead of being refused for the rest of the open period.
+#[test]
+fn a_removed_and_re_enrolled_pod_starts_with_fresh_policy_state() {
+    let w = World::new();
+    let (cluster, api, node) = (&w.cluster, &w.api, w.node.as_str());
+    api.add_namespace("shop", &[(MESH, "enabled")]);
+    let agent = Agent::start([
+        "--kube",
+        "--kube-api",
+        &api.url(),
+        "--node-name",
+        node,
+        "--breaker-failures",
+        "2",
+        "--breaker-open",
+        "300s",
+        // Only the breaker: adaptive throttling's coin would make the attempt count vary.
+        "--adaptive-k",
+        "off",
+    ])
+    .expect("agent");
+    agent.wait_ready().expect("ready");
+    agent.wait_event_named("kube_synced", KT).expect("synced");
+    let app = KubePod::new(cluster, "app", "shop", node, Driver::Systemd);
+    api.add_pod(&app.obj);
+    wait_enrolled(&agent, app.uid());
+
+    // Nothing listens there yet: refused upstream connects trip the breaker, then the kernel
+    // refuses connect() itself.
+    let peer = w.server_pod.addr4(9300);
+    let outcomes: String = (0..3)
+        .map(|_| policy_util::attempt(&app.pod, peer).letter())
+        .collect();
+    assert_eq!(outcomes, "RRK", "two failures open the breaker");
+    let _server = TcpServer::start(&w.server_pod, peer).expect("the peer comes up");
+    assert_eq!(
+        policy_util::attempt(&app.pod, peer).letter(),
+        'K',
+        "open for 300 s"
+    );
+
+    api.set_pod_annotations(&app.obj.clone().annotate(MESH, "disabled"));
+    wait_removed(&agent, app.uid());
+    api.set_pod_annotations(&app.obj);
+    wait_enrolled(&agent, app.uid());
+    let c = policy_util::attempt(&app.pod, peer).admitted();
+    assert!(
+        c.local.ip().is_loopback(),
+        "fresh breaker: admitted through the agent"
+    );
+    // The pinned state agrees once the agent has flushed this connection.
+    let p = peer.to_string();
+    let peers = common::peers_until(&agent, &["--pod", "shop/app"], |v| {
+        common::find_peer(v, &p).is_some_and(|r| r["breaker"] == "closed")
+    });
+    let row = common::peer_row(&peers, &p);
+    assert_eq!(row["breaker"], "closed", "{row}");
 }
 
 #[test]

@@ -7,11 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::peer_row;
 use serde_json::Value;
-use sockmesh_tests::prom::{http_get, scrape, Sample};
+use sockmesh_tests::prom::{http_get, metric, scrape, scrape_until, Sample};
 use sockmesh_tests::*;
 
 /// How much the test server answers per byte received: makes "in" and "out" differ.
@@ -44,37 +44,6 @@ fn exchange(client: &Pod, dst: SocketAddr, n: usize) -> (u64, u64) {
     c.stream.read_to_end(&mut got).expect("receive");
     assert_eq!(got.len(), n * REPLY_FACTOR, "the whole answer came back");
     (n as u64, got.len() as u64)
-}
-
-/// The samples of `name` for one peer (all pods' rows carry the pod label).
-fn metric(samples: &[Sample], name: &str, pod: &str, peer: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name && s.label("pod") == Some(pod) && s.label("peer") == Some(peer))
-        .map(|s| s.value)
-        .sum()
-}
-
-/// Scrapes until `done` holds: per-peer figures are recorded when a connection's relay ends,
-/// just after the client sees its close, and no event tells the test that moment.
-fn scrape_until(addr: SocketAddr, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = scrape(addr).expect("scrape /metrics");
-        if done(&s) || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn peer_row<'a>(peers: &'a Value, peer: &str) -> &'a Value {
-    peers["peers"]
-        .as_array()
-        .expect("peers array")
-        .iter()
-        .find(|r| r["peer"] == peer)
-        .unwrap_or_else(|| panic!("no row for {peer} in {peers}"))
 }
 
 /// `bpftool -j map dump pinned`: (key bytes, value bytes summed per u64 over CPUs).

@@ -249,3 +249,43 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
     let _ = writer.join();
     let _ = reader.join();
 }
+
+/// The rate fast reject over IPv6: past the burst the agent resets one connect and leaves a
+/// verdict for the v6 peer, after which the kernel's connect6 hook refuses at once. The rate
+/// is slow (1/min) so the verdict outlasts the test, whatever the machine's speed.
+#[test]
+fn rate_fast_reject_works_for_an_ipv6_peer() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    let dst = server_pod.addr6(8080);
+    let _echo = TcpServer::start(&server_pod, dst).expect("echo server on the pod's v6 address");
+    let agent = Agent::start([
+        "--pod",
+        &pod_spec(&client, ""),
+        "--peer-conn-rate",
+        "1/m",
+        "--peer-conn-burst",
+        "2",
+    ])
+    .expect("agent");
+    agent.wait_ready().expect("ready");
+
+    let seen: String = (0..4).map(|_| attempt(&client, dst).letter()).collect();
+    assert_eq!(
+        seen, "AARK",
+        "burst of 2 admitted, the 3rd reset by the agent, the 4th refused in the kernel"
+    );
+    let e = tcp_connect(&client, dst, T).expect_err("still refused");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(counter(&agent, &client, "fast_reject"), 2);
+    // Counted against the v6 peer, as the kernel keys it.
+    let pod = client.netns_path().display().to_string();
+    let peers = agent.read_json("peers", &["--pod", &pod]).expect("peers");
+    let row = common::peer_row(&peers, &dst.to_string());
+    assert_eq!(row["fast_rejects"], 2, "{row}");
+    // A v4 connect to the same pod is a different peer with its own bucket.
+    let _echo4 = TcpServer::start(&server_pod, server_pod.addr4(8080)).expect("v4 echo");
+    assert_eq!(attempt(&client, server_pod.addr4(8080)).letter(), 'A');
+}

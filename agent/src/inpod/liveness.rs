@@ -9,18 +9,15 @@
 //!   deleted or replaced, seen through inotify on its directory, then confirmed by comparing the
 //!   path's identity with the namespace's.
 use std::{
-    ffi::CString,
     io,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use tokio::io::{unix::AsyncFd, Interest};
 
 use super::resolver::{ns_id, NsId};
+use crate::inotify;
 
 /// What names a pod's namespace, and so what to watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,22 +75,8 @@ async fn pid_exit(pid: i32, id: NsId) -> io::Result<String> {
 
 async fn path_gone(path: &Path, id: NsId) -> io::Result<String> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let c_dir = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: plain syscall; the result is checked.
-    let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let mask = libc::IN_DELETE | libc::IN_MOVED_FROM | libc::IN_MOVED_TO | libc::IN_DELETE_SELF;
-    // SAFETY: valid fd and NUL-terminated path.
-    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_dir.as_ptr(), mask) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the AsyncFd owns the descriptor and it stays the same open file until dropped.
-    let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? };
+    let afd = inotify::watch_dir(dir, mask)?;
     let mut buf = [0u8; 4096];
     loop {
         // Checked after the watch exists, so a deletion just before it is not missed.
@@ -102,19 +85,7 @@ async fn path_gone(path: &Path, id: NsId) -> io::Result<String> {
         }
         let mut guard = afd.readable().await?;
         // Drain the events; which name changed does not matter, the identity check decides.
-        loop {
-            // SAFETY: reading into a buffer we own, with its length.
-            let n = unsafe {
-                libc::read(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n <= 0 {
-                break;
-            }
-        }
+        while matches!(inotify::read(guard.get_inner(), &mut buf), Ok(n) if n > 0) {}
         guard.clear_ready();
     }
 }

@@ -242,6 +242,7 @@ impl PodManager {
         dp.maps.remove_pod(&p.name, p.cookie);
         dp.forget_pod(p.cookie);
         self.observer.pod_removed(p.cookie);
+        self.observer.forget_pod(p.cookie, &p.name);
         info!(event = "pod_removed", pod = %p.name, netns_cookie = p.cookie, reason, "pod removed");
         events::emit(serde_json::json!({
             "event": "pod_removed", "pod": &*p.name, "id": id, "netns_cookie": p.cookie, "reason": reason,

@@ -57,6 +57,22 @@ impl Observer {
         self.state().sink.pod_removed(netns_cookie);
     }
 
+    /// A pod left at runtime: its figures so far go to the maps, then its per-peer state (the
+    /// recorder's and the policy table's) is dropped, so if it comes back its breakers,
+    /// buckets and throttling start afresh. (At shutdown pods are not forgotten: the final
+    /// flush comes after the connections drain.)
+    pub fn forget_pod(&self, netns_cookie: u64, name: &str) {
+        self.flush();
+        self.recorder.forget_pod(name);
+        let dropped = self.admission.forget(|k| &*k.pod == name);
+        self.state().sink.clear_policy_gauges(netns_cookie);
+        tracing::debug!(
+            pod = name,
+            peers = dropped,
+            "policy state of a removed pod dropped"
+        );
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
         self.sink.lock().unwrap_or_else(|p| p.into_inner())
     }

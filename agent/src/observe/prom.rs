@@ -107,6 +107,7 @@ pub fn bound_peers(rows: &[PeerRow], top: usize) -> (Vec<PeerRow>, usize) {
                 other.dns_queries += r.dns_queries;
                 other.redirects += r.redirects;
                 other.fast_rejects += r.fast_rejects;
+                other.dns_redirects += r.dns_redirects;
             }
             out.push(other);
         }
@@ -183,7 +184,7 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         l.push(extra);
         l
     };
-    let simple: [(&'static str, &'static str, &'static str, u64); 9] = [
+    let simple: [(&'static str, &'static str, &'static str, u64); 10] = [
         (
             "sockmesh_peer_connections_active",
             "gauge",
@@ -199,13 +200,13 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         (
             "sockmesh_peer_sent_bytes_total",
             "counter",
-            "Bytes from the pod to the peer (counted when a connection ends).",
+            "Bytes from the pod to the peer (open connections included, as of the last flush).",
             r.bytes_out,
         ),
         (
             "sockmesh_peer_received_bytes_total",
             "counter",
-            "Bytes from the peer to the pod (counted when a connection ends).",
+            "Bytes from the peer to the pod (open connections included, as of the last flush).",
             r.bytes_in,
         ),
         (
@@ -237,6 +238,12 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
             "counter",
             "connect() calls refused in the kernel while the breaker was open.",
             r.fast_rejects,
+        ),
+        (
+            "sockmesh_peer_kernel_dns_redirects_total",
+            "counter",
+            "DNS connect()/sendto() calls to this server the kernel redirected to the agent.",
+            r.dns_redirects,
         ),
     ];
     for (name, kind, help, v) in simple {

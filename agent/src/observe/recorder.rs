@@ -23,7 +23,7 @@ use sockmesh_common::{
 
 use crate::{
     policy::{BreakerState, ConnectFailure, Direction, PeerKey, PeerView, RejectReason},
-    proxy::relay::{End, Relayed},
+    proxy::relay::{Counts, End, Relayed},
 };
 
 /// Connect latencies kept per peer for the p50/p99 figures.
@@ -75,10 +75,39 @@ impl Delta {
     }
 }
 
+/// An open connection's byte counts and how much of them the flushes already took.
+struct Open {
+    bytes: Arc<Counts>,
+    seen: (u64, u64),
+}
+
+impl Open {
+    /// Bytes since the last look, (a_to_b, b_to_a).
+    fn take(&mut self, now: (u64, u64)) -> (u64, u64) {
+        let d = (
+            now.0.saturating_sub(self.seen.0),
+            now.1.saturating_sub(self.seen.1),
+        );
+        self.seen = now;
+        d
+    }
+}
+
+/// (bytes out of the pod, bytes into it) for a connection's (a_to_b, b_to_a): a is the
+/// client, so for outbound a_to_b leaves the pod; for inbound the client is the peer.
+fn out_in(direction: Direction, (a_to_b, b_to_a): (u64, u64)) -> (u64, u64) {
+    match direction {
+        Direction::Outbound => (a_to_b, b_to_a),
+        Direction::Inbound => (b_to_a, a_to_b),
+    }
+}
+
 #[derive(Default)]
 struct Obs {
     pending: PeerState,
     active: u64,
+    /// Relayed connections whose bytes each flush adds as they flow.
+    open: Vec<Open>,
     last_error: u8,
     last_error_unix_ms: u64,
     latencies_us: Vec<u32>,
@@ -219,16 +248,35 @@ impl Recorder {
         });
     }
 
-    /// A relayed connection ended (after a successful [`Recorder::connected`]).
-    pub fn ended(&self, key: &PeerKey, r: &Relayed) {
+    /// A connection to `key` is relaying and counts its bytes in `bytes`: flushes add them
+    /// while it is open (after a successful [`Recorder::connected`]; [`Recorder::ended`]
+    /// stops it).
+    pub fn relaying(&self, key: &PeerKey, bytes: &Arc<Counts>) {
+        self.with(key, |o, _| {
+            o.open.push(Open {
+                bytes: bytes.clone(),
+                seen: (0, 0),
+            })
+        });
+    }
+
+    /// A relayed connection ended (after a successful [`Recorder::connected`]). `bytes`:
+    /// its counts if it was registered with [`Recorder::relaying`]; only what the flushes
+    /// have not yet taken of `r`'s totals is added, so no byte is counted twice.
+    pub fn ended(&self, key: &PeerKey, r: &Relayed, bytes: Option<&Arc<Counts>>) {
         self.with(key, |o, now| {
             o.active = o.active.saturating_sub(1);
-            // a_to_b is client to upstream: for outbound that is pod to peer, for inbound
-            // (the client is the peer) the other way round.
-            let (out, inn) = match key.direction {
-                Direction::Outbound => (r.a_to_b, r.b_to_a),
-                Direction::Inbound => (r.b_to_a, r.a_to_b),
-            };
+            let mut seen = (0, 0);
+            if let Some(b) = bytes {
+                if let Some(i) = o.open.iter().position(|c| Arc::ptr_eq(&c.bytes, b)) {
+                    seen = o.open.swap_remove(i).seen;
+                }
+            }
+            let rest = (
+                r.a_to_b.saturating_sub(seen.0),
+                r.b_to_a.saturating_sub(seen.1),
+            );
+            let (out, inn) = out_in(key.direction, rest);
             o.pending.bytes_out += out;
             o.pending.bytes_in += inn;
             match r.end {
@@ -283,6 +331,11 @@ impl Recorder {
             let Some(&cookie) = pods.get(&key.pod) else {
                 continue;
             };
+            for c in &mut o.open {
+                let (out, inn) = out_in(key.direction, c.take(c.bytes.get()));
+                o.pending.bytes_out += out;
+                o.pending.bytes_in += inn;
+            }
             let v = view(key);
             let (breaker, until) = match v.and_then(|v| v.breaker) {
                 None => (breaker_state::NONE, 0),
@@ -311,6 +364,20 @@ impl Recorder {
             out.push((map_key(cookie, key), delta));
         }
         (out, std::mem::take(dropped))
+    }
+
+    /// A pod left: forget its peers, so a pod enrolled again under the name starts afresh.
+    /// Flush first: figures not yet flushed are kept, and so are peers with connections still
+    /// winding down, whose last bytes must be added once, when they end.
+    pub fn forget_pod(&self, pod: &str) {
+        lock(&self.inner).peers.retain(|k, o| {
+            if &*k.pod != pod {
+                return true;
+            }
+            o.latencies_us.clear();
+            o.next_sample = 0;
+            o.dirty || o.active > 0 || !o.open.is_empty()
+        });
     }
 
     pub fn len(&self) -> usize {

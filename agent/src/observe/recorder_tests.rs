@@ -34,8 +34,8 @@ fn a_connection_adds_bytes_by_direction_and_ends_inactive() {
     assert!(batch
         .iter()
         .all(|(_, d)| d.active == 1 && d.add.conns_total == 1));
-    r.ended(&out, &relayed(10, 2000, End::Closed));
-    r.ended(&inn, &relayed(10, 2000, End::Closed));
+    r.ended(&out, &relayed(10, 2000, End::Closed), None);
+    r.ended(&inn, &relayed(10, 2000, End::Closed), None);
     let (batch, dropped) = r.drain(no_view, |_| 0);
     assert_eq!(dropped, 0);
     let get = |d: u16| {
@@ -116,7 +116,7 @@ fn timeouts_resets_and_dns_are_counted_by_kind() {
     let k = key("10.0.0.1:80", Direction::Outbound);
     for end in [End::IdleTimeout, End::MaxLifetime, End::Reset] {
         r.connected(&k, Ok(Duration::from_millis(1)));
-        r.ended(&k, &relayed(1, 1, end));
+        r.ended(&k, &relayed(1, 1, end), None);
     }
     let dns = key("10.0.0.53:53", Direction::Outbound);
     r.dns(&dns, DnsOutcome::Answered);
@@ -178,4 +178,89 @@ fn v4_mapped_peers_are_keyed_as_ipv4_like_the_kernel_does() {
     let k = key("[::ffff:10.0.0.1]:80", Direction::Outbound);
     let mk = map_key(42, &k);
     assert_eq!(mk.peer.to_std(), Some("10.0.0.1:80".parse().expect("addr")));
+}
+
+/// Sum of what the batches added for the one peer they hold: (out, in).
+fn bytes_added(batch: &[(MapKey, Delta)]) -> (u64, u64) {
+    batch.iter().fold((0, 0), |(o, i), (_, d)| {
+        (o + d.add.bytes_out, i + d.add.bytes_in)
+    })
+}
+
+#[test]
+fn open_connections_add_their_bytes_as_they_flow_and_exactly_once() {
+    use std::sync::atomic::Ordering;
+    for dir in [Direction::Outbound, Direction::Inbound] {
+        let r = recorder();
+        let k = key("10.0.0.1:80", dir);
+        let bytes = Arc::new(Counts::default());
+        r.connected(&k, Ok(Duration::from_micros(5)));
+        r.relaying(&k, &bytes);
+        let mut total = bytes_added(&r.drain(no_view, |_| 0).0);
+        assert_eq!(total, (0, 0));
+        bytes.a_to_b.fetch_add(1000, Ordering::Relaxed);
+        bytes.b_to_a.fetch_add(30, Ordering::Relaxed);
+        let (batch, _) = r.drain(no_view, |_| 0);
+        assert_eq!(batch[0].1.active, 1, "still open");
+        let got = bytes_added(&batch);
+        // Outbound: client (a) is the pod; inbound: the client is the peer.
+        let want = match dir {
+            Direction::Outbound => (1000, 30),
+            Direction::Inbound => (30, 1000),
+        };
+        assert_eq!(got, want, "bytes of an open connection show ({dir:?})");
+        total = (total.0 + got.0, total.1 + got.1);
+        // Nothing new: an open connection adds nothing more.
+        assert_eq!(bytes_added(&r.drain(no_view, |_| 0).0), (0, 0));
+        bytes.a_to_b.fetch_add(24, Ordering::Relaxed);
+        let (a_to_b, b_to_a) = bytes.get();
+        // The connection ends between flushes: only the rest is added.
+        r.ended(&k, &relayed(a_to_b, b_to_a, End::Closed), Some(&bytes));
+        let (batch, _) = r.drain(no_view, |_| 0);
+        assert_eq!(batch[0].1.active, 0);
+        let got = bytes_added(&batch);
+        total = (total.0 + got.0, total.1 + got.1);
+        let want = match dir {
+            Direction::Outbound => (1024, 30),
+            Direction::Inbound => (30, 1024),
+        };
+        assert_eq!(total, want, "exact totals after the end ({dir:?})");
+        // Ended: no longer read, nothing left to flush.
+        bytes.a_to_b.fetch_add(5, Ordering::Relaxed);
+        assert!(r.drain(no_view, |_| 0).0.is_empty());
+    }
+}
+
+#[test]
+fn a_forgotten_pod_starts_afresh_but_open_connections_still_count_once() {
+    let r = recorder();
+    let idle = key("10.0.0.1:80", Direction::Outbound);
+    let open = key("10.0.0.2:80", Direction::Outbound);
+    r.connected(&idle, Ok(Duration::from_micros(900)));
+    r.ended(&idle, &relayed(5, 5, End::Closed), None);
+    r.connected(&open, Ok(Duration::from_micros(900)));
+    let bytes = Arc::new(Counts::default());
+    r.relaying(&open, &bytes);
+    bytes
+        .a_to_b
+        .fetch_add(10, std::sync::atomic::Ordering::Relaxed);
+    let first = bytes_added(&r.drain(no_view, |_| 0).0);
+    assert_eq!(first, (15, 5));
+    r.forget_pod("/var/run/netns/web");
+    assert_eq!(r.len(), 1, "only the peer with an open connection stays");
+    // Back again: fresh latency samples.
+    r.connected(&idle, Ok(Duration::from_micros(7)));
+    let (batch, _) = r.drain(no_view, |_| 0);
+    let d = &batch
+        .iter()
+        .find(|(k, _)| k.peer.to_std() == Some(idle.peer))
+        .expect("idle peer")
+        .1;
+    assert_eq!((d.connect_p50_us, d.connect_p99_us), (7, 7));
+    // The open connection ends after the forget: only its rest is added.
+    bytes
+        .a_to_b
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    r.ended(&open, &relayed(11, 0, End::Closed), Some(&bytes));
+    assert_eq!(bytes_added(&r.drain(no_view, |_| 0).0), (1, 0));
 }

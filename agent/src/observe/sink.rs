@@ -5,7 +5,7 @@ use aya::{
     maps::{Array, HashMap, MapData},
     Ebpf,
 };
-use sockmesh_common::peer::{map_names, AgentStats, PeerKey, PeerState, PodMeta};
+use sockmesh_common::peer::{breaker_state, map_names, AgentStats, PeerKey, PeerState, PodMeta};
 use tracing::warn;
 
 use super::recorder::Delta;
@@ -40,11 +40,39 @@ impl Sink {
     /// A previous agent's open connections died with it: its "active" gauges would otherwise
     /// stay up forever. Totals are kept, so counters stay monotonic across the restart.
     fn forget_previous_connections(&mut self) {
-        let keys: Vec<PeerKey> = self.peer_state.keys().filter_map(|k| k.ok()).collect();
+        self.update_where(|_| true, |v| std::mem::take(&mut v.conns_active) != 0);
+    }
+
+    /// A pod left and its per-peer policy state was dropped: the gauges showing that state
+    /// (breaker, adaptive reject ratio) go back to none. Totals stay.
+    pub fn clear_policy_gauges(&mut self, netns_cookie: u64) {
+        self.update_where(
+            |k| k.netns_cookie == netns_cookie,
+            |v| {
+                let before = (v.breaker, v.breaker_open_until_ns, v.adaptive_reject_ppm);
+                v.breaker = breaker_state::NONE;
+                v.breaker_open_until_ns = 0;
+                v.adaptive_reject_ppm = 0;
+                before != (breaker_state::NONE, 0, 0)
+            },
+        );
+    }
+
+    /// Rewrites the entries whose key `pick`s, when `change` says it changed one.
+    fn update_where(
+        &mut self,
+        pick: impl Fn(&PeerKey) -> bool,
+        change: impl Fn(&mut PeerState) -> bool,
+    ) {
+        let keys: Vec<PeerKey> = self
+            .peer_state
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| pick(k))
+            .collect();
         for k in keys {
             if let Ok(mut v) = self.peer_state.get(&k, 0) {
-                if v.conns_active != 0 {
-                    v.conns_active = 0;
+                if change(&mut v) {
                     let _ = self.peer_state.insert(k, v, 0);
                 }
             }

@@ -82,6 +82,8 @@ pub struct PeerRow {
     /// Kernel: connect()s redirected to the proxy, and refused at once while the breaker was open.
     pub redirects: u64,
     pub fast_rejects: u64,
+    /// Kernel: DNS connect()s and sendto()s to this server redirected to the DNS listener.
+    pub dns_redirects: u64,
     pub breaker: &'static str,
     pub adaptive_reject_ratio: f64,
     pub connect_p50_us: u32,
@@ -150,6 +152,7 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 dns_queries: s.dns_queries,
                 redirects: r.kernel[peer_counter::REDIRECT],
                 fast_rejects: r.kernel[peer_counter::FAST_REJECT],
+                dns_redirects: r.kernel[peer_counter::REDIRECT_DNS],
                 breaker: breaker_now(s.breaker, s.breaker_open_until_ns, snap.monotonic_ns),
                 adaptive_reject_ratio: s.adaptive_reject_ppm as f64 / 1e6,
                 connect_p50_us: s.connect_p50_us,

@@ -344,6 +344,23 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         self.entries.get(key).map(|e| view_of(e, now))
     }
 
+    /// Drops every entry whose key matches (e.g. all peers of a pod that left), busy or not:
+    /// the next attempt to such a peer starts from fresh state. Leases of dropped entries go
+    /// stale, so connections still winding down release nothing in a later entry. Returns
+    /// how many were dropped.
+    pub fn remove_where(&mut self, matches: impl Fn(&K) -> bool) -> usize {
+        let keys: Vec<K> = self
+            .entries
+            .keys()
+            .filter(|k| matches(k))
+            .cloned()
+            .collect();
+        for k in &keys {
+            self.remove(k);
+        }
+        keys.len()
+    }
+
     /// Drops every resting entry untouched for `idle_expiry`; returns how many.
     pub fn expire_idle(&mut self, now: Nanos) -> usize {
         let now = self.observe(now);

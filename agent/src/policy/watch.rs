@@ -17,13 +17,14 @@
 //! is not a change by itself (a create is followed by the close that matters; a
 //! deleted file has nothing to load).
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+
+use crate::inotify;
 
 /// The kubelet's ConfigMap/Secret volume data symlink.
 const CONFIGMAP_DATA: &str = "..data";
@@ -50,28 +51,8 @@ impl PolicyWatcher {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        let c_dir = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mask = libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
-        // SAFETY: valid fd and NUL-terminated path; the result is checked.
-        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_dir.as_ptr(), mask) };
-        if wd < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("watch {}: {e}", dir.display()),
-            ));
-        }
-        // SAFETY: `fd` is an open descriptor owned by the OwnedFd that the AsyncFd
-        // takes; it stays open and the same file until the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? };
+        let fd = inotify::watch_dir(dir, mask)?;
         Ok(PolicyWatcher { fd, name })
     }
 
@@ -86,7 +67,7 @@ impl PolicyWatcher {
             let mut seen = Seen::default();
             // Drain everything queued now; then report if anything matched.
             loop {
-                match guard.try_io(|fd| read(fd.get_ref(), &mut buf)) {
+                match guard.try_io(|fd| inotify::read(fd.get_ref(), &mut buf)) {
                     Ok(Ok(n)) => seen.add(self.scan(&buf[..n])),
                     Ok(Err(e)) => return Err(e),
                     // Would block: the queue is empty and readiness was cleared.
@@ -145,15 +126,5 @@ impl Seen {
     fn add(&mut self, other: Seen) {
         self.changed |= other.changed;
         self.gone |= other.gone;
-    }
-}
-
-fn read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for `buf.len()` bytes; the result is checked.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }

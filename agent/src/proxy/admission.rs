@@ -178,6 +178,13 @@ impl<K: PeerId> Admission<K> {
         verdicts.insert(key.clone(), until);
     }
 
+    /// Forgets every peer matching `matches` (a pod that left): its policy state, and the
+    /// verdicts a reload would otherwise lift for it (the kernel's went with the pod).
+    pub fn forget(&self, matches: impl Fn(&K) -> bool) -> usize {
+        lock(&self.verdicts).retain(|k, _| !matches(k));
+        lock(&self.table).remove_where(matches)
+    }
+
     pub fn clock(&self) -> ProxyClock {
         self.clock
     }

@@ -1,21 +1,25 @@
 //! Graceful drain's hard edge: at the drain deadline a connection still relaying is reset on
 //! both sides (RST, not FIN), so neither end mistakes a cut-off transfer for a complete one.
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::{
+    os::fd::{AsRawFd, BorrowedFd},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::relay::{self, End, Limits, Relayed};
+use super::relay::{self, Counts, End, Limits, Relayed};
 
 /// [`relay::relay`] until it ends by itself or `abort` fires; then both sides are reset.
 pub async fn relay_until(
     a: TcpStream,
     b: TcpStream,
     limits: Limits<'_>,
+    bytes: Arc<Counts>,
     abort: &CancellationToken,
 ) -> Relayed {
     let fds = [a.as_raw_fd(), b.as_raw_fd()];
-    let mut relaying = Box::pin(relay::relay(a, b, limits));
+    let mut relaying = Box::pin(relay::relay(a, b, limits, bytes.clone()));
     tokio::select! {
         r = &mut relaying => return r,
         _ = abort.cancelled() => {}
@@ -28,8 +32,11 @@ pub async fn relay_until(
     }
     // Dropping the future closes both streams; with linger 0 the close sends RST.
     drop(relaying);
+    // What went through before the cut still counts.
+    let (a_to_b, b_to_a) = bytes.get();
     Relayed {
+        a_to_b,
+        b_to_a,
         end: End::Reset,
-        ..Relayed::default()
     }
 }

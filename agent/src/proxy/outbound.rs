@@ -115,8 +115,10 @@ pub async fn proxy(
             .shaped(&key)
             .then_some(&shape as relay::Shaper<'_>),
     };
-    let r = super::drain::relay_until(client, upstream, limits, &shared.abort).await;
-    shared.recorder.ended(&key, &r);
+    let bytes = std::sync::Arc::new(relay::Counts::default());
+    shared.recorder.relaying(&key, &bytes);
+    let r = super::drain::relay_until(client, upstream, limits, bytes.clone(), &shared.abort).await;
+    shared.recorder.ended(&key, &r, Some(&bytes));
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }
 

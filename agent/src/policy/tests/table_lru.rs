@@ -216,3 +216,39 @@ fn random_operations_keep_the_table_consistent() {
         "{c:?}"
     );
 }
+
+#[test]
+fn remove_where_drops_matching_peers_even_busy_and_they_start_fresh() {
+    let mut t = table(
+        8,
+        PeerPolicy {
+            breaker: breaker(1),
+            ..bare()
+        },
+    );
+    // Pod 1: a tripped breaker to peer 1, a busy connection to peer 2. Pod 2: peer 1 too.
+    let (tripped, busy, other) = (key(1), key(2), (2, false, 1));
+    let lease = admitted(t.admit(ms(0), &tripped, 0.5));
+    t.on_connect_result(ms(1), &tripped, Err(ConnectFailure::Refused));
+    t.on_close(ms(1), &tripped, lease);
+    assert!(t.breaker_open_until(ms(2), &tripped).is_some(), "open");
+    let held = admitted(t.admit(ms(2), &busy, 0.5));
+    admitted(t.admit(ms(2), &other, 0.5));
+    assert_eq!(t.len(), 3);
+
+    assert_eq!(t.remove_where(|k| k.0 == 1), 2);
+    t.assert_consistent();
+    assert_eq!(t.len(), 1);
+    assert!(t.policy(&other).is_some(), "another pod's peer stays");
+    assert_eq!(connections(&t, ms(3), other), Some(1));
+    // Fresh: the breaker is closed again, the busy peer's old lease releases nothing.
+    assert_eq!(t.breaker_open_until(ms(3), &tripped), None);
+    admitted(t.admit(ms(3), &tripped, 0.5));
+    let fresh = admitted(t.admit(ms(3), &busy, 0.5));
+    assert_eq!(t.on_close(ms(4), &busy, held), None);
+    assert_eq!(connections(&t, ms(4), busy), Some(1), "stale lease ignored");
+    assert_eq!(t.on_close(ms(4), &busy, fresh), None);
+    assert_eq!(connections(&t, ms(4), busy), Some(0));
+    assert_eq!(t.counters().evicted, 0, "not an eviction");
+    t.assert_consistent();
+}

@@ -13,7 +13,10 @@ mod pump;
 mod tests;
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -46,6 +49,25 @@ pub struct Relayed {
     pub a_to_b: u64,
     pub b_to_a: u64,
     pub end: End,
+}
+
+/// Bytes a connection has relayed so far, by direction: the pumps add what they write (one
+/// relaxed atomic add per chunk, no lock, no syscall) and the recorder reads them while the
+/// connection is still open, so a long-lived connection's bytes show before it ends.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub a_to_b: AtomicU64,
+    pub b_to_a: AtomicU64,
+}
+
+impl Counts {
+    /// (a_to_b, b_to_a) now.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.a_to_b.load(Ordering::Relaxed),
+            self.b_to_a.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// When the connection last saw a byte, as nanoseconds since it started (both pumps write it,
@@ -98,9 +120,10 @@ async fn deadline(limits: &Limits<'_>, last: &Activity) -> End {
     }
 }
 
-/// Relay until both directions have finished, either fails, or a limit is reached.
-pub async fn relay(a: TcpStream, b: TcpStream, limits: Limits<'_>) -> Relayed {
-    relay_with(a, b, limits, PipePool::global()).await
+/// Relay until both directions have finished, either fails, or a limit is reached. `bytes`
+/// counts what has been written each way as it goes; the result holds the final counts.
+pub async fn relay(a: TcpStream, b: TcpStream, limits: Limits<'_>, bytes: Arc<Counts>) -> Relayed {
+    relay_with(a, b, limits, PipePool::global(), bytes).await
 }
 
 async fn relay_with(
@@ -108,19 +131,19 @@ async fn relay_with(
     mut b: TcpStream,
     limits: Limits<'_>,
     pool: &PipePool,
+    bytes: Arc<Counts>,
 ) -> Relayed {
     // Forwarded segments go out as they come: Nagle would hold a small reply behind an
     // un-acked one and add a delayed-ACK wait to request/response traffic.
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
-    let mut out = Relayed::default();
     let last = Activity {
         start: Instant::now(),
         last_ns: AtomicU64::new(0),
     };
     let end = {
-        let ab = pump::pump(&a, &b, &mut out.a_to_b, &last, limits.shape, pool);
-        let ba = pump::pump(&b, &a, &mut out.b_to_a, &last, limits.shape, pool);
+        let ab = pump::pump(&a, &b, &bytes.a_to_b, &last, limits.shape, pool);
+        let ba = pump::pump(&b, &a, &bytes.b_to_a, &last, limits.shape, pool);
         let timer = deadline(&limits, &last);
         tokio::pin!(ab, ba, timer);
         let (mut ab_done, mut ba_done) = (false, false);
@@ -135,7 +158,12 @@ async fn relay_with(
             }
         }
     };
-    out.end = end;
+    let (a_to_b, b_to_a) = bytes.get();
+    let out = Relayed {
+        a_to_b,
+        b_to_a,
+        end,
+    };
     match end {
         End::Reset => {
             reset(&a);

@@ -10,6 +10,7 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -28,7 +29,7 @@ pub type Shaper<'a> = &'a (dyn Fn(u64) -> Duration + Sync);
 pub async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    total: &mut u64,
+    total: &AtomicU64,
     last: &Activity,
     shape: Option<Shaper<'_>>,
     pool: &PipePool,
@@ -49,7 +50,7 @@ fn half_close(dst: &TcpStream) -> io::Result<()> {
 async fn splice(
     src: &TcpStream,
     dst: &TcpStream,
-    total: &mut u64,
+    total: &AtomicU64,
     last: &Activity,
     pool: &PipePool,
 ) -> io::Result<()> {
@@ -74,7 +75,9 @@ async fn splice(
         while pipe.len > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd)) {
-                Ok(m) => *total += m as u64,
+                Ok(m) => {
+                    total.fetch_add(m as u64, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
@@ -85,7 +88,7 @@ async fn splice(
 async fn copy(
     src: &TcpStream,
     dst: &TcpStream,
-    total: &mut u64,
+    total: &AtomicU64,
     last: &Activity,
     shape: Shaper<'_>,
 ) -> io::Result<()> {
@@ -114,7 +117,7 @@ async fn copy(
             match dst.try_write(&buf[sent..n]) {
                 Ok(m) => {
                     sent += m;
-                    *total += m as u64;
+                    total.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),

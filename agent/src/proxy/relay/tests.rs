@@ -13,7 +13,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{relay_with, End, Limits, PipePool, Relayed};
+use super::{relay_with, Counts, End, Limits, PipePool, Relayed};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -30,6 +30,7 @@ struct Setup {
     server: TcpStream,
     relay: JoinHandle<Relayed>,
     pool: &'static PipePool,
+    bytes: std::sync::Arc<Counts>,
 }
 
 /// What is left of a `Setup` once its two ends are taken.
@@ -58,12 +59,14 @@ async fn setup(limits: Limits<'static>) -> Setup {
     let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
     let (client, a) = pair().await;
     let (b, server) = pair().await;
-    let relay = tokio::spawn(relay_with(a, b, limits, pool));
+    let bytes = std::sync::Arc::new(Counts::default());
+    let relay = tokio::spawn(relay_with(a, b, limits, pool, bytes.clone()));
     Setup {
         client,
         server,
         relay,
         pool,
+        bytes,
     }
 }
 
@@ -93,6 +96,50 @@ async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
         .await
         .expect("relay ended")
         .expect("relay task")
+}
+
+/// Waits for `bytes` to read `want` (no event marks the add after a write); fails past T or
+/// if they overshoot.
+async fn counts_reach(bytes: &Counts, want: (u64, u64)) {
+    let deadline = Instant::now() + T;
+    while bytes.get() != want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(bytes.get(), want);
+}
+
+/// The counts are live: bytes written each way show while the connection is still open (the
+/// recorder reads them for long-lived connections), and match the final result at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_show_bytes_of_a_connection_still_open() {
+    fn no_delay(_: u64) -> Duration {
+        Duration::ZERO
+    }
+    // Both paths: splice (unshaped) and copy (shaped).
+    for shaped in [false, true] {
+        let limits = Limits {
+            shape: shaped.then_some(&no_delay as super::Shaper<'static>),
+            ..Limits::default()
+        };
+        let mut s = setup(limits).await;
+        let up = stream(3, 100_000);
+        s.client.write_all(&up).await.expect("write up");
+        let mut got = vec![0u8; up.len()];
+        s.server.read_exact(&mut got).await.expect("read up");
+        // The server has read every byte, so the relay has written every byte (its count
+        // follows the write by a few instructions).
+        counts_reach(&s.bytes, (up.len() as u64, 0)).await;
+        s.server.write_all(&up[..777]).await.expect("write down");
+        let mut back = vec![0u8; 777];
+        s.client.read_exact(&mut back).await.expect("read down");
+        counts_reach(&s.bytes, (up.len() as u64, 777)).await;
+        let bytes = s.bytes.clone();
+        let (client, server, rest) = s.ends(true);
+        drop((client, server));
+        let r = ended(rest.relay).await;
+        assert_eq!((r.a_to_b, r.b_to_a), bytes.get());
+        assert_eq!((r.a_to_b, r.b_to_a), (up.len() as u64, 777));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
