@@ -109,20 +109,38 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let rt = rt.build().context("start the async runtime")?;
     rt.block_on(serve(
-        args, cgroup, prepared, policy, node, template, metrics, taken,
+        args,
+        cgroup,
+        Prepared {
+            pods: prepared,
+            taken,
+        },
+        policy,
+        node,
+        template,
+        metrics,
     ))
+}
+
+/// The pods, ready to enrol, and on `--takeover` what the running agent handed over.
+struct Prepared {
+    pods: Vec<Enrolment>,
+    taken: Option<Taken>,
 }
 
 async fn serve(
     args: RunArgs,
     cgroup: std::path::PathBuf,
-    prepared: Vec<Enrolment>,
+    prepared: Prepared,
     policy: Arc<PolicyHandle>,
     node: Option<String>,
     template: PodTemplate,
     metrics: Option<std::net::TcpListener>,
-    taken: Option<Taken>,
 ) -> Result<()> {
+    let Prepared {
+        pods: prepared,
+        taken,
+    } = prepared;
     // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
