@@ -159,11 +159,6 @@ async fn serve(
         Some(t) => (Some(t.lock), Some((t.stream, t.pid))),
         None => (None, None),
     };
-    let exit_on_error = if predecessor.is_some() {
-        Exit::Release
-    } else {
-        Exit::Stop
-    };
     let mut dp = Datapath::start(
         &DatapathOptions {
             bpffs_dir: &args.bpffs_dir,
@@ -229,37 +224,29 @@ async fn serve(
         shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
     }
     let (mut pods, mut gone_rx) = PodManager::new(shared.clone(), observer.clone());
-    for e in prepared {
-        if let Err(e) = pods.enrol(&mut dp, e) {
-            stop(
-                dp,
-                &shared,
-                &observer,
-                &mut pods,
-                Duration::ZERO,
-                exit_on_error,
-            )
-            .await;
+    let took_over_from = {
+        let pid = predecessor.as_ref().map(|(_, pid)| *pid);
+        let started = async {
+            for e in prepared {
+                pods.enrol(&mut dp, e)?;
+            }
+            match predecessor {
+                Some((stream, pid)) => takeover::finish(&mut dp, &pods, stream, pid).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if let Err(e) = started {
+            // On a takeover the old agent still serves every pod: leave them to it.
+            let exit = if pid.is_some() {
+                Exit::Release
+            } else {
+                Exit::Stop
+            };
+            stop(dp, &shared, &observer, &mut pods, Duration::ZERO, exit).await;
             return Err(e);
         }
-    }
-    let took_over_from = match predecessor {
-        Some((stream, pid)) => {
-            if let Err(e) = takeover::finish(&mut dp, &pods, stream, pid).await {
-                stop(
-                    dp,
-                    &shared,
-                    &observer,
-                    &mut pods,
-                    Duration::ZERO,
-                    Exit::Release,
-                )
-                .await;
-                return Err(e);
-            }
-            Some(pid)
-        }
-        None => None,
+        pid
     };
     // Where a successor will ask for this agent's sockets; without it upgrades restart.
     let mut control = match Control::bind(&args.bpffs_dir) {
