@@ -280,10 +280,11 @@ async fn serve(
             .spawn(read_kernel_logs(logger, shared.cancel.clone()));
     }
     info!(pods = pods.len(), "ready");
+    // /readyz says ready before the event does, so whoever reacts to the event sees it.
+    metrics_state.set_ready(true);
     events::emit(serde_json::json!({
         "event": "ready", "pods": pods.len(), "pid": std::process::id(), "took_over_from": took_over_from,
     }));
-    metrics_state.set_ready(true);
 
     let mut exit = Exit::Stop;
     loop {
