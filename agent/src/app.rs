@@ -3,24 +3,32 @@
 //! the kernel only starts redirecting a pod once its listeners are open. Pods come from
 //! `--pod` at start and, with `--kube`, from the Kubernetes API at any time; either kind is
 //! removed when its namespace goes away.
+mod kernel_io;
+mod shutdown;
+mod takeover;
+
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{MapData, RingBuf};
-use sockmesh_common::{peer, Event};
+use sockmesh_common::peer;
 use tokio::{
-    io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
+
+use kernel_io::{next_events, read_kernel_logs, watch_events};
+use shutdown::{stop, Exit};
 
 use crate::{
     cli::RunArgs,
     datapath::{heartbeat, preflight, Datapath, DatapathOptions},
     events,
+    handover::{
+        client::{self, Taken},
+        serve::{Control, Step},
+    },
     inpod::{
         manager::{Enrolment, PodManager, PodTemplate},
         resolver::{ns_id, Resolver},
@@ -39,7 +47,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
     let node = args.kube.validate()?;
-    let template = PodTemplate::from_args(&args);
+    let mut template = PodTemplate::from_args(&args);
+    if args.takeover && node.is_some() {
+        bail!("--takeover cannot be combined with --kube yet: upgrade a --kube agent by restarting it with --keep-pins");
+    }
 
     // Pure validation of every pod before touching anything.
     for spec in &args.pods {
@@ -64,11 +75,28 @@ pub fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
-    // Namespaces and listeners next: still nothing in the kernel, so failing here is clean.
+    // Last of the checks: the running agent hands over only once all else is known good.
+    let taken = if args.takeover {
+        Some(takeover::begin(&args)?)
+    } else {
+        None
+    };
+    template.handed = taken.as_ref().map(|t| t.handed.clone());
+    // Namespaces and listeners next: still nothing in the kernel, so failing here is clean
+    // (a running agent being taken over sees the connection close and keeps serving).
     let mut prepared = Vec::new();
     for spec in &args.pods {
         let path = spec.netns.display().to_string();
         prepared.push(template.prepare(&path, &path, spec)?);
+    }
+    if let Some(h) = template.handed.take() {
+        let n = client::close_unclaimed(&h);
+        if n > 0 {
+            info!(
+                sockets = n,
+                "closed the handed-over sockets of pods this agent does not enrol"
+            );
+        }
     }
 
     // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
@@ -81,19 +109,38 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let rt = rt.build().context("start the async runtime")?;
     rt.block_on(serve(
-        args, cgroup, prepared, policy, node, template, metrics,
+        args,
+        cgroup,
+        Prepared {
+            pods: prepared,
+            taken,
+        },
+        policy,
+        node,
+        template,
+        metrics,
     ))
+}
+
+/// The pods, ready to enrol, and on `--takeover` what the running agent handed over.
+struct Prepared {
+    pods: Vec<Enrolment>,
+    taken: Option<Taken>,
 }
 
 async fn serve(
     args: RunArgs,
     cgroup: std::path::PathBuf,
-    prepared: Vec<Enrolment>,
+    prepared: Prepared,
     policy: Arc<PolicyHandle>,
     node: Option<String>,
     template: PodTemplate,
     metrics: Option<std::net::TcpListener>,
 ) -> Result<()> {
+    let Prepared {
+        pods: prepared,
+        taken,
+    } = prepared;
     // Signals are hooked before anything is attached so an early SIGTERM still cleans up.
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -108,16 +155,23 @@ async fn serve(
         Some(_) => Some(args.kube.client().await?),
         None => None,
     };
-    let mut dp = Datapath::start(&DatapathOptions {
-        bpffs_dir: &args.bpffs_dir,
-        cgroup_root: &cgroup,
-        mark: args.mark,
-        outbound_port: args.outbound_port,
-        dns_port: args.dns_port,
-        keep_pins: args.keep_pins,
-        kernel_log: args.kernel_log,
-        fail_open_after: args.fail_open_after.0,
-    })?;
+    let (handed_lock, predecessor) = match taken {
+        Some(t) => (Some(t.lock), Some((t.stream, t.pid))),
+        None => (None, None),
+    };
+    let mut dp = Datapath::start(
+        &DatapathOptions {
+            bpffs_dir: &args.bpffs_dir,
+            cgroup_root: &cgroup,
+            mark: args.mark,
+            outbound_port: args.outbound_port,
+            dns_port: args.dns_port,
+            keep_pins: args.keep_pins,
+            kernel_log: args.kernel_log,
+            fail_open_after: args.fail_open_after.0,
+        },
+        handed_lock,
+    )?;
     let Some(sink) = dp.take_sink() else {
         dp.shutdown();
         bail!("the observability maps were not loaded");
@@ -170,12 +224,41 @@ async fn serve(
         shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
     }
     let (mut pods, mut gone_rx) = PodManager::new(shared.clone(), observer.clone());
-    for e in prepared {
-        if let Err(e) = pods.enrol(&mut dp, e) {
-            stop(dp, &shared, &observer, &pods, Duration::ZERO).await;
+    let took_over_from = {
+        let pid = predecessor.as_ref().map(|(_, pid)| *pid);
+        let started = async {
+            for e in prepared {
+                pods.enrol(&mut dp, e)?;
+            }
+            match predecessor {
+                Some((stream, pid)) => takeover::finish(&mut dp, &pods, stream, pid).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if let Err(e) = started {
+            // On a takeover the old agent still serves every pod: leave them to it.
+            let exit = if pid.is_some() {
+                Exit::Release
+            } else {
+                Exit::Stop
+            };
+            stop(dp, &shared, &observer, &mut pods, Duration::ZERO, exit).await;
             return Err(e);
         }
-    }
+        pid
+    };
+    // Where a successor will ask for this agent's sockets; without it upgrades restart.
+    let mut control = match Control::bind(&args.bpffs_dir) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "no control socket: upgrades cannot use --takeover"
+            );
+            None
+        }
+    };
     shared
         .tasks
         .spawn(observe::flush::run(observer.clone(), shared.cancel.clone()));
@@ -190,12 +273,7 @@ async fn serve(
         _ => None,
     };
 
-    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
-    if let Some(ring) = dp.take_events() {
-        shared
-            .tasks
-            .spawn(read_events(ring, ev_tx, shared.cancel.clone()));
-    }
+    let mut ring = dp.take_events().and_then(watch_events);
     if let Some(logger) = dp.take_logger() {
         shared
             .tasks
@@ -204,13 +282,34 @@ async fn serve(
     // /readyz turns ready before the event, so whoever reacts to the event sees it ready.
     metrics_state.set_ready(true);
     info!(pods = pods.len(), "ready");
-    events::emit(serde_json::json!({ "event": "ready", "pods": pods.len() }));
+    events::emit(serde_json::json!({
+        "event": "ready", "pods": pods.len(), "pid": std::process::id(), "took_over_from": took_over_from,
+    }));
 
+    let mut exit = Exit::Stop;
     loop {
+        // While a successor is being answered, its snapshot of the inbound listeners must stay
+        // true: bind events wait in the ring (for the successor, or for this agent if it fails).
+        let handing_over = control.as_ref().is_some_and(Control::busy);
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            Some(ev) = ev_rx.recv() => pods.on_event(ev).await,
+            evs = next_events(ring.as_mut()), if !handing_over => {
+                for ev in evs { pods.on_event(ev).await; }
+            }
+            step = async { match control.as_mut() { Some(c) => c.next().await, None => std::future::pending().await } } => {
+                match step {
+                    Step::Asked(conn) => takeover::answer(control.as_mut(), conn, &pods, &dp),
+                    Step::Done(Ok(())) => {
+                        info!(event = "handed_over", "a successor took over: draining");
+                        events::emit(serde_json::json!({ "event": "handed_over", "tasks": shared.tasks.len() }));
+                        if let Some(c) = control.as_mut() { c.leave_path(); }
+                        exit = Exit::Release;
+                        break;
+                    }
+                    Step::Done(Err(e)) => warn!(error = %e, "a successor gave up taking over; still serving"),
+                }
+            }
             Some(g) = gone_rx.recv() => match kube.as_mut() {
                 Some(k) if k.owns(&g.id) => k.on_gone(g, &mut pods, &mut dp),
                 _ if pods.is_current(&g) => {
@@ -239,10 +338,13 @@ async fn serve(
             }
         }
     }
-    // The watches end before the pods go, so no enrolment races the shutdown.
+    // The watches end before the pods go, so no enrolment races the shutdown; a handover in
+    // progress is cut short.
     drop(kube);
+    drop(control);
+    drop(ring);
     metrics_state.set_ready(false);
-    stop(dp, &shared, &observer, &pods, args.drain_timeout).await;
+    stop(dp, &shared, &observer, &mut pods, args.drain_timeout, exit).await;
     events::emit(serde_json::json!({ "event": "stopped" }));
     Ok(())
 }
@@ -286,113 +388,4 @@ fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Adm
             }
         }),
     )
-}
-
-/// How long reset connections get to close after the drain deadline. Resetting is immediate;
-/// this only bounds a task caught before its relay (connecting upstream, queued for
-/// admission), which then ends with the runtime.
-const ABORT_WAIT: Duration = Duration::from_secs(1);
-
-/// Graceful drain. Stop redirecting first (new connections go direct), stop accepting (the
-/// accept loops end and close their listeners), give live connections up to `grace` to finish,
-/// reset (RST) the ones still open, then detach, or keep the pins per `--keep-pins`. Every wait
-/// is on the task tracker, woken when the last task ends: nothing polls. The final per-peer
-/// figures are written once every connection task has ended.
-async fn stop(
-    mut dp: Datapath,
-    shared: &Shared,
-    observer: &Observer,
-    pods: &PodManager,
-    grace: Duration,
-) {
-    dp.unenrol_all();
-    for c in pods.cookies() {
-        observer.pod_removed(c);
-        info!(
-            event = "pod_removed",
-            netns_cookie = c,
-            reason = "agent stopping",
-            "pod removed"
-        );
-    }
-    shared.cancel.cancel();
-    shared.tasks.close();
-    events::emit(serde_json::json!({
-        "event": "draining",
-        "tasks": shared.tasks.len(),
-        "grace_ms": grace.as_millis() as u64,
-    }));
-    let mut reset = 0;
-    if tokio::time::timeout(grace, shared.tasks.wait())
-        .await
-        .is_err()
-    {
-        reset = shared.tasks.len();
-        warn!(
-            left = reset,
-            "connections still open after the drain timeout; resetting them"
-        );
-        shared.abort.cancel();
-        if tokio::time::timeout(ABORT_WAIT, shared.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                left = shared.tasks.len(),
-                "tasks still running after the reset; they end with the agent"
-            );
-        }
-    }
-    // Every connection task has ended (or was dropped): the figures are complete now.
-    observer.flush();
-    events::emit(serde_json::json!({ "event": "drained", "reset": reset }));
-    dp.shutdown();
-}
-
-/// Bind/unbind events from the kernel, woken by the ring buffer's fd (no polling).
-async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, cancel: CancellationToken) {
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
-    let mut fd = match unsafe { AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "cannot watch the event ring buffer; inbound capture is off");
-            return;
-        }
-    };
-    loop {
-        let mut guard = tokio::select! {
-            _ = cancel.cancelled() => return,
-            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<Event>() {
-                // SAFETY: the kernel wrote a whole Event (checked length); read_unaligned copes
-                // with the ring's 8-byte alignment.
-                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-                if tx.try_send(ev).is_err() {
-                    warn!("event queue full; an inbound bind event was dropped");
-                }
-            }
-        }
-        guard.clear_ready();
-    }
-}
-
-async fn read_kernel_logs(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-    cancel: CancellationToken,
-) {
-    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
-        return;
-    };
-    loop {
-        let mut guard = tokio::select! {
-            _ = cancel.cancelled() => return,
-            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
-    }
 }

@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// Keep maps and links pinned at exit (programs stay attached): for restarts and upgrades.
     #[arg(long, env = "SOCKMESH_KEEP_PINS")]
     pub keep_pins: bool,
+    /// Upgrade without a gap: take the listening sockets and pins of the agent running with
+    /// the same --bpffs-dir (over /run/sockmesh/<dir>.sock), serve on them, then let it drain
+    /// and exit. Fails, leaving the running agent untouched, if there is none.
+    #[arg(long, env = "SOCKMESH_TAKEOVER")]
+    pub takeover: bool,
     /// Forward the kernel programs' debug logs (aya-log) into the agent's log.
     #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
     pub kernel_log: bool,

@@ -1,6 +1,9 @@
 //! Shared by the integration tests (each test file is its own crate and includes this).
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -80,5 +83,63 @@ pub fn peers_until(agent: &Agent, extra: &[&str], done: impl Fn(&Value) -> bool)
             return v;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the loop saw, attempt by attempt.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub captured: usize,
+    pub direct: usize,
+    /// Every attempt that did not end in a full echo round trip, with what went wrong.
+    pub failures: Vec<String>,
+}
+
+/// One connection: connect, one echo round trip, and whether it went through an agent (the
+/// app's own end is then the pod's loopback, the agent's listener).
+fn attempt(client: &Pod, dst: SocketAddr, i: usize) -> Result<bool, String> {
+    let mut c = tcp_connect(client, dst, T).map_err(|e| format!("connect: {e}"))?;
+    tcp_echo_roundtrip(&mut c.stream, format!("attempt {i}").as_bytes())
+        .map_err(|e| format!("echo: {e:#}"))?;
+    Ok(c.local.ip().is_loopback())
+}
+
+/// Connects in a loop until `stop`, reporting each attempt on `seen` so the test can wait for
+/// progress instead of sleeping.
+pub fn client_loop(
+    client: &Pod,
+    dst: SocketAddr,
+    stop: &AtomicBool,
+    seen: mpsc::Sender<bool>,
+) -> Tally {
+    let mut t = Tally::default();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let captured = match attempt(client, dst, i) {
+            Ok(true) => {
+                t.captured += 1;
+                true
+            }
+            Ok(false) => {
+                t.direct += 1;
+                false
+            }
+            Err(e) => {
+                t.failures.push(format!("attempt {i}: {e}"));
+                false
+            }
+        };
+        let _ = seen.send(captured);
+        i += 1;
+    }
+    t
+}
+
+/// Ends a [`client_loop`] when dropped, so a failing test never hangs its thread scope.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

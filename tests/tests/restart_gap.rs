@@ -4,61 +4,11 @@
 //! Once the new agent is ready, connections are captured again.
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 
-use common::{client_and_echo_server, counter, ECHO_PORT, T};
+use common::{client_and_echo_server, client_loop, counter, StopOnDrop, ECHO_PORT, T};
 use sockmesh_tests::*;
-
-/// What the loop saw, attempt by attempt.
-#[derive(Debug, Default)]
-struct Tally {
-    captured: usize,
-    direct: usize,
-    /// Every attempt that did not end in a full echo round trip, with what went wrong.
-    failures: Vec<String>,
-}
-
-/// One connection: connect, one echo round trip, and whether it went through an agent (the
-/// app's own end is then the pod's loopback, the agent's listener).
-fn attempt(client: &Pod, dst: SocketAddr, i: usize) -> Result<bool, String> {
-    let mut c = tcp_connect(client, dst, T).map_err(|e| format!("connect: {e}"))?;
-    tcp_echo_roundtrip(&mut c.stream, format!("attempt {i}").as_bytes())
-        .map_err(|e| format!("echo: {e:#}"))?;
-    Ok(c.local.ip().is_loopback())
-}
-
-/// Connects in a loop until `stop`, reporting each attempt on `seen` so the test can wait for
-/// progress instead of sleeping.
-fn client_loop(
-    client: &Pod,
-    dst: SocketAddr,
-    stop: &AtomicBool,
-    seen: mpsc::Sender<bool>,
-) -> Tally {
-    let mut t = Tally::default();
-    let mut i = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let captured = match attempt(client, dst, i) {
-            Ok(true) => {
-                t.captured += 1;
-                true
-            }
-            Ok(false) => {
-                t.direct += 1;
-                false
-            }
-            Err(e) => {
-                t.failures.push(format!("attempt {i}: {e}"));
-                false
-            }
-        };
-        let _ = seen.send(captured);
-        i += 1;
-    }
-    t
-}
 
 /// Attempts counted once the new agent is ready.
 const AFTER_READY: u64 = 50;
@@ -126,12 +76,4 @@ fn restart_with_kept_pins_refuses_no_connection_and_captures_again() {
     );
     // And the next connection, on its own, is captured by the new agent.
     assert!(common::redirected(&client, dst), "captured after restart");
-}
-
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }

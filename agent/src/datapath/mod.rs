@@ -158,16 +158,23 @@ where
 
 impl Datapath {
     /// Load, pin and attach. On error everything done so far is undone by the drops (links
-    /// detach when their fd closes) and by removing pins this call created.
-    pub fn start(opts: &DatapathOptions) -> Result<Datapath> {
-        let lock = preflight::lock_pin_dir(opts.bpffs_dir)?;
+    /// detach when their fd closes) and by removing pins this call created. `handed_lock` is
+    /// the pin-dir lock of a running agent this one takes over from: its pods stay in
+    /// `SM_PODS` (still captured, by the listeners both agents share) instead of being
+    /// forgotten as a dead agent's.
+    pub fn start(opts: &DatapathOptions, handed_lock: Option<PinDirLock>) -> Result<Datapath> {
+        let takeover = handed_lock.is_some();
+        let lock = match handed_lock {
+            Some(l) => l,
+            None => preflight::lock_pin_dir(opts.bpffs_dir)?,
+        };
         let dir = opts.bpffs_dir.to_path_buf();
         let existed = dir.exists();
         if existed {
             check_pinned_schema(&dir)?;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let result = Self::start_in(opts, lock, &dir, existed);
+        let result = Self::start_in(opts, lock, &dir, existed, takeover);
         if result.is_err() && !existed {
             remove_pins(&dir);
         }
@@ -179,6 +186,7 @@ impl Datapath {
         lock: PinDirLock,
         dir: &Path,
         existed: bool,
+        takeover: bool,
     ) -> Result<Datapath> {
         // aya-log's level filter lives in the object: 0 turns every kernel log call off.
         let log_level: u8 = if opts.kernel_log {
@@ -199,10 +207,13 @@ impl Datapath {
 
         let config: Array<MapData, GlobalConfig> = take(&mut ebpf, map_names::CONFIG)?;
         let mut pods: HashMap<MapData, u64, PodConfig> = take(&mut ebpf, map_names::PODS)?;
-        // Pods enrolled by a previous agent that died are not ours to redirect.
-        let stale: Vec<u64> = pods.keys().filter_map(|k| k.ok()).collect();
-        for k in stale {
-            let _ = pods.remove(&k);
+        // Pods enrolled by a previous agent that died are not ours to redirect. On a takeover
+        // the previous agent lives and serves them: they stay until this one enrols its own.
+        if !takeover {
+            let stale: Vec<u64> = pods.keys().filter_map(|k| k.ok()).collect();
+            for k in stale {
+                let _ = pods.remove(&k);
+            }
         }
         let gc = GlobalConfig {
             schema_version: SCHEMA_VERSION,
@@ -319,6 +330,26 @@ impl Datapath {
         for c in cookies {
             self.unenrol(c);
         }
+    }
+
+    /// Stop redirecting pods a replaced agent enrolled that this one does not serve.
+    pub fn unenrol_except(&mut self, keep: &[u64]) {
+        let cookies: Vec<u64> = self.pods.keys().filter_map(|k| k.ok()).collect();
+        for c in cookies.into_iter().filter(|c| !keep.contains(c)) {
+            self.unenrol(c);
+        }
+    }
+
+    /// Let go without touching what a successor now uses: no unenrolment, no pin removed.
+    /// This agent's own links detach when their fds close (unless pinned by the successor,
+    /// which pins its own).
+    pub fn release(self) {
+        info!(dir = %self.dir.display(), "handed over: pins and pods left to the successor");
+    }
+
+    /// The pin-dir lock, shared with a successor (a flock belongs to the open file).
+    pub fn lock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self._lock.as_fd()
     }
 
     /// Detach (unless pins are kept) and remove the pins this agent owns. Call

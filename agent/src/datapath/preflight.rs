@@ -157,7 +157,7 @@ pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock> {
     // SAFETY: file is open; flock has no memory effects.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
-            "another sockmesh agent is running with --bpffs-dir {}: stop it, or give this one another --bpffs-dir",
+            "another sockmesh agent is running with --bpffs-dir {}: stop it, give this one another --bpffs-dir, or pass --takeover to take its sockets over (upgrade)",
             dir.display()
         );
     }

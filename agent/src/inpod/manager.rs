@@ -8,7 +8,7 @@
 //! kernel stops redirecting first, then the listeners close, then the pod's map entries go.
 //! Connections already proxied are left to finish (bounded by the idle timeout and lifetime
 //! policy), as at shutdown: removing a pod does not cut its live connections.
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_common::{Event, PodConfig};
@@ -29,6 +29,10 @@ use crate::{
     config::{CidrSpec, PodSpec, PortRangeSpec},
     datapath::Datapath,
     events,
+    handover::{
+        proto::{Kind, Offered},
+        Handed,
+    },
     observe::flush::Observer,
     proxy::{dns, inbound::Inbound, outbound, PodCtx, Shared},
 };
@@ -49,6 +53,9 @@ struct Enrolled {
     generation: u64,
     /// Stops this pod's listeners and its liveness watch.
     cancel: CancellationToken,
+    /// A duplicate of each of the pod's outbound and DNS sockets (the originals are moved
+    /// into their serve loops), to hand to a successor agent.
+    offers: Vec<(Offered, OwnedFd)>,
     /// Holds the namespace (fd and worker thread) until removal.
     _pod: Pod,
 }
@@ -149,20 +156,38 @@ impl PodManager {
             worker: e.pod.worker.clone(),
             addrs: e.pod.addrs.clone().into(),
         };
+        let mut offers = Vec::new();
+        let mut offer =
+            |kind, addr: std::io::Result<SocketAddr>, fd: std::io::Result<OwnedFd>| -> Result<()> {
+                let o = Offered {
+                    netns_cookie: ctx.cookie,
+                    kind,
+                    addr: addr?,
+                };
+                offers.push((o, fd.context("duplicate a listener for a successor")?));
+                Ok(())
+            };
         let started = (|| -> Result<()> {
             for l in e.listeners.outbound {
+                offer(
+                    Kind::Outbound,
+                    l.local_addr(),
+                    l.try_clone().map(OwnedFd::from),
+                )?;
                 let l = TcpListener::from_std(l).context("register outbound listener")?;
                 shared
                     .tasks
                     .spawn(outbound::serve(l, ctx.clone(), shared.clone()));
             }
             for s in e.listeners.dns {
+                offer(Kind::Dns, s.local_addr(), s.try_clone().map(OwnedFd::from))?;
                 let s = UdpSocket::from_std(s).context("register DNS listener")?;
                 shared
                     .tasks
                     .spawn(dns::serve(s, ctx.clone(), shared.clone()));
             }
             self.inbound.add_pod(ctx.clone(), shared.clone());
+            self.inbound.adopt(ctx.cookie, e.listeners.inbound)?;
             dp.maps.add_pod(&ctx.name, ctx.cookie);
             dp.enrol(ctx.cookie, e.config)
                 .with_context(|| format!("enrol pod {}", ctx.name))
@@ -189,6 +214,7 @@ impl PodManager {
                 ns,
                 generation,
                 cancel,
+                offers,
                 _pod: e.pod,
             },
         );
@@ -250,6 +276,28 @@ impl PodManager {
         true
     }
 
+    /// Every listening socket of every pod (duplicates), for a successor agent: outbound, DNS
+    /// and inbound.
+    pub fn offers(&self) -> Result<Vec<(Offered, OwnedFd)>> {
+        let mut out = Vec::new();
+        for p in self.pods.values() {
+            for (o, fd) in &p.offers {
+                out.push((*o, fd.try_clone().context("duplicate a listener")?));
+            }
+        }
+        out.extend(self.inbound.offers()?);
+        Ok(out)
+    }
+
+    /// Close the duplicates kept for a successor, so a listener whose serve loop ended is
+    /// really closed (at shutdown, queued connections are then refused, not left hanging).
+    pub fn close_offers(&mut self) {
+        for p in self.pods.values_mut() {
+            p.offers.clear();
+        }
+        self.inbound.close_offers();
+    }
+
     /// A bind/unbind event from the kernel.
     pub async fn on_event(&mut self, ev: Event) {
         self.inbound.on_event(ev).await;
@@ -266,6 +314,8 @@ pub struct PodTemplate {
     pub exclude_outbound_ports: Vec<PortRangeSpec>,
     pub exclude_outbound_cidrs: Vec<CidrSpec>,
     pub exclude_inbound_ports: Vec<PortRangeSpec>,
+    /// On `--takeover`, the old agent's sockets not yet taken by a pod.
+    pub handed: Option<Handed>,
 }
 
 impl PodTemplate {
@@ -277,6 +327,7 @@ impl PodTemplate {
             exclude_outbound_ports: args.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: args.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: args.exclude_inbound_ports.clone(),
+            handed: None,
         }
     }
 
@@ -292,7 +343,13 @@ impl PodTemplate {
     /// Open the pod's namespace and listeners (blocking: a thread enters the namespace).
     pub fn prepare(&self, id: &str, name: &str, spec: &PodSpec) -> Result<Enrolment> {
         let config = self.config(spec).map_err(|e| anyhow::anyhow!(e))?;
-        let (pod, listeners) = Pod::prepare(spec, self.mark, self.outbound_port, self.dns_port)?;
+        let (pod, listeners) = Pod::prepare(
+            spec,
+            self.mark,
+            self.outbound_port,
+            self.dns_port,
+            self.handed.clone(),
+        )?;
         Ok(Enrolment {
             id: id.into(),
             name: name.into(),

@@ -5,13 +5,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
 };
 
+use std::os::fd::OwnedFd;
+
 use anyhow::{bail, Context, Result};
 
 use super::{
     netns::{current_addresses, current_netns_cookie, Netns, NetnsWorker},
     sockets,
 };
-use crate::config::PodSpec;
+use crate::{config::PodSpec, handover::Handed};
 
 pub struct Pod {
     pub spec: PodSpec,
@@ -25,6 +27,16 @@ pub struct Pod {
 pub struct PodListeners {
     pub outbound: Vec<TcpListener>,
     pub dns: Vec<UdpSocket>,
+    /// Inbound listeners handed over by the agent being replaced (none otherwise: inbound
+    /// listeners open on the app's bind events).
+    pub inbound: Vec<(SocketAddr, OwnedFd)>,
+}
+
+/// The handed-over socket bound at exactly `addr`, if any. One on another address (the old
+/// agent ran with other ports) is left out: it closes with the handover.
+fn take_addr(list: &mut Vec<(SocketAddr, OwnedFd)>, addr: SocketAddr) -> Option<OwnedFd> {
+    let i = list.iter().position(|(a, _)| *a == addr)?;
+    Some(list.swap_remove(i).1)
 }
 
 impl Pod {
@@ -35,6 +47,7 @@ impl Pod {
         mark: u32,
         outbound_port: u16,
         dns_port: u16,
+        handed: Option<Handed>,
     ) -> Result<(Pod, PodListeners)> {
         let netns = Netns::open(&spec.netns)?;
         let worker = netns.worker()?;
@@ -42,6 +55,11 @@ impl Pod {
         let (cookie, addrs, listeners) = worker.run_blocking(move || -> Result<_> {
             let cookie = current_netns_cookie().context("SO_NETNS_COOKIE (needs Linux 5.14+)")?;
             let addrs = current_addresses().context("list the pod's addresses")?;
+            // On a takeover, the old agent's sockets of this pod: served as they are, so the
+            // pod's listeners never close and nothing is re-bound.
+            let mut mine = handed
+                .and_then(|h| h.lock().ok().and_then(|mut h| h.remove(&cookie)))
+                .unwrap_or_default();
             let mut outbound = Vec::new();
             let mut dns = Vec::new();
             let loopbacks = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
@@ -57,21 +75,26 @@ impl Pod {
                     };
                     anyhow::anyhow!("pod {name}: cannot listen on {proto} {}: {e}{hint}", SocketAddr::new(ip, port))
                 };
-                match sockets::tcp_listener(SocketAddr::new(ip, outbound_port), mark, 1024) {
+                let (out_addr, dns_addr) = (SocketAddr::new(ip, outbound_port), SocketAddr::new(ip, dns_port));
+                if let Some(fd) = take_addr(&mut mine.outbound, out_addr) {
+                    outbound.push(TcpListener::from(fd));
+                } else { match sockets::tcp_listener(out_addr, mark, 1024) {
                     Ok(l) => outbound.push(l),
                     // A pod without IPv6 (or with lo down for v6) keeps working on IPv4.
                     Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => continue,
                     Err(e) => return Err(what("TCP", outbound_port, e)),
-                }
-                match sockets::udp_bound(SocketAddr::new(ip, dns_port), mark) {
+                } }
+                if let Some(fd) = take_addr(&mut mine.dns, dns_addr) {
+                    dns.push(UdpSocket::from(fd));
+                } else { match sockets::udp_bound(dns_addr, mark) {
                     Ok(s) => dns.push(s),
                     Err(e) => return Err(what("UDP", dns_port, e)),
-                }
+                } }
             }
             if outbound.is_empty() {
                 bail!("pod {name}: loopback is not up (no 127.0.0.1 to listen on): run `ip link set lo up` in the pod");
             }
-            Ok((cookie, addrs, PodListeners { outbound, dns }))
+            Ok((cookie, addrs, PodListeners { outbound, dns, inbound: mine.inbound }))
         })??;
         Ok((
             Pod {

@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::{Arc, Mutex},
 };
 
@@ -15,6 +16,7 @@ use tracing::{info, warn};
 use super::{loopback, outbound, PodCtx, Shared};
 use crate::{
     events,
+    handover::proto::{Kind, Offered},
     inpod::sockets,
     policy::{Direction, PeerKey},
 };
@@ -81,6 +83,68 @@ impl Inbound {
         });
     }
 
+    /// Serve inbound listeners handed over by the agent being replaced. Which family the app
+    /// bound is inferred from the listeners: an IPv6 one exists only for an IPv6 bind (which
+    /// also serves IPv4 clients), IPv4 ones alone mean an IPv4 bind.
+    pub fn adopt(&mut self, cookie: u64, handed: Vec<(SocketAddr, OwnedFd)>) -> anyhow::Result<()> {
+        if handed.is_empty() {
+            return Ok(());
+        }
+        let Some((pod, shared)) = self.pods.get(&cookie).cloned() else {
+            anyhow::bail!("inbound listeners handed over for a pod that is not enrolled");
+        };
+        let mut by_port: HashMap<u16, Vec<(SocketAddr, std::net::TcpListener)>> = HashMap::new();
+        for (addr, fd) in handed {
+            by_port
+                .entry(addr.port())
+                .or_default()
+                .push((addr, std::net::TcpListener::from(fd)));
+        }
+        for (port, ls) in by_port {
+            let st = self.ports.entry((cookie, port)).or_default();
+            let (v6, v4): (Vec<_>, Vec<_>) = ls.into_iter().partition(|(a, _)| a.is_ipv6());
+            {
+                let mut t = st.targets.lock().unwrap_or_else(|p| p.into_inner());
+                t.v6_bound = !v6.is_empty();
+                t.v4_bound = v6.is_empty();
+            }
+            st.v4_listeners = start(&pod, &shared, port, st.targets.clone(), v4);
+            st.v6_listeners = start(&pod, &shared, port, st.targets.clone(), v6);
+            info!(pod = %pod.name, port, "inbound listeners taken over");
+        }
+        Ok(())
+    }
+
+    /// Duplicates of every inbound listener, for a successor agent.
+    pub fn offers(&self) -> anyhow::Result<Vec<(Offered, OwnedFd)>> {
+        let mut out = Vec::new();
+        for ((cookie, _), st) in &self.ports {
+            for l in [&st.v4_listeners, &st.v6_listeners].into_iter().flatten() {
+                for (addr, fd) in &l.fds {
+                    let o = Offered {
+                        netns_cookie: *cookie,
+                        kind: Kind::Inbound,
+                        addr: *addr,
+                    };
+                    out.push((o, fd.try_clone()?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Close the duplicates kept for a successor (at shutdown).
+    pub fn close_offers(&mut self) {
+        for st in self.ports.values_mut() {
+            for l in [&mut st.v4_listeners, &mut st.v6_listeners]
+                .into_iter()
+                .flatten()
+            {
+                l.fds.clear();
+            }
+        }
+    }
+
     pub async fn on_event(&mut self, ev: Event) {
         let Some((pod, shared)) = self.pods.get(&ev.netns_cookie).cloned() else {
             return;
@@ -137,11 +201,14 @@ impl Inbound {
 struct Listening {
     stop: CancellationToken,
     loops: Vec<tokio::task::JoinHandle<()>>,
+    /// Duplicates of the listening sockets, for a successor agent; closed with the loops.
+    fds: Vec<(SocketAddr, OwnedFd)>,
 }
 
 async fn close(pod: &PodCtx, slot: &mut Option<Listening>, port: u16, family: &str) {
     if let Some(l) = slot.take() {
         l.stop.cancel();
+        drop(l.fds);
         for h in l.loops {
             let _ = h.await;
         }
@@ -180,14 +247,37 @@ async fn open(
         })
         .await
         .ok()?;
+    let listeners = opened.into_iter().filter_map(|(addr, res)| match res {
+        Ok(l) => Some((addr, l)),
+        Err(e) => {
+            // Reported, not fatal: the app keeps its loopback bind, other pods are unaffected.
+            warn!(pod = %pod.name, %addr, error = %e, "cannot open inbound listener");
+            None
+        }
+    });
+    start(pod, shared, port, targets, listeners.collect())
+}
+
+/// Serve already-open listeners of one family at `port`. None if none could be served.
+fn start(
+    pod: &PodCtx,
+    shared: &Shared,
+    port: u16,
+    targets: Arc<Mutex<Targets>>,
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+) -> Option<Listening> {
     let token = shared.cancel.child_token();
     let mut loops = Vec::new();
-    for (addr, res) in opened {
-        let listener = match res.and_then(TcpListener::from_std) {
-            Ok(l) => l,
+    let mut fds = Vec::new();
+    for (addr, l) in listeners {
+        let dup = l.try_clone().map(OwnedFd::from);
+        let listener = match dup.and_then(|d| Ok((d, TcpListener::from_std(l)?))) {
+            Ok((d, l)) => {
+                fds.push((addr, d));
+                l
+            }
             Err(e) => {
-                // Reported, not fatal: the app keeps its loopback bind, other pods are unaffected.
-                warn!(pod = %pod.name, %addr, error = %e, "cannot open inbound listener");
+                warn!(pod = %pod.name, %addr, error = %e, "cannot serve inbound listener");
                 continue;
             }
         };
@@ -202,7 +292,11 @@ async fn open(
     if loops.is_empty() {
         return None;
     }
-    Some(Listening { stop: token, loops })
+    Some(Listening {
+        stop: token,
+        loops,
+        fds,
+    })
 }
 
 async fn serve(

@@ -20,21 +20,29 @@ use crate::{
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
     let ipv6 = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    let spawn = |client: TcpStream| {
+        let (pod, shared2) = (pod.clone(), shared.clone());
+        shared
+            .tasks
+            .spawn(async move { handle(client, ipv6, pod, shared2).await });
+    };
     loop {
         let accepted = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.cancel.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((client, _)) => {
-                let (pod, shared2) = (pod.clone(), shared.clone());
-                shared
-                    .tasks
-                    .spawn(async move { handle(client, ipv6, pod, shared2).await });
-            }
+            Ok((client, _)) => spawn(client),
             // Out of fds or similar: keep serving, the condition is usually transient.
             Err(e) => warn!(pod = %pod.name, error = %e, "outbound accept failed"),
         }
+    }
+    // Stopping: the kernel no longer redirects here, but connections it already did may wait
+    // in the accept queue, and closing the listener would reset them. Serve those (they drain
+    // with the rest) without waiting for more.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let std::task::Poll::Ready(Ok((client, _))) = listener.poll_accept(&mut cx) {
+        spawn(client);
     }
 }
 
