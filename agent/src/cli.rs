@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// the kernel stops redirecting and new connections go direct; `off` never fails open.
     #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
     pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
+    /// In-kernel relay for connections without a bandwidth limit: after admission and the
+    /// upstream connect, the kernel forwards bytes between the two sockets (sockhash +
+    /// sk_skb verdict) without waking the agent per message; `off` relays them with splice.
+    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "on|off", default_value = "on", value_parser = on_off)]
+    pub kernel_relay: bool,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -144,6 +149,14 @@ fn fail_open_after(
     let d = crate::policy::knobs::parse_timeout_knob(s)?;
     crate::datapath::heartbeat::validate(d)?;
     Ok(crate::policy::OrOff(d))
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is neither on nor off")),
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {

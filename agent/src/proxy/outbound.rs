@@ -114,6 +114,7 @@ pub async fn proxy(
             .admission
             .shaped(&key)
             .then_some(&shape as relay::Shaper<'_>),
+        kernel: shared.maps.relay.as_ref(),
     };
     let r = super::drain::relay_until(client, upstream, limits, &shared.abort).await;
     shared.recorder.ended(&key, &r);

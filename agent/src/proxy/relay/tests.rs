@@ -18,29 +18,31 @@ use super::{relay_with, End, Limits, PipePool, Relayed};
 const T: Duration = Duration::from_secs(20);
 
 /// A connected pair on 127.0.0.1: (the end a peer holds, the end the relay holds).
-async fn pair() -> (TcpStream, TcpStream) {
+pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
     (c.expect("connect"), a.expect("accept").0)
 }
 
-struct Setup {
-    client: TcpStream,
-    server: TcpStream,
-    relay: JoinHandle<Relayed>,
-    pool: &'static PipePool,
+pub(super) struct Setup {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub relay: JoinHandle<Relayed>,
+    pub pool: &'static PipePool,
+    /// Socket cookies of the relay's two sockets.
+    pub cookies: [u64; 2],
 }
 
 /// What is left of a `Setup` once its two ends are taken.
-struct Rest {
-    relay: JoinHandle<Relayed>,
-    pool: &'static PipePool,
+pub(super) struct Rest {
+    pub relay: JoinHandle<Relayed>,
+    pub pool: &'static PipePool,
 }
 
 impl Setup {
     /// (client, server) or (server, client), and the rest.
-    fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
+    pub(super) fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
         let rest = Rest {
             relay: self.relay,
             pool: self.pool,
@@ -54,22 +56,52 @@ impl Setup {
 }
 
 async fn setup(limits: Limits<'static>) -> Setup {
+    setup_in(false, limits).await
+}
+
+/// The relay maps of one loaded copy of the kernel programs, shared by this test binary's
+/// kernel-relay tests (the pins a load needs are removed at once: the maps live on by fd).
+pub(super) fn kernel_maps() -> &'static crate::datapath::relay::RelayMaps {
+    static MAPS: std::sync::OnceLock<crate::datapath::relay::RelayMaps> =
+        std::sync::OnceLock::new();
+    MAPS.get_or_init(|| {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/smt-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("pin dir (bpffs mounted, root)");
+        let loaded = aya::EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(crate::EBPF_OBJECT);
+        let _ = std::fs::remove_dir_all(&dir);
+        // Leaked: the programs must stay loaded for the process's life.
+        let ebpf = Box::leak(Box::new(loaded.expect("load the programs")));
+        crate::datapath::relay::RelayMaps::attach(ebpf).expect("attach the relay")
+    })
+}
+
+/// `kernel`: relay unshaped bytes in the kernel (the shared test maps), else by splice.
+pub(super) async fn setup_in(kernel: bool, mut limits: Limits<'static>) -> Setup {
+    if kernel {
+        limits.kernel = Some(kernel_maps());
+    }
     // Leaked so the spawned relay can borrow it; a few bytes per test.
     let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
     let (client, a) = pair().await;
     let (b, server) = pair().await;
+    use std::os::fd::AsRawFd;
+    let cookies =
+        [a.as_raw_fd(), b.as_raw_fd()].map(|fd| super::kernel::cookie(fd).expect("cookie"));
     let relay = tokio::spawn(relay_with(a, b, limits, pool));
     Setup {
         client,
         server,
         relay,
         pool,
+        cookies,
     }
 }
 
 /// Bytes whose every 4-byte word holds its own index (xored with `seed`): a reordered, lost or
 /// duplicated chunk anywhere shows up as a mismatch.
-fn stream(seed: u32, len: usize) -> Vec<u8> {
+pub(super) fn stream(seed: u32, len: usize) -> Vec<u8> {
     let mut v: Vec<u8> = (0..len.div_ceil(4) as u32)
         .flat_map(|i| (i ^ seed).to_le_bytes())
         .collect();
@@ -77,18 +109,18 @@ fn stream(seed: u32, len: usize) -> Vec<u8> {
     v
 }
 
-async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
+pub(super) async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
     s.write_all(&data).await.expect("write");
     s.shutdown().await.expect("shutdown");
 }
 
-async fn read_to_end(mut s: tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
+pub(super) async fn read_to_end(mut s: tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v).await.expect("read");
     v
 }
 
-async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
+pub(super) async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
     tokio::time::timeout(T, relay)
         .await
         .expect("relay ended")
