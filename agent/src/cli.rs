@@ -100,7 +100,7 @@ pub struct RunArgs {
     /// In-kernel relay for connections without a bandwidth limit: after admission and the
     /// upstream connect, the kernel forwards bytes between the two sockets (sockhash +
     /// sk_skb verdict) without waking the agent per message; `off` relays them with splice.
-    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "on|off", default_value = "on", value_parser = on_off)]
+    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "on|off", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
     pub kernel_relay: bool,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
@@ -243,6 +243,26 @@ mod tests {
         assert_eq!(p.watch, Some(std::time::Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["sockmesh", "peers", "--sort", "colour"]).is_err());
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn kernel_relay_takes_on_or_off() {
+        let run = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Run(r),
+                ..
+            }) => Ok(r.kernel_relay),
+            Ok(_) => panic!("not run"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(run(&["sockmesh", "run"]), Ok(true));
+        assert_eq!(
+            run(&["sockmesh", "run", "--kernel-relay", "off"]),
+            Ok(false)
+        );
+        assert_eq!(run(&["sockmesh", "run", "--kernel-relay", "on"]), Ok(true));
+        let e = run(&["sockmesh", "run", "--kernel-relay", "maybe"]).expect_err("refused");
+        assert!(e.contains("neither on nor off"), "{e}");
     }
 
     #[test]
