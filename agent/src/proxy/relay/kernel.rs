@@ -129,7 +129,9 @@ pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &Relay
             drop(armed);
             drop(ep);
             if let (Ok(mut a), Ok(mut b)) = (TcpStream::from_std(a), TcpStream::from_std(b)) {
-                close_gracefully(&mut a, &mut b).await;
+                // Boxed: its read buffers would otherwise sit in every connection's future,
+                // idle ones included.
+                Box::pin(close_gracefully(&mut a, &mut b)).await;
             }
         }
         End::Closed => drop(armed),
