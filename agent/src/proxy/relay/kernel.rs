@@ -280,18 +280,15 @@ fn kick(fd: RawFd) {
 }
 
 pub(super) fn cookie(fd: RawFd) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes a u64 into `v`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// A getsockopt whose value is a plain `T` the kernel fills (up to its size).
+fn getsockopt<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`, a plain-data value.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut T).cast(), &mut len) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -329,22 +326,7 @@ struct TcpInfo {
 }
 
 fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
-    let mut info = TcpInfo::default();
-    let mut len = std::mem::size_of::<TcpInfo>() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut TcpInfo).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
 /// Bytes ever written to the socket: acknowledged by its peer plus still in its send queue.

@@ -1,16 +1,13 @@
 //! The in-kernel relay against real loopback sockets and the real verdict program: the same
 //! semantics as the splice relay (bytes intact, exact counts, FIN as half-close, RST as RST,
 //! idle timeout on the last byte), no pipe used, and no map entry left once it ends.
-use std::{io, time::Duration};
+use std::time::Duration;
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    time::Instant,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     relay_with,
-    tests::{ended, kernel_maps, pair, read_to_end, send_all_then_fin, setup_in, stream, Setup},
+    tests::{ended, exchange, idle_timeout, kernel_maps, pair, setup_in, stream, Setup},
     End, Limits, PipePool,
 };
 
@@ -33,14 +30,7 @@ async fn kernel_relay_moves_large_transfers_both_ways_with_exact_counts() {
     let s = setup_in(true, Limits::default()).await;
     let (pool, cookies) = (s.pool, s.cookies);
     let (up, down) = (stream(7, LEN), stream(11, LEN));
-    let (cr, cw) = s.client.into_split();
-    let (sr, sw) = s.server.into_split();
-    let (got_up, got_down, (), ()) = tokio::join!(
-        read_to_end(sr),
-        read_to_end(cr),
-        send_all_then_fin(cw, up.clone()),
-        send_all_then_fin(sw, down.clone()),
-    );
+    let (got_up, got_down) = exchange(s.client, s.server, &up, &down).await;
     assert!(got_up == up, "client -> server bytes differ");
     assert!(got_down == down, "server -> client bytes differ");
     let r = ended(s.relay).await;
@@ -146,24 +136,7 @@ async fn kernel_relay_half_close_from_the_server_keeps_the_request_flowing() {
 }
 
 async fn reset_propagates(server_resets: bool) {
-    let s = setup_in(true, Limits::default()).await;
-    let (pool, cookies) = (s.pool, s.cookies);
-    let (mut resetter, mut other, rest) = s.ends(!server_resets);
-    other.write_all(&stream(5, 100_000)).await.expect("write");
-    let mut buf = vec![0u8; 100_000];
-    resetter.read_exact(&mut buf).await.expect("read through");
-    socket2::SockRef::from(&resetter)
-        .set_linger(Some(Duration::ZERO))
-        .expect("SO_LINGER 0");
-    drop(resetter);
-    let r = ended(rest.relay).await;
-    assert_eq!(r.end, End::Reset);
-    let mut all = Vec::new();
-    let err = other
-        .read_to_end(&mut all)
-        .await
-        .expect_err("the other side is reset, not closed");
-    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    let (pool, cookies) = super::tests::reset_propagates(true, server_resets).await;
     assert_clean(pool, cookies);
 }
 
@@ -179,49 +152,6 @@ async fn kernel_relay_client_reset_resets_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relay_idle_timeout_counts_forwarded_bytes_as_activity() {
-    const IDLE: Duration = Duration::from_millis(400);
-    let mut s = setup_in(
-        true,
-        Limits {
-            idle: Some(IDLE),
-            ..Limits::default()
-        },
-    )
-    .await;
-    let chunk = stream(9, 64 * 1024);
-    let mut buf = vec![0u8; chunk.len()];
-    let start = Instant::now();
-    let mut last_write = start;
-    while start.elapsed() < IDLE * 2 {
-        last_write = Instant::now();
-        s.client.write_all(&chunk).await.expect("write");
-        s.server.read_exact(&mut buf).await.expect("read");
-        assert!(buf == chunk);
-        tokio::time::sleep(IDLE / 8).await;
-    }
-    assert!(!s.relay.is_finished(), "no idle timeout while bytes flow");
-    let Setup {
-        mut client,
-        mut server,
-        relay,
-        pool,
-        cookies,
-    } = s;
-    let r = ended(relay).await;
-    assert!(
-        Instant::now() >= last_write + IDLE,
-        "timed out only after a full idle period"
-    );
-    assert_eq!(r.end, End::IdleTimeout);
-    let mut rest = Vec::new();
-    client
-        .read_to_end(&mut rest)
-        .await
-        .expect("client sees EOF");
-    server
-        .read_to_end(&mut rest)
-        .await
-        .expect("server sees EOF");
-    assert!(rest.is_empty());
+    let (pool, cookies) = idle_timeout(true).await;
     assert_clean(pool, cookies);
 }
