@@ -169,6 +169,7 @@ async fn serve(
             keep_pins: args.keep_pins,
             kernel_log: args.kernel_log,
             fail_open_after: args.fail_open_after.0,
+            kernel_relay: args.kernel_relay,
         },
         handed_lock,
     )?;
@@ -329,6 +330,8 @@ async fn serve(
                 "pods": pods.len(),
                 "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
                 "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
+                "kernel_relay_active": shared.maps.relay.as_ref().map(|r| r.active()),
+                "kernel_relay_armed": shared.maps.relay.as_ref().map(|r| r.armed()),
             })),
             r = async { match watcher.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
                 match r {

@@ -102,6 +102,13 @@ pub struct RunArgs {
     /// the kernel stops redirecting and new connections go direct; `off` never fails open.
     #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
     pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
+    /// In-kernel relay for connections without a bandwidth limit: after admission and the
+    /// upstream connect, the kernel forwards bytes between the two sockets (sockhash +
+    /// sk_skb verdict) without waking the agent per message; `off` (the default) relays them
+    /// with splice. Opt-in for now: while a kernel-relayed connection is open its bytes are not
+    /// in `sockmesh peers` / `/metrics` yet (they are, exactly, once it closes).
+    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "on|off", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set)]
+    pub kernel_relay: bool,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -149,6 +156,14 @@ fn fail_open_after(
     let d = crate::policy::knobs::parse_timeout_knob(s)?;
     crate::datapath::heartbeat::validate(d)?;
     Ok(crate::policy::OrOff(d))
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is neither on nor off")),
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -235,6 +250,27 @@ mod tests {
         assert_eq!(p.watch, Some(std::time::Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["sockmesh", "peers", "--sort", "colour"]).is_err());
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn kernel_relay_takes_on_or_off() {
+        let run = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Run(r),
+                ..
+            }) => Ok(r.kernel_relay),
+            Ok(_) => panic!("not run"),
+            Err(e) => Err(e.to_string()),
+        };
+        // Opt-in: off unless asked for.
+        assert_eq!(run(&["sockmesh", "run"]), Ok(false));
+        assert_eq!(
+            run(&["sockmesh", "run", "--kernel-relay", "off"]),
+            Ok(false)
+        );
+        assert_eq!(run(&["sockmesh", "run", "--kernel-relay", "on"]), Ok(true));
+        let e = run(&["sockmesh", "run", "--kernel-relay", "maybe"]).expect_err("refused");
+        assert!(e.contains("neither on nor off"), "{e}");
     }
 
     #[test]

@@ -45,6 +45,26 @@ pub mod map_names {
     ];
 }
 
+/// The in-kernel relay's maps (`--kernel-relay on`). Private to one agent process: never
+/// pinned (their entries are the agent's own sockets, which die with it), so outside readers
+/// and the pinned schema ([`SCHEMA_VERSION`]) do not see them.
+pub mod relay {
+    /// Sockets whose received bytes the verdict program forwards (sockhash, key: socket
+    /// cookie). Inserting a socket here is what turns the program on for it.
+    pub const SOCKS: &str = "SM_RELAY_SOCKS";
+    /// Sockets bytes may be forwarded *to* (sockhash, key: socket cookie, no program attached):
+    /// both ends of a connection are here before either is in [`SOCKS`], so the verdict on one
+    /// side never runs while its peer is missing.
+    pub const TX: &str = "SM_RELAY_TX";
+    /// Socket cookie -> the cookie of the socket its bytes go to.
+    pub const PEERS: &str = "SM_RELAY_PEERS";
+    /// The `sk_skb/stream_verdict` program, attached to [`SOCKS`].
+    pub const VERDICT: &str = "sm_relay_verdict";
+    /// Sockets (two per relayed connection) each map holds; past it a connection falls back to
+    /// the splice relay.
+    pub const MAX_SOCKETS: u32 = 262_144;
+}
+
 /// Names of the kernel programs (function names in `ebpf/`), also their link pin names.
 pub mod program_names {
     pub const CONNECT4: &str = "sm_connect4";

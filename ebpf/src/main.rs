@@ -14,6 +14,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod outbound;
 #[cfg(target_arch = "bpf")]
+mod relay;
+#[cfg(target_arch = "bpf")]
 mod util;
 
 #[cfg(all(not(test), target_arch = "bpf"))]

@@ -1,6 +1,7 @@
-//! The agent's relay between real pods: bytes arrive intact in both directions on the splice
-//! path (no bandwidth limit) and on the copying path (a bandwidth limit), a FIN becomes a
-//! half-close on the far side, and a reset reaches the other side as a reset.
+//! The agent's relay between real pods: bytes arrive intact in both directions on the
+//! in-kernel path (`--kernel-relay on`, no bandwidth limit), the splice path (the default)
+//! and the copying path (a bandwidth limit), a FIN becomes a half-close on the far side, and a
+//! reset reaches the other side as a reset.
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
@@ -65,9 +66,43 @@ fn big_echo(extra: &[&str]) {
     assert!(m.agent.is_running());
 }
 
+/// The agent's status event (SIGUSR1): live tasks, pipes, kernel relay counters.
+fn status(agent: &Agent) -> serde_json::Value {
+    agent.signal(libc::SIGUSR1).expect("SIGUSR1");
+    agent.wait_event_named("status", T).expect("status event")
+}
+
+#[test]
+fn large_transfers_are_intact_both_ways_on_the_kernel_path_and_leave_no_entry() {
+    let m = mesh(ServerMode::Echo, &["--kernel-relay", "on"]);
+    {
+        let mut c = tcp_connect(&m.client, m.dst, T).expect("connect through the agent");
+        assert!(c.local.ip().is_loopback(), "captured by the agent");
+        tcp_echo_roundtrip(&mut c.stream, &pattern(48 << 20)).expect("48 MiB echoed intact");
+        let s = status(&m.agent);
+        assert_eq!(s["kernel_relay_armed"], 1, "relayed in the kernel: {s}");
+        assert_eq!(s["kernel_relay_active"], 1, "{s}");
+        assert_eq!(s["pipes_pooled"], 0, "no splice pipe was ever used: {s}");
+    }
+    // Closed by the client: the connection's entries go with it.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let s = status(&m.agent);
+        if s["kernel_relay_active"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still armed: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn large_transfers_are_intact_both_ways_on_the_splice_path() {
-    big_echo(&[]);
+    let m = mesh(ServerMode::Echo, &["--kernel-relay", "off"]);
+    let mut c = tcp_connect(&m.client, m.dst, T).expect("connect through the agent");
+    tcp_echo_roundtrip(&mut c.stream, &pattern(48 << 20)).expect("48 MiB echoed intact");
+    let s = status(&m.agent);
+    assert!(s["kernel_relay_armed"].is_null(), "kernel relay off: {s}");
 }
 
 #[test]

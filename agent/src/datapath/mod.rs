@@ -3,6 +3,7 @@
 pub mod heartbeat;
 pub mod links;
 pub mod preflight;
+pub mod relay;
 pub mod stats;
 
 use std::{
@@ -56,6 +57,8 @@ pub struct DatapathOptions<'a> {
     pub kernel_log: bool,
     /// Programs stop capturing when the heartbeat is older than this; `None` never.
     pub fail_open_after: Option<std::time::Duration>,
+    /// Attach the in-kernel relay (sockhash + stream verdict) for unshaped connections.
+    pub kernel_relay: bool,
 }
 
 /// Maps the proxies use while running.
@@ -68,6 +71,8 @@ pub struct KernelMaps {
     verdicts: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
     /// Pod name (as given to --pod) to netns cookie, for verdict keys.
     pod_cookies: Mutex<std::collections::HashMap<String, u64>>,
+    /// The in-kernel relay, when `--kernel-relay on`.
+    pub relay: Option<relay::RelayMaps>,
 }
 
 impl KernelMaps {
@@ -261,6 +266,11 @@ impl Datapath {
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
             verdicts: Mutex::new(take(&mut ebpf, map_names::VERDICTS)?),
             pod_cookies: Mutex::new(Default::default()),
+            relay: if opts.kernel_relay {
+                Some(relay::RelayMaps::attach(&mut ebpf)?)
+            } else {
+                None
+            },
         });
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         let sink = Some(crate::observe::sink::Sink::take(&mut ebpf)?);

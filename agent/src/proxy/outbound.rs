@@ -122,6 +122,7 @@ pub async fn proxy(
             .admission
             .shaped(&key)
             .then_some(&shape as relay::Shaper<'_>),
+        kernel: shared.maps.relay.as_ref(),
     };
     let bytes = std::sync::Arc::new(relay::Counts::default());
     shared.recorder.relaying(&key, &bytes);

@@ -25,17 +25,22 @@ use workloads::Workload;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Direct,
+    /// eBPF capture + the agent, unshaped bytes relayed in the kernel (the default).
     Sockmesh,
     Iptables,
     Haproxy,
+    /// eBPF capture + a second agent with `--kernel-relay off`: the splice relay, measured in
+    /// the same run so the in-kernel relay's gain is a ratio, not a recollection.
+    SockmeshSplice,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 5] = [
         Variant::Direct,
         Variant::Sockmesh,
         Variant::Iptables,
         Variant::Haproxy,
+        Variant::SockmeshSplice,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +49,7 @@ impl Variant {
             Variant::Sockmesh => "sockmesh",
             Variant::Iptables => "iptables+agent",
             Variant::Haproxy => "haproxy",
+            Variant::SockmeshSplice => "sockmesh-splice",
         }
     }
 
@@ -54,6 +60,7 @@ impl Variant {
             Variant::Sockmesh => "mesh",
             Variant::Iptables => "ipt",
             Variant::Haproxy => "hap",
+            Variant::SockmeshSplice => "splice",
         }
     }
 
@@ -68,7 +75,10 @@ impl Variant {
 
     /// Whether the pod's connections to the server are redirected to the agent.
     pub fn captured(self) -> bool {
-        matches!(self, Variant::Sockmesh | Variant::Iptables)
+        matches!(
+            self,
+            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice
+        )
     }
 }
 

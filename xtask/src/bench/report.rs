@@ -370,6 +370,7 @@ fn to_svg(results: &Results) -> String {
         ("sockmesh", "#2a7ab0"),
         ("iptables+agent", "#e08a1e"),
         ("haproxy", "#7a7a7a"),
+        ("sockmesh-splice", "#7ab02a"),
     ];
     let others = &Variant::ALL[1..];
     let mut rows = Vec::new();

@@ -249,7 +249,9 @@ pub fn raise_nofile() -> Result<u64> {
 }
 
 /// How many proxied connections `nofile` allows: the agent holds two sockets per connection
-/// (and so does this process: client and server end), plus a margin for everything else.
+/// and, relaying in the kernel, an epoll fd (this process holds two: client and server end),
+/// plus a margin for everything else.
 pub fn max_conns(nofile: u64) -> usize {
-    (nofile.saturating_sub(512) / 2) as usize
+    // Two sockets per connection, plus the in-kernel relay's epoll of closes.
+    (nofile.saturating_sub(512) / 3) as usize
 }

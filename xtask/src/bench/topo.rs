@@ -26,6 +26,7 @@ const AGENT_MARK: &str = "0x534d";
 /// Fields drop in declaration order: processes before the pins and namespaces they use.
 pub struct Topology {
     pub agent: ChildGuard,
+    _splice_agent: ChildGuard,
     _haproxy: ChildGuard,
     _servers: Vec<ChildGuard>,
     _pins: DirGuard,
@@ -100,9 +101,26 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
     }
     let pins = DirGuard(pins);
     let agent = start_agent(agent_bin, find(Variant::Sockmesh), ipt, &pins.0, tmp)?;
+    // The splice relay's agent: its own pins, no metrics port (the first agent has it).
+    let splice_pins = pins.0.join("splice");
+    let splice_agent = spawn_agent_until_ready(
+        Command::new(agent_bin)
+            .arg("run")
+            .arg("--pod")
+            .arg(find(Variant::SockmeshSplice).path())
+            .arg("--bpffs-dir")
+            .arg(&splice_pins)
+            .args(["--kernel-relay", "off", "--metrics-addr", "off"])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(tmp.join("agent-splice.log"))?),
+        false,
+    )?;
     let haproxy = start_haproxy(find(Variant::Haproxy), tmp)?;
     Ok(Topology {
         agent,
+        _splice_agent: splice_agent,
         _haproxy: haproxy,
         _servers: servers,
         _pins: pins,
@@ -222,7 +240,7 @@ fn start_agent(
         ))
         .arg("--bpffs-dir")
         .arg(pins)
-        .args(["--log-level", "warn"])
+        .args(["--kernel-relay", "on", "--log-level", "warn"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(tmp.join("agent.log"))?);

@@ -7,12 +7,18 @@
 //! Unshaped connections are forwarded with splice(2) through a pooled pipe (zero copy, see
 //! `pipe`); shaped ones are copied through a buffer so each chunk can be held back. Either
 //! way nothing is allocated per read, and an idle connection holds no pipe and no buffer.
+//! With `--kernel-relay on`, unshaped connections skip the agent altogether: the kernel
+//! forwards between the two sockets (see `kernel`), and splice is the fallback.
+pub mod kernel;
+#[cfg(test)]
+mod kernel_tests;
 mod pipe;
 mod pump;
 #[cfg(test)]
 mod tests;
 
 use std::{
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -96,13 +102,16 @@ pub struct Limits<'a> {
     /// Debits bytes from the peer's bandwidth bucket; returns how long to hold them back.
     /// `None` (no bandwidth limit) lets the bytes go by splice, never through the agent.
     pub shape: Option<Shaper<'a>>,
+    /// The in-kernel relay, used for unshaped connections when present.
+    pub kernel: Option<&'a crate::datapath::relay::RelayMaps>,
 }
 
 /// Fires when the idle timeout or the lifetime is reached; pending forever if neither is set.
-async fn deadline(limits: &Limits<'_>, last: &Activity) -> End {
-    let lifetime_at = limits.lifetime.map(|d| last.start + d);
+/// `last` tells when the connection (started at `start`) last saw a byte.
+async fn deadline(limits: &Limits<'_>, start: Instant, last: &(dyn Fn() -> Instant + Sync)) -> End {
+    let lifetime_at = limits.lifetime.map(|d| start + d);
     loop {
-        let idle_at = limits.idle.map(|d| last.last() + d);
+        let idle_at = limits.idle.map(|d| last() + d);
         let next = match (idle_at, lifetime_at) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
@@ -114,7 +123,7 @@ async fn deadline(limits: &Limits<'_>, last: &Activity) -> End {
             return End::MaxLifetime;
         }
         // Activity since the timer was armed moved the idle deadline: sleep again.
-        if limits.idle.is_some_and(|d| now >= last.last() + d) {
+        if limits.idle.is_some_and(|d| now >= last() + d) {
             return End::IdleTimeout;
         }
     }
@@ -137,6 +146,12 @@ async fn relay_with(
     // un-acked one and add a delayed-ACK wait to request/response traffic.
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
+    if let (Some(maps), None) = (limits.kernel, limits.shape) {
+        match kernel::relay(a, b, &limits, maps).await {
+            kernel::Outcome::Done(r) => return r,
+            kernel::Outcome::Fallback(a2, b2) => (a, b) = (a2, b2),
+        }
+    }
     let last = Activity {
         start: Instant::now(),
         last_ns: AtomicU64::new(0),
@@ -144,7 +159,8 @@ async fn relay_with(
     let end = {
         let ab = pump::pump(&a, &b, &bytes.a_to_b, &last, limits.shape, pool);
         let ba = pump::pump(&b, &a, &bytes.b_to_a, &last, limits.shape, pool);
-        let timer = deadline(&limits, &last);
+        let last_at = || last.last();
+        let timer = deadline(&limits, last.start, &last_at);
         tokio::pin!(ab, ba, timer);
         let (mut ab_done, mut ba_done) = (false, false);
         loop {
@@ -201,5 +217,9 @@ async fn discard(s: &mut TcpStream) {
 
 /// Make the coming close send RST instead of FIN.
 pub fn reset(s: &TcpStream) {
-    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    reset_fd(s.as_fd());
+}
+
+fn reset_fd(s: std::os::fd::BorrowedFd<'_>) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
 }

@@ -18,33 +18,37 @@ use super::{relay_with, Counts, End, Limits, PipePool, Relayed};
 const T: Duration = Duration::from_secs(20);
 
 /// A connected pair on 127.0.0.1: (the end a peer holds, the end the relay holds).
-async fn pair() -> (TcpStream, TcpStream) {
+pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
     (c.expect("connect"), a.expect("accept").0)
 }
 
-struct Setup {
-    client: TcpStream,
-    server: TcpStream,
-    relay: JoinHandle<Relayed>,
-    pool: &'static PipePool,
-    bytes: std::sync::Arc<Counts>,
+pub(super) struct Setup {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub relay: JoinHandle<Relayed>,
+    pub pool: &'static PipePool,
+    /// Socket cookies of the relay's two sockets.
+    pub cookies: [u64; 2],
+    pub bytes: std::sync::Arc<Counts>,
 }
 
 /// What is left of a `Setup` once its two ends are taken.
-struct Rest {
-    relay: JoinHandle<Relayed>,
-    pool: &'static PipePool,
+pub(super) struct Rest {
+    pub relay: JoinHandle<Relayed>,
+    pub pool: &'static PipePool,
+    pub cookies: [u64; 2],
 }
 
 impl Setup {
     /// (client, server) or (server, client), and the rest.
-    fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
+    pub(super) fn ends(self, client_first: bool) -> (TcpStream, TcpStream, Rest) {
         let rest = Rest {
             relay: self.relay,
             pool: self.pool,
+            cookies: self.cookies,
         };
         if client_first {
             (self.client, self.server, rest)
@@ -55,10 +59,39 @@ impl Setup {
 }
 
 async fn setup(limits: Limits<'static>) -> Setup {
+    setup_in(false, limits).await
+}
+
+/// The relay maps of one loaded copy of the kernel programs, shared by this test binary's
+/// kernel-relay tests (the pins a load needs are removed at once: the maps live on by fd).
+pub(super) fn kernel_maps() -> &'static crate::datapath::relay::RelayMaps {
+    static MAPS: std::sync::OnceLock<crate::datapath::relay::RelayMaps> =
+        std::sync::OnceLock::new();
+    MAPS.get_or_init(|| {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/smt-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("pin dir (bpffs mounted, root)");
+        let loaded = aya::EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(crate::EBPF_OBJECT);
+        let _ = std::fs::remove_dir_all(&dir);
+        // Leaked: the programs must stay loaded for the process's life.
+        let ebpf = Box::leak(Box::new(loaded.expect("load the programs")));
+        crate::datapath::relay::RelayMaps::attach(ebpf).expect("attach the relay")
+    })
+}
+
+/// `kernel`: relay unshaped bytes in the kernel (the shared test maps), else by splice.
+pub(super) async fn setup_in(kernel: bool, mut limits: Limits<'static>) -> Setup {
+    if kernel {
+        limits.kernel = Some(kernel_maps());
+    }
     // Leaked so the spawned relay can borrow it; a few bytes per test.
     let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
     let (client, a) = pair().await;
     let (b, server) = pair().await;
+    use std::os::fd::AsRawFd;
+    let cookies =
+        [a.as_raw_fd(), b.as_raw_fd()].map(|fd| super::kernel::cookie(fd).expect("cookie"));
     let bytes = std::sync::Arc::new(Counts::default());
     let relay = tokio::spawn(relay_with(a, b, limits, pool, bytes.clone()));
     Setup {
@@ -67,12 +100,13 @@ async fn setup(limits: Limits<'static>) -> Setup {
         relay,
         pool,
         bytes,
+        cookies,
     }
 }
 
 /// Bytes whose every 4-byte word holds its own index (xored with `seed`): a reordered, lost or
 /// duplicated chunk anywhere shows up as a mismatch.
-fn stream(seed: u32, len: usize) -> Vec<u8> {
+pub(super) fn stream(seed: u32, len: usize) -> Vec<u8> {
     let mut v: Vec<u8> = (0..len.div_ceil(4) as u32)
         .flat_map(|i| (i ^ seed).to_le_bytes())
         .collect();
@@ -80,18 +114,36 @@ fn stream(seed: u32, len: usize) -> Vec<u8> {
     v
 }
 
-async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
+pub(super) async fn send_all_then_fin(mut s: tokio::net::tcp::OwnedWriteHalf, data: Vec<u8>) {
     s.write_all(&data).await.expect("write");
     s.shutdown().await.expect("shutdown");
 }
 
-async fn read_to_end(mut s: tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
+pub(super) async fn read_to_end(mut s: tokio::net::tcp::OwnedReadHalf) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v).await.expect("read");
     v
 }
 
-async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
+/// Both ends send their bytes then FIN, and read to the end, at once: what each received.
+pub(super) async fn exchange(
+    client: TcpStream,
+    server: TcpStream,
+    up: &[u8],
+    down: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let (got_up, got_down, (), ()) = tokio::join!(
+        read_to_end(sr),
+        read_to_end(cr),
+        send_all_then_fin(cw, up.to_vec()),
+        send_all_then_fin(sw, down.to_vec()),
+    );
+    (got_up, got_down)
+}
+
+pub(super) async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
     tokio::time::timeout(T, relay)
         .await
         .expect("relay ended")
@@ -213,9 +265,15 @@ async fn half_close_from_the_server_keeps_the_request_flowing() {
     half_close(false).await;
 }
 
-/// A reset on one side reaches the other as a reset, mid-stream.
-async fn reset_propagates(server_resets: bool) {
-    let (mut resetter, mut other, s) = setup(Limits::default()).await.ends(!server_resets);
+/// A reset on one side reaches the other as a reset, mid-stream. Returns the pool and the
+/// relay's cookies.
+pub(super) async fn reset_propagates(
+    kernel: bool,
+    server_resets: bool,
+) -> (&'static PipePool, [u64; 2]) {
+    let (mut resetter, mut other, s) = setup_in(kernel, Limits::default())
+        .await
+        .ends(!server_resets);
     other.write_all(&stream(5, 100_000)).await.expect("write");
     let mut buf = vec![0u8; 100_000];
     resetter.read_exact(&mut buf).await.expect("read through");
@@ -232,27 +290,31 @@ async fn reset_propagates(server_resets: bool) {
         .expect_err("the other side is reset, not closed");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     assert_eq!(s.pool.in_use(), 0);
+    (s.pool, s.cookies)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_reset_resets_the_client() {
-    reset_propagates(true).await;
+    reset_propagates(false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_resets_the_server() {
-    reset_propagates(false).await;
+    reset_propagates(false, false).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_idle() {
+/// Bytes flowing for longer than the idle timeout keep the connection; once idle, it ends
+/// after a full idle period with a FIN both ways. Returns the pool and the relay's cookies.
+pub(super) async fn idle_timeout(kernel: bool) -> (&'static PipePool, [u64; 2]) {
     const IDLE: Duration = Duration::from_millis(400);
-    let mut s = setup(Limits {
-        idle: Some(IDLE),
-        ..Limits::default()
-    })
+    let mut s = setup_in(
+        kernel,
+        Limits {
+            idle: Some(IDLE),
+            ..Limits::default()
+        },
+    )
     .await;
-    // Bytes keep flowing for longer than the idle timeout: activity, not a timeout.
     let chunk = stream(9, 64 * 1024);
     let mut buf = vec![0u8; chunk.len()];
     let start = Instant::now();
@@ -265,14 +327,16 @@ async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_i
         tokio::time::sleep(IDLE / 8).await;
     }
     assert!(!s.relay.is_finished(), "no idle timeout while bytes flow");
-    // Idle now: the pipe goes back to the pool as soon as the pump finds nothing to read.
-    // No event tells the test when that happened, hence the bounded wait.
-    let deadline = Instant::now() + IDLE / 2;
-    while s.pool.in_use() != 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if !s.relay.is_finished() {
-        assert_eq!(s.pool.in_use(), 0, "an idle connection holds no pipe");
+    if !kernel {
+        // Idle now: the pipe goes back to the pool as soon as the pump finds nothing to
+        // read. No event tells the test when that happened, hence the bounded wait.
+        let deadline = Instant::now() + IDLE / 2;
+        while s.pool.in_use() != 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !s.relay.is_finished() {
+            assert_eq!(s.pool.in_use(), 0, "an idle connection holds no pipe");
+        }
     }
     let r = ended(s.relay).await;
     assert!(
@@ -280,7 +344,6 @@ async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_i
         "timed out only after a full idle period"
     );
     assert_eq!(r.end, End::IdleTimeout);
-    assert!(s.pool.created() >= 1, "the bytes went by splice");
     // Both sides are closed (FIN, not reset).
     let mut rest = Vec::new();
     s.client
@@ -292,6 +355,13 @@ async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_i
         .await
         .expect("server sees EOF");
     assert!(rest.is_empty());
+    (s.pool, s.cookies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_counts_spliced_bytes_as_activity_and_holds_no_pipe_while_idle() {
+    let (pool, _) = idle_timeout(false).await;
+    assert!(pool.created() >= 1, "the bytes went by splice");
 }
 
 static SHAPED: AtomicU64 = AtomicU64::new(0);
@@ -309,14 +379,7 @@ async fn shaped_connections_are_copied_and_every_byte_is_debited() {
     })
     .await;
     let (up, down) = (stream(1, 1 << 20), stream(2, 3 << 19));
-    let (cr, cw) = s.client.into_split();
-    let (sr, sw) = s.server.into_split();
-    let (got_up, got_down, (), ()) = tokio::join!(
-        read_to_end(sr),
-        read_to_end(cr),
-        send_all_then_fin(cw, up.clone()),
-        send_all_then_fin(sw, down.clone()),
-    );
+    let (got_up, got_down) = exchange(s.client, s.server, &up, &down).await;
     assert!(got_up == up && got_down == down, "bytes intact");
     let r = ended(s.relay).await;
     assert_eq!((r.a_to_b, r.b_to_a), (up.len() as u64, down.len() as u64));

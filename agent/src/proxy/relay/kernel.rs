@@ -1,0 +1,341 @@
+//! The in-kernel relay (`--kernel-relay on`, unshaped connections): once both sockets are in
+//! the relay maps, the `sk_skb` verdict program sends what one receives out of the other, so
+//! the agent is not woken per message. The agent keeps what the kernel does not do:
+//!
+//! - **FIN**: the sockets leave tokio's reactor (which would be woken by every byte) and sit in
+//!   an epoll of their own that asks only for EPOLLRDHUP (EPOLLERR/EPOLLHUP are implied), so
+//!   the agent wakes for a close, never for data. A FIN from one side becomes shutdown(SHUT_WR)
+//!   of the other, but only once every byte received before it has left through the other
+//!   socket: the kernel forwards from a work queue, after the FIN is already visible.
+//! - **RST**: an error on either side resets both.
+//! - **Counts and idle time**: from TCP_INFO, exact. Bytes written to a socket are
+//!   `bytes_acked + SIOCOUTQ` (acked plus still queued); the last byte either way is the
+//!   smaller `last_data_recv` of the two sockets.
+//! - **Idle timeout, lifetime, drain**: the same timer as the other relays; a limit takes the
+//!   sockets out of the maps and closes them like the splice relay does.
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    time::Duration,
+};
+
+use tokio::{io::unix::AsyncFd, net::TcpStream, time::Instant};
+
+use super::{close_gracefully, deadline, End, Limits, Relayed};
+use crate::datapath::relay::{ArmError, RelayMaps};
+
+/// What became of a connection handed to the kernel relay.
+pub enum Outcome {
+    Done(Relayed),
+    /// Could not be armed; nothing was forwarded: relay it another way.
+    Fallback(TcpStream, TcpStream),
+}
+
+/// How long to wait, at most, between two checks that a half-closing direction has flushed.
+/// The kernel signals nothing when its forwarding queue empties; the first check (right at the
+/// FIN) almost always passes, later ones back off from 1 ms to this.
+const FLUSH_RECHECK_MAX: Duration = Duration::from_millis(64);
+
+pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &RelayMaps) -> Outcome {
+    let (Ok(ca), Ok(cb)) = (cookie(a.as_raw_fd()), cookie(b.as_raw_fd())) else {
+        return Outcome::Fallback(a, b);
+    };
+    // Off tokio's reactor: it registers EPOLLIN, and the kernel wakes readers per message.
+    let (a, b) = match (a.into_std(), b.into_std()) {
+        (Ok(a), Ok(b)) => (a, b),
+        // Only a failed epoll_ctl(DEL) gets here: the connection cannot be relayed safely.
+        (a, b) => {
+            for s in [a, b].into_iter().flatten() {
+                super::reset_fd(s.as_fd());
+            }
+            return Outcome::Done(Relayed {
+                end: End::Reset,
+                ..Relayed::default()
+            });
+        }
+    };
+    let back = |a: std::net::TcpStream, b: std::net::TcpStream| match (
+        TcpStream::from_std(a),
+        TcpStream::from_std(b),
+    ) {
+        (Ok(a), Ok(b)) => Outcome::Fallback(a, b),
+        _ => Outcome::Done(Relayed {
+            end: End::Reset,
+            ..Relayed::default()
+        }),
+    };
+    let socks = [a.as_raw_fd(), b.as_raw_fd()];
+    // The agent never wrote to either socket, but the counters start at the handshake.
+    let base = [written(socks[0]), written(socks[1])];
+    let ep = match closes(socks) {
+        Ok(ep) => ep,
+        Err(_) => return back(a, b),
+    };
+    let armed = match maps.arm((ca, socks[0]), (cb, socks[1])) {
+        Ok(g) => g,
+        Err(ArmError::NotArmed) => return back(a, b),
+        Err(ArmError::Partial) => {
+            tracing::debug!("a side closed while the kernel relay was armed; resetting");
+            super::reset_fd(a.as_fd());
+            super::reset_fd(b.as_fd());
+            return Outcome::Done(Relayed {
+                end: End::Reset,
+                ..Relayed::default()
+            });
+        }
+    };
+    // Bytes that arrived before the program was attached wait in the receive queue for a
+    // data-ready callback; setting SO_RCVLOWAT calls it now.
+    for fd in socks {
+        kick(fd);
+    }
+    let start = Instant::now();
+    let last = || last_activity(start, socks);
+    let timer = deadline(limits, start, &last);
+    tokio::pin!(timer);
+    let mut st = Sides::default();
+    let end = loop {
+        st.flush(socks, base);
+        if st.read_done == [true, true] && st.pending == [false, false] {
+            break End::Closed;
+        }
+        let recheck = st.recheck();
+        tokio::select! {
+            r = events(&ep) => match r {
+                Ok(evs) if st.on_events(&evs, socks) => {}
+                _ => break End::Reset,
+            },
+            e = &mut timer => break e,
+            _ = recheck => {}
+        }
+    };
+    // Our FIN takes a sequence number too: not a byte.
+    let sent =
+        |side: usize| written(socks[side]).saturating_sub(base[side] + u64::from(st.shut[side]));
+    let out = Relayed {
+        a_to_b: sent(1),
+        b_to_a: sent(0),
+        end,
+    };
+    match end {
+        End::Reset => {
+            super::reset_fd(a.as_fd());
+            super::reset_fd(b.as_fd());
+            drop(armed);
+        }
+        End::IdleTimeout | End::MaxLifetime => {
+            // Out of the maps first: what still arrives is read (and discarded) by the agent.
+            drop(armed);
+            drop(ep);
+            if let (Ok(mut a), Ok(mut b)) = (TcpStream::from_std(a), TcpStream::from_std(b)) {
+                // Boxed: its read buffers would otherwise sit in every connection's future,
+                // idle ones included.
+                Box::pin(close_gracefully(&mut a, &mut b)).await;
+            }
+        }
+        End::Closed => drop(armed),
+    }
+    Outcome::Done(out)
+}
+
+/// Per side (0 = a, 1 = b): its FIN seen, that FIN still to be passed on, our FIN sent to it.
+#[derive(Default)]
+struct Sides {
+    read_done: [bool; 2],
+    pending: [bool; 2],
+    shut: [bool; 2],
+    rechecks: u32,
+}
+
+impl Sides {
+    /// Handle epoll events; false means a side failed (reset both).
+    fn on_events(&mut self, evs: &[(usize, u32)], socks: [RawFd; 2]) -> bool {
+        for &(side, flags) in evs {
+            let errored = flags & libc::EPOLLERR as u32 != 0 || so_error(socks[side]);
+            if errored {
+                return false;
+            }
+            if flags & libc::EPOLLRDHUP as u32 != 0 && !self.read_done[side] {
+                self.read_done[side] = true;
+                self.pending[side] = true;
+            }
+        }
+        true
+    }
+
+    /// Pass on each pending FIN whose bytes have all been written to the other side.
+    fn flush(&mut self, socks: [RawFd; 2], base: [u64; 2]) {
+        for side in 0..2 {
+            let other = 1 - side;
+            if !self.pending[side] {
+                continue;
+            }
+            // bytes_received counts the FIN's sequence number too: one more than the data.
+            let received = tcp_info(socks[side])
+                .map(|i| i.bytes_received.saturating_sub(1))
+                .unwrap_or(0);
+            let sent = written(socks[other]).saturating_sub(base[other]);
+            // A peer that is gone takes no more bytes: stop waiting, its error resets both.
+            if sent >= received || closed_for_good(socks[other]) {
+                let _ = socket2::SockRef::from(&borrow(socks[other])).shutdown(Shutdown::Write);
+                self.shut[other] = true;
+                self.pending[side] = false;
+                self.rechecks = 0;
+            }
+        }
+    }
+
+    /// Sleeps before the next flush check while a FIN waits; pending forever otherwise.
+    async fn recheck(&mut self) {
+        if self.pending == [false, false] {
+            return std::future::pending().await;
+        }
+        let wait = Duration::from_millis(1u64 << self.rechecks.min(6)).min(FLUSH_RECHECK_MAX);
+        self.rechecks += 1;
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// An epoll holding both sockets for closes and errors only.
+fn closes(socks: [RawFd; 2]) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: plain syscall; the fd returned is owned below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (side, fd) in socks.into_iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            // No EPOLLIN: data is the kernel's business. Edge-triggered: RDHUP stays set after
+            // a FIN, and only the next change (an error, the last close) should wake again.
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: side as u64,
+        };
+        // SAFETY: both fds are open; `ev` is a valid epoll_event.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: the AsyncFd owns the epoll fd, so it stays open as long as it is registered.
+    unsafe { AsyncFd::register(ep) }.map_err(|e| e.into_parts().1)
+}
+
+/// The next batch of (side, flags) from the connection's epoll.
+async fn events(ep: &AsyncFd<OwnedFd>) -> io::Result<Vec<(usize, u32)>> {
+    loop {
+        let mut guard = ep.readable().await?;
+        let r = guard.try_io(|ep| {
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+            // SAFETY: the buffer holds 4 events; timeout 0 never blocks.
+            let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), 4, 0) };
+            match n {
+                n if n < 0 => Err(io::Error::last_os_error()),
+                0 => Err(io::ErrorKind::WouldBlock.into()),
+                n => Ok(evs[..n as usize]
+                    .iter()
+                    .map(|e| ((e.u64 as usize).min(1), e.events))
+                    .collect()),
+            }
+        });
+        match r {
+            Ok(r) => return r,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// When a byte last arrived on either socket: TCP_INFO's `last_data_recv` (ms ago).
+fn last_activity(start: Instant, socks: [RawFd; 2]) -> Instant {
+    let now = Instant::now();
+    let ago = socks
+        .iter()
+        .filter_map(|&fd| tcp_info(fd).ok())
+        .map(|i| i.last_data_recv_ms)
+        .min()
+        .unwrap_or(0);
+    now.checked_sub(Duration::from_millis(u64::from(ago)))
+        .map_or(start, |t| t.max(start))
+}
+
+fn borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: only called with the relay's two sockets, open for the whole relay.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// SO_RCVLOWAT makes TCP re-check its receive queue and call data-ready (the verdict).
+fn kick(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: plain setsockopt with a c_int value on an open socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+pub(super) fn cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// A getsockopt whose value is a plain `T` the kernel fills (up to its size).
+fn getsockopt<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`, a plain-data value.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut T).cast(), &mut len) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Consumes the socket's pending error, as a failed read would.
+fn so_error(fd: RawFd) -> bool {
+    matches!(
+        socket2::SockRef::from(&borrow(fd)).take_error(),
+        Ok(Some(_)) | Err(_)
+    )
+}
+
+/// Whether the socket is closed for good (reset or fully closed): TCP_CLOSE.
+fn closed_for_good(fd: RawFd) -> bool {
+    tcp_info(fd).map_or(true, |i| i.state == 7)
+}
+
+/// The part of `struct tcp_info` (linux/tcp.h) the relay reads; the kernel fills what fits.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfo {
+    state: u8,
+    _u8s: [u8; 7],
+    _rto_to_fackets: [u32; 9],
+    _last_data_sent: u32,
+    _last_ack_sent: u32,
+    last_data_recv_ms: u32,
+    _last_ack_recv: u32,
+    _metrics: [u32; 11],
+    _pacing: [u64; 2],
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes ever written to the socket: acknowledged by its peer plus still in its send queue.
+fn written(fd: RawFd) -> u64 {
+    let acked = tcp_info(fd).map(|i| i.bytes_acked).unwrap_or(0);
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+        queued = 0;
+    }
+    acked + queued.max(0) as u64
+}

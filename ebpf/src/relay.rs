@@ -1,0 +1,46 @@
+//! The in-kernel relay: for a connection the agent has admitted and connected upstream, bytes
+//! received on one of its two sockets are sent out of the other without waking the agent
+//! (`sk_skb` stream verdict + `bpf_sk_redirect_hash` to the peer's egress). The agent fills
+//! the maps (layout in `sockmesh_common::relay`) and keeps everything else: FIN and RST
+//! propagation, timers and byte counts (TCP_INFO), see `agent/src/proxy/relay/kernel.rs`.
+use aya_ebpf::{
+    bindings::sk_action,
+    helpers::bpf_get_socket_cookie,
+    macros::{map, stream_verdict},
+    maps::{HashMap, SockHash},
+    programs::SkBuffContext,
+    EbpfContext,
+};
+use sockmesh_common::relay::MAX_SOCKETS;
+
+/// Key: socket cookie. Attaching the verdict program here arms it for every socket inserted.
+#[map(name = "SM_RELAY_SOCKS")]
+pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Redirect targets, key: socket cookie.
+#[map(name = "SM_RELAY_TX")]
+pub static RELAY_TX: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket cookie -> its peer's cookie.
+#[map(name = "SM_RELAY_PEERS")]
+pub static RELAY_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[stream_verdict]
+pub fn sm_relay_verdict(ctx: SkBuffContext) -> u32 {
+    // The empty skb a FIN arrives in carries nothing to forward, and redirected it would break
+    // the peer: the kernel's egress worker takes a zero-byte send as a hard error (EPIPE).
+    // TCP has already handled the FIN itself; the agent passes it on as a half-close.
+    if ctx.len() == 0 {
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: the helper reads the skb's owning socket, which the stream parser set.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let Some(&peer) = (unsafe { RELAY_PEERS.get(&cookie) }) else {
+        // Not (or no longer) relayed: the bytes stay readable on the socket itself.
+        return sk_action::SK_PASS;
+    };
+    // Flags 0: out of the peer's egress. On a missing peer the helper answers SK_DROP, which
+    // cannot happen while the agent keeps its order (both in RELAY_TX before either is armed).
+    RELAY_TX.redirect_skb(&ctx, peer, 0) as u32
+}
