@@ -19,12 +19,7 @@ use sockmesh_tests::*;
 /// token is due (500 ms after the burst), and exactly one more is admitted.
 #[test]
 fn rate_limit_admits_the_burst_then_one_per_interval_and_the_kernel_refuses_between() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _echo =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let agent = Agent::start([
         "--pod",
         &pod_spec(&client, ""),
@@ -77,12 +72,7 @@ fn rate_limit_admits_the_burst_then_one_per_interval_and_the_kernel_refuses_betw
 /// soon as the held connection closes.
 #[test]
 fn concurrency_limit_queues_grants_on_close_and_times_out_per_codel() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _echo =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let agent =
         Agent::start(["--pod", &pod_spec(&client, ""), "--peer-max-conns", "1"]).expect("agent");
     agent.wait_ready().expect("ready");

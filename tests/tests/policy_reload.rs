@@ -1,6 +1,7 @@
 //! Policy file reload end to end: a valid edit applies to new connections (and lifts the
 //! kernel verdicts the old policy left); an invalid one is rejected with file, line and
 //! field, and the old policy keeps applying, proven by what connections get.
+mod common;
 mod policy_util;
 
 use std::path::Path;
@@ -22,12 +23,7 @@ fn rule(server: std::net::Ipv4Addr, knobs: &str) -> String {
 
 #[test]
 fn a_valid_edit_applies_and_an_invalid_one_keeps_the_old_policy() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _echo =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let dir = TempDir::new().expect("tempdir");
     let path = dir.join("policy.toml");
     let server = server_pod.ip4();

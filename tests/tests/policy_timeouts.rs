@@ -1,5 +1,6 @@
 //! Per-peer timeouts end to end: connect timeout, idle timeout (and nothing leaks after a
 //! burst of them), maximum lifetime.
+mod common;
 mod policy_util;
 
 use std::io::{Read, Write};
@@ -126,12 +127,7 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
 /// its maximum lifetime.
 #[test]
 fn max_lifetime_closes_a_busy_connection_gracefully() {
-    require_root();
-    let cluster = Cluster::new().expect("cluster");
-    let client = cluster.add_pod("client").expect("pod");
-    let server_pod = cluster.add_pod("server").expect("pod");
-    let _echo =
-        TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo server");
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let agent = Agent::start(["--pod", &pod_spec(&client, ""), "--max-conn-lifetime", "1s"])
         .expect("agent");
     agent.wait_ready().expect("ready");
