@@ -102,13 +102,15 @@ pub struct RunArgs {
     /// the kernel stops redirecting and new connections go direct; `off` never fails open.
     #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
     pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
-    /// In-kernel relay for connections without a bandwidth limit: after admission and the
-    /// upstream connect, the kernel forwards bytes between the two sockets (sockhash +
-    /// sk_skb verdict) without waking the agent per message; `off` (the default) relays them
-    /// with splice. Opt-in for now: while a kernel-relayed connection is open its bytes are not
-    /// in `sockmesh peers` / `/metrics` yet (they are, exactly, once it closes).
-    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "on|off", default_value = "off", value_parser = on_off, action = clap::ArgAction::Set)]
-    pub kernel_relay: bool,
+    /// In-kernel relay for connections without a bandwidth limit (sockhash + sk_skb verdict:
+    /// the kernel forwards bytes between the two sockets without waking the agent per
+    /// message). `auto` (the default): splice first, and a connection that shows
+    /// request/response traffic (a few small exchanges each way, nothing bulk) moves to the
+    /// kernel relay, which has the lower latency, while bulk streams stay on splice, which has
+    /// the higher throughput. `on`: every unshaped connection in the kernel from the start;
+    /// `off`: splice only.
+    #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "auto|on|off", default_value = "auto", value_parser = kernel_relay_mode)]
+    pub kernel_relay: crate::datapath::relay::Mode,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
@@ -158,11 +160,13 @@ fn fail_open_after(
     Ok(crate::policy::OrOff(d))
 }
 
-fn on_off(s: &str) -> Result<bool, String> {
+fn kernel_relay_mode(s: &str) -> Result<crate::datapath::relay::Mode, String> {
+    use crate::datapath::relay::Mode;
     match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{s}' is neither on nor off")),
+        "auto" => Ok(Mode::Auto),
+        "on" => Ok(Mode::On),
+        "off" => Ok(Mode::Off),
+        _ => Err(format!("'{s}' is not a relay mode: use auto, on or off")),
     }
 }
 
@@ -253,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn kernel_relay_takes_on_or_off() {
+    fn kernel_relay_takes_auto_on_or_off() {
         let run = |args: &[&str]| match Cli::try_parse_from(args) {
             Ok(Cli {
                 command: Command::Run(r),
@@ -262,15 +266,18 @@ mod tests {
             Ok(_) => panic!("not run"),
             Err(e) => Err(e.to_string()),
         };
-        // Opt-in: off unless asked for.
-        assert_eq!(run(&["sockmesh", "run"]), Ok(false));
+        use crate::datapath::relay::Mode;
+        assert_eq!(run(&["sockmesh", "run"]), Ok(Mode::Auto));
         assert_eq!(
             run(&["sockmesh", "run", "--kernel-relay", "off"]),
-            Ok(false)
+            Ok(Mode::Off)
         );
-        assert_eq!(run(&["sockmesh", "run", "--kernel-relay", "on"]), Ok(true));
+        assert_eq!(
+            run(&["sockmesh", "run", "--kernel-relay", "on"]),
+            Ok(Mode::On)
+        );
         let e = run(&["sockmesh", "run", "--kernel-relay", "maybe"]).expect_err("refused");
-        assert!(e.contains("neither on nor off"), "{e}");
+        assert!(e.contains("use auto, on or off"), "{e}");
     }
 
     #[test]

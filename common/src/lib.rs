@@ -45,7 +45,7 @@ pub mod map_names {
     ];
 }
 
-/// The in-kernel relay's maps (`--kernel-relay on`). Private to one agent process: never
+/// The in-kernel relay's maps (`--kernel-relay on` or `auto`). Private to one agent process: never
 /// pinned (their entries are the agent's own sockets, which die with it), so outside readers
 /// and the pinned schema ([`SCHEMA_VERSION`]) do not see them.
 pub mod relay {
@@ -56,13 +56,27 @@ pub mod relay {
     /// both ends of a connection are here before either is in [`SOCKS`], so the verdict on one
     /// side never runs while its peer is missing.
     pub const TX: &str = "SM_RELAY_TX";
-    /// Socket cookie -> the cookie of the socket its bytes go to.
+    /// Socket cookie -> [`RelayPeer`]: where its bytes go, and how many went.
     pub const PEERS: &str = "SM_RELAY_PEERS";
     /// The `sk_skb/stream_verdict` program, attached to [`SOCKS`].
     pub const VERDICT: &str = "sm_relay_verdict";
     /// Sockets (two per relayed connection) each map holds; past it a connection falls back to
     /// the splice relay.
     pub const MAX_SOCKETS: u32 = 262_144;
+
+    /// One relayed socket's entry in [`PEERS`].
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RelayPeer {
+        /// Cookie of the socket this one's received bytes are sent out of.
+        pub peer: u64,
+        /// Bytes the verdict has forwarded from this socket to `peer` so far: what
+        /// `sockmesh peers` and /metrics show while the connection is open (the agent takes
+        /// the exact figure from TCP_INFO when it ends). Only this socket's own verdict adds
+        /// to it, and the kernel runs one socket's verdicts one at a time (under the socket
+        /// lock), so a plain add loses nothing; the agent only reads it.
+        pub forwarded: u64,
+    }
 }
 
 /// Names of the kernel programs (function names in `ebpf/`), also their link pin names.
@@ -427,6 +441,7 @@ mod user {
     unsafe impl aya::Pod for SocketEntry {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for super::relay::RelayPeer {}
 }
 
 #[cfg(test)]
@@ -446,6 +461,7 @@ mod tests {
         assert_eq!(size_of::<BindKey>(), 16);
         assert_eq!(size_of::<Event>(), 16);
         assert_eq!(size_of::<SocketEntry>(), 28);
+        assert_eq!(size_of::<super::relay::RelayPeer>(), 16);
         assert_eq!(size_of::<VerdictKey>(), 32);
         assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
     }

@@ -2,7 +2,8 @@
 //! received on one of its two sockets are sent out of the other without waking the agent
 //! (`sk_skb` stream verdict + `bpf_sk_redirect_hash` to the peer's egress). The agent fills
 //! the maps (layout in `sockmesh_common::relay`) and keeps everything else: FIN and RST
-//! propagation, timers and byte counts (TCP_INFO), see `agent/src/proxy/relay/kernel.rs`.
+//! propagation, timers and exact byte counts (TCP_INFO), see `agent/src/proxy/relay/kernel.rs`;
+//! the program only keeps a running count of what it forwarded, for live figures.
 use aya_ebpf::{
     bindings::sk_action,
     helpers::bpf_get_socket_cookie,
@@ -11,7 +12,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
     EbpfContext,
 };
-use sockmesh_common::relay::MAX_SOCKETS;
+use sockmesh_common::relay::{RelayPeer, MAX_SOCKETS};
 
 /// Key: socket cookie. Attaching the verdict program here arms it for every socket inserted.
 #[map(name = "SM_RELAY_SOCKS")]
@@ -21,9 +22,9 @@ pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 
 #[map(name = "SM_RELAY_TX")]
 pub static RELAY_TX: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie -> its peer's cookie.
+/// Socket cookie -> its peer's cookie and the bytes forwarded to it.
 #[map(name = "SM_RELAY_PEERS")]
-pub static RELAY_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub static RELAY_PEERS: HashMap<u64, RelayPeer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[stream_verdict]
 pub fn sm_relay_verdict(ctx: SkBuffContext) -> u32 {
@@ -35,10 +36,14 @@ pub fn sm_relay_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: the helper reads the skb's owning socket, which the stream parser set.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let Some(&peer) = (unsafe { RELAY_PEERS.get(&cookie) }) else {
+    let Some(entry) = RELAY_PEERS.get_ptr_mut(&cookie) else {
         // Not (or no longer) relayed: the bytes stay readable on the socket itself.
         return sk_action::SK_PASS;
+    };
+    // SAFETY: a live map value; only this socket's verdict writes it, one run at a time.
+    let peer = unsafe {
+        (*entry).forwarded += u64::from(ctx.len());
+        (*entry).peer
     };
     // Flags 0: out of the peer's egress. On a missing peer the helper answers SK_DROP, which
     // cannot happen while the agent keeps its order (both in RELAY_TX before either is armed).

@@ -143,3 +143,9 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, Ordering::Relaxed);
     }
 }
+
+/// The agent's status event (SIGUSR1): live tasks, pipes, kernel relay counters.
+pub fn status(agent: &Agent) -> Value {
+    agent.signal(libc::SIGUSR1).expect("SIGUSR1");
+    agent.wait_event_named("status", T).expect("status event")
+}

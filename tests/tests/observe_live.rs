@@ -1,12 +1,13 @@
 //! Bytes of connections still open: a long-lived connection's traffic shows in `sockmesh
-//! peers` and `/metrics` while it flows (the flusher reads the relay's live counts), and once
-//! it closes the totals are exact, with no byte counted twice.
+//! peers` and `/metrics` while it flows (the flusher reads the relay's live counts: the pumps'
+//! on splice, the verdict program's running count on the in-kernel relay), and once it closes
+//! the totals are exact, with no byte counted twice.
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 
-use common::{find_peer, peer_row, peers_until};
+use common::{find_peer, peer_row, peers_until, status};
 use sockmesh_tests::prom::{metric, scrape_until};
 use sockmesh_tests::*;
 
@@ -19,6 +20,15 @@ fn field(peers: &serde_json::Value, peer: &str, name: &str) -> u64 {
 
 #[test]
 fn bytes_of_a_long_lived_connection_show_while_open_and_are_exact_after() {
+    live_bytes(&[]);
+}
+
+#[test]
+fn bytes_of_a_kernel_relayed_connection_show_while_open_and_are_exact_after() {
+    live_bytes(&["--kernel-relay", "on"]);
+}
+
+fn live_bytes(extra: &[&str]) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
@@ -27,7 +37,8 @@ fn bytes_of_a_long_lived_connection_show_while_open_and_are_exact_after() {
     let listener = server_pod
         .run(|| TcpListener::bind(addr))
         .expect("listen in the server pod");
-    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
+    let spec = pod_spec(&client, "");
+    let agent = Agent::start([&["--pod", spec.as_str()], extra].concat()).expect("agent");
     agent.wait_ready().expect("ready");
     let metrics = agent.metrics_addr().expect("metrics address");
     let pod = client.netns_path().display().to_string();
@@ -56,6 +67,9 @@ fn bytes_of_a_long_lived_connection_show_while_open_and_are_exact_after() {
         metric(&prom, "sockmesh_peer_connections_active", &pod, &peer),
         1.0
     );
+    let kernel = extra.contains(&"on");
+    let st = status(&agent);
+    assert_eq!(st["kernel_relay_active"], u64::from(kernel), "{st}");
 
     // Down: M bytes the other way, still open.
     const M: usize = 70_001;

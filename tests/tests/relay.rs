@@ -1,13 +1,14 @@
 //! The agent's relay between real pods: bytes arrive intact in both directions on the
-//! in-kernel path (`--kernel-relay on`, no bandwidth limit), the splice path (the default)
-//! and the copying path (a bandwidth limit), a FIN becomes a half-close on the far side, and a
-//! reset reaches the other side as a reset.
+//! in-kernel path (`--kernel-relay on`, no bandwidth limit), the splice path (`off`, and bulk
+//! connections under the default `auto`), request/response connections moved to the kernel
+//! by `auto`, and the copying path (a bandwidth limit); a FIN becomes a half-close on the far
+//! side, and a reset reaches the other side as a reset.
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
-use common::T;
+use common::{status, T};
 use sockmesh_tests::*;
 
 /// A non-repeating byte pattern (xorshift): a reordered or duplicated chunk shows up.
@@ -66,12 +67,6 @@ fn big_echo(extra: &[&str]) {
     assert!(m.agent.is_running());
 }
 
-/// The agent's status event (SIGUSR1): live tasks, pipes, kernel relay counters.
-fn status(agent: &Agent) -> serde_json::Value {
-    agent.signal(libc::SIGUSR1).expect("SIGUSR1");
-    agent.wait_event_named("status", T).expect("status event")
-}
-
 #[test]
 fn large_transfers_are_intact_both_ways_on_the_kernel_path_and_leave_no_entry() {
     let m = mesh(ServerMode::Echo, &["--kernel-relay", "on"]);
@@ -103,6 +98,32 @@ fn large_transfers_are_intact_both_ways_on_the_splice_path() {
     tcp_echo_roundtrip(&mut c.stream, &pattern(48 << 20)).expect("48 MiB echoed intact");
     let s = status(&m.agent);
     assert!(s["kernel_relay_armed"].is_null(), "kernel relay off: {s}");
+}
+
+/// The default (`auto`): a bulk connection stays on splice, a request/response one moves to
+/// the kernel after a few exchanges and goes on intact there, bulk included.
+#[test]
+fn auto_keeps_bulk_on_splice_and_moves_request_response_to_the_kernel() {
+    let m = mesh(ServerMode::Echo, &[]);
+    let mut bulk = tcp_connect(&m.client, m.dst, T).expect("connect");
+    tcp_echo_roundtrip(&mut bulk.stream, &pattern(8 << 20)).expect("8 MiB echoed intact");
+    let s = status(&m.agent);
+    assert_eq!(s["kernel_relay_armed"], 0, "bulk stays on splice: {s}");
+    assert!(
+        s["pipes_pooled"].as_u64() >= Some(1),
+        "it went by splice: {s}"
+    );
+    let mut rr = tcp_connect(&m.client, m.dst, T).expect("connect");
+    for i in 0..50usize {
+        tcp_echo_roundtrip(&mut rr.stream, &pattern(100 + i)).expect("exchange");
+    }
+    let s = status(&m.agent);
+    assert_eq!(s["kernel_relay_armed"], 1, "request/response moved: {s}");
+    assert_eq!(s["kernel_relay_active"], 1, "{s}");
+    // Bulk after the move runs on the kernel path, intact.
+    tcp_echo_roundtrip(&mut rr.stream, &pattern(4 << 20)).expect("4 MiB echoed intact");
+    tcp_echo_roundtrip(&mut bulk.stream, &pattern(1000)).expect("the bulk one still works");
+    assert_eq!(status(&m.agent)["kernel_relay_armed"], 1);
 }
 
 #[test]

@@ -58,7 +58,7 @@ pub struct DatapathOptions<'a> {
     /// Programs stop capturing when the heartbeat is older than this; `None` never.
     pub fail_open_after: Option<std::time::Duration>,
     /// Attach the in-kernel relay (sockhash + stream verdict) for unshaped connections.
-    pub kernel_relay: bool,
+    pub kernel_relay: relay::Mode,
 }
 
 /// Maps the proxies use while running.
@@ -71,7 +71,7 @@ pub struct KernelMaps {
     verdicts: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
     /// Pod name (as given to --pod) to netns cookie, for verdict keys.
     pod_cookies: Mutex<std::collections::HashMap<String, u64>>,
-    /// The in-kernel relay, when `--kernel-relay on`.
+    /// The in-kernel relay, when `--kernel-relay on` or `auto`.
     pub relay: Option<relay::RelayMaps>,
 }
 
@@ -266,10 +266,9 @@ impl Datapath {
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
             verdicts: Mutex::new(take(&mut ebpf, map_names::VERDICTS)?),
             pod_cookies: Mutex::new(Default::default()),
-            relay: if opts.kernel_relay {
-                Some(relay::RelayMaps::attach(&mut ebpf)?)
-            } else {
-                None
+            relay: match opts.kernel_relay {
+                relay::Mode::Off => None,
+                mode => Some(relay::RelayMaps::attach(&mut ebpf, mode)?),
             },
         });
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);

@@ -5,7 +5,7 @@ use std::{
     os::fd::RawFd,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
 };
 
@@ -15,14 +15,27 @@ use aya::{
     programs::{sk_skb::SkSkbLink, SkSkb},
     Ebpf,
 };
-use sockmesh_common::relay as names;
+use sockmesh_common::relay::{self as names, RelayPeer};
 
 use super::take;
 
+/// Which connections the in-kernel relay takes (`--kernel-relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// None: splice only.
+    Off,
+    /// Every unshaped connection, from its start.
+    On,
+    /// Unshaped connections that turn out to be request/response, once they do.
+    Auto,
+}
+
 pub struct RelayMaps {
+    /// `On` or `Auto` (the maps exist only for those).
+    pub mode: Mode,
     socks: Mutex<SockHash<MapData, u64>>,
     tx: Mutex<SockHash<MapData, u64>>,
-    peers: Mutex<HashMap<MapData, u64, u64>>,
+    peers: Arc<Peers>,
     /// Connections armed right now, and ever.
     active: AtomicU64,
     armed: AtomicU64,
@@ -43,7 +56,7 @@ pub enum ArmError {
 
 impl RelayMaps {
     /// Load the verdict program, attach it to the sockhash and take the maps.
-    pub fn attach(ebpf: &mut Ebpf) -> Result<RelayMaps> {
+    pub fn attach(ebpf: &mut Ebpf, mode: Mode) -> Result<RelayMaps> {
         let socks: SockHash<MapData, u64> = take(ebpf, names::SOCKS)?;
         let tx = take(ebpf, names::TX)?;
         let peers = take(ebpf, names::PEERS)?;
@@ -57,9 +70,10 @@ impl RelayMaps {
             .context("attach the relay verdict program to its sockhash")?;
         let link = prog.take_link(id)?;
         Ok(RelayMaps {
+            mode,
             socks: Mutex::new(socks),
             tx: Mutex::new(tx),
-            peers: Mutex::new(peers),
+            peers: Arc::new(Mutex::new(peers)),
             active: AtomicU64::new(0),
             armed: AtomicU64::new(0),
             _link: link,
@@ -82,7 +96,12 @@ impl RelayMaps {
             .ok()
             .and_then(|mut tx| tx.insert(a.0, a.1, 0).and(tx.insert(b.0, b.1, 0)).ok())
             .and_then(|()| self.peers.lock().ok())
-            .and_then(|mut p| p.insert(a.0, b.0, 0).and(p.insert(b.0, a.0, 0)).ok());
+            .and_then(|mut p| {
+                let to = |peer| RelayPeer { peer, forwarded: 0 };
+                p.insert(a.0, to(b.0), 0)
+                    .and(p.insert(b.0, to(a.0), 0))
+                    .ok()
+            });
         if staged.is_none() {
             return Err(ArmError::NotArmed);
         }
@@ -94,6 +113,15 @@ impl RelayMaps {
         self.armed.fetch_add(1, Ordering::Relaxed);
         armed.counted = true;
         Ok(armed)
+    }
+
+    /// Reads what the kernel has forwarded from the two sockets of a connection while it is
+    /// armed (for live figures; usable from anywhere, it holds the map, not the relay).
+    pub fn forwarded(&self, cookies: [u64; 2]) -> Forwarded {
+        Forwarded {
+            peers: self.peers.clone(),
+            cookies,
+        }
     }
 
     /// Connections relayed in the kernel right now.
@@ -120,6 +148,26 @@ impl RelayMaps {
             .map(|m| m.get(&cookie, 0).is_ok())
             .unwrap_or(false);
         in_peers || in_hash(&self.socks) || in_hash(&self.tx)
+    }
+}
+
+type Peers = Mutex<HashMap<MapData, u64, RelayPeer>>;
+
+/// A connection's running forwarded counts, see [`RelayMaps::forwarded`].
+pub struct Forwarded {
+    peers: Arc<Peers>,
+    cookies: [u64; 2],
+}
+
+impl Forwarded {
+    /// Bytes forwarded from the first socket and from the second so far; 0 for a socket no
+    /// longer in the map (its connection has been disarmed).
+    pub fn get(&self) -> (u64, u64) {
+        let Ok(p) = self.peers.lock() else {
+            return (0, 0);
+        };
+        let one = |c: &u64| p.get(c, 0).map_or(0, |v| v.forwarded);
+        (one(&self.cookies[0]), one(&self.cookies[1]))
     }
 }
 

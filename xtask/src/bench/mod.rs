@@ -25,12 +25,13 @@ use workloads::Workload;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Direct,
-    /// eBPF capture + the agent, unshaped bytes relayed in the kernel (the default).
+    /// eBPF capture + the agent as deployed (`--kernel-relay auto`: splice, request/response
+    /// connections in the kernel).
     Sockmesh,
     Iptables,
     Haproxy,
     /// eBPF capture + a second agent with `--kernel-relay off`: the splice relay, measured in
-    /// the same run so the in-kernel relay's gain is a ratio, not a recollection.
+    /// the same run so what the in-kernel relay adds is a ratio, not a recollection.
     SockmeshSplice,
 }
 

@@ -240,7 +240,7 @@ fn start_agent(
         ))
         .arg("--bpffs-dir")
         .arg(pins)
-        .args(["--kernel-relay", "on", "--log-level", "warn"])
+        .args(["--kernel-relay", "auto", "--log-level", "warn"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(tmp.join("agent.log"))?);

@@ -22,7 +22,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, net::TcpStream, time::Instant};
 
-use super::{close_gracefully, deadline, End, Limits, Relayed};
+use super::{close_gracefully, deadline, Counts, End, Limits, Relayed};
 use crate::datapath::relay::{ArmError, RelayMaps};
 
 /// What became of a connection handed to the kernel relay.
@@ -37,9 +37,28 @@ pub enum Outcome {
 /// FIN) almost always passes, later ones back off from 1 ms to this.
 const FLUSH_RECHECK_MAX: Duration = Duration::from_millis(64);
 
-pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &RelayMaps) -> Outcome {
+/// Relays `a` and `b` in the kernel until the connection ends. `start`: when the connection
+/// started (its lifetime counts from there, also if it was spliced before); `bytes` holds
+/// what was relayed before, and gets the kernel's running count while it runs and the exact
+/// figures when it ends.
+pub async fn relay(
+    a: TcpStream,
+    b: TcpStream,
+    limits: &Limits<'_>,
+    maps: &RelayMaps,
+    start: Instant,
+    bytes: &Counts,
+) -> Outcome {
     let (Ok(ca), Ok(cb)) = (cookie(a.as_raw_fd()), cookie(b.as_raw_fd())) else {
         return Outcome::Fallback(a, b);
+    };
+    let reset_both = || {
+        let (a_to_b, b_to_a) = bytes.get();
+        Outcome::Done(Relayed {
+            a_to_b,
+            b_to_a,
+            end: End::Reset,
+        })
     };
     // Off tokio's reactor: it registers EPOLLIN, and the kernel wakes readers per message.
     let (a, b) = match (a.into_std(), b.into_std()) {
@@ -49,10 +68,7 @@ pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &Relay
             for s in [a, b].into_iter().flatten() {
                 super::reset_fd(s.as_fd());
             }
-            return Outcome::Done(Relayed {
-                end: End::Reset,
-                ..Relayed::default()
-            });
+            return reset_both();
         }
     };
     let back = |a: std::net::TcpStream, b: std::net::TcpStream| match (
@@ -60,13 +76,14 @@ pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &Relay
         TcpStream::from_std(b),
     ) {
         (Ok(a), Ok(b)) => Outcome::Fallback(a, b),
-        _ => Outcome::Done(Relayed {
-            end: End::Reset,
-            ..Relayed::default()
-        }),
+        _ => reset_both(),
     };
     let socks = [a.as_raw_fd(), b.as_raw_fd()];
-    // The agent never wrote to either socket, but the counters start at the handshake.
+    // What the agent relayed before (by splice, its pipes now empty): read from a and from b.
+    let (from_a, from_b) = bytes.get();
+    let prior = [from_a, from_b];
+    // Counted from here: TCP's counters started at the handshake, and the agent may have
+    // relayed bytes itself before.
     let base = [written(socks[0]), written(socks[1])];
     let ep = match closes(socks) {
         Ok(ep) => ep,
@@ -79,24 +96,21 @@ pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &Relay
             tracing::debug!("a side closed while the kernel relay was armed; resetting");
             super::reset_fd(a.as_fd());
             super::reset_fd(b.as_fd());
-            return Outcome::Done(Relayed {
-                end: End::Reset,
-                ..Relayed::default()
-            });
+            return reset_both();
         }
     };
+    bytes.in_kernel(maps.forwarded([ca, cb]));
     // Bytes that arrived before the program was attached wait in the receive queue for a
     // data-ready callback; setting SO_RCVLOWAT calls it now.
     for fd in socks {
         kick(fd);
     }
-    let start = Instant::now();
     let last = || last_activity(start, socks);
     let timer = deadline(limits, start, &last);
     tokio::pin!(timer);
     let mut st = Sides::default();
     let end = loop {
-        st.flush(socks, base);
+        st.flush(socks, base, prior);
         if st.read_done == [true, true] && st.pending == [false, false] {
             break End::Closed;
         }
@@ -113,9 +127,12 @@ pub async fn relay(a: TcpStream, b: TcpStream, limits: &Limits<'_>, maps: &Relay
     // Our FIN takes a sequence number too: not a byte.
     let sent =
         |side: usize| written(socks[side]).saturating_sub(base[side] + u64::from(st.shut[side]));
+    // Before the maps are cleared: a reader must never see the running count drop to 0.
+    bytes.out_of_kernel(sent(1), sent(0));
+    let (a_to_b, b_to_a) = bytes.get();
     let out = Relayed {
-        a_to_b: sent(1),
-        b_to_a: sent(0),
+        a_to_b,
+        b_to_a,
         end,
     };
     match end {
@@ -164,8 +181,10 @@ impl Sides {
         true
     }
 
-    /// Pass on each pending FIN whose bytes have all been written to the other side.
-    fn flush(&mut self, socks: [RawFd; 2], base: [u64; 2]) {
+    /// Pass on each pending FIN whose bytes have all been written to the other side. `base`:
+    /// each socket's written count when the kernel took over; `prior`: bytes the agent had
+    /// read from each before (and written to the other, so they are in `base` too).
+    fn flush(&mut self, socks: [RawFd; 2], base: [u64; 2], prior: [u64; 2]) {
         for side in 0..2 {
             let other = 1 - side;
             if !self.pending[side] {
@@ -173,7 +192,7 @@ impl Sides {
             }
             // bytes_received counts the FIN's sequence number too: one more than the data.
             let received = tcp_info(socks[side])
-                .map(|i| i.bytes_received.saturating_sub(1))
+                .map(|i| i.bytes_received.saturating_sub(1 + prior[side]))
                 .unwrap_or(0);
             let sent = written(socks[other]).saturating_sub(base[other]);
             // A peer that is gone takes no more bytes: stop waiting, its error resets both.

@@ -7,8 +7,11 @@
 //! Unshaped connections are forwarded with splice(2) through a pooled pipe (zero copy, see
 //! `pipe`); shaped ones are copied through a buffer so each chunk can be held back. Either
 //! way nothing is allocated per read, and an idle connection holds no pipe and no buffer.
-//! With `--kernel-relay on`, unshaped connections skip the agent altogether: the kernel
-//! forwards between the two sockets (see `kernel`), and splice is the fallback.
+//! With the in-kernel relay (`--kernel-relay`), unshaped connections skip the agent: the
+//! kernel forwards between the two sockets (see `kernel`), from the start (`on`) or once the
+//! connection shows request/response traffic (`auto`, see `turns`); splice is the fallback.
+#[cfg(test)]
+mod auto_tests;
 pub mod kernel;
 #[cfg(test)]
 mod kernel_tests;
@@ -16,12 +19,13 @@ mod pipe;
 mod pump;
 #[cfg(test)]
 mod tests;
+mod turns;
 
 use std::{
     os::fd::AsFd,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -34,6 +38,9 @@ use tokio::{
 
 pub use pipe::PipePool;
 pub use pump::Shaper;
+
+use crate::datapath::relay::{Forwarded, Mode};
+use pump::{Flow, Watch};
 
 /// How a relayed connection ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -59,20 +66,47 @@ pub struct Relayed {
 
 /// Bytes a connection has relayed so far, by direction: the pumps add what they write (one
 /// relaxed atomic add per chunk, no lock, no syscall) and the recorder reads them while the
-/// connection is still open, so a long-lived connection's bytes show before it ends.
-#[derive(Debug, Default)]
+/// connection is still open, so a long-lived connection's bytes show before it ends. While
+/// the kernel relays it, the kernel's running count is added (read from its map on `get`,
+/// about once a second, by the recorder's flush).
+#[derive(Default)]
 pub struct Counts {
     pub a_to_b: AtomicU64,
     pub b_to_a: AtomicU64,
+    kernel: Mutex<Option<Forwarded>>,
 }
 
 impl Counts {
     /// (a_to_b, b_to_a) now.
     pub fn get(&self) -> (u64, u64) {
-        (
+        let own = (
             self.a_to_b.load(Ordering::Relaxed),
             self.b_to_a.load(Ordering::Relaxed),
-        )
+        );
+        let kernel = self
+            .kernel
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(Forwarded::get))
+            .unwrap_or((0, 0));
+        (own.0 + kernel.0, own.1 + kernel.1)
+    }
+
+    /// The kernel relays the connection from now on: `get` adds what it has forwarded.
+    fn in_kernel(&self, f: Forwarded) {
+        if let Ok(mut k) = self.kernel.lock() {
+            *k = Some(f);
+        }
+    }
+
+    /// The kernel relay ended, having written exactly `a_to_b`/`b_to_a`: those replace its
+    /// running count. One lock, so a reader sees either the running or the final figures.
+    fn out_of_kernel(&self, a_to_b: u64, b_to_a: u64) {
+        if let Ok(mut k) = self.kernel.lock() {
+            self.a_to_b.fetch_add(a_to_b, Ordering::Relaxed);
+            self.b_to_a.fetch_add(b_to_a, Ordering::Relaxed);
+            *k = None;
+        }
     }
 }
 
@@ -146,32 +180,25 @@ async fn relay_with(
     // un-acked one and add a delayed-ACK wait to request/response traffic.
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
-    if let (Some(maps), None) = (limits.kernel, limits.shape) {
-        match kernel::relay(a, b, &limits, maps).await {
-            kernel::Outcome::Done(r) => return r,
-            kernel::Outcome::Fallback(a2, b2) => (a, b) = (a2, b2),
-        }
-    }
     let last = Activity {
         start: Instant::now(),
         last_ns: AtomicU64::new(0),
     };
-    let end = {
-        let ab = pump::pump(&a, &b, &bytes.a_to_b, &last, limits.shape, pool);
-        let ba = pump::pump(&b, &a, &bytes.b_to_a, &last, limits.shape, pool);
-        let last_at = || last.last();
-        let timer = deadline(&limits, last.start, &last_at);
-        tokio::pin!(ab, ba, timer);
-        let (mut ab_done, mut ba_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut ab, if !ab_done => { ab_done = true; if r.is_err() { break End::Reset } }
-                r = &mut ba, if !ba_done => { ba_done = true; if r.is_err() { break End::Reset } }
-                e = &mut timer => break e,
+    let kernel = limits.kernel.filter(|_| limits.shape.is_none());
+    let mut upgrade = kernel.is_some_and(|k| k.mode == Mode::Auto);
+    let mut now_in_kernel = kernel.is_some_and(|k| k.mode == Mode::On);
+    let end = loop {
+        if let (true, Some(maps)) = (now_in_kernel, kernel) {
+            match kernel::relay(a, b, &limits, maps, last.start, &bytes).await {
+                kernel::Outcome::Done(r) => return r,
+                // Not armed: nothing was forwarded, splice takes over (for good).
+                kernel::Outcome::Fallback(a2, b2) => (a, b) = (a2, b2),
             }
-            if ab_done && ba_done {
-                break End::Closed;
-            }
+            upgrade = false;
+        }
+        match spliced(&a, &b, &limits, pool, &bytes, &last, upgrade).await {
+            Some(end) => break end,
+            None => now_in_kernel = true,
         }
     };
     let (a_to_b, b_to_a) = bytes.get();
@@ -190,6 +217,55 @@ async fn relay_with(
         End::Closed => {}
     }
     out
+}
+
+/// Relays with the pumps (splice, or copy when shaped) until the connection ends (`Some`), or,
+/// when `upgrade` is set, until both directions are idle and it looks like request/response
+/// (`None`: nothing is in flight in the agent, hand the sockets to the kernel).
+async fn spliced(
+    a: &TcpStream,
+    b: &TcpStream,
+    limits: &Limits<'_>,
+    pool: &PipePool,
+    bytes: &Counts,
+    last: &Activity,
+    upgrade: bool,
+) -> Option<End> {
+    let turns = turns::Turns::default();
+    let idle = [AtomicBool::new(false), AtomicBool::new(false)];
+    let watch = |dir| {
+        upgrade.then_some(Watch {
+            turns: &turns,
+            dir,
+            idle: &idle,
+        })
+    };
+    let ab = pump::pump(a, b, &bytes.a_to_b, last, limits.shape, pool, watch(0));
+    let ba = pump::pump(b, a, &bytes.b_to_a, last, limits.shape, pool, watch(1));
+    let last_at = || last.last();
+    let timer = deadline(limits, last.start, &last_at);
+    tokio::pin!(ab, ba, timer);
+    let (mut ab_done, mut ba_done) = (false, false);
+    loop {
+        // The pumps run in this task: when one returns `Upgrade`, the other is parked at its
+        // idle wait (it said so), so dropping both here loses nothing.
+        tokio::select! {
+            r = &mut ab, if !ab_done => match r {
+                Ok(Flow::Ended) => ab_done = true,
+                Ok(Flow::Upgrade) => return None,
+                Err(_) => return Some(End::Reset),
+            },
+            r = &mut ba, if !ba_done => match r {
+                Ok(Flow::Ended) => ba_done = true,
+                Ok(Flow::Upgrade) => return None,
+                Err(_) => return Some(End::Reset),
+            },
+            e = &mut timer => return Some(e),
+        }
+        if ab_done && ba_done {
+            return Some(End::Closed);
+        }
+    }
 }
 
 /// How long a connection ended by a limit may take to be closed by its ends after our FIN.

@@ -10,7 +10,7 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -18,6 +18,7 @@ use tokio::{io::Interest, net::TcpStream};
 
 use super::{
     pipe::{PipePool, PipeSlot, PIPE_SIZE},
+    turns::Turns,
     Activity,
 };
 
@@ -26,6 +27,24 @@ const BUF_SIZE: usize = 32 * 1024;
 
 pub type Shaper<'a> = &'a (dyn Fn(u64) -> Duration + Sync);
 
+/// Why a pump returned without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Its source ended and the half-close was passed on.
+    Ended,
+    /// Both directions are idle with empty pipes and the connection looks like
+    /// request/response: hand it to the in-kernel relay (nothing is in flight in the agent).
+    Upgrade,
+}
+
+/// What a splice pump reports to the upgrade watch: its direction (0: a to b) and whether it
+/// waits for bytes with nothing held right now.
+pub struct Watch<'a> {
+    pub turns: &'a Turns,
+    pub dir: usize,
+    pub idle: &'a [AtomicBool; 2],
+}
+
 pub async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -33,12 +52,15 @@ pub async fn pump(
     last: &Activity,
     shape: Option<Shaper<'_>>,
     pool: &PipePool,
-) -> io::Result<()> {
+    watch: Option<Watch<'_>>,
+) -> io::Result<Flow> {
     match shape {
         // Boxed: a shaped connection is the rare case, and the copy state (buffer, shaping
         // timer) would otherwise sit in every connection's task, idle ones included.
-        Some(shape) => Box::pin(copy(src, dst, total, last, shape)).await,
-        None => splice(src, dst, total, last, pool).await,
+        Some(shape) => Box::pin(copy(src, dst, total, last, shape))
+            .await
+            .map(|()| Flow::Ended),
+        None => splice(src, dst, total, last, pool, watch).await,
     }
 }
 
@@ -53,25 +75,44 @@ async fn splice(
     total: &AtomicU64,
     last: &Activity,
     pool: &PipePool,
-) -> io::Result<()> {
+    watch: Option<Watch<'_>>,
+) -> io::Result<Flow> {
     let (src_fd, dst_fd): (RawFd, RawFd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut slot = PipeSlot::new(pool);
+    // Bytes moved since the direction last fell idle.
+    let mut burst = 0u64;
+    let set_idle = |idle: bool| {
+        if let Some(w) = &watch {
+            w.idle[w.dir].store(idle, Ordering::Relaxed);
+        }
+    };
     loop {
+        // The pipe is empty here: waiting below, this direction holds nothing in flight.
+        set_idle(true);
         src.readable().await?;
+        set_idle(false);
         let pipe = slot.get()?;
         let n = match src.try_io(Interest::READABLE, || pipe.fill(src_fd, PIPE_SIZE)) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Drained and nothing more yet: the direction is idle, give the pipe back.
                 slot.release();
+                if let Some(w) = &watch {
+                    let other_idle = w.idle[1 - w.dir].load(Ordering::Relaxed);
+                    let moved = std::mem::take(&mut burst);
+                    if moved > 0 && w.turns.burst(w.dir, moved, other_idle) {
+                        return Ok(Flow::Upgrade);
+                    }
+                }
                 continue;
             }
             Err(e) => return Err(e),
         };
         last.touch();
         if n == 0 {
-            return half_close(dst);
+            return half_close(dst).map(|()| Flow::Ended);
         }
+        burst += n as u64;
         while pipe.len > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd)) {

@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use super::{relay_with, Counts, End, Limits, PipePool, Relayed};
+use crate::datapath::relay::{Mode, RelayMaps};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -62,28 +63,48 @@ async fn setup(limits: Limits<'static>) -> Setup {
     setup_in(false, limits).await
 }
 
-/// The relay maps of one loaded copy of the kernel programs, shared by this test binary's
-/// kernel-relay tests (the pins a load needs are removed at once: the maps live on by fd).
-pub(super) fn kernel_maps() -> &'static crate::datapath::relay::RelayMaps {
-    static MAPS: std::sync::OnceLock<crate::datapath::relay::RelayMaps> =
-        std::sync::OnceLock::new();
-    MAPS.get_or_init(|| {
-        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/smt-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("pin dir (bpffs mounted, root)");
-        let loaded = aya::EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .load(crate::EBPF_OBJECT);
-        let _ = std::fs::remove_dir_all(&dir);
-        // Leaked: the programs must stay loaded for the process's life.
-        let ebpf = Box::leak(Box::new(loaded.expect("load the programs")));
-        crate::datapath::relay::RelayMaps::attach(ebpf).expect("attach the relay")
-    })
+/// The relay maps (`--kernel-relay on`) of one loaded copy of the kernel programs, shared by
+/// this test binary's kernel-relay tests.
+pub(super) fn kernel_maps() -> &'static RelayMaps {
+    static MAPS: std::sync::OnceLock<RelayMaps> = std::sync::OnceLock::new();
+    MAPS.get_or_init(|| load_maps(Mode::On))
+}
+
+/// Another loaded copy, in `--kernel-relay auto` mode.
+pub(super) fn auto_maps() -> &'static RelayMaps {
+    static MAPS: std::sync::OnceLock<RelayMaps> = std::sync::OnceLock::new();
+    MAPS.get_or_init(|| load_maps(Mode::Auto))
+}
+
+/// Loads the kernel programs (the pins a load needs are removed at once: the maps live on by
+/// fd) and attaches the relay.
+fn load_maps(mode: Mode) -> RelayMaps {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/smt-unit-{}-{mode:?}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("pin dir (bpffs mounted, root)");
+    let loaded = aya::EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(crate::EBPF_OBJECT);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Leaked: the programs must stay loaded for the process's life.
+    let ebpf = Box::leak(Box::new(loaded.expect("load the programs")));
+    RelayMaps::attach(ebpf, mode).expect("attach the relay")
 }
 
 /// `kernel`: relay unshaped bytes in the kernel (the shared test maps), else by splice.
-pub(super) async fn setup_in(kernel: bool, mut limits: Limits<'static>) -> Setup {
-    if kernel {
-        limits.kernel = Some(kernel_maps());
+pub(super) async fn setup_in(kernel: bool, limits: Limits<'static>) -> Setup {
+    setup_with(kernel.then(kernel_maps), limits).await
+}
+
+/// The relay with these relay maps (their mode decides when the kernel takes over).
+pub(super) async fn setup_with(
+    maps: Option<&'static RelayMaps>,
+    mut limits: Limits<'static>,
+) -> Setup {
+    if maps.is_some() {
+        limits.kernel = maps;
     }
     // Leaked so the spawned relay can borrow it; a few bytes per test.
     let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(4)));
@@ -152,7 +173,7 @@ pub(super) async fn ended(relay: JoinHandle<Relayed>) -> Relayed {
 
 /// Waits for `bytes` to read `want` (no event marks the add after a write); fails past T or
 /// if they overshoot.
-async fn counts_reach(bytes: &Counts, want: (u64, u64)) {
+pub(super) async fn counts_reach(bytes: &Counts, want: (u64, u64)) {
     let deadline = Instant::now() + T;
     while bytes.get() != want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
