@@ -61,7 +61,19 @@ pub fn idle_connections(topo: &Topology, n: usize) -> Result<ScaleResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let server = spawn_server(&topo.server, accepted.clone(), stop.clone())?;
     let result = (|| {
-        let (rss_before_kib, fds_before) = (rss_kib(pid)?, fds(pid)?);
+        // Connections of the workloads before may still be closing (a half-closed one waits
+        // for its server): let the agent's fd count settle, so it is a baseline.
+        let settle = Instant::now() + Duration::from_secs(15);
+        let mut fds_before = fds(pid)?;
+        while Instant::now() < settle {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = fds(pid)?;
+            if now == fds_before {
+                break;
+            }
+            fds_before = now;
+        }
+        let rss_before_kib = rss_kib(pid)?;
         let client = topo.client(Variant::Sockmesh);
         let start = Instant::now();
         let conns = open_clients(client, n, accepted.clone())?;

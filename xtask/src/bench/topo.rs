@@ -101,7 +101,7 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
     }
     let pins = DirGuard(pins);
     let agent = start_agent(agent_bin, find(Variant::Sockmesh), ipt, &pins.0, tmp)?;
-    // The splice relay's agent: its own pins, no metrics port (the first agent has it).
+    // The splice relay's agent: its own pins, no metrics port.
     let splice_pins = pins.0.join("splice");
     let splice_agent = spawn_agent_until_ready(
         Command::new(agent_bin)
@@ -240,6 +240,9 @@ fn start_agent(
         ))
         .arg("--bpffs-dir")
         .arg(pins)
+        // Serving /metrics as deployed, on a port of its own: another bench (or agent) may hold
+        // the default one.
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--kernel-relay", "auto", "--log-level", "warn"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
