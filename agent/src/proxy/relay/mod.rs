@@ -189,7 +189,9 @@ async fn relay_with(
     let mut now_in_kernel = kernel.is_some_and(|k| k.mode == Mode::On);
     let end = loop {
         if let (true, Some(maps)) = (now_in_kernel, kernel) {
-            match kernel::relay(a, b, &limits, maps, last.start, &bytes).await {
+            // Boxed: its state would otherwise sit in every connection's task, spliced and
+            // idle ones included (the scale figures are per idle connection).
+            match Box::pin(kernel::relay(a, b, &limits, maps, last.start, &bytes)).await {
                 kernel::Outcome::Done(r) => return r,
                 // Not armed: nothing was forwarded, splice takes over (for good).
                 kernel::Outcome::Fallback(a2, b2) => (a, b) = (a2, b2),
@@ -212,7 +214,8 @@ async fn relay_with(
             reset(&a);
             reset(&b);
         }
-        End::IdleTimeout | End::MaxLifetime => close_gracefully(&mut a, &mut b).await,
+        // Boxed: its read buffers would otherwise sit in every connection's task.
+        End::IdleTimeout | End::MaxLifetime => Box::pin(close_gracefully(&mut a, &mut b)).await,
         // Both sides already closed: dropping the streams finishes the close.
         End::Closed => {}
     }

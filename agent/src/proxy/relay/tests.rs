@@ -407,3 +407,21 @@ async fn shaped_connections_are_copied_and_every_byte_is_debited() {
     assert_eq!(SHAPED.load(Ordering::Relaxed), r.a_to_b + r.b_to_a);
     assert_eq!(s.pool.created(), 0, "shaped bytes are not spliced");
 }
+
+/// Every open connection's task holds this future, idle ones included: the scale figures
+/// (agent memory per idle connection) depend on it staying small, so rare states (the kernel
+/// relay, the shaped copy, the graceful close) are boxed rather than inlined.
+#[tokio::test]
+async fn an_idle_connection_s_relay_state_stays_small() {
+    let (_c, a) = pair().await;
+    let (b, _s) = pair().await;
+    let pool: &'static PipePool = Box::leak(Box::new(PipePool::new(1)));
+    let limits = Limits {
+        kernel: Some(auto_maps()),
+        ..Limits::default()
+    };
+    let fut = relay_with(a, b, limits, pool, Default::default());
+    let size = std::mem::size_of_val(&fut);
+    eprintln!("relay future: {size} bytes");
+    assert!(size <= 2048, "relay future grew to {size} bytes");
+}
