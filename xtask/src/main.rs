@@ -58,6 +58,9 @@ enum Cmd {
         /// 0 skips the step).
         #[arg(long)]
         scale_conns: Option<usize>,
+        /// Seconds per run (default 4, or 2 with --quick); longer runs help a profiler.
+        #[arg(long)]
+        seconds: Option<u64>,
         /// Only these workloads, comma-separated: bulk1, bulk8, rr, new-conns, connect
         /// (default: all).
         #[arg(long, value_name = "NAMES")]
@@ -105,10 +108,11 @@ fn main() -> ExitCode {
             quick,
             reps,
             scale_conns,
+            seconds,
             workload,
             variant,
         } => bench::Selection::parse(workload.as_deref(), variant.as_deref())
-            .and_then(|only| bench::bench(quick, reps, scale_conns, only)),
+            .and_then(|only| bench::bench(quick, reps, scale_conns, seconds, only)),
         Cmd::Soak { conns, secs, seed } => soak::soak(conns, secs, seed),
     };
     match result {

@@ -114,25 +114,29 @@ pub fn bench(
     quick: bool,
     reps: Option<usize>,
     scale_conns: Option<usize>,
+    seconds: Option<u64>,
     only: Selection,
 ) -> Result<()> {
     let plan = if quick {
         Plan {
             reps: reps.unwrap_or(1),
-            seconds: 2,
+            seconds: seconds.unwrap_or(2),
             connects: 300,
             scale_conns: scale_conns.unwrap_or(10_000),
         }
     } else {
         Plan {
             reps: reps.unwrap_or(3),
-            seconds: 4,
+            seconds: seconds.unwrap_or(4),
             connects: 2000,
             scale_conns: scale_conns.unwrap_or(100_000),
         }
     };
     if plan.reps == 0 {
         bail!("--reps must be at least 1");
+    }
+    if plan.seconds == 0 {
+        bail!("--seconds must be at least 1");
     }
     prereqs::ensure(Level::Run)?;
     prereqs::install_packages("benchmark tools", PACKAGES)?;
