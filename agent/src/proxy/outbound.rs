@@ -89,8 +89,11 @@ pub async fn proxy(
     let started = tokio::time::Instant::now();
     let upstream = async {
         let sock = socket_in_pod(pod, shared, dst, local).await?;
-        if let (Some(f), Ok(addr)) = (on_bound, sock.local_addr()) {
-            f(addr);
+        // Only inbound asks: getsockname is a syscall on every outbound connection otherwise.
+        if let Some(f) = on_bound {
+            if let Ok(addr) = sock.local_addr() {
+                f(addr);
+            }
         }
         connect_socket(sock, dst, permit.timeouts.connect).await
     }
