@@ -330,6 +330,7 @@ async fn serve(
                 "pods": pods.len(),
                 "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
                 "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
+                "sockets_pooled": crate::proxy::upstream::pooled(),
                 "kernel_relay_active": shared.maps.relay.as_ref().map(|r| r.active()),
                 "kernel_relay_armed": shared.maps.relay.as_ref().map(|r| r.armed()),
             })),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::counter;
-use policy_util::{attempt, fd_count, send_to_sink, wait_until, Outcome, Sink, T};
+use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, T};
 use sockmesh_tests::*;
 
 /// Rate 2/s, burst 3: exactly three back-to-back connects are admitted and the fourth is
@@ -105,12 +105,12 @@ fn concurrency_limit_queues_grants_on_close_and_times_out_per_codel() {
             Some(h) => h,
             None => attempt(&client, dst).admitted(),
         };
-        let fds = fd_count(agent.pid());
+        let fds = conn_fds(&agent);
         let asked = Instant::now();
         let mut waiter = tcp_connect(&client, dst, T).expect("accepted by the agent");
         waiter.stream.write_all(b"ping").expect("write");
         wait_until("the agent to accept the waiter", T, || {
-            fd_count(agent.pid()) > fds
+            conn_fds(&agent) > fds
         });
         drop(holder);
         let mut back = [0u8; 4];

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use policy_util::{fd_count, map_len, wait_until, T};
+use policy_util::{conn_fds, map_len, wait_until, T};
 use sockmesh_tests::*;
 
 /// A peer that drops SYNs: the agent gives up after the connect timeout and resets the
@@ -48,7 +48,7 @@ fn connect_timeout_resets_the_client() {
 /// maps that link a redirected socket to its original destination.
 fn footprint(agent: &Agent) -> (usize, usize, usize) {
     (
-        fd_count(agent.pid()),
+        conn_fds(agent),
         map_len(agent, "SM_SOCKETS"),
         map_len(agent, "SM_ORIG_TUPLE"),
     )

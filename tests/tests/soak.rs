@@ -167,8 +167,8 @@ fn one(rng: &mut Rng, server: &Pod, tally: &Tally) {
 }
 
 /// (fds, tasks, RSS in KiB) of the agent. The fds leave out the splice pipes the agent keeps
-/// pooled for reuse (two each, bounded): those are held on purpose, and a pipe still in use
-/// at the end would show up as a leak.
+/// pooled for reuse (two each, bounded) and its spare upstream sockets (bounded): those are
+/// held on purpose, and a pipe or socket still in use at the end would show up as a leak.
 fn usage(agent: &Agent) -> (usize, u64, u64) {
     let pid = agent.pid();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -177,7 +177,8 @@ fn usage(agent: &Agent) -> (usize, u64, u64) {
     agent.signal(libc::SIGUSR1).expect("SIGUSR1");
     let ev = agent.wait_event_named("status", T).expect("status event");
     let pooled = ev["pipes_pooled"].as_u64().expect("pipes_pooled") as usize;
-    let fds = fds - 2 * pooled;
+    let spare = ev["sockets_pooled"].as_u64().expect("sockets_pooled") as usize;
+    let fds = fds - 2 * pooled - spare;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let rss = status
         .lines()

@@ -54,9 +54,21 @@ enum Cmd {
         /// Repetitions of every workload and variant (default 3, or 1 with --quick).
         #[arg(long)]
         reps: Option<usize>,
-        /// Idle connections held in the scale step (default 100000, or 10000 with --quick).
+        /// Idle connections held in the scale step (default 100000, or 10000 with --quick;
+        /// 0 skips the step).
         #[arg(long)]
         scale_conns: Option<usize>,
+        /// Seconds per run (default 4, or 2 with --quick); longer runs help a profiler.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Only these workloads, comma-separated: bulk1, bulk8, rr, new-conns, connect
+        /// (default: all).
+        #[arg(long, value_name = "NAMES")]
+        workload: Option<String>,
+        /// Only these variants, comma-separated: direct, sockmesh, iptables, haproxy,
+        /// sockmesh-splice (default: all; direct is always run, every ratio needs it).
+        #[arg(long, value_name = "NAMES")]
+        variant: Option<String>,
     },
     /// Soak: many connections with random sizes, half-closes and resets through the mesh
     /// between two pods; bytes checked per connection, agent fds/tasks/RSS flat (needs root).
@@ -96,7 +108,11 @@ fn main() -> ExitCode {
             quick,
             reps,
             scale_conns,
-        } => bench::bench(quick, reps, scale_conns),
+            seconds,
+            workload,
+            variant,
+        } => bench::Selection::parse(workload.as_deref(), variant.as_deref())
+            .and_then(|only| bench::bench(quick, reps, scale_conns, seconds, only)),
         Cmd::Soak { conns, secs, seed } => soak::soak(conns, secs, seed),
     };
     match result {

@@ -155,6 +155,7 @@ impl PodManager {
             cookie: e.pod.cookie,
             worker: e.pod.worker.clone(),
             addrs: e.pod.addrs.clone().into(),
+            upstream: Default::default(),
         };
         let mut offers = Vec::new();
         let mut offer =

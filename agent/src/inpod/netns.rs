@@ -122,6 +122,14 @@ impl NetnsWorker {
             .map_err(|_| anyhow!("netns worker dropped the job"))
     }
 
+    /// Queue `f` inside the namespace without waiting for it (background work such as
+    /// making spare sockets).
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.tx
+            .send(Box::new(f))
+            .map_err(|_| anyhow!("netns worker has stopped"))
+    }
+
     /// Run `f` inside the namespace, blocking the calling thread (start-up only).
     pub fn run_blocking<T, F>(&self, f: F) -> Result<T>
     where

@@ -8,6 +8,7 @@ pub mod inbound;
 pub mod origdst;
 pub mod outbound;
 pub mod relay;
+pub mod upstream;
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -46,6 +47,8 @@ pub struct PodCtx {
     pub cookie: u64,
     pub worker: NetnsWorker,
     pub addrs: Arc<[IpAddr]>,
+    /// Spare upstream sockets made by `worker` ahead of the connections that take them.
+    pub upstream: Arc<upstream::UpstreamSockets>,
 }
 
 /// Shared by every task: configuration, kernel maps, and the shutdown plumbing (a token that

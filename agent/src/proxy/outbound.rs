@@ -13,10 +13,7 @@ use super::{
     relay::{self, Limits},
     PodCtx, Shared,
 };
-use crate::{
-    inpod::sockets,
-    policy::{BreakerTransition, Direction, PeerKey},
-};
+use crate::policy::{BreakerTransition, Direction, PeerKey};
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
     let ipv6 = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
@@ -92,8 +89,11 @@ pub async fn proxy(
     let started = tokio::time::Instant::now();
     let upstream = async {
         let sock = socket_in_pod(pod, shared, dst, local).await?;
-        if let (Some(f), Ok(addr)) = (on_bound, sock.local_addr()) {
-            f(addr);
+        // Only inbound asks: getsockname is a syscall on every outbound connection otherwise.
+        if let Some(f) = on_bound {
+            if let Ok(addr) = sock.local_addr() {
+                f(addr);
+            }
         }
         connect_socket(sock, dst, permit.timeouts.connect).await
     }
@@ -131,19 +131,18 @@ pub async fn proxy(
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
 }
 
-/// A marked TCP socket created in the pod's namespace, optionally bound to `local`.
+/// A marked TCP socket of the pod's namespace, optionally bound to `local` (bind works on
+/// any thread: the namespace is the socket's, fixed when it was made).
 async fn socket_in_pod(
     pod: &PodCtx,
     shared: &Shared,
     dst: SocketAddr,
     local: Option<SocketAddr>,
 ) -> std::io::Result<TcpSocket> {
-    let mark = shared.cfg.mark;
-    let std = pod
-        .worker
-        .run(move || sockets::tcp_for(dst, local, mark))
-        .await
-        .map_err(std::io::Error::other)??;
+    let std = pod.upstream.take(&pod.worker, dst, shared.cfg.mark).await?;
+    if let Some(local) = local {
+        socket2::SockRef::from(&std).bind(&local.into())?;
+    }
     Ok(TcpSocket::from_std_stream(std))
 }
 

@@ -95,6 +95,25 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// The agent's open fds less the spare upstream sockets it keeps on purpose (a few per pod
+/// and family, see the agent's `proxy::upstream`): what its connections and listeners hold.
+/// The spares are asked for before and after the count, and again until both agree, so a
+/// top-up made meanwhile is not mistaken for a connection.
+pub fn conn_fds(agent: &Agent) -> usize {
+    let pooled = || {
+        agent.signal(libc::SIGUSR1).expect("SIGUSR1");
+        let ev = agent.wait_event_named("status", T).expect("status event");
+        ev["sockets_pooled"].as_u64().expect("sockets_pooled") as usize
+    };
+    loop {
+        let before = pooled();
+        let fds = fd_count(agent.pid());
+        if pooled() == before {
+            return fds.saturating_sub(before);
+        }
+    }
+}
+
 /// Entries of one of the agent's pinned maps, read with bpftool (as an operator would).
 pub fn map_len(agent: &Agent, map: &str) -> usize {
     let path = agent.bpffs_dir().join(map);

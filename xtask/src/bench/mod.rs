@@ -8,6 +8,7 @@
 
 mod report;
 mod scale;
+mod select;
 mod stats;
 mod topo;
 mod workloads;
@@ -19,7 +20,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::prereqs::{self, Level};
 use crate::util::{bail_if_interrupted, cargo, catch_interrupts, repo_root, run, target_dir};
-use workloads::Workload;
+pub use select::Selection;
 
 /// The paths a connection can take from a client pod to the server pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +52,14 @@ impl Variant {
             Variant::Iptables => "iptables+agent",
             Variant::Haproxy => "haproxy",
             Variant::SockmeshSplice => "sockmesh-splice",
+        }
+    }
+
+    /// The name `--variant` takes (the report's, without the `+agent`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Variant::Iptables => "iptables",
+            v => v.name(),
         }
     }
 
@@ -102,24 +111,33 @@ const PACKAGES: &[(&str, &[&str])] = &[
     ("iproute2", &["ip", "ss"]),
 ];
 
-pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Result<()> {
+pub fn bench(
+    quick: bool,
+    reps: Option<usize>,
+    scale_conns: Option<usize>,
+    seconds: Option<u64>,
+    only: Selection,
+) -> Result<()> {
     let plan = if quick {
         Plan {
             reps: reps.unwrap_or(1),
-            seconds: 2,
+            seconds: seconds.unwrap_or(2),
             connects: 300,
             scale_conns: scale_conns.unwrap_or(10_000),
         }
     } else {
         Plan {
             reps: reps.unwrap_or(3),
-            seconds: 4,
+            seconds: seconds.unwrap_or(4),
             connects: 2000,
             scale_conns: scale_conns.unwrap_or(100_000),
         }
     };
     if plan.reps == 0 {
         bail!("--reps must be at least 1");
+    }
+    if plan.seconds == 0 {
+        bail!("--seconds must be at least 1");
     }
     prereqs::ensure(Level::Run)?;
     prereqs::install_packages("benchmark tools", PACKAGES)?;
@@ -156,14 +174,15 @@ pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Re
     let machine = report::machine();
     println!("==> setting up pods, servers, agent, iptables rule, haproxy");
     let topo = topo::create(&agent, &tmp)?;
-    let mut results = report::Results::new(plan.reps);
+    let mut results = report::Results::new(plan.reps, only.clone());
     for rep in 0..plan.reps {
-        for w in Workload::ALL {
+        for &w in &only.workloads {
             // Rotate the order each repetition so no variant always runs first (warm caches)
             // or last (after the others' TIME_WAIT sockets).
-            for k in 0..Variant::ALL.len() {
+            let n = only.variants.len();
+            for k in 0..n {
                 bail_if_interrupted()?;
-                let v = Variant::ALL[(k + rep) % Variant::ALL.len()];
+                let v = only.variants[(k + rep) % n];
                 let r = w.run(&topo, v, &plan);
                 match &r {
                     Ok(vals) => println!(
@@ -189,13 +208,19 @@ pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Re
             }
         }
     }
-    println!(
-        "==> scale: {} concurrent idle connections through the agent",
-        plan.scale_conns
-    );
-    let scale = scale::idle_connections(&topo, plan.scale_conns);
+    let scale = if plan.scale_conns == 0 {
+        println!("==> scale: skipped (--scale-conns 0)");
+        None
+    } else {
+        println!(
+            "==> scale: {} concurrent idle connections through the agent",
+            plan.scale_conns
+        );
+        Some(scale::idle_connections(&topo, plan.scale_conns))
+    };
     match &scale {
-        Ok(s) => println!(
+        None => {}
+        Some(Ok(s)) => println!(
             "    established in {:.1} s; agent RSS {} -> {} KiB ({:.0} B per connection); fds {} -> {} -> {}",
             s.establish_secs,
             s.rss_before_kib,
@@ -205,7 +230,7 @@ pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Re
             s.fds_after,
             s.fds_after_close
         ),
-        Err(e) => println!("    scale step FAILED: {e:#}"),
+        Some(Err(e)) => println!("    scale step FAILED: {e:#}"),
     }
     println!("==> cleaning up");
     drop(topo);
@@ -216,13 +241,13 @@ pub fn bench(quick: bool, reps: Option<usize>, scale_conns: Option<usize>) -> Re
         &machine,
         &plan,
         &results,
-        scale.as_ref().ok(),
+        scale.as_ref().and_then(|s| s.as_ref().ok()),
         started.elapsed(),
     )?;
     for p in &written {
         println!("xtask: wrote {}", p.display());
     }
-    let failed = results.failures() + usize::from(scale.is_err());
+    let failed = results.failures() + usize::from(matches!(scale, Some(Err(_))));
     if failed > 0 {
         bail!("{failed} measurement(s) failed; the report shows which");
     }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::scale::ScaleResult;
 use super::stats::{summarise, Better, Summary};
 use super::workloads::Workload;
-use super::{Plan, Variant};
+use super::{Plan, Selection, Variant};
 use crate::util::try_output;
 
 /// One run's values (in the order of the workload's metrics), or why it failed.
@@ -23,6 +23,8 @@ type Run = Result<Vec<f64>, String>;
 /// Every repetition's run per (workload, variant).
 pub struct Results {
     reps: usize,
+    /// What this run measures: the report shows these and nothing else.
+    only: Selection,
     runs: HashMap<(usize, usize), Vec<Run>>,
 }
 
@@ -33,9 +35,10 @@ fn key(w: Workload, v: Variant) -> (usize, usize) {
 }
 
 impl Results {
-    pub fn new(reps: usize) -> Self {
+    pub fn new(reps: usize, only: Selection) -> Self {
         Results {
             reps,
+            only,
             runs: HashMap::new(),
         }
     }
@@ -69,8 +72,8 @@ impl Results {
 
     fn errors(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for w in Workload::ALL {
-            for v in Variant::ALL {
+        for &w in &self.only.workloads {
+            for &v in &self.only.variants {
                 for (rep, r) in self.runs.get(&key(w, v)).into_iter().flatten().enumerate() {
                     if let Err(e) = r {
                         out.push(format!("rep {} {} {}: {e}", rep + 1, w.name(), v.name()));
@@ -149,10 +152,10 @@ fn to_json(
     took: Duration,
 ) -> Value {
     let mut rows = Vec::new();
-    for w in Workload::ALL {
+    for &w in &results.only.workloads {
         for (i, m) in w.metrics().iter().enumerate() {
             let mut variants = serde_json::Map::new();
-            for v in Variant::ALL {
+            for &v in &results.only.variants {
                 variants.insert(
                     v.name().into(),
                     results
@@ -169,6 +172,8 @@ fn to_json(
     json!({
         "machine": machine,
         "plan": { "repetitions": plan.reps, "seconds_per_run": plan.seconds,
+                  "workloads": results.only.workloads.iter().map(|w| w.flag()).collect::<Vec<_>>(),
+                  "variants": results.only.variants.iter().map(|v| v.flag()).collect::<Vec<_>>(),
                   "connects_per_run": plan.connects, "scale_connections": plan.scale_conns },
         "duration_seconds": took.as_secs_f64(),
         "results": rows,
@@ -212,13 +217,13 @@ fn to_markdown(
         took.as_secs_f64(),
     );
     s.push_str("| workload | metric |");
-    for v in Variant::ALL {
+    for v in &results.only.variants {
         s.push_str(&format!(" {} |", v.name()));
     }
     s.push_str("\n|---|---|");
-    s.push_str(&"---|".repeat(Variant::ALL.len()));
+    s.push_str(&"---|".repeat(results.only.variants.len()));
     s.push('\n');
-    for w in Workload::ALL {
+    for &w in &results.only.workloads {
         for (i, m) in w.metrics().iter().enumerate() {
             s.push_str(&format!(
                 "| {} | {} ({}, {} is better) |",
@@ -227,7 +232,7 @@ fn to_markdown(
                 m.unit,
                 m.better.as_str()
             ));
-            for v in Variant::ALL {
+            for &v in &results.only.variants {
                 match results.summary(w, v, i) {
                     Some(x) => {
                         s.push_str(&format!(" {} (±{:.0}%)", fmt_val(x.median), x.spread_pct));
@@ -339,7 +344,7 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
         &|k| k <= 4.0,
         "{} KiB",
     );
-    for w in Workload::ALL {
+    for &w in &results.only.workloads {
         for (i, m) in w.metrics().iter().enumerate() {
             let vs = (|| {
                 let (a, b) = (med(w, Variant::Sockmesh, i)?, med(w, Variant::Haproxy, i)?);
@@ -366,15 +371,22 @@ fn to_svg(results: &Results) -> String {
     const W: f64 = 900.0;
     const LABEL: f64 = 330.0;
     const BAR: f64 = 14.0;
-    let colours = [
-        ("sockmesh", "#2a7ab0"),
-        ("iptables+agent", "#e08a1e"),
-        ("haproxy", "#7a7a7a"),
-        ("sockmesh-splice", "#7ab02a"),
-    ];
-    let others = &Variant::ALL[1..];
+    let colour = |v: Variant| match v {
+        Variant::Direct => "#000000",
+        Variant::Sockmesh => "#2a7ab0",
+        Variant::Iptables => "#e08a1e",
+        Variant::Haproxy => "#7a7a7a",
+        Variant::SockmeshSplice => "#7ab02a",
+    };
+    let others: Vec<Variant> = results
+        .only
+        .variants
+        .iter()
+        .copied()
+        .filter(|v| *v != Variant::Direct)
+        .collect();
     let mut rows = Vec::new();
-    for w in Workload::ALL {
+    for &w in &results.only.workloads {
         for (i, m) in w.metrics().iter().enumerate() {
             let r: Vec<Option<f64>> = others
                 .iter()
@@ -399,11 +411,13 @@ fn to_svg(results: &Results) -> String {
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"20\" font-size=\"15\">sockmesh bench: ratio to direct (median over repetitions)</text>\n"
     );
-    for (k, (name, c)) in colours.iter().enumerate() {
+    for (k, v) in others.iter().enumerate() {
         let x = LABEL + k as f64 * 150.0;
         s.push_str(&format!(
-            "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{c}\"/><text x=\"{}\" y=\"42\">{name}</text>\n",
-            x + 16.0
+            "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{}</text>\n",
+            colour(*v),
+            x + 16.0,
+            v.name()
         ));
     }
     for (j, (label, ratios)) in rows.iter().enumerate() {
@@ -421,7 +435,7 @@ fn to_svg(results: &Results) -> String {
                     "<rect x=\"{LABEL}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{r:.2}</text>\n",
                     (r.min(max) * scale).max(1.0),
                     BAR - 2.0,
-                    colours[k].1,
+                    colour(others[k]),
                     LABEL + r.min(max) * scale + 4.0,
                     y + BAR - 4.0
                 )),

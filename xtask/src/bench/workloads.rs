@@ -53,6 +53,17 @@ impl Workload {
         }
     }
 
+    /// The name `--workload` takes.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Workload::Bulk1 => "bulk1",
+            Workload::Bulk8 => "bulk8",
+            Workload::Rr => "rr",
+            Workload::Cps => "new-conns",
+            Workload::Connect => "connect",
+        }
+    }
+
     pub fn metrics(self) -> &'static [Metric] {
         const BULK: &[Metric] = &[m("throughput", "Gbit/s", Better::Higher)];
         const RR: &[Metric] = &[
