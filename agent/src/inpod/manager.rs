@@ -175,6 +175,9 @@ impl PodManager {
                     l.local_addr(),
                     l.try_clone().map(OwnedFd::from),
                 )?;
+                // Already set on a listener this agent made; one handed over by an older
+                // agent may lack it, and accepted sockets inherit it.
+                let _ = socket2::SockRef::from(&l).set_nodelay(true);
                 let l = TcpListener::from_std(l).context("register outbound listener")?;
                 shared
                     .tasks

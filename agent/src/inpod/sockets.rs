@@ -23,9 +23,12 @@ fn domain_of(addr: &SocketAddr) -> Domain {
     }
 }
 
-/// A listening TCP socket on exactly `addr`.
+/// A listening TCP socket on exactly `addr`. TCP_NODELAY is set on it (accepted sockets
+/// inherit it): the relay forwards segments as they come, and Nagle would hold a small reply
+/// behind an un-acked one for a delayed-ACK wait.
 pub fn tcp_listener(addr: SocketAddr, mark: u32, backlog: i32) -> io::Result<TcpListener> {
     let s = marked(domain_of(&addr), Type::STREAM, Protocol::TCP, mark)?;
+    s.set_nodelay(true)?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -45,9 +48,11 @@ pub fn udp_bound(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-/// An unconnected TCP socket for reaching `dst`, optionally bound to `local` first.
+/// An unconnected TCP socket for reaching `dst`, optionally bound to `local` first; with
+/// TCP_NODELAY, like the listeners.
 pub fn tcp_for(dst: SocketAddr, local: Option<SocketAddr>, mark: u32) -> io::Result<TcpStream> {
     let s = marked(domain_of(&dst), Type::STREAM, Protocol::TCP, mark)?;
+    s.set_nodelay(true)?;
     if let Some(local) = local {
         s.bind(&SockAddr::from(local))?;
     }
@@ -58,4 +63,29 @@ pub fn tcp_for(dst: SocketAddr, local: Option<SocketAddr>, mark: u32) -> io::Res
 pub fn udp_for(dst: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let s = marked(domain_of(&dst), Type::DGRAM, Protocol::UDP, mark)?;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relay relies on it: it no longer sets TCP_NODELAY per connection.
+    #[test]
+    fn accepted_and_upstream_sockets_come_with_nodelay() {
+        let l = tcp_listener("127.0.0.1:0".parse().expect("addr"), 0x5eed, 8).expect("listen");
+        let addr = l.local_addr().expect("addr");
+        let c = std::net::TcpStream::connect(addr).expect("connect");
+        l.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = l.accept().expect("accept");
+        assert!(
+            accepted.nodelay().expect("nodelay"),
+            "inherited from the listener"
+        );
+        assert!(
+            !c.nodelay().expect("nodelay"),
+            "a plain socket has Nagle on"
+        );
+        let up = tcp_for(addr, None, 0x5eed).expect("socket");
+        assert!(socket2::SockRef::from(&up).nodelay().expect("nodelay"));
+    }
 }

@@ -270,6 +270,9 @@ fn start(
     let mut loops = Vec::new();
     let mut fds = Vec::new();
     for (addr, l) in listeners {
+        // Accepted sockets inherit it (see `inpod::sockets::tcp_listener`); a listener handed
+        // over by an older agent may lack it.
+        let _ = socket2::SockRef::from(&l).set_nodelay(true);
         let dup = l.try_clone().map(OwnedFd::from);
         let listener = match dup.and_then(|d| Ok((d, TcpListener::from_std(l)?))) {
             Ok((d, l)) => {
