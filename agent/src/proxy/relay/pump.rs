@@ -69,6 +69,17 @@ fn half_close(dst: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(dst).shutdown(Shutdown::Write)
 }
 
+/// The largest read the small-message path copies; a read that fills it means bulk, and the
+/// direction splices from then on.
+const SMALL: usize = 16 * 1024;
+
+thread_local! {
+    /// The small-message path's buffer: one per worker thread, used only between a read and
+    /// the write right after it (no await in between), so no connection holds one.
+    static SMALL_BUF: std::cell::RefCell<Box<[u8; SMALL]>> =
+        std::cell::RefCell::new(Box::new([0; SMALL]));
+}
+
 async fn splice(
     src: &TcpStream,
     dst: &TcpStream,
@@ -81,28 +92,59 @@ async fn splice(
     let mut slot = PipeSlot::new(pool);
     // Bytes moved since the direction last fell idle.
     let mut burst = 0u64;
+    // Messages (a request, a reply) are copied: a recv and a send cost less than two splices
+    // and a pipe for a few hundred bytes. The first full read switches to splice for good.
+    let mut small = true;
     let set_idle = |idle: bool| {
         if let Some(w) = &watch {
             w.idle[w.dir].store(idle, Ordering::Relaxed);
         }
     };
+    // Drained and nothing more yet: the direction is idle. True: move to the kernel now.
+    let fell_idle = |burst: &mut u64| {
+        let moved = std::mem::take(burst);
+        watch.as_ref().is_some_and(|w| {
+            let other_idle = w.idle[1 - w.dir].load(Ordering::Relaxed);
+            moved > 0 && w.turns.burst(w.dir, moved, other_idle)
+        })
+    };
     loop {
-        // The pipe is empty here: waiting below, this direction holds nothing in flight.
+        // Nothing is held here (pipe empty, every copied byte written): waiting below, this
+        // direction has nothing in flight.
         set_idle(true);
         src.readable().await?;
         set_idle(false);
+        if small {
+            let copied = match src.try_io(Interest::READABLE, || copy_small(src_fd, dst_fd)) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if fell_idle(&mut burst) {
+                        return Ok(Flow::Upgrade);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            last.touch();
+            if copied.read == 0 {
+                return half_close(dst).map(|()| Flow::Ended);
+            }
+            burst += copied.read as u64;
+            total.fetch_add(copied.written as u64, Ordering::Relaxed);
+            small = copied.read < SMALL;
+            if let Some(rest) = copied.rest {
+                write_all(dst, &rest, total).await?;
+            }
+            continue;
+        }
         let pipe = slot.get()?;
         let n = match src.try_io(Interest::READABLE, || pipe.fill(src_fd, PIPE_SIZE)) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Drained and nothing more yet: the direction is idle, give the pipe back.
+                // Idle: give the pipe back.
                 slot.release();
-                if let Some(w) = &watch {
-                    let other_idle = w.idle[1 - w.dir].load(Ordering::Relaxed);
-                    let moved = std::mem::take(&mut burst);
-                    if moved > 0 && w.turns.burst(w.dir, moved, other_idle) {
-                        return Ok(Flow::Upgrade);
-                    }
+                if fell_idle(&mut burst) {
+                    return Ok(Flow::Upgrade);
                 }
                 continue;
             }
@@ -124,6 +166,72 @@ async fn splice(
             }
         }
     }
+}
+
+/// What one small-message copy did: bytes read (0: end of stream), written at once, and the
+/// rest when `dst` could not take them all (copied out of the thread's buffer, rare).
+struct Copied {
+    read: usize,
+    written: usize,
+    rest: Option<Vec<u8>>,
+}
+
+/// One recv from `src` into the thread's buffer and one send of it to `dst`, both
+/// non-blocking. WouldBlock only from the recv (the caller's readiness is `src`'s).
+fn copy_small(src: RawFd, dst: RawFd) -> io::Result<Copied> {
+    SMALL_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        // SAFETY: recv writes at most SMALL bytes into the buffer.
+        let n = unsafe { libc::recv(src, buf.as_mut_ptr().cast(), SMALL, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let read = n as usize;
+        let mut written = 0;
+        while written < read {
+            // SAFETY: sends bytes of the buffer that recv filled.
+            let m = unsafe {
+                libc::send(
+                    dst,
+                    buf[written..read].as_ptr().cast(),
+                    read - written,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if m < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    // Not WouldBlock: the caller takes any error as the connection failing.
+                    _ => return Err(io::Error::new(io::ErrorKind::BrokenPipe, e)),
+                }
+            }
+            written += m as usize;
+        }
+        let rest = (written < read).then(|| buf[written..read].to_vec());
+        Ok(Copied {
+            read,
+            written,
+            rest,
+        })
+    })
+}
+
+/// Writes all of `bytes` to `dst`, waiting for room.
+async fn write_all(dst: &TcpStream, mut bytes: &[u8], total: &AtomicU64) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(m) => {
+                total.fetch_add(m as u64, Ordering::Relaxed);
+                bytes = &bytes[m..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn copy(

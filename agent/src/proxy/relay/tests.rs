@@ -23,7 +23,10 @@ pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
-    (c.expect("connect"), a.expect("accept").0)
+    let (c, a) = (c.expect("connect"), a.expect("accept").0);
+    // As the agent's own sockets are made (`inpod::sockets`).
+    a.set_nodelay(true).expect("nodelay");
+    (c, a)
 }
 
 pub(super) struct Setup {
@@ -424,4 +427,38 @@ async fn an_idle_connection_s_relay_state_stays_small() {
     let size = std::mem::size_of_val(&fut);
     eprintln!("relay future: {size} bytes");
     assert!(size <= 2048, "relay future grew to {size} bytes");
+}
+
+/// Messages go by the small-copy path (no pipe); the first read that fills its buffer switches
+/// the direction to splice, with every byte in order across the switch (the sender writes a
+/// large block in one go while the relay's first reads are small ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_copied_and_bulk_switches_to_splice_in_order() {
+    let mut s = setup(Limits::default()).await;
+    for i in 0..20u32 {
+        let msg = stream(i, 300);
+        s.client.write_all(&msg).await.expect("request");
+        let mut got = vec![0u8; msg.len()];
+        s.server
+            .read_exact(&mut got)
+            .await
+            .expect("request arrives");
+        assert!(got == msg, "message {i} intact");
+    }
+    assert_eq!(s.pool.created(), 0, "messages took no pipe");
+    let bulk = stream(99, 8 << 20);
+    let (got, ()) = tokio::join!(
+        async {
+            let mut v = vec![0u8; bulk.len()];
+            s.server.read_exact(&mut v).await.expect("bulk arrives");
+            v
+        },
+        async { s.client.write_all(&bulk).await.expect("bulk write") }
+    );
+    assert!(got == bulk, "bulk intact and in order across the switch");
+    assert!(s.pool.created() >= 1, "bulk went by splice");
+    let (client, server, rest) = s.ends(true);
+    drop((client, server));
+    let r = ended(rest.relay).await;
+    assert_eq!(r.a_to_b, 20 * 300 + bulk.len() as u64);
 }
