@@ -264,6 +264,8 @@ pub fn raise_nofile() -> Result<u64> {
 /// and, relaying in the kernel, an epoll fd (this process holds two: client and server end),
 /// plus a margin for everything else.
 pub fn max_conns(nofile: u64) -> usize {
-    // Two sockets per connection, plus the in-kernel relay's epoll of closes.
-    (nofile.saturating_sub(512) / 3) as usize
+    // Two sockets per connection in the agent (idle connections stay on splice under the
+    // default `--kernel-relay auto`: no epoll of closes), and two in this process (the client
+    // and the server end).
+    (nofile.saturating_sub(512) / 2) as usize
 }
