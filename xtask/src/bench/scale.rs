@@ -261,11 +261,8 @@ pub fn raise_nofile() -> Result<u64> {
 }
 
 /// How many proxied connections `nofile` allows: the agent holds two sockets per connection
-/// and, relaying in the kernel, an epoll fd (this process holds two: client and server end),
-/// plus a margin for everything else.
+/// (idle connections stay on splice under the default `--kernel-relay auto`, so no epoll of
+/// closes), this process two (the client and the server end), plus a margin for the rest.
 pub fn max_conns(nofile: u64) -> usize {
-    // Two sockets per connection in the agent (idle connections stay on splice under the
-    // default `--kernel-relay auto`: no epoll of closes), and two in this process (the client
-    // and the server end).
     (nofile.saturating_sub(512) / 2) as usize
 }

@@ -260,17 +260,6 @@ async fn copy(
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let mut sent = 0;
-        while sent < n {
-            dst.writable().await?;
-            match dst.try_write(&buf[sent..n]) {
-                Ok(m) => {
-                    sent += m;
-                    total.fetch_add(m as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(dst, &buf[..n], total).await?;
     }
 }
