@@ -22,6 +22,7 @@ use kernel_io::{next_events, read_kernel_logs, watch_events};
 use shutdown::{stop, Exit};
 
 use crate::{
+    admission::Admission,
     cli::RunArgs,
     datapath::{heartbeat, preflight, Datapath, DatapathOptions},
     events,
@@ -34,15 +35,18 @@ use crate::{
         resolver::{ns_id, Resolver},
     },
     kube::{controller::Controller, report::Report},
-    observe::{self, flush::Observer, http::MetricsState, recorder::Recorder, sink::unix_ms},
-    policy::{watch::PolicyWatcher, Direction, PeerKey, PeerTable, PolicyArgs, PolicyHandle},
-    proxy::{admission::Admission, ProxyConfig, Shared},
+    observe::{self, http::MetricsState},
+    policy::{Direction, PeerKey, PeerTable},
+    proxy::{ProxyConfig, Shared},
+    rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
+    sys::clock::unix_ms,
+    telemetry::{flush::Observer, recorder::Recorder},
 };
 
 pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_privileges()?;
     // Before any thread exists, so every thread the agent starts inherits the reduced sets.
-    crate::caps::drop_unneeded()?;
+    crate::sys::caps::drop_unneeded()?;
     preflight::check_kernel()?;
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
@@ -187,7 +191,6 @@ async fn serve(
         cfg: std::sync::Arc::new(ProxyConfig {
             mark: args.mark,
             outbound_port: args.outbound_port,
-            dns_port: args.dns_port,
         }),
         maps: dp.maps.clone(),
         admission,
@@ -260,9 +263,10 @@ async fn serve(
             None
         }
     };
-    shared
-        .tasks
-        .spawn(observe::flush::run(observer.clone(), shared.cancel.clone()));
+    shared.tasks.spawn(crate::telemetry::flush::run(
+        observer.clone(),
+        shared.cancel.clone(),
+    ));
     let mut kube = match (client, &node) {
         (Some(client), Some(node)) => {
             let tasks = shared.tasks.clone();

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{CidrSpec, PodSpec, PortRangeSpec};
+use crate::spec::{CidrSpec, PodSpec, PortRangeSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,7 +92,7 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
     pub kernel_log: bool,
     /// At shutdown, how long live connections may take to finish before they are closed.
-    #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = crate::policy::parse_duration)]
+    #[arg(long, env = "SOCKMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = crate::rules::parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// Threads running the proxies (default: one per CPU). Measured on 2 cores: see the
     /// README's performance section.
@@ -101,7 +101,7 @@ pub struct RunArgs {
     /// Fail open: when the agent's heartbeat (written every 125-500 ms) is older than this,
     /// the kernel stops redirecting and new connections go direct; `off` never fails open.
     #[arg(long, env = "SOCKMESH_FAIL_OPEN_AFTER", value_name = "DURATION|off", default_value = "2s", value_parser = fail_open_after)]
-    pub fail_open_after: crate::policy::OrOff<std::time::Duration>,
+    pub fail_open_after: crate::rules::OrOff<std::time::Duration>,
     /// In-kernel relay for connections without a bandwidth limit (sockhash + sk_skb verdict:
     /// the kernel forwards bytes between the two sockets without waking the agent per
     /// message). `auto` (the default): splice first, and a connection that shows
@@ -113,7 +113,7 @@ pub struct RunArgs {
     pub kernel_relay: crate::datapath::relay::Mode,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
-    pub policy: crate::policy::PolicyArgs,
+    pub policy: crate::rules::PolicyArgs,
     /// Where /metrics, /healthz and /readyz are served (ip:port), or `off`.
     #[arg(long, env = "SOCKMESH_METRICS_ADDR", default_value = "127.0.0.1:15090", value_parser = crate::observe::http::parse_addr)]
     pub metrics_addr: crate::observe::http::MetricsAddr,
@@ -139,7 +139,7 @@ pub struct StatsArgs {
     #[arg(long)]
     pub json: bool,
     /// Refresh every INTERVAL (default 2s) until interrupted.
-    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = crate::policy::parse_duration)]
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = crate::rules::parse_duration)]
     pub watch: Option<std::time::Duration>,
     /// Only this pod: a part of its name, or its netns cookie.
     #[arg(long)]
@@ -154,10 +154,10 @@ pub struct StatsArgs {
 
 fn fail_open_after(
     s: &str,
-) -> Result<crate::policy::OrOff<std::time::Duration>, Box<dyn std::error::Error + Send + Sync>> {
-    let d = crate::policy::knobs::parse_timeout_knob(s)?;
+) -> Result<crate::rules::OrOff<std::time::Duration>, Box<dyn std::error::Error + Send + Sync>> {
+    let d = crate::rules::knobs::parse_timeout_knob(s)?;
     crate::datapath::heartbeat::validate(d)?;
-    Ok(crate::policy::OrOff(d))
+    Ok(crate::rules::OrOff(d))
 }
 
 fn kernel_relay_mode(s: &str) -> Result<crate::datapath::relay::Mode, String> {

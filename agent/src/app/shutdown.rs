@@ -5,7 +5,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::Datapath, events, inpod::manager::PodManager, observe::flush::Observer, proxy::Shared,
+    datapath::Datapath, events, inpod::manager::PodManager, proxy::Shared,
+    telemetry::flush::Observer,
 };
 
 /// What happens to the pods and pins.

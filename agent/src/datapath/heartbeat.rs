@@ -13,7 +13,7 @@ use sockmesh_common::GlobalConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::proxy::admission::monotonic_ns;
+use crate::sys::clock::monotonic_ns;
 
 /// The shortest `--fail-open-after`: a bound below a few heartbeats would fail open on any
 /// scheduling hiccup of a busy node.

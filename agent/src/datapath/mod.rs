@@ -4,6 +4,7 @@ pub mod heartbeat;
 pub mod links;
 pub mod preflight;
 pub mod relay;
+pub mod sink;
 pub mod stats;
 
 use std::{
@@ -142,7 +143,7 @@ pub struct Datapath {
     pub maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
     /// The observability maps the agent writes (taken by the app at start).
-    sink: Option<crate::observe::sink::Sink>,
+    sink: Option<sink::Sink>,
     heartbeat: Option<heartbeat::Heartbeat>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     _ebpf: Ebpf,
@@ -272,7 +273,7 @@ impl Datapath {
             },
         });
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
-        let sink = Some(crate::observe::sink::Sink::take(&mut ebpf)?);
+        let sink = Some(sink::Sink::take(&mut ebpf)?);
         info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");
         Ok(Datapath {
             _links: links,
@@ -320,7 +321,7 @@ impl Datapath {
         self.events.take()
     }
 
-    pub fn take_sink(&mut self) -> Option<crate::observe::sink::Sink> {
+    pub fn take_sink(&mut self) -> Option<sink::Sink> {
         self.sink.take()
     }
 

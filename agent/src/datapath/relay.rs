@@ -136,6 +136,7 @@ impl RelayMaps {
 
     /// Whether any of the three maps still holds this socket cookie (a leak once its
     /// connection ended).
+    #[cfg(test)]
     pub fn holds(&self, cookie: u64) -> bool {
         let in_hash = |m: &Mutex<SockHash<MapData, u64>>| {
             m.lock()

@@ -38,11 +38,7 @@ pub struct PodCounters {
     pub meta: Option<PodMeta>,
 }
 
-impl PodCounters {
-    pub fn get(&self, idx: usize) -> u64 {
-        self.counters.get(idx).copied().unwrap_or(0)
-    }
-}
+impl PodCounters {}
 
 /// Every pod with counters, enrolled now or not, after checking the schema version.
 pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {

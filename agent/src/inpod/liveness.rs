@@ -17,7 +17,7 @@ use std::{
 use tokio::io::{unix::AsyncFd, Interest};
 
 use super::resolver::{ns_id, NsId};
-use crate::inotify;
+use crate::sys::inotify;
 
 /// What names a pod's namespace, and so what to watch.
 #[derive(Clone, Debug, PartialEq, Eq)]

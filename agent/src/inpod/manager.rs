@@ -26,15 +26,15 @@ use super::{
 };
 use crate::{
     cli::RunArgs,
-    config::{CidrSpec, PodSpec, PortRangeSpec},
     datapath::Datapath,
     events,
     handover::{
         proto::{Kind, Offered},
         Handed,
     },
-    observe::flush::Observer,
     proxy::{dns, inbound::Inbound, outbound, PodCtx, Shared},
+    spec::{CidrSpec, PodSpec, PortRangeSpec},
+    telemetry::flush::Observer,
 };
 
 /// A pod's namespace went away (sent by its liveness watch).
@@ -105,17 +105,9 @@ impl PodManager {
         self.pods.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
-    }
-
     /// The netns cookies of every enrolled pod.
     pub fn cookies(&self) -> Vec<u64> {
         self.pods.values().map(|p| p.cookie).collect()
-    }
-
-    pub fn contains(&self, id: &str) -> bool {
-        self.pods.contains_key(id)
     }
 
     /// The namespace identity of an enrolled pod.

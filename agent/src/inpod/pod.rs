@@ -9,14 +9,16 @@ use std::os::fd::OwnedFd;
 
 use anyhow::{bail, Context, Result};
 
-use super::{
-    netns::{current_addresses, current_netns_cookie, Netns, NetnsWorker},
-    sockets,
+use crate::{
+    handover::Handed,
+    spec::PodSpec,
+    sys::{
+        netns::{current_addresses, current_netns_cookie, Netns, NetnsWorker},
+        sockets,
+    },
 };
-use crate::{config::PodSpec, handover::Handed};
 
 pub struct Pod {
-    pub spec: PodSpec,
     pub netns: Netns,
     pub worker: NetnsWorker,
     pub cookie: u64,
@@ -98,7 +100,6 @@ impl Pod {
         })??;
         Ok((
             Pod {
-                spec: spec.clone(),
                 netns,
                 worker,
                 cookie,
@@ -106,9 +107,5 @@ impl Pod {
             },
             listeners,
         ))
-    }
-
-    pub fn name(&self) -> String {
-        self.netns.path().display().to_string()
     }
 }

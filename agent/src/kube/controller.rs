@@ -24,7 +24,6 @@ use super::{
     report::Report,
 };
 use crate::{
-    config::PodSpec,
     datapath::Datapath,
     events,
     inpod::{
@@ -32,6 +31,7 @@ use crate::{
         manager::{Gone, PodManager, PodTemplate},
         resolver::Resolver,
     },
+    spec::PodSpec,
 };
 
 type Watch<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use sockmesh_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
-use crate::config::{CidrSpec, PortRangeSpec};
+use crate::spec::{CidrSpec, PortRangeSpec};
 
 pub const MESH: &str = "sockmesh.io/mesh";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "sockmesh.io/exclude-outbound-ports";

@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use super::{flush::Observer, prom, view};
+use super::{prom, view};
+use crate::telemetry::flush::Observer;
 
 /// A client that sends no complete request head within this is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);

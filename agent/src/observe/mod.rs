@@ -1,12 +1,9 @@
-//! Observability: per-peer figures recorded by the proxy and flushed to the pinned maps, the
-//! readers (`sockmesh stats|peers|pods`, `/metrics`) built on one snapshot of those maps, the
-//! metrics HTTP endpoint, and log setup.
+//! The readers of what the agent and the kernel counted: `sockmesh stats|peers|pods` and
+//! `/metrics`, built on one snapshot of the pinned maps, the metrics HTTP endpoint, and log
+//! setup. What writes those figures (the recorder and its flush) is `crate::telemetry`.
 pub mod cli;
-pub mod flush;
 pub mod http;
 pub mod logging;
 pub mod prom;
-pub mod recorder;
-pub mod sink;
 pub mod table;
 pub mod view;

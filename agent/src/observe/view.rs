@@ -14,7 +14,7 @@ use sockmesh_common::{
 
 use crate::{
     datapath::stats::{self, PeerRecord, PodCounters},
-    proxy::admission::monotonic_ns,
+    sys::clock::monotonic_ns,
 };
 
 /// Everything the readers show, read in one go.

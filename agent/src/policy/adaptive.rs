@@ -93,10 +93,6 @@ impl AdaptiveThrottle {
         }
     }
 
-    pub fn config(&self) -> &AdaptiveConfig {
-        &self.config
-    }
-
     /// Rejects with the probability above when `rand01 < p`; the rejection itself
     /// is recorded as a request. A NaN `rand01` admits (fail open on a broken
     /// random source rather than reject everything).

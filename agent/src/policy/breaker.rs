@@ -72,16 +72,6 @@ impl ConnectFailure {
         ConnectFailure::Unreachable,
     ];
 
-    /// Stable snake_case name, for metric labels and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Reset => "reset",
-            ConnectFailure::Timeout => "timeout",
-            ConnectFailure::Unreachable => "unreachable",
-        }
-    }
-
     /// Position in [`ConnectFailure::ALL`].
     pub fn index(self) -> usize {
         self as usize
@@ -134,10 +124,6 @@ impl Breaker {
             config,
             state: State::Closed { failures: 0 },
         }
-    }
-
-    pub fn config(&self) -> &BreakerConfig {
-        &self.config
     }
 
     /// New knobs apply from the next transition; the current state is kept.

@@ -6,8 +6,7 @@
 //! trait exists only for whoever owns the [`PeerTable`](super::PeerTable): the agent
 //! reads it once per event and passes the value down.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A monotonic timestamp: nanoseconds since an arbitrary, clock-specific epoch.
 ///
@@ -22,6 +21,7 @@ pub struct Nanos(pub u64);
 
 impl Nanos {
     pub const ZERO: Nanos = Nanos(0);
+    #[cfg(test)]
     pub const MAX: Nanos = Nanos(u64::MAX);
 
     /// The instant `d` after the epoch, saturating at [`Nanos::MAX`].
@@ -65,71 +65,5 @@ impl<C: Clock + ?Sized> Clock for &C {
 impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
     fn now(&self) -> Nanos {
         (**self).now()
-    }
-}
-
-/// Production clock: `std::time::Instant` (CLOCK_MONOTONIC on Linux), with its epoch
-/// at construction time.
-#[derive(Debug, Clone, Copy)]
-pub struct MonotonicClock {
-    origin: Instant,
-}
-
-impl MonotonicClock {
-    pub fn new() -> Self {
-        MonotonicClock {
-            origin: Instant::now(),
-        }
-    }
-}
-
-impl Default for MonotonicClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for MonotonicClock {
-    fn now(&self) -> Nanos {
-        // `Instant` never goes backwards, so `elapsed` cannot underflow.
-        Nanos::from_duration(self.origin.elapsed())
-    }
-}
-
-/// Test clock: time moves only when told to. `Send + Sync` (an atomic), so it can be
-/// shared with the owner of a table behind an `Arc` the same way a real clock is.
-#[derive(Debug, Default)]
-pub struct ManualClock {
-    now: AtomicU64,
-}
-
-impl ManualClock {
-    pub fn new(start: Nanos) -> Self {
-        ManualClock {
-            now: AtomicU64::new(start.0),
-        }
-    }
-
-    /// Moves time forward by `d`, saturating at [`Nanos::MAX`].
-    pub fn advance(&self, d: Duration) {
-        let step = duration_to_nanos(d);
-        // fetch_update with a closure that always returns Some cannot fail.
-        let _ = self
-            .now
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
-                Some(t.saturating_add(step))
-            });
-    }
-
-    /// Sets the time to any instant, including an earlier one (to test how the
-    /// state machines cope with a clock that steps backwards).
-    pub fn set(&self, t: Nanos) {
-        self.now.store(t.0, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Nanos {
-        Nanos(self.now.load(Ordering::SeqCst))
     }
 }

@@ -99,6 +99,7 @@ impl ConcurrencyLimiter {
         }
     }
 
+    #[cfg(test)]
     pub fn config(&self) -> &ConcurrencyConfig {
         &self.config
     }
@@ -181,6 +182,7 @@ impl ConcurrencyLimiter {
     /// Removes and returns every waiter whose deadline is at or before `now`, for
     /// an owner that prefers one timer (see [`Self::next_deadline`]) to one per
     /// waiter.
+    #[cfg(test)]
     pub fn expire(&mut self, now: Nanos) -> Vec<Ticket> {
         let now = self.observe(now);
         let mut expired = Vec::new();
@@ -198,6 +200,7 @@ impl ConcurrencyLimiter {
     }
 
     /// The earliest waiter deadline, if anyone is waiting.
+    #[cfg(test)]
     pub fn next_deadline(&self) -> Option<Nanos> {
         self.queue.iter().map(|w| w.deadline).min()
     }

@@ -85,6 +85,7 @@ impl Decision {
     ///
     /// Never for adaptive throttling otherwise (a coin toss: the next attempt may
     /// pass), a full queue or a queue timeout (a slot can free up at any moment).
+    #[cfg(test)]
     pub fn fast_reject_until(&self) -> Option<Nanos> {
         match self {
             Decision::Reject {
@@ -133,11 +134,13 @@ pub struct Counters {
 }
 
 impl Counters {
+    #[cfg(test)]
     pub fn rejected(&self, reason: RejectReason) -> u64 {
         self.rejected[reason.index()]
     }
 
     /// Upstream connects that failed this way (each also a breaker failure).
+    #[cfg(test)]
     pub fn connect_failed(&self, kind: ConnectFailure) -> u64 {
         self.connect_failed[kind.index()]
     }

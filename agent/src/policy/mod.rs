@@ -14,9 +14,13 @@
 //! | [`adaptive`] | Google SRE client-side adaptive throttling |
 //! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
 //! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
-//! | [`config`] | [`PeerPolicy`] and the human-unit parsers (`500ms`, `10MiB/s`) |
+//! | [`peer_policy`] | [`PeerPolicy`]: every knob of one peer, as configuration resolved it |
+//! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
 //! | [`table`] | [`PeerTable`]: per-peer state, bounded LRU, composition, counters |
+//!
+//! Where a peer's [`PeerPolicy`] comes from (flags, the policy file, reload) is the
+//! configuration's business: `crate::rules`, one layer up.
 //!
 //! # Admission order
 //!
@@ -61,42 +65,22 @@ pub mod adaptive;
 pub mod breaker;
 pub mod clock;
 pub mod concurrency;
-pub mod config;
 pub mod decision;
-pub mod file;
-mod file_error;
-pub mod flags;
-pub mod knobs;
+pub mod key;
 mod peer;
-pub mod reload;
-pub mod rules;
+pub mod peer_policy;
 pub mod table;
 pub mod timeouts;
 pub mod token_bucket;
-pub mod watch;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-pub use adaptive::{AdaptiveConfig, AdaptiveThrottle};
-pub use breaker::{
-    Breaker, BreakerConfig, BreakerDecision, BreakerState, BreakerTransition, ConnectFailure,
-};
-pub use clock::{Clock, ManualClock, MonotonicClock, Nanos};
-pub use concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter, Ticket};
-pub use config::{
-    format_duration, format_size, parse_bandwidth, parse_duration, parse_rate, parse_size,
-    parse_timeout, ParseError, PeerPolicy, RateLimit,
-};
-pub use decision::{Counters, Decision, Lease, PeerView, RejectReason};
-pub use file::{PolicyError, PolicyErrorDetail};
-pub use flags::{OrOff, PolicyArgs};
-pub use reload::PolicyHandle;
-pub use rules::{
-    Cidr, Knobs, Overrides, PodPattern, PolicySet, PortRange, Rule, Specificity, KNOB_NAMES,
-};
-pub use rules::{Direction, PeerKey};
-pub use table::{PeerTable, PolicySource, TableConfig};
-pub use timeouts::{TimeoutKind, Timeouts};
-pub use token_bucket::{Rate, TokenBucket, Wait};
-pub use watch::PolicyWatcher;
+pub use breaker::{BreakerState, BreakerTransition, ConnectFailure};
+pub use clock::{Clock, Nanos};
+pub use concurrency::Ticket;
+pub use decision::{Decision, Lease, PeerView, RejectReason};
+pub use key::{Direction, PeerKey};
+pub use peer_policy::PeerPolicy;
+pub use table::{PeerTable, PolicySource};
+pub use timeouts::Timeouts;

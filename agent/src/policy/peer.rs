@@ -33,8 +33,8 @@ use super::adaptive::AdaptiveThrottle;
 use super::breaker::{Breaker, BreakerDecision, BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
 use super::concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter, Ticket};
-use super::config::{PeerPolicy, RateLimit};
 use super::decision::RejectReason;
+use super::peer_policy::{PeerPolicy, RateLimit};
 use super::token_bucket::{TokenBucket, Wait};
 use std::time::Duration;
 

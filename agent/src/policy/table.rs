@@ -25,9 +25,9 @@
 use super::breaker::{BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
 use super::concurrency::Ticket;
-use super::config::PeerPolicy;
 use super::decision::{Counters, Decision, Lease, PeerView, RejectReason};
 use super::peer::{PeerState, Verdict};
+use super::peer_policy::PeerPolicy;
 use super::timeouts::Timeouts;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -173,6 +173,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     }
 
     /// A table applying the same policy to every peer.
+    #[cfg(test)]
     pub fn with_policy(config: TableConfig, policy: PeerPolicy) -> Self {
         Self::new(config, Box::new(move |_| policy.clone()))
     }
@@ -184,10 +185,12 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         self.epoch += 1;
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -321,6 +324,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     }
 
     /// While the peer's breaker is open: when it closes to probing.
+    #[cfg(test)]
     pub fn breaker_open_until(&self, now: Nanos, key: &K) -> Option<Nanos> {
         let breaker = self.entries.get(key)?.state.breaker.as_ref()?;
         breaker.open_until(now.max(self.floor))
@@ -331,6 +335,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         self.entries.get(key).map(|e| &e.state.policy)
     }
 
+    #[cfg(test)]
     pub fn peers(&self, now: Nanos) -> impl Iterator<Item = (&K, PeerView)> + '_ {
         let now = now.max(self.floor);
         self.entries
@@ -362,6 +367,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     }
 
     /// Drops every resting entry untouched for `idle_expiry`; returns how many.
+    #[cfg(test)]
     pub fn expire_idle(&mut self, now: Nanos) -> usize {
         let now = self.observe(now);
         self.expire_idle_up_to(now, usize::MAX)

@@ -1,6 +1,6 @@
 //! Connection and DNS timeouts: the knobs, their defaults, and pure deadline math.
 //!
-//! The agent arms one timer per connection at [`Timeouts::next_deadline`], and
+//! The relay arms one timer per connection at [`Timeouts::next_deadline`], and
 //! when it fires asks [`Timeouts::expired`] which limit (if any) was hit; activity
 //! in between only moves `last_activity`, so no timer is re-armed per byte.
 
@@ -50,25 +50,14 @@ impl Default for Timeouts {
     }
 }
 
+/// Which limit of an established connection was hit.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TimeoutKind {
-    Connect,
     Idle,
     MaxLifetime,
-    Dns,
 }
 
 impl Timeouts {
-    /// When a connect started at `started` must have completed.
-    pub fn connect_deadline(&self, started: Nanos) -> Option<Nanos> {
-        self.connect.map(|t| started.saturating_add(t))
-    }
-
-    /// When a DNS query sent upstream at `sent` gets SERVFAIL.
-    pub fn dns_deadline(&self, sent: Nanos) -> Option<Nanos> {
-        self.dns.map(|t| sent.saturating_add(t))
-    }
-
     /// The earliest deadline of an established connection accepted at `started`
     /// whose last byte (either way) moved at `last_activity`.
     ///

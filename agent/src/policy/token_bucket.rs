@@ -15,7 +15,6 @@
 //! times the longest period (24 h < 2^47 ns) is < 2^111, and everything saturates.
 
 use super::clock::{duration_to_nanos, Nanos};
-use std::fmt;
 use std::time::Duration;
 
 /// Longest accepted rate period. Bounding it keeps `tokens * period` inside `i128`
@@ -41,6 +40,7 @@ impl Rate {
     }
 
     /// `tokens` per second; `None` if `tokens` is 0.
+    #[cfg(test)]
     pub fn per_second(tokens: u64) -> Option<Rate> {
         Rate::new(tokens, Duration::from_secs(1))
     }
@@ -51,23 +51,6 @@ impl Rate {
 
     pub fn per(&self) -> Duration {
         Duration::from_nanos(self.per_ns)
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The same spelling `parse_rate` accepts: a bare unit for 1 s / 1 m / 1 h.
-        match self.per_ns {
-            1_000_000_000 => write!(f, "{}/s", self.tokens),
-            60_000_000_000 => write!(f, "{}/m", self.tokens),
-            3_600_000_000_000 => write!(f, "{}/h", self.tokens),
-            _ => write!(
-                f,
-                "{}/{}",
-                self.tokens,
-                super::config::format_duration(self.per())
-            ),
-        }
     }
 }
 

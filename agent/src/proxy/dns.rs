@@ -14,9 +14,9 @@ use super::{
     PodCtx, Shared,
 };
 use crate::{
-    inpod::sockets,
-    observe::recorder::DnsOutcome,
     policy::{Direction, PeerKey},
+    sys::sockets,
+    telemetry::recorder::DnsOutcome,
 };
 
 use super::dns_msg::MAX_MSG;

@@ -129,3 +129,7 @@ mod tests {
         assert_eq!(servfail(&q), None);
     }
 }
+
+#[cfg(test)]
+#[path = "dns_msg_tests.rs"]
+mod hostile;

@@ -17,8 +17,8 @@ use super::{loopback, outbound, PodCtx, Shared};
 use crate::{
     events,
     handover::proto::{Kind, Offered},
-    inpod::sockets,
     policy::{Direction, PeerKey},
+    sys::sockets,
 };
 
 /// Which app binds exist for one (pod, port), and the listeners serving it.
@@ -270,7 +270,7 @@ fn start(
     let mut loops = Vec::new();
     let mut fds = Vec::new();
     for (addr, l) in listeners {
-        // Accepted sockets inherit it (see `inpod::sockets::tcp_listener`); a listener handed
+        // Accepted sockets inherit it (see `sys::sockets::tcp_listener`); a listener handed
         // over by an older agent may lack it.
         let _ = socket2::SockRef::from(&l).set_nodelay(true);
         let dup = l.try_clone().map(OwnedFd::from);

@@ -1,6 +1,5 @@
 //! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
-pub mod admission;
 pub mod dns;
 pub mod dns_msg;
 pub mod drain;
@@ -14,13 +13,9 @@ use std::{net::IpAddr, sync::Arc};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    datapath::KernelMaps,
-    inpod::netns::NetnsWorker,
-    policy::{PeerKey, PolicyHandle},
-};
+use crate::{datapath::KernelMaps, policy::PeerKey, rules::PolicyHandle, sys::netns::NetnsWorker};
 
-use admission::Admission;
+use crate::admission::Admission;
 
 /// The pod's loopback address of a family: where the agent's listeners and the captured apps
 /// live.
@@ -37,7 +32,6 @@ pub fn loopback(ipv6: bool) -> IpAddr {
 pub struct ProxyConfig {
     pub mark: u32,
     pub outbound_port: u16,
-    pub dns_port: u16,
 }
 
 /// What a proxy task needs to know about its pod.
@@ -62,7 +56,7 @@ pub struct Shared {
     /// The current policy set (flags + file), for lookups outside admission (DNS timeout).
     pub policy: Arc<PolicyHandle>,
     /// Per-peer figures for `sockmesh peers` and `/metrics` (flushed to SM_PEER_STATE).
-    pub recorder: Arc<crate::observe::recorder::Recorder>,
+    pub recorder: Arc<crate::telemetry::recorder::Recorder>,
     pub cancel: CancellationToken,
     /// Fires at the drain deadline: connections still open are reset.
     pub abort: CancellationToken,

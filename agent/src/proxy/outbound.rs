@@ -7,12 +7,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    admission::failure_kind,
     loopback,
     origdst::original_dst,
     relay::{self, Limits},
     PodCtx, Shared,
 };
+use crate::admission::failure_kind;
 use crate::policy::{BreakerTransition, Direction, PeerKey};
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {

@@ -20,7 +20,7 @@ use std::{
     },
 };
 
-use crate::inpod::{netns::NetnsWorker, sockets};
+use crate::sys::{lock::lock, netns::NetnsWorker, sockets};
 
 /// Spare sockets kept per (pod, family): a batch the worker makes in one wake-up.
 pub const SPARE: usize = 8;
@@ -50,16 +50,9 @@ struct Spares {
     refilling: AtomicBool,
 }
 
-impl Spares {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
-        // A panic while holding the lock leaves a valid Vec: keep using it.
-        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 impl Drop for Spares {
     fn drop(&mut self) {
-        let n = self.lock().len();
+        let n = lock(&self.sockets).len();
         POOLED.fetch_sub(n, Ordering::Relaxed);
     }
 }
@@ -76,7 +69,7 @@ impl UpstreamSockets {
     ) -> io::Result<TcpStream> {
         let spares = if dst.is_ipv4() { &self.v4 } else { &self.v6 };
         let (got, low) = {
-            let mut s = spares.lock();
+            let mut s = lock(&spares.sockets);
             let got = s.pop();
             (got, s.len() <= LOW)
         };
@@ -102,12 +95,12 @@ fn refill(worker: &NetnsWorker, spares: Arc<Spares>, dst: SocketAddr, mark: u32)
     let job = {
         let spares = spares.clone();
         move || {
-            let want = SPARE.saturating_sub(spares.lock().len());
+            let want = SPARE.saturating_sub(lock(&spares.sockets).len());
             let made: Vec<TcpStream> = (0..want)
                 .map_while(|_| sockets::tcp_for(dst, None, mark).ok())
                 .collect();
             let n = made.len();
-            spares.lock().extend(made);
+            lock(&spares.sockets).extend(made);
             POOLED.fetch_add(n, Ordering::Relaxed);
             spares.refilling.store(false, Ordering::Release);
         }
@@ -121,7 +114,7 @@ fn refill(worker: &NetnsWorker, spares: Arc<Spares>, dst: SocketAddr, mark: u32)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inpod::netns::Netns;
+    use crate::sys::netns::Netns;
     use std::os::fd::AsRawFd;
 
     fn worker() -> NetnsWorker {
@@ -159,8 +152,8 @@ mod tests {
         assert!(nonblocking(&first));
         assert!(first.local_addr().expect("addr").is_ipv4());
         barrier(&w).await;
-        assert_eq!(pool.v4.lock().len(), SPARE);
-        assert_eq!(pool.v6.lock().len(), 0, "families are kept apart");
+        assert_eq!(lock(&pool.v4.sockets).len(), SPARE);
+        assert_eq!(lock(&pool.v6.sockets).len(), 0, "families are kept apart");
 
         // With the worker busy (blocked), takes are still served: from the spares.
         let (unblock, blocked) = std::sync::mpsc::channel::<()>();
@@ -173,16 +166,16 @@ mod tests {
             assert_eq!(mark_of(&s), MARK);
             assert!(nonblocking(&s));
         }
-        assert_eq!(pool.v4.lock().len(), 0);
+        assert_eq!(lock(&pool.v4.sockets).len(), 0);
         unblock.send(()).expect("unblock");
         barrier(&w).await;
         // The top-up queued when they ran low has refilled them, never beyond the bound.
-        assert_eq!(pool.v4.lock().len(), SPARE);
+        assert_eq!(lock(&pool.v4.sockets).len(), SPARE);
 
         let s6 = pool.take(&w, v6, MARK).await.expect("v6");
         assert!(s6.local_addr().expect("addr").is_ipv6());
         barrier(&w).await;
-        assert_eq!(pool.v6.lock().len(), SPARE);
+        assert_eq!(lock(&pool.v6.sockets).len(), SPARE);
     }
 
     #[tokio::test]
@@ -197,9 +190,7 @@ mod tests {
         let dst: SocketAddr = "192.0.2.1:80".parse().unwrap();
         drop(pool.take(&w, dst, 1).await.expect("socket"));
         barrier(&w).await;
-        let held: Vec<(i32, Option<u64>)> = pool
-            .v4
-            .lock()
+        let held: Vec<(i32, Option<u64>)> = lock(&pool.v4.sockets)
             .iter()
             .map(|s| (s.as_raw_fd(), inode(s.as_raw_fd())))
             .collect();

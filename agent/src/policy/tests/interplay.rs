@@ -5,8 +5,8 @@ use super::table::{admitted, bare, breaker, concurrency, key, limit, refused, ta
 use super::{ms, secs};
 use crate::policy::breaker::{BreakerState, BreakerTransition, ConnectFailure};
 use crate::policy::clock::Nanos;
-use crate::policy::config::PeerPolicy;
 use crate::policy::decision::{Counters, Decision};
+use crate::policy::peer_policy::PeerPolicy;
 use crate::policy::table::PeerTable;
 use crate::policy::RejectReason::*;
 use std::time::Duration;

@@ -1,50 +1,44 @@
 //! Deterministic tests for the policy engine, one file per module, through the
-//! public API. Times are built from milliseconds/nanoseconds so every expected
+//! public API. The helpers are shared with the configuration's tests (`rules::tests`). Times are built from milliseconds/nanoseconds so every expected
 //! number in an assertion can be checked by hand.
 
 mod adaptive;
 mod breaker;
 mod clock;
 mod concurrency;
-mod config;
-mod file;
-mod flags;
 mod interplay;
-mod reload;
-mod rules;
 mod table;
 mod table_lru;
 mod timeouts;
 mod token_bucket;
-mod watch;
 
 use super::clock::Nanos;
 use std::time::Duration;
 
 /// `n` milliseconds after the epoch.
-fn ms(n: u64) -> Nanos {
+pub(crate) fn ms(n: u64) -> Nanos {
     Nanos(n * 1_000_000)
 }
 
 /// `n` seconds after the epoch.
-fn secs(n: u64) -> Nanos {
+pub(crate) fn secs(n: u64) -> Nanos {
     Nanos(n * 1_000_000_000)
 }
 
-fn dms(n: u64) -> Duration {
+pub(crate) fn dms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
 /// xorshift64*: a tiny deterministic generator for property-style tests, so a
 /// failure reproduces exactly (no external crate, no seed from the environment).
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -54,12 +48,12 @@ impl Rng {
     }
 
     /// Uniform-ish in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 
     /// A value whose magnitude is spread over all bit widths, not just huge ones.
-    fn any_magnitude(&mut self) -> u64 {
+    pub(crate) fn any_magnitude(&mut self) -> u64 {
         let bits = self.below(65) as u32;
         if bits == 0 {
             0

@@ -26,21 +26,6 @@ fn defaults() {
 }
 
 #[test]
-fn connect_and_dns_deadlines() {
-    let t = Timeouts::default();
-    assert_eq!(t.connect_deadline(secs(10)), Some(secs(13)));
-    assert_eq!(t.dns_deadline(secs(10)), Some(secs(12)));
-    let off = only(None, None);
-    assert_eq!(off.connect_deadline(secs(10)), None);
-    assert_eq!(off.dns_deadline(secs(10)), None);
-    let huge = Timeouts {
-        connect: Some(Duration::MAX),
-        ..off
-    };
-    assert_eq!(huge.connect_deadline(secs(1)), Some(Nanos::MAX));
-}
-
-#[test]
 fn next_deadline_picks_the_earliest() {
     let idle_only = only(s(60), None);
     assert_eq!(

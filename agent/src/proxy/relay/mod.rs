@@ -25,7 +25,7 @@ use std::{
     os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -39,76 +39,13 @@ use tokio::{
 pub use pipe::PipePool;
 pub use pump::Shaper;
 
-use crate::datapath::relay::{Forwarded, Mode};
+use crate::datapath::relay::Mode;
+use crate::policy::{
+    timeouts::{TimeoutKind, Timeouts},
+    Nanos,
+};
+pub use crate::telemetry::conn::{Counts, End, Relayed};
 use pump::{Flow, Watch};
-
-/// How a relayed connection ended.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both sides closed normally.
-    #[default]
-    Closed,
-    /// A side failed or reset; both were reset.
-    Reset,
-    /// No byte either way for the idle timeout: both sides closed.
-    IdleTimeout,
-    /// The connection reached its maximum lifetime: both sides closed gracefully.
-    MaxLifetime,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Relayed {
-    /// Bytes from the first stream to the second (written to the second).
-    pub a_to_b: u64,
-    pub b_to_a: u64,
-    pub end: End,
-}
-
-/// Bytes a connection has relayed so far, by direction: the pumps add what they write (one
-/// relaxed atomic add per chunk, no lock, no syscall) and the recorder reads them while the
-/// connection is still open, so a long-lived connection's bytes show before it ends. While
-/// the kernel relays it, the kernel's running count is added (read from its map on `get`,
-/// about once a second, by the recorder's flush).
-#[derive(Default)]
-pub struct Counts {
-    pub a_to_b: AtomicU64,
-    pub b_to_a: AtomicU64,
-    kernel: Mutex<Option<Forwarded>>,
-}
-
-impl Counts {
-    /// (a_to_b, b_to_a) now.
-    pub fn get(&self) -> (u64, u64) {
-        let own = (
-            self.a_to_b.load(Ordering::Relaxed),
-            self.b_to_a.load(Ordering::Relaxed),
-        );
-        let kernel = self
-            .kernel
-            .lock()
-            .ok()
-            .and_then(|k| k.as_ref().map(Forwarded::get))
-            .unwrap_or((0, 0));
-        (own.0 + kernel.0, own.1 + kernel.1)
-    }
-
-    /// The kernel relays the connection from now on: `get` adds what it has forwarded.
-    fn in_kernel(&self, f: Forwarded) {
-        if let Ok(mut k) = self.kernel.lock() {
-            *k = Some(f);
-        }
-    }
-
-    /// The kernel relay ended, having written exactly `a_to_b`/`b_to_a`: those replace its
-    /// running count. One lock, so a reader sees either the running or the final figures.
-    fn out_of_kernel(&self, a_to_b: u64, b_to_a: u64) {
-        if let Ok(mut k) = self.kernel.lock() {
-            self.a_to_b.fetch_add(a_to_b, Ordering::Relaxed);
-            self.b_to_a.fetch_add(b_to_a, Ordering::Relaxed);
-            *k = None;
-        }
-    }
-}
 
 /// When the connection last saw a byte, as nanoseconds since it started (both pumps write it,
 /// the timer reads it; the task is Send, so no Cell).
@@ -141,24 +78,31 @@ pub struct Limits<'a> {
 }
 
 /// Fires when the idle timeout or the lifetime is reached; pending forever if neither is set.
-/// `last` tells when the connection (started at `start`) last saw a byte.
+/// `last` tells when the connection (started at `start`) last saw a byte. One timer, armed
+/// at the engine's next deadline and re-armed only when activity has moved it.
 async fn deadline(limits: &Limits<'_>, start: Instant, last: &(dyn Fn() -> Instant + Sync)) -> End {
-    let lifetime_at = limits.lifetime.map(|d| start + d);
+    let timeouts = Timeouts {
+        connect: None,
+        idle: limits.idle,
+        max_lifetime: limits.lifetime,
+        dns: None,
+    };
+    // Instants on the engine's clock: time since the connection started.
+    let since_start = |t: Instant| Nanos::from_duration(t.saturating_duration_since(start));
     loop {
-        let idle_at = limits.idle.map(|d| last() + d);
-        let next = match (idle_at, lifetime_at) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => return std::future::pending().await,
+        let Some((at, _)) = timeouts.next_deadline(Nanos::ZERO, since_start(last())) else {
+            return std::future::pending().await;
         };
-        tokio::time::sleep_until(next).await;
-        let now = Instant::now();
-        if lifetime_at.is_some_and(|t| now >= t) {
-            return End::MaxLifetime;
-        }
-        // Activity since the timer was armed moved the idle deadline: sleep again.
-        if limits.idle.is_some_and(|d| now >= last() + d) {
-            return End::IdleTimeout;
+        tokio::time::sleep_until(start + at.as_duration()).await;
+        match timeouts.expired(
+            Nanos::ZERO,
+            since_start(last()),
+            since_start(Instant::now()),
+        ) {
+            Some(TimeoutKind::MaxLifetime) => return End::MaxLifetime,
+            Some(TimeoutKind::Idle) => return End::IdleTimeout,
+            // Activity since the timer was armed moved the idle deadline: sleep again.
+            None => {}
         }
     }
 }
@@ -176,7 +120,7 @@ async fn relay_with(
     pool: &PipePool,
     bytes: Arc<Counts>,
 ) -> Relayed {
-    // Both sockets come with TCP_NODELAY from where they were made (`inpod::sockets`: the
+    // Both sockets come with TCP_NODELAY from where they were made (`sys::sockets`: the
     // listeners, whose accepted sockets inherit it, and the upstream sockets): two syscalls
     // per connection saved here.
     let last = Activity {

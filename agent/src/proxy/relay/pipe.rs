@@ -135,6 +135,7 @@ impl PipePool {
     }
 
     /// Pipes ever created (a pooled pipe reused is not counted again).
+    #[cfg(test)]
     pub fn created(&self) -> usize {
         self.created.load(Ordering::Relaxed)
     }

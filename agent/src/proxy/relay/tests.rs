@@ -24,7 +24,7 @@ pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let addr = l.local_addr().expect("addr");
     let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
     let (c, a) = (c.expect("connect"), a.expect("accept").0);
-    // As the agent's own sockets are made (`inpod::sockets`).
+    // As the agent's own sockets are made (`sys::sockets`).
     a.set_nodelay(true).expect("nodelay");
     (c, a)
 }

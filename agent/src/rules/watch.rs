@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use tokio::io::unix::AsyncFd;
 
-use crate::inotify;
+use crate::sys::inotify;
 
 /// The kubelet's ConfigMap/Secret volume data symlink.
 const CONFIGMAP_DATA: &str = "..data";

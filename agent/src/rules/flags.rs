@@ -22,16 +22,15 @@
 //! | `--max-peers` | — | 16384 |
 //! | `--peer-idle-expiry` | — | 5m |
 
-use super::config::ParseError;
-use super::config::PeerPolicy;
 use super::file::PolicyError;
-use super::reload::PolicyHandle;
-use super::rules::{
+use super::knobs::{
     parse_adaptive_k, parse_bandwidth_burst, parse_bandwidth_knob, parse_conn_burst, parse_count,
     parse_count_or_off, parse_positive_duration, parse_rate_knob, parse_timeout_knob, Knobs,
 };
-use super::table::TableConfig;
-use super::token_bucket::Rate;
+use super::reload::PolicyHandle;
+use super::units::ParseError;
+use crate::policy::table::TableConfig;
+use crate::policy::token_bucket::Rate;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -167,7 +166,8 @@ impl PolicyArgs {
     /// The policy of a peer no rule matches (before the file's `[defaults]`).
     /// Every value was validated by clap already; the `Result` leaves room for
     /// checks across flags.
-    pub fn defaults(&self) -> Result<PeerPolicy, String> {
+    #[cfg(test)]
+    pub fn defaults(&self) -> Result<crate::policy::PeerPolicy, String> {
         Ok(self.knobs().to_policy())
     }
 

@@ -4,8 +4,8 @@
 //! checked by a short wait that must run out.
 
 use super::reload::{write, TempDir};
-use crate::policy::rules::{Direction, Knobs, PeerKey};
-use crate::policy::{PolicyHandle, PolicyWatcher};
+use crate::policy::{Direction, PeerKey};
+use crate::rules::{knobs::Knobs, PolicyHandle, PolicyWatcher};
 use std::future::Future;
 use std::io::Write;
 use std::time::Duration;

@@ -46,71 +46,15 @@
 //! * `ports` — the key's port: the original destination port for outbound, the
 //!   pod's listening port for inbound.
 
-use super::config::PeerPolicy;
-use super::table::PolicySource;
-use crate::config::{CidrSpec, PortRangeSpec};
+use super::knobs::{Knobs, Overrides};
+use crate::policy::key::{Direction, PeerKey};
+use crate::policy::table::PolicySource;
+use crate::policy::PeerPolicy;
+use crate::spec::{CidrSpec, PortRangeSpec};
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
 use std::sync::Arc;
-
-/// Which way a connection goes, seen from the pod.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    /// The pod connects out; the peer is the original destination.
-    Outbound,
-    /// A client connects to the pod; the peer is the client.
-    Inbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        }
-    }
-
-    /// `outbound` or `inbound` (exactly).
-    pub fn parse(s: &str) -> Option<Direction> {
-        match s {
-            "outbound" => Some(Direction::Outbound),
-            "inbound" => Some(Direction::Inbound),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What per-peer state is keyed by: the `K` of `PeerTable<PeerKey>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    /// The pod's netns path, exactly as given to `--pod`.
-    pub pod: Arc<str>,
-    pub direction: Direction,
-    /// Outbound: the original destination ip:port. Inbound: the client's ip, with
-    /// the port the pod listens on (not the client's ephemeral port).
-    pub peer: SocketAddr,
-}
-
-impl PeerKey {
-    pub fn new(pod: impl Into<Arc<str>>, direction: Direction, peer: SocketAddr) -> PeerKey {
-        PeerKey {
-            pod: pod.into(),
-            direction,
-            peer,
-        }
-    }
-}
-
-// The knobs themselves (types and value parsers) live in `knobs.rs`; re-exported so
-// `rules::Knobs` and friends stay where callers expect them.
-pub use super::knobs::*;
 
 // ---------------------------------------------------------------------------
 // Matchers.
@@ -131,10 +75,6 @@ impl PodPattern {
         Ok(PodPattern {
             pattern: s.to_string(),
         })
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.pattern
     }
 
     pub fn is_glob(&self) -> bool {
@@ -212,12 +152,9 @@ impl Cidr {
         Ok(cidr)
     }
 
+    #[cfg(test)]
     pub fn prefix(&self) -> u8 {
         self.prefix
-    }
-
-    pub fn addr(&self) -> IpAddr {
-        self.addr
     }
 
     fn network(&self) -> IpAddr {
@@ -326,10 +263,6 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn matches(&self, key: &PeerKey) -> bool {
-        self.matches_canonical(key, key.peer.ip().to_canonical())
-    }
-
     fn matches_canonical(&self, key: &PeerKey, ip: IpAddr) -> bool {
         self.direction.is_none_or(|d| d == key.direction)
             && self.ports.is_none_or(|p| p.contains(key.peer.port()))
@@ -351,6 +284,7 @@ impl Rule {
         }
     }
 
+    #[cfg(test)]
     /// `rule #3 "payments db" (line 12)`, for logs and errors.
     pub fn label(&self) -> String {
         let mut s = format!("rule #{}", self.number);
@@ -406,21 +340,25 @@ impl PolicySet {
     }
 
     /// The file this set was read from, if any.
-    pub fn path(&self) -> Option<&Path> {
+    #[cfg(test)]
+    pub fn path(&self) -> Option<&std::path::Path> {
         self.path.as_deref()
     }
 
     /// The flag defaults this set builds on.
+    #[cfg(test)]
     pub fn base(&self) -> &Knobs {
         &self.base
     }
 
     /// The file's `[defaults]` table.
+    #[cfg(test)]
     pub fn defaults(&self) -> &Overrides {
         &self.defaults
     }
 
     /// The rules in the order they are applied: least specific first.
+    #[cfg(test)]
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }

@@ -3,7 +3,7 @@
 //! field and value, with the fix where it is known. Kept apart from the parsing in
 //! [`super::file`] so each stays readable on its own.
 
-use super::config::ParseError;
+use super::units::ParseError;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -21,6 +21,7 @@ use crate::policy::{
     BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, PolicySource,
     RejectReason, Ticket, Timeouts,
 };
+use crate::sys::{clock::monotonic_ns, lock::lock};
 
 /// Monotonic time since the admission layer started, convertible both to tokio instants
 /// (for sleeping until a queue deadline) and to CLOCK_MONOTONIC (for kernel verdicts).
@@ -58,19 +59,6 @@ impl Clock for ProxyClock {
     fn now(&self) -> Nanos {
         Nanos(self.base.elapsed().as_nanos().min(u64::MAX as u128) as u64)
     }
-}
-
-/// CLOCK_MONOTONIC now, in ns: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// What admission keys need: hashable, cloneable, and printable in logs.
@@ -132,12 +120,6 @@ impl<K: PeerId> Drop for Waiting<'_, K> {
             a.release(self.key, self.lease);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the table half-updated in a way that is
-    // worse than refusing service: keep going with the data as it is.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<K: PeerId> Admission<K> {

@@ -1,15 +1,15 @@
 //! The per-peer knobs as configuration sees them: `Knobs` (flat, every knob), `Overrides`
 //! (what one layer sets), and one value parser per knob, shared by the flags and the policy
 //! file so both accept exactly the same spellings and give the same errors.
-use super::adaptive::AdaptiveConfig;
-use super::breaker::BreakerConfig;
-use super::concurrency::ConcurrencyConfig;
-use super::config::{
-    parse_bandwidth, parse_duration, parse_rate, parse_size, parse_timeout, ParseError, PeerPolicy,
-    RateLimit,
+use super::units::{
+    parse_bandwidth, parse_duration, parse_rate, parse_size, parse_timeout, ParseError,
 };
-use super::timeouts::Timeouts;
-use super::token_bucket::Rate;
+use crate::policy::adaptive::AdaptiveConfig;
+use crate::policy::breaker::BreakerConfig;
+use crate::policy::concurrency::ConcurrencyConfig;
+use crate::policy::peer_policy::{PeerPolicy, RateLimit};
+use crate::policy::timeouts::Timeouts;
+use crate::policy::token_bucket::Rate;
 use std::time::Duration;
 
 macro_rules! knobs {
@@ -38,12 +38,14 @@ macro_rules! knobs {
 
             /// The names (file keys) of the knobs this layer sets, in [`KNOB_NAMES`]
             /// order.
+            #[cfg(test)]
             pub fn names(&self) -> Vec<&'static str> {
                 let mut names = Vec::new();
                 $( if self.$name.is_some() { names.push(stringify!($name)); } )*
                 names
             }
 
+            #[cfg(test)]
             pub fn is_empty(&self) -> bool {
                 self.names().is_empty()
             }

@@ -9,13 +9,12 @@ use std::{
 use sockmesh_common::peer::agent_counter;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    recorder::Recorder,
-    sink::{unix_ms, Sink},
-};
+use super::recorder::Recorder;
 use crate::{
+    admission::Admission,
+    datapath::sink::Sink,
     policy::{Clock, PeerKey},
-    proxy::admission::Admission,
+    sys::{clock::unix_ms, lock::lock},
 };
 
 /// How often changed per-peer state reaches the maps.
@@ -74,7 +73,7 @@ impl Observer {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
-        self.sink.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sink)
     }
 
     /// Writes every changed (or live) peer's figures to `SM_PEER_STATE`.
@@ -89,7 +88,7 @@ impl Observer {
         let stamp = unix_ms();
         let mut failed = 0;
         for (key, delta) in &batch {
-            if !st.sink.apply(*key, delta, stamp) {
+            if !st.sink.update(*key, |v| delta.apply_to(v), stamp) {
                 failed += 1;
             }
         }

@@ -1,5 +1,5 @@
-//! Per-peer knobs ([`PeerPolicy`]) and the human-unit parsers shared by CLI flags
-//! and the policy file.
+//! The human-unit parsers shared by CLI flags and the policy file, and the matching
+//! formatters (a value prints the way it is written).
 //!
 //! Accepted spellings (anything else is one [`ParseError`] naming the value and
 //! showing a valid example):
@@ -19,60 +19,9 @@
 //!
 //! Number and unit must be adjacent; surrounding whitespace is ignored.
 
-use super::adaptive::AdaptiveConfig;
-use super::breaker::BreakerConfig;
-use super::concurrency::ConcurrencyConfig;
-use super::timeouts::Timeouts;
-use super::token_bucket::{Rate, MAX_RATE_PERIOD};
+use crate::policy::token_bucket::{Rate, MAX_RATE_PERIOD};
 use std::fmt;
 use std::time::Duration;
-
-/// Every knob for one (pod, direction, peer). `None` means the knob is off.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PeerPolicy {
-    pub timeouts: Timeouts,
-    /// New connections per unit of time (token bucket, rejects when empty).
-    pub conn_rate: Option<RateLimit>,
-    /// Bytes per unit of time, both directions together (shapes, never drops).
-    pub bandwidth: Option<RateLimit>,
-    pub concurrency: Option<ConcurrencyConfig>,
-    pub breaker: Option<BreakerConfig>,
-    pub adaptive: Option<AdaptiveConfig>,
-}
-
-impl Default for PeerPolicy {
-    /// Timeouts, breaker (F=5, D=15 s) and adaptive throttling (K=2, 2 min) are on:
-    /// they act only on a peer that is already failing. Rate, bandwidth and
-    /// concurrency limits are off: no value is right for every peer.
-    fn default() -> Self {
-        PeerPolicy {
-            timeouts: Timeouts::default(),
-            conn_rate: None,
-            bandwidth: None,
-            concurrency: None,
-            breaker: Some(BreakerConfig::default()),
-            adaptive: Some(AdaptiveConfig::default()),
-        }
-    }
-}
-
-/// A token-bucket limit: refill `rate`, hold at most `burst` tokens.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct RateLimit {
-    pub rate: Rate,
-    /// Bucket capacity; 0 is treated as 1 (see `TokenBucket::new`).
-    pub burst: u64,
-}
-
-impl RateLimit {
-    /// Burst defaults to one period's worth (`100/s` → 100, `10MiB/s` → 10 MiB).
-    pub fn new(rate: Rate) -> RateLimit {
-        RateLimit {
-            rate,
-            burst: rate.tokens(),
-        }
-    }
-}
 
 /// A value that does not parse. `Display` is the whole message, e.g.
 /// `invalid duration "5x": unknown unit "x" (valid examples: 500ms, 2s, 1m30s)`.
@@ -253,6 +202,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Bytes in the largest unit that divides them exactly (`10MiB`, `1500B`).
+#[cfg(test)]
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [(&str, u64); 8] = [
         ("TiB", 1 << 40),
@@ -351,4 +301,16 @@ fn make_rate(tokens: u64, period: &str) -> Result<Rate, String> {
         ));
     }
     Rate::new(tokens, per).ok_or_else(|| "invalid rate".to_string())
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The same spelling `parse_rate` accepts: a bare unit for 1 s / 1 m / 1 h.
+        match self.per().as_nanos() {
+            1_000_000_000 => write!(f, "{}/s", self.tokens()),
+            60_000_000_000 => write!(f, "{}/m", self.tokens()),
+            3_600_000_000_000 => write!(f, "{}/h", self.tokens()),
+            _ => write!(f, "{}/{}", self.tokens(), format_duration(self.per())),
+        }
+    }
 }

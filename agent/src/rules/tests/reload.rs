@@ -1,9 +1,8 @@
 //! `PolicyHandle` on real files: a good file swaps in whole, a bad one is rejected
 //! with its location and the old set stays.
 
-use crate::policy::rules::{Direction, Knobs, PeerKey};
-use crate::policy::Nanos;
-use crate::policy::{PeerPolicy, PeerTable, PolicyHandle, TableConfig};
+use crate::policy::{table::TableConfig, Direction, Nanos, PeerKey, PeerPolicy, PeerTable};
+use crate::rules::{knobs::Knobs, PolicyHandle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

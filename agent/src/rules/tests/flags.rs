@@ -7,8 +7,8 @@
 //! with every other test that parses a command line.
 
 use super::reload::{write, TempDir};
-use crate::policy::rules::Knobs;
-use crate::policy::{PeerPolicy, PolicyArgs, Rate, TableConfig};
+use crate::policy::{table::TableConfig, token_bucket::Rate, PeerPolicy};
+use crate::rules::{knobs::Knobs, PolicyArgs};
 use clap::{CommandFactory, Parser};
 use std::process::Command;
 use std::time::Duration;

@@ -40,14 +40,14 @@
 //!
 //! Numbers may also be written as strings (`max_conns = "50"`); durations, rates
 //! and sizes must be strings (`"500ms"`). Unknown keys are errors that list the
-//! valid ones. Precedence: see [`super::rules`]; `docs/policy.md` has the full
+//! valid ones. Precedence: see [`super::set`]; `docs/policy.md` has the full
 //! reference.
 
+pub use super::file_error::PolicyError;
 use super::file_error::{describe, Doc};
-pub use super::file_error::{PolicyError, PolicyErrorDetail};
-use super::rules::{
-    set_knob, Cidr, Direction, Knobs, Overrides, PodPattern, PolicySet, PortRange, Rule,
-};
+use super::knobs::{set_knob, Knobs, Overrides, KNOB_NAMES};
+use super::set::{Cidr, PodPattern, PolicySet, PortRange, Rule};
+use crate::policy::key::Direction;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -313,7 +313,7 @@ impl Doc<'_> {
                 "rule",
                 format!(
                     "the rule sets no knob, so it would change nothing; add at least one of: {}",
-                    super::rules::KNOB_NAMES.join(", ")
+                    KNOB_NAMES.join(", ")
                 ),
             ));
         }

@@ -2,9 +2,12 @@
 //! both file orders, so the result is shown to come from specificity, not position
 //! (except the tie case, which is about position).
 
-use super::Rng;
-use crate::policy::rules::{Cidr, Direction, Knobs, PeerKey, PodPattern, PolicySet, PortRange};
-use crate::policy::{PeerPolicy, Rate, RateLimit};
+use crate::policy::tests::Rng;
+use crate::policy::{peer_policy::RateLimit, token_bucket::Rate, Direction, PeerKey, PeerPolicy};
+use crate::rules::{
+    knobs::Knobs,
+    set::{Cidr, PodPattern, PolicySet, PortRange},
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;

@@ -1,8 +1,12 @@
 //! The policy file: the documented example parses to what it says, every knob key
 //! is accepted, and every error names file, line, column, field and bad value.
 
-use crate::policy::rules::{Direction, Knobs, PeerKey, PolicySet, KNOB_NAMES};
-use crate::policy::{PolicyError, Rate};
+use crate::policy::{token_bucket::Rate, Direction, PeerKey};
+use crate::rules::{
+    file::PolicyError,
+    knobs::{Knobs, KNOB_NAMES},
+    set::PolicySet,
+};
 use std::path::Path;
 use std::time::Duration;
 

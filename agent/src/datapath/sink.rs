@@ -8,21 +8,13 @@ use aya::{
 use sockmesh_common::peer::{breaker_state, map_names, AgentStats, PeerKey, PeerState, PodMeta};
 use tracing::warn;
 
-use super::recorder::Delta;
-use crate::datapath::take;
+use super::take;
+use crate::sys::clock::unix_ms;
 
 pub struct Sink {
     peer_state: HashMap<MapData, PeerKey, PeerState>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
     agent_stats: Array<MapData, AgentStats>,
-}
-
-/// Unix time now, in milliseconds (for figures humans read: "last error at ...").
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
-        .unwrap_or(0)
 }
 
 impl Sink {
@@ -79,11 +71,16 @@ impl Sink {
         }
     }
 
-    /// Adds `delta` to the peer's entry (created if missing) and sets its gauges. Returns
-    /// false if the kernel refused the write.
-    pub fn apply(&mut self, key: PeerKey, delta: &Delta, now_unix_ms: u64) -> bool {
+    /// Changes the peer's entry (created if missing) with `change`, stamped `now_unix_ms`.
+    /// Returns false if the kernel refused the write.
+    pub fn update(
+        &mut self,
+        key: PeerKey,
+        change: impl FnOnce(&mut PeerState),
+        now_unix_ms: u64,
+    ) -> bool {
         let mut v = self.peer_state.get(&key, 0).unwrap_or_default();
-        delta.apply_to(&mut v);
+        change(&mut v);
         v.updated_unix_ms = now_unix_ms;
         match self.peer_state.insert(key, v, 0) {
             Ok(()) => true,

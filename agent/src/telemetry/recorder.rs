@@ -23,7 +23,8 @@ use sockmesh_common::{
 
 use crate::{
     policy::{BreakerState, ConnectFailure, Direction, PeerKey, PeerView, RejectReason},
-    proxy::relay::{Counts, End, Relayed},
+    sys::lock::lock,
+    telemetry::conn::{Counts, End, Relayed},
 };
 
 /// Connect latencies kept per peer for the p50/p99 figures.
@@ -167,11 +168,6 @@ pub struct Recorder {
     inner: Mutex<Inner>,
     cap: usize,
     clock: UnixClock,
-}
-
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
-    // Counters are plain numbers: after a panic elsewhere they are still worth keeping.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Recorder {
@@ -380,12 +376,9 @@ impl Recorder {
         });
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.inner).peers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -1,12 +1,13 @@
-use super::{dms, Rng};
 use crate::policy::adaptive::AdaptiveConfig;
 use crate::policy::breaker::BreakerConfig;
-use crate::policy::config::{
-    format_duration, format_size, parse_bandwidth, parse_duration, parse_rate, parse_size,
-    parse_timeout, PeerPolicy, RateLimit,
-};
+use crate::policy::peer_policy::{PeerPolicy, RateLimit};
+use crate::policy::tests::{dms, Rng};
 use crate::policy::timeouts::Timeouts;
 use crate::policy::token_bucket::Rate;
+use crate::rules::units::{
+    format_duration, format_size, parse_bandwidth, parse_duration, parse_rate, parse_size,
+    parse_timeout,
+};
 use std::time::Duration;
 
 fn rate(tokens: u64, per: Duration) -> Rate {

@@ -8,9 +8,11 @@
 //! Reloads are serialized, so a SIGHUP and a file-change event racing each
 //! other cannot install an older read of the file over a newer one.
 
-use super::config::PeerPolicy;
 use super::file::PolicyError;
-use super::rules::{Knobs, PeerKey, PolicySet};
+use super::knobs::Knobs;
+use super::set::PolicySet;
+use crate::policy::key::PeerKey;
+use crate::policy::PeerPolicy;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};

@@ -1,0 +1,60 @@
+//! What per-peer state is keyed by.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Which way a connection goes, seen from the pod.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// The pod connects out; the peer is the original destination.
+    Outbound,
+    /// A client connects to the pod; the peer is the client.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    /// `outbound` or `inbound` (exactly).
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "outbound" => Some(Direction::Outbound),
+            "inbound" => Some(Direction::Inbound),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What per-peer state is keyed by: the `K` of `PeerTable<PeerKey>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// The pod's netns path, exactly as given to `--pod`.
+    pub pod: Arc<str>,
+    pub direction: Direction,
+    /// Outbound: the original destination ip:port. Inbound: the client's ip, with
+    /// the port the pod listens on (not the client's ephemeral port).
+    pub peer: SocketAddr,
+}
+
+impl PeerKey {
+    #[cfg(test)]
+    pub fn new(pod: impl Into<Arc<str>>, direction: Direction, peer: SocketAddr) -> PeerKey {
+        PeerKey {
+            pod: pod.into(),
+            direction,
+            peer,
+        }
+    }
+}
