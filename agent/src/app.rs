@@ -51,7 +51,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
     let node = args.kube.validate()?;
-    let mut template = PodTemplate::from_args(&args);
+    let mut template = args.pod_template();
     if args.takeover && node.is_some() {
         bail!("--takeover cannot be combined with --kube yet: upgrade a --kube agent by restarting it with --keep-pins");
     }

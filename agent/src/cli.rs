@@ -38,11 +38,11 @@ pub enum Command {
     /// Load and attach the kernel programs, enrol pods and proxy their traffic.
     Run(Box<RunArgs>),
     /// Totals: kernel counters per pod, agent per-peer figures summed (works while the agent is down).
-    Stats(StatsArgs),
+    Stats(crate::observe::cli::StatsArgs),
     /// One row per (pod, direction, peer): connections, bytes, timeouts, throttling, breaker.
-    Peers(StatsArgs),
+    Peers(crate::observe::cli::StatsArgs),
     /// One row per pod: name, enrolment, and its peers' figures summed.
-    Pods(StatsArgs),
+    Pods(crate::observe::cli::StatsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -126,30 +126,19 @@ pub struct RunArgs {
     pub kube: crate::kube::KubeArgs,
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct StatsArgs {
-    /// Where the agent pinned its maps.
-    #[arg(
-        long,
-        env = "SOCKMESH_BPFFS_DIR",
-        default_value = "/sys/fs/bpf/sockmesh"
-    )]
-    pub bpffs_dir: PathBuf,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Refresh every INTERVAL (default 2s) until interrupted.
-    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = crate::rules::parse_duration)]
-    pub watch: Option<std::time::Duration>,
-    /// Only this pod: a part of its name, or its netns cookie.
-    #[arg(long)]
-    pub pod: Option<String>,
-    /// Only peers whose `ip:port` contains this.
-    #[arg(long)]
-    pub peer: Option<String>,
-    /// Order of peers: bytes (default), conns, active, throttled, timeouts, failures, peer, pod.
-    #[arg(long, value_parser = crate::observe::cli::parse_sort)]
-    pub sort: Option<String>,
+impl RunArgs {
+    /// What every pod enrolled by this agent shares.
+    pub fn pod_template(&self) -> crate::inpod::manager::PodTemplate {
+        crate::inpod::manager::PodTemplate {
+            mark: self.mark,
+            outbound_port: self.outbound_port,
+            dns_port: self.dns_port,
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            handed: None,
+        }
+    }
 }
 
 fn fail_open_after(
@@ -185,7 +174,7 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{Args, CommandFactory};
 
     #[test]
     fn marks() {
@@ -294,5 +283,35 @@ mod tests {
         let e = parse("100ms").expect_err("too short").to_string();
         assert!(e.contains("at least 500ms"), "{e}");
         assert!(parse("banana").is_err());
+    }
+
+    #[test]
+    fn the_flags_flatten_into_run_without_clashing() {
+        // RunArgs flattens these flags: clap's own checks reject any clash of id, long or env.
+        let run = RunArgs::augment_args(clap::Command::new("run"));
+        let policy_flags = crate::rules::PolicyArgs::augment_args(clap::Command::new("policy"));
+        run.clone().debug_assert();
+        for arg in policy_flags.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            let same: Vec<_> = run
+                .get_arguments()
+                .filter(|a| a.get_id().as_str() == id)
+                .collect();
+            assert_eq!(
+                same.len(),
+                1,
+                "--{id} must appear exactly once in `sockmesh run`"
+            );
+            if let Some(env) = arg.get_env() {
+                let envs = run
+                    .get_arguments()
+                    .filter(|a| a.get_env() == Some(env))
+                    .count();
+                assert_eq!(envs, 1, "{id}'s env variable is shared");
+            }
+        }
     }
 }

@@ -25,7 +25,6 @@ use super::{
     resolver::{ns_id, NsId},
 };
 use crate::{
-    cli::RunArgs,
     datapath::Datapath,
     events,
     handover::{
@@ -315,18 +314,6 @@ pub struct PodTemplate {
 }
 
 impl PodTemplate {
-    pub fn from_args(args: &RunArgs) -> PodTemplate {
-        PodTemplate {
-            mark: args.mark,
-            outbound_port: args.outbound_port,
-            dns_port: args.dns_port,
-            exclude_outbound_ports: args.exclude_outbound_ports.clone(),
-            exclude_outbound_cidrs: args.exclude_outbound_cidrs.clone(),
-            exclude_inbound_ports: args.exclude_inbound_ports.clone(),
-            handed: None,
-        }
-    }
-
     /// The kernel's view of the pod, global exclusions merged in (pure).
     pub fn config(&self, spec: &PodSpec) -> Result<PodConfig, String> {
         spec.to_kernel(

@@ -1,8 +1,9 @@
 //! `sockmesh stats|peers|pods`: read the pinned maps (the agent need not run), filter, sort,
 //! print a table or JSON, optionally refreshing (`--watch`).
-use std::{io::Write, time::Duration};
+use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::Result;
+use clap::Args;
 use sockmesh_common::{
     counter,
     peer::{agent_counter, throttle_reason, timeout_kind},
@@ -12,7 +13,6 @@ use super::{
     table::{render, Cols},
     view::{peer_rows, pod_rows, PeerRow, PodRow, Snapshot},
 };
-use crate::cli::StatsArgs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
@@ -42,6 +42,32 @@ pub fn parse_sort(s: &str) -> Result<String, String> {
             SORT_KEYS.join(", ")
         ))
     }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatsArgs {
+    /// Where the agent pinned its maps.
+    #[arg(
+        long,
+        env = "SOCKMESH_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/sockmesh"
+    )]
+    pub bpffs_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every INTERVAL (default 2s) until interrupted.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s", value_parser = crate::rules::parse_duration)]
+    pub watch: Option<std::time::Duration>,
+    /// Only this pod: a part of its name, or its netns cookie.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only peers whose `ip:port` contains this.
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Order of peers: bytes (default), conns, active, throttled, timeouts, failures, peer, pod.
+    #[arg(long, value_parser = parse_sort)]
+    pub sort: Option<String>,
 }
 
 pub fn run(which: Which, args: &StatsArgs) -> Result<()> {

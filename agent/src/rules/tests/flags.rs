@@ -229,36 +229,6 @@ fn every_flag_has_an_env_fallback_and_says_its_default() {
 }
 
 #[test]
-fn the_flags_flatten_into_run_without_clashing() {
-    use clap::Args;
-    // RunArgs flattens these flags: clap's own checks reject any clash of id, long or env.
-    let run = crate::cli::RunArgs::augment_args(clap::Command::new("run"));
-    run.clone().debug_assert();
-    for arg in Cmd::command().get_arguments() {
-        let id = arg.get_id().as_str();
-        if id == "help" {
-            continue;
-        }
-        let same: Vec<_> = run
-            .get_arguments()
-            .filter(|a| a.get_id().as_str() == id)
-            .collect();
-        assert_eq!(
-            same.len(),
-            1,
-            "--{id} must appear exactly once in `sockmesh run`"
-        );
-        if let Some(env) = arg.get_env() {
-            let envs = run
-                .get_arguments()
-                .filter(|a| a.get_env() == Some(env))
-                .count();
-            assert_eq!(envs, 1, "{id}'s env variable is shared");
-        }
-    }
-}
-
-#[test]
 fn policy_names_the_file_and_loads_it() {
     let dir = TempDir::new("flags");
     let path = dir.path("p.toml");
@@ -307,7 +277,7 @@ fn run_child(scenario: &str, vars: &[(&str, &str)]) -> std::process::Output {
     let exe = std::env::current_exe().expect("test binary");
     let mut cmd = Command::new(exe);
     cmd.args([
-        "policy::tests::flags::env_child",
+        "rules::tests::flags::env_child",
         "--exact",
         "--nocapture",
         "--test-threads=1",
