@@ -390,8 +390,8 @@ fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Adm
             // Only outbound connect()s pass through the kernel hook that reads verdicts.
             if key.direction == Direction::Outbound {
                 match until_ns {
-                    Some(t) => verdicts.set_verdict(&key.pod, key.peer, t),
-                    None => verdicts.clear_verdict(&key.pod, key.peer),
+                    Some(t) => verdicts.verdicts.refuse(key.netns_cookie, key.peer, t),
+                    None => verdicts.verdicts.lift(key.netns_cookie, key.peer),
                 }
             }
         }),

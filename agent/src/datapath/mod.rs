@@ -6,6 +6,7 @@ pub mod preflight;
 pub mod relay;
 pub mod sink;
 pub mod stats;
+pub mod verdicts;
 
 use std::{
     fs::File,
@@ -21,7 +22,7 @@ use aya::{
 };
 use sockmesh_common::{
     map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    TupleKey, Verdict, VerdictKey, SCHEMA_VERSION,
+    TupleKey, SCHEMA_VERSION,
 };
 use tracing::{info, warn};
 
@@ -68,71 +69,10 @@ pub struct KernelMaps {
     pub inbound_peers: Mutex<HashMap<MapData, TupleKey, SockAddr>>,
     /// Original DNS server by (netns, client port).
     pub dns_origins: Mutex<HashMap<MapData, DnsKey, SockAddr>>,
-    /// Kernel fast-reject verdicts for peers whose breaker is open.
-    verdicts: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
-    /// Pod name (as given to --pod) to netns cookie, for verdict keys.
-    pod_cookies: Mutex<std::collections::HashMap<String, u64>>,
+    /// Fast-reject verdicts that `connect4/6` reads.
+    pub verdicts: verdicts::Verdicts,
     /// The in-kernel relay, when `--kernel-relay on` or `auto`.
     pub relay: Option<relay::RelayMaps>,
-}
-
-impl KernelMaps {
-    pub fn add_pod(&self, name: &str, netns_cookie: u64) {
-        if let Ok(mut m) = self.pod_cookies.lock() {
-            m.insert(name.to_string(), netns_cookie);
-        }
-    }
-
-    /// Forget a removed pod: its name and every fast-reject verdict of its namespace.
-    pub fn remove_pod(&self, name: &str, netns_cookie: u64) {
-        if let Ok(mut m) = self.pod_cookies.lock() {
-            if m.get(name) == Some(&netns_cookie) {
-                m.remove(name);
-            }
-        }
-        if let Ok(mut m) = self.verdicts.lock() {
-            let keys: Vec<VerdictKey> = m
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| k.netns_cookie == netns_cookie)
-                .collect();
-            for k in keys {
-                let _ = m.remove(&k);
-            }
-        }
-    }
-
-    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
-    pub fn set_verdict(&self, pod: &str, peer: std::net::SocketAddr, until_ns: u64) {
-        let Some(key) = self.verdict_key(pod, peer) else {
-            return;
-        };
-        if let Ok(mut m) = self.verdicts.lock() {
-            if let Err(e) = m.insert(key, Verdict { until_ns }, 0) {
-                warn!(%pod, %peer, error = %e, "could not write the fast-reject verdict");
-            }
-        }
-    }
-
-    /// Lift a verdict written by `set_verdict` before it expires (a policy reload).
-    pub fn clear_verdict(&self, pod: &str, peer: std::net::SocketAddr) {
-        let Some(key) = self.verdict_key(pod, peer) else {
-            return;
-        };
-        if let Ok(mut m) = self.verdicts.lock() {
-            // Already gone (expired and removed by the kernel, or evicted) is fine.
-            let _ = m.remove(&key);
-        }
-    }
-
-    fn verdict_key(&self, pod: &str, peer: std::net::SocketAddr) -> Option<VerdictKey> {
-        let cookie = self.pod_cookies.lock().ok()?.get(pod).copied()?;
-        Some(VerdictKey {
-            netns_cookie: cookie,
-            peer: SockAddr::from_std(peer),
-            _pad: 0,
-        })
-    }
 }
 
 pub struct Datapath {
@@ -265,8 +205,7 @@ impl Datapath {
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
-            verdicts: Mutex::new(take(&mut ebpf, map_names::VERDICTS)?),
-            pod_cookies: Mutex::new(Default::default()),
+            verdicts: verdicts::Verdicts::new(take(&mut ebpf, map_names::VERDICTS)?),
             relay: match opts.kernel_relay {
                 relay::Mode::Off => None,
                 mode => Some(relay::RelayMaps::attach(&mut ebpf, mode)?),

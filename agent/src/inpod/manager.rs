@@ -183,14 +183,13 @@ impl PodManager {
             }
             self.inbound.add_pod(ctx.clone(), shared.clone());
             self.inbound.adopt(ctx.cookie, e.listeners.inbound)?;
-            dp.maps.add_pod(&ctx.name, ctx.cookie);
             dp.enrol(ctx.cookie, e.config)
                 .with_context(|| format!("enrol pod {}", ctx.name))
         })();
         if let Err(err) = started {
             cancel.cancel();
             self.inbound.remove_pod(ctx.cookie);
-            dp.maps.remove_pod(&ctx.name, ctx.cookie);
+            dp.maps.verdicts.forget_pod(ctx.cookie);
             return Err(err);
         }
         self.next_generation += 1;
@@ -260,7 +259,7 @@ impl PodManager {
         dp.unenrol(p.cookie);
         p.cancel.cancel();
         self.inbound.remove_pod(p.cookie);
-        dp.maps.remove_pod(&p.name, p.cookie);
+        dp.maps.verdicts.forget_pod(p.cookie);
         dp.forget_pod(p.cookie);
         self.observer.pod_removed(p.cookie);
         self.observer.forget_pod(p.cookie, &p.name);

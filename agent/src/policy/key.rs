@@ -40,8 +40,11 @@ impl fmt::Display for Direction {
 /// What per-peer state is keyed by: the `K` of `PeerTable<PeerKey>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
-    /// The pod's netns path, exactly as given to `--pod`.
+    /// The pod's name (its netns path as given to `--pod`, or `namespace/name` from the
+    /// API): what rules match and logs show.
     pub pod: Arc<str>,
+    /// The pod's network-namespace cookie: its identity in every kernel map.
+    pub netns_cookie: u64,
     pub direction: Direction,
     /// Outbound: the original destination ip:port. Inbound: the client's ip, with
     /// the port the pod listens on (not the client's ephemeral port).
@@ -50,9 +53,15 @@ pub struct PeerKey {
 
 impl PeerKey {
     #[cfg(test)]
-    pub fn new(pod: impl Into<Arc<str>>, direction: Direction, peer: SocketAddr) -> PeerKey {
+    pub fn new(
+        pod: impl Into<Arc<str>>,
+        netns_cookie: u64,
+        direction: Direction,
+        peer: SocketAddr,
+    ) -> PeerKey {
         PeerKey {
             pod: pod.into(),
+            netns_cookie,
             direction,
             peer,
         }

@@ -93,6 +93,7 @@ async fn forward(
 ) -> anyhow::Result<Vec<u8>> {
     let key = PeerKey {
         pod: pod.name.clone(),
+        netns_cookie: pod.cookie,
         direction: Direction::Outbound,
         peer: server,
     };

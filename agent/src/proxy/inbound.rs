@@ -369,6 +369,7 @@ async fn handle(
     // The peer of inbound policy is the client's address with the port the pod serves.
     let key = PeerKey {
         pod: pod.name.clone(),
+        netns_cookie: pod.cookie,
         direction: Direction::Inbound,
         peer: SocketAddr::new(peer.ip(), target.port()),
     };

@@ -60,6 +60,7 @@ async fn handle(client: TcpStream, ipv6: bool, pod: PodCtx, shared: Shared) {
     }
     let key = PeerKey {
         pod: pod.name.clone(),
+        netns_cookie: pod.cookie,
         direction: Direction::Outbound,
         peer: origin,
     };

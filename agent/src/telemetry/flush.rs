@@ -48,7 +48,6 @@ impl Observer {
     }
 
     pub fn pod_enrolled(&self, netns_cookie: u64, name: &str) {
-        self.recorder.add_pod(name, netns_cookie);
         self.state().sink.pod_enrolled(netns_cookie, name);
     }
 
@@ -62,8 +61,8 @@ impl Observer {
     /// flush comes after the connections drain.)
     pub fn forget_pod(&self, netns_cookie: u64, name: &str) {
         self.flush();
-        self.recorder.forget_pod(name);
-        let dropped = self.admission.forget(|k| &*k.pod == name);
+        self.recorder.forget_pod(netns_cookie);
+        let dropped = self.admission.forget(|k| k.netns_cookie == netns_cookie);
         self.state().sink.clear_policy_gauges(netns_cookie);
         tracing::debug!(
             pod = name,

@@ -159,7 +159,6 @@ pub type UnixClock = Box<dyn Fn() -> u64 + Send + Sync>;
 
 struct Inner {
     peers: HashMap<PeerKey, Obs>,
-    pods: HashMap<Arc<str>, u64>,
     /// Figures lost because the table was full of unflushed or busy peers.
     dropped: u64,
 }
@@ -177,17 +176,11 @@ impl Recorder {
         Recorder {
             inner: Mutex::new(Inner {
                 peers: HashMap::new(),
-                pods: HashMap::new(),
                 dropped: 0,
             }),
             cap: cap.max(1),
             clock,
         }
-    }
-
-    /// Pod names (as in `PeerKey::pod`) map to netns cookies, the maps' pod identity.
-    pub fn add_pod(&self, name: &str, netns_cookie: u64) {
-        lock(&self.inner).pods.insert(name.into(), netns_cookie);
     }
 
     fn with(&self, key: &PeerKey, f: impl FnOnce(&mut Obs, u64)) {
@@ -317,16 +310,9 @@ impl Recorder {
         kernel_ns: impl Fn(crate::policy::Nanos) -> u64,
     ) -> (Vec<(MapKey, Delta)>, u64) {
         let mut inner = lock(&self.inner);
-        let Inner {
-            peers,
-            pods,
-            dropped,
-        } = &mut *inner;
+        let Inner { peers, dropped } = &mut *inner;
         let mut out = Vec::new();
         for (key, o) in peers.iter_mut().filter(|(_, o)| o.dirty || o.live) {
-            let Some(&cookie) = pods.get(&key.pod) else {
-                continue;
-            };
             for c in &mut o.open {
                 let (out, inn) = out_in(key.direction, c.take(c.bytes.get()));
                 o.pending.bytes_out += out;
@@ -357,17 +343,17 @@ impl Recorder {
             o.live = o.active > 0
                 || matches!(breaker, breaker_state::OPEN | breaker_state::HALF_OPEN)
                 || ppm > 0;
-            out.push((map_key(cookie, key), delta));
+            out.push((map_key(key), delta));
         }
         (out, std::mem::take(dropped))
     }
 
-    /// A pod left: forget its peers, so a pod enrolled again under the name starts afresh.
+    /// A pod left: forget its peers, so a pod enrolled again starts afresh.
     /// Flush first: figures not yet flushed are kept, and so are peers with connections still
     /// winding down, whose last bytes must be added once, when they end.
-    pub fn forget_pod(&self, pod: &str) {
+    pub fn forget_pod(&self, netns_cookie: u64) {
         lock(&self.inner).peers.retain(|k, o| {
-            if &*k.pod != pod {
+            if k.netns_cookie != netns_cookie {
                 return true;
             }
             o.latencies_us.clear();
@@ -382,10 +368,10 @@ impl Recorder {
     }
 }
 
-/// The maps' key for a policy key of a pod with this cookie.
-pub fn map_key(netns_cookie: u64, key: &PeerKey) -> MapKey {
+/// The maps' key for a policy key.
+pub fn map_key(key: &PeerKey) -> MapKey {
     MapKey {
-        netns_cookie,
+        netns_cookie: key.netns_cookie,
         peer: SockAddr::from_std(canonical(key.peer)),
         direction: match key.direction {
             Direction::Outbound => direction::OUTBOUND,

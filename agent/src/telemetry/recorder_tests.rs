@@ -2,13 +2,11 @@ use super::*;
 use crate::policy::{BreakerState, Nanos};
 
 fn key(peer: &str, dir: Direction) -> PeerKey {
-    PeerKey::new("/var/run/netns/web", dir, peer.parse().expect("addr"))
+    PeerKey::new("/var/run/netns/web", 42, dir, peer.parse().expect("addr"))
 }
 
 fn recorder() -> Recorder {
-    let r = Recorder::new(4, Box::new(|| 1_700_000_000_000));
-    r.add_pod("/var/run/netns/web", 42);
-    r
+    Recorder::new(4, Box::new(|| 1_700_000_000_000))
 }
 
 fn no_view(_: &PeerKey) -> Option<PeerView> {
@@ -176,7 +174,7 @@ fn memory_is_bounded_and_flushed_idle_peers_make_room() {
 #[test]
 fn v4_mapped_peers_are_keyed_as_ipv4_like_the_kernel_does() {
     let k = key("[::ffff:10.0.0.1]:80", Direction::Outbound);
-    let mk = map_key(42, &k);
+    let mk = map_key(&k);
     assert_eq!(mk.peer.to_std(), Some("10.0.0.1:80".parse().expect("addr")));
 }
 
@@ -246,7 +244,7 @@ fn a_forgotten_pod_starts_afresh_but_open_connections_still_count_once() {
         .fetch_add(10, std::sync::atomic::Ordering::Relaxed);
     let first = bytes_added(&r.drain(no_view, |_| 0).0);
     assert_eq!(first, (15, 5));
-    r.forget_pod("/var/run/netns/web");
+    r.forget_pod(42);
     assert_eq!(r.len(), 1, "only the peer with an open connection stays");
     // Back again: fresh latency samples.
     r.connected(&idle, Ok(Duration::from_micros(7)));

@@ -61,6 +61,7 @@ fn every_knob_key_is_accepted_and_parsed() {
     assert_eq!(rule.line, 2);
     let key = PeerKey::new(
         "/var/run/netns/shop-3",
+        1,
         Direction::Inbound,
         "[fd00::7]:8080".parse().expect("addr"),
     );

@@ -25,6 +25,7 @@ fn parse_policy(text: &str) -> Result<(), String> {
             ] {
                 let key = PeerKey {
                     pod: Arc::from("/var/run/netns/shop-1"),
+                    netns_cookie: 1,
                     direction,
                     peer: peer.parse::<SocketAddr>().expect("addr"),
                 };

@@ -46,6 +46,7 @@ pub(super) fn write(path: &Path, text: &str) {
 fn key() -> PeerKey {
     PeerKey::new(
         "/var/run/netns/shop-1",
+        1,
         Direction::Outbound,
         "10.0.5.7:5432".parse().expect("addr"),
     )

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 fn key(pod: &str, direction: Direction, peer: &str) -> PeerKey {
     let peer: SocketAddr = peer.parse().expect("test socket address");
-    PeerKey::new(pod, direction, peer)
+    PeerKey::new(pod, 1, direction, peer)
 }
 
 fn out(pod: &str, peer: &str) -> PeerKey {

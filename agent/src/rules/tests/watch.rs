@@ -106,6 +106,7 @@ fn follows_a_configmap_style_symlink_swap() {
         handle.reload().expect("reload");
         let key = PeerKey::new(
             "/var/run/netns/a",
+            1,
             Direction::Outbound,
             "10.0.0.1:80".parse().expect("addr"),
         );
@@ -126,6 +127,7 @@ fn drives_reloads_end_to_end() {
         let mut w = PolicyWatcher::new(&path).expect("watch");
         let key = PeerKey::new(
             "/var/run/netns/a",
+            1,
             Direction::Outbound,
             "10.0.0.1:80".parse().expect("addr"),
         );
