@@ -1,12 +1,11 @@
-//! Named network namespaces for the demo and the benchmarks: created with `ip netns add`,
-//! deleted (with every process still in them) when dropped, also on error or Ctrl-C.
+//! The demo's named network namespaces (fixed names, `smdemo-*`, that its printed commands
+//! use): created with `ip netns add`, deleted (with every process still in them) when dropped,
+//! also on error or Ctrl-C. The bench builds its network with the tests' `Cluster` instead.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::util::{output, signal};
 
@@ -41,32 +40,6 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, program]);
         cmd
-    }
-
-    /// `/var/run/netns/NAME`: what `sockmesh run --pod` takes.
-    pub fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
-    }
-
-    /// Sets a sysctl of this namespace (`key` as `sysctl` spells it).
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        output(
-            self.exec("sysctl")
-                .args(["-q", "-w", &format!("{key}={value}")]),
-        )
-        .map(drop)
-    }
-
-    /// Moves the calling thread into the namespace at `path` (for a thread that then only
-    /// makes sockets there; other threads are unaffected).
-    pub fn enter_path(path: &Path, name: &str) -> Result<()> {
-        let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        // SAFETY: setns on an fd we own; it affects only the calling thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("setns into {name}"));
-        }
-        Ok(())
     }
 }
 
