@@ -113,6 +113,28 @@ impl Drop for NetNs {
     }
 }
 
+/// Deletes the namespaces whose names start with `prefix` (non-empty), killing what runs in
+/// them and removing their /etc/netns overrides, as dropping their guards would have: for a
+/// tool with fixed names whose earlier run was killed. Returns the names it deleted.
+pub fn delete_leftovers(prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !prefix.is_empty() && n.starts_with(prefix))
+        .collect();
+    names.sort();
+    for name in &names {
+        drop(NetNs {
+            path: Path::new(NETNS_DIR).join(name),
+            name: name.clone(),
+        });
+    }
+    names
+}
+
 /// Runs `f` on a new thread that has entered the network namespace pinned at `netns_path`.
 /// Only that thread changes namespace (setns on a thread is per-thread for CLONE_NEWNET), so
 /// the rest of the test process is unaffected. Panics with a clear message if the namespace

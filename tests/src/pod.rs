@@ -74,8 +74,22 @@ impl Cluster {
     /// fourth (/24), and `subnet6`'s first seven groups with the host number's decimal digits
     /// as the eighth (/64): host 11 of 10.79.0.0 and fd79:: is 10.79.0.11 and fd79::11.
     pub fn with_subnets(subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
+        Self::build(unique_name(), subnet4, subnet6)
+    }
+
+    /// Like [`Cluster::with_subnets`], with fixed names, `<base>-sw` and `<base>-<label>`, for
+    /// a tool whose user types them (`cargo xtask demo`'s `smdemo-client`). They must be free:
+    /// remove an earlier run's with [`crate::netns::delete_leftovers`]. Not for tests, which
+    /// run in parallel: [`crate::cleanup::sweep_stale`] knows only the unique names.
+    pub fn named(base: &str, subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
+        if !valid_label(base) {
+            bail!("bad cluster name {base:?}");
+        }
+        Self::build(base.to_owned(), subnet4, subnet6)
+    }
+
+    fn build(base: String, subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
         crate::require_root();
-        let base = unique_name();
         let switch = NetNs::create(&format!("{base}-sw"))?;
         // The switch only forwards frames; without IPv6 on its ports it sends no router
         // solicitations or MLD reports of its own into the pods' captures.
@@ -102,8 +116,8 @@ impl Cluster {
         })
     }
 
-    /// The cluster's unique `smt-<pid>-<n>-<rand>` name, which starts every namespace name
-    /// in it: name other resources of the same run after it, and
+    /// The cluster's name (unique, `smt-<pid>-<n>-<rand>`, unless [`Cluster::named`]), which
+    /// starts every namespace name in it: name other resources of the same run after it, and
     /// [`crate::cleanup::sweep_stale`] removes them with the namespaces if the run is killed.
     pub fn name(&self) -> &str {
         &self.base

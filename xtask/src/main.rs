@@ -5,7 +5,6 @@ mod build;
 mod demo;
 mod layers;
 mod manifests;
-mod netns;
 mod prereqs;
 mod soak;
 mod test;
