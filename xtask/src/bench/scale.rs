@@ -16,8 +16,8 @@ use socket2::{Domain, Socket, Type};
 use sockmesh_tests::netns::enter;
 use sockmesh_tests::Pod;
 
+use super::plan::Variant;
 use super::topo::{Topology, SERVER_V4, SERVER_V6};
-use super::Variant;
 use crate::util::bail_if_interrupted;
 
 const PORTS: u16 = 4;

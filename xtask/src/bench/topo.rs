@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use sockmesh_tests::{Cluster, Pod};
 
-use super::Variant;
+use super::plan::Variant;
 use crate::demo::{spawn_agent_until_ready, wait_until, DirGuard};
 use crate::util::{describe, output, ChildGuard};
 

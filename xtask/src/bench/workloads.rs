@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::plan::{Plan, Variant};
 use super::stats::{percentile, Better};
 use super::topo::{Topology, HTTP_PORT, IPERF_PORT, SERVER_V4, SOCKPERF_PORT};
-use super::{Plan, Variant};
 use crate::util::{describe, wait_timeout};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl Workload {
     /// Runs once for `v`; values in the order of `metrics()`.
     pub fn run(self, topo: &Topology, v: Variant, plan: &Plan) -> Result<Vec<f64>> {
         let pod = topo.client(v);
-        let host = v.target_host();
+        let host = target_host(v);
         let secs = plan.seconds.to_string();
         match self {
             Workload::Bulk1 | Workload::Bulk8 => {
@@ -158,6 +158,15 @@ fn tail(s: &str, n: usize) -> &str {
         .find(|i| s.is_char_boundary(*i))
         .unwrap_or(s.len());
     &s[start..]
+}
+
+/// Where `v`'s client connects: the server, except HAProxy's pod, whose client talks to
+/// HAProxy on its loopback as it would to a sidecar.
+fn target_host(v: Variant) -> &'static str {
+    match v {
+        Variant::Haproxy => "127.0.0.1",
+        _ => SERVER_V4,
+    }
 }
 
 /// Runs `f` on a thread inside `pod`'s namespace.
