@@ -89,7 +89,7 @@ impl Cluster {
     }
 
     fn build(base: String, subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
-        crate::require_root();
+        crate::sys::require_root();
         let switch = NetNs::create(&format!("{base}-sw"))?;
         // The switch only forwards frames; without IPv6 on its ports it sends no router
         // solicitations or MLD reports of its own into the pods' captures.
@@ -249,7 +249,7 @@ pub struct Pod {
 impl Pod {
     /// A pod with only `lo` (no cluster, no addresses): for loopback-only tests.
     pub fn isolated(label: &str) -> Result<Self> {
-        crate::require_root();
+        crate::sys::require_root();
         if !valid_label(label) {
             bail!("bad pod label {label:?}");
         }
