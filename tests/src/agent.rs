@@ -95,7 +95,7 @@ pub struct BpfFsDir {
 
 impl BpfFsDir {
     pub fn new() -> Result<Arc<Self>> {
-        crate::require_root();
+        crate::sys::require_root();
         ensure_bpffs()?;
         let path = Path::new(BPFFS_ROOT).join(unique_name());
         fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
@@ -174,7 +174,7 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        crate::require_root();
+        crate::sys::require_root();
         let tmp = TempDir::new()?;
         let stderr_log = tmp.join("agent.stderr.log");
         let stdout_log = tmp.join("agent.stdout.log");

@@ -43,7 +43,7 @@ pub struct KubeletPod {
 
 impl KubeletPod {
     pub fn new(uid: &str, driver: Driver) -> Result<Self> {
-        crate::require_root();
+        crate::sys::require_root();
         let root = Path::new(CGROUP2).join(unique_name());
         let pod_dir = match driver {
             Driver::Systemd => root

@@ -48,17 +48,5 @@ pub use pod::{Cluster, Pod};
 pub use process::Proc;
 pub use procnet::{tcp_listeners, wait_tcp_listening};
 pub use sockaddr::{getpeername, getsockname, original_dst, parse_sockaddr, unmap};
+pub use sys::require_root;
 pub use tempdir::TempDir;
-
-/// Panics unless running as root. Kernel tests need root for namespaces, bpffs and BPF; they
-/// must fail, never skip, when they cannot run, or a misconfigured CI would pass vacuously.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "sockmesh integration tests must run as root (euid is {euid}): they create network \
-         namespaces, mount bpffs and load BPF programs. Run them via `cargo xtask test` as root; \
-         they are never skipped."
-    );
-}

@@ -77,6 +77,15 @@ impl NetNs {
         fs::write(dir.join(file), contents).with_context(|| format!("write {file}"))
     }
 
+    /// Sets a network sysctl of this namespace: `key` as sysctl(8) spells it
+    /// (`net.ipv4.tcp_tw_reuse`), written to /proc/sys from a thread inside the namespace
+    /// (net sysctls are per namespace, resolved against the writing thread's).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run(|| fs::write(&path, value))
+            .with_context(|| format!("write {value:?} to {path} in netns {}", self.name))
+    }
+
     /// Inode of the namespace: equal to the `ns/net` inode of any thread or process inside it.
     pub fn inode(&self) -> Result<u64> {
         Ok(sys::ns_id(&self.path)
@@ -104,6 +113,28 @@ impl Drop for NetNs {
     }
 }
 
+/// Deletes the namespaces whose names start with `prefix` (non-empty), killing what runs in
+/// them and removing their /etc/netns overrides, as dropping their guards would have: for a
+/// tool with fixed names whose earlier run was killed. Returns the names it deleted.
+pub fn delete_leftovers(prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !prefix.is_empty() && n.starts_with(prefix))
+        .collect();
+    names.sort();
+    for name in &names {
+        drop(NetNs {
+            path: Path::new(NETNS_DIR).join(name),
+            name: name.clone(),
+        });
+    }
+    names
+}
+
 /// Runs `f` on a new thread that has entered the network namespace pinned at `netns_path`.
 /// Only that thread changes namespace (setns on a thread is per-thread for CLONE_NEWNET), so
 /// the rest of the test process is unaffected. Panics with a clear message if the namespace
@@ -113,17 +144,7 @@ pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(netns_path: &Path, f: F) -
         let handle = std::thread::Builder::new()
             .name("smt-netns".into())
             .spawn_scoped(s, || {
-                let file = File::open(netns_path)
-                    .unwrap_or_else(|e| panic!("open {}: {e}", netns_path.display()));
-                // SAFETY: valid fd; CLONE_NEWNET only affects the calling thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    panic!(
-                        "setns({}): {}",
-                        netns_path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                drop(file);
+                enter(netns_path).unwrap_or_else(|e| panic!("{e:#}"));
                 f()
             })
             .expect("spawn netns thread");
@@ -132,6 +153,19 @@ pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(netns_path: &Path, f: F) -
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// Moves the calling thread into the network namespace pinned at `netns_path`, for good: for
+/// a thread of its own that then makes its sockets there (other threads are unaffected).
+/// Prefer [`run_in_netns`] unless the thread must outlive the call.
+pub fn enter(netns_path: &Path) -> Result<()> {
+    let file = File::open(netns_path).with_context(|| format!("open {}", netns_path.display()))?;
+    // SAFETY: valid fd; CLONE_NEWNET only affects the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setns({})", netns_path.display()));
+    }
+    Ok(())
 }
 
 /// Inode of the calling thread's network namespace.

@@ -1,4 +1,6 @@
-//! A test "cluster": a private switch namespace with a bridge, and pods attached to it.
+//! A test "cluster": a private switch namespace with a bridge, and pods attached to it. The
+//! integration tests use it, and so does `cargo xtask bench` for its private network (on
+//! subnets of its own, with pods at the host numbers it chooses).
 //!
 //! Nothing is created in the root namespace (no bridge, route or address), so tests running in
 //! parallel can all use the same subnets without colliding, and nothing they do is visible to
@@ -9,17 +11,17 @@ use crate::netns::NetNs;
 use crate::process::Proc;
 use crate::tempdir::TempDir;
 use anyhow::{bail, Context, Result};
-use std::fs::{self, File};
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Pods get 10.77.0.(k+10)/24 ...
+/// [`Cluster::new`]'s pods get 10.77.0.(k+10)/24 ...
 pub const SUBNET4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 0);
 /// ... and fd77::(k+10)/64, where the last group is written with the same digits as the IPv4
 /// octet (pod 0: 10.77.0.10 and fd77::10), so addresses are easy to match up in logs.
@@ -36,15 +38,15 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const BRIDGE: &str = "br0";
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-fn host4(h: u8) -> Ipv4Addr {
-    let [a, b, c, _] = SUBNET4.octets();
+fn host4(subnet: Ipv4Addr, h: u8) -> Ipv4Addr {
+    let [a, b, c, _] = subnet.octets();
     Ipv4Addr::new(a, b, c, h)
 }
 
-fn host6(h: u8) -> Ipv6Addr {
+fn host6(subnet: Ipv6Addr, h: u8) -> Ipv6Addr {
     // Decimal digits read as hex: 25 -> 0x25, so fd77::25 pairs with 10.77.0.25.
     let group = u16::from_str_radix(&h.to_string(), 16).expect("decimal digits are hex digits");
-    let mut s = SUBNET6.segments();
+    let mut s = subnet.segments();
     s[7] = group;
     Ipv6Addr::from(s)
 }
@@ -55,18 +57,43 @@ fn host6(h: u8) -> Ipv6Addr {
 pub struct Cluster {
     switch: NetNs,
     base: String,
-    next: AtomicU32,
+    subnet4: Ipv4Addr,
+    subnet6: Ipv6Addr,
+    /// Host numbers given out so far.
+    taken: Mutex<Vec<u8>>,
     tmp: Arc<TempDir>,
 }
 
 impl Cluster {
+    /// A cluster on [`SUBNET4`] and [`SUBNET6`].
     pub fn new() -> Result<Self> {
-        crate::require_root();
-        let base = unique_name();
+        Self::with_subnets(SUBNET4, SUBNET6)
+    }
+
+    /// A cluster whose pods get `subnet4`'s first three octets with the host number as the
+    /// fourth (/24), and `subnet6`'s first seven groups with the host number's decimal digits
+    /// as the eighth (/64): host 11 of 10.79.0.0 and fd79:: is 10.79.0.11 and fd79::11.
+    pub fn with_subnets(subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
+        Self::build(unique_name(), subnet4, subnet6)
+    }
+
+    /// Like [`Cluster::with_subnets`], with fixed names, `<base>-sw` and `<base>-<label>`, for
+    /// a tool whose user types them (`cargo xtask demo`'s `smdemo-client`). They must be free:
+    /// remove an earlier run's with [`crate::netns::delete_leftovers`]. Not for tests, which
+    /// run in parallel: [`crate::cleanup::sweep_stale`] knows only the unique names.
+    pub fn named(base: &str, subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
+        if !valid_label(base) {
+            bail!("bad cluster name {base:?}");
+        }
+        Self::build(base.to_owned(), subnet4, subnet6)
+    }
+
+    fn build(base: String, subnet4: Ipv4Addr, subnet6: Ipv6Addr) -> Result<Self> {
+        crate::sys::require_root();
         let switch = NetNs::create(&format!("{base}-sw"))?;
         // The switch only forwards frames; without IPv6 on its ports it sends no router
         // solicitations or MLD reports of its own into the pods' captures.
-        switch.run(|| write_sysctl("net/ipv6/conf/default/disable_ipv6", "1"))?;
+        switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         // Snooping off: with no multicast querier on this private segment, flooding is the
         // predictable behaviour for IPv6 neighbour discovery.
         switch.ip(&[
@@ -82,9 +109,18 @@ impl Cluster {
         Ok(Self {
             switch,
             base,
-            next: AtomicU32::new(0),
+            subnet4,
+            subnet6,
+            taken: Mutex::new(Vec::new()),
             tmp: Arc::new(TempDir::new()?),
         })
+    }
+
+    /// The cluster's name (unique, `smt-<pid>-<n>-<rand>`, unless [`Cluster::named`]), which
+    /// starts every namespace name in it: name other resources of the same run after it, and
+    /// [`crate::cleanup::sweep_stale`] removes them with the namespaces if the run is killed.
+    pub fn name(&self) -> &str {
+        &self.base
     }
 
     /// The switch namespace (e.g. to capture traffic on `br0`).
@@ -99,20 +135,45 @@ impl Cluster {
 
     /// Creates pod `label` (letters, digits, '-', '_'; unique in this cluster): a namespace
     /// named `<cluster>-<label>` with `lo` up and `eth0` on the bridge, with the next free
-    /// addresses. Returns once both addresses are usable.
+    /// addresses (host numbers from 10 up). Returns once both addresses are usable.
     pub fn add_pod(&self, label: &str) -> Result<Pod> {
+        let host = {
+            let mut taken = self.taken.lock().expect("no panic while held");
+            let free = (FIRST_HOST..FIRST_HOST + MAX_PODS)
+                .map(|h| u8::try_from(h).expect("bounded by MAX_PODS"))
+                .find(|h| !taken.contains(h));
+            let Some(host) = free else {
+                bail!("too many pods in one cluster");
+            };
+            taken.push(host);
+            host
+        };
+        self.attach(label, host)
+    }
+
+    /// Like [`Cluster::add_pod`], at host number `host` (1..=253, not yet given out).
+    pub fn add_pod_at(&self, label: &str, host: u8) -> Result<Pod> {
+        {
+            let mut taken = self.taken.lock().expect("no panic while held");
+            if host == 0 || host >= UNUSED_HOST || taken.contains(&host) {
+                bail!(
+                    "host number {host} is taken or outside 1..={}",
+                    UNUSED_HOST - 1
+                );
+            }
+            taken.push(host);
+        }
+        self.attach(label, host)
+    }
+
+    fn attach(&self, label: &str, host: u8) -> Result<Pod> {
         if !valid_label(label) || label == "sw" {
             bail!("bad pod label {label:?}");
         }
-        let k = self.next.fetch_add(1, Ordering::Relaxed);
-        if k >= MAX_PODS {
-            bail!("too many pods in one cluster");
-        }
-        let host = u8::try_from(FIRST_HOST + k).expect("bounded by MAX_PODS");
         let ns = NetNs::create(&format!("{}-{label}", self.base))?;
         // Set before eth0 exists so the device is created with DAD off: addresses are usable
         // at once instead of after ~1 s of duplicate detection.
-        ns.run(|| write_sysctl("net/ipv6/conf/default/accept_dad", "0"))?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
 
         // Both ends are created directly in their namespaces, so no name is ever taken in the
         // root namespace, even for an instant. The switch-side name is unique within the switch.
@@ -134,8 +195,8 @@ impl Cluster {
         self.switch
             .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
 
-        let ip4 = host4(host);
-        let ip6 = host6(host);
+        let ip4 = host4(self.subnet4, host);
+        let ip6 = host6(self.subnet6, host);
         ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         ns.ip(&[
             "-6",
@@ -164,12 +225,12 @@ impl Cluster {
     /// answer (ARP fails on the private bridge), which is how tests get a "dead upstream"
     /// without sending anything off the machine.
     pub fn unused_ip4(&self) -> Ipv4Addr {
-        host4(UNUSED_HOST)
+        host4(self.subnet4, UNUSED_HOST)
     }
 
     /// IPv6 counterpart of [`Cluster::unused_ip4`].
     pub fn unused_ip6(&self) -> Ipv6Addr {
-        host6(UNUSED_HOST)
+        host6(self.subnet6, UNUSED_HOST)
     }
 }
 
@@ -188,7 +249,7 @@ pub struct Pod {
 impl Pod {
     /// A pod with only `lo` (no cluster, no addresses): for loopback-only tests.
     pub fn isolated(label: &str) -> Result<Self> {
-        crate::require_root();
+        crate::sys::require_root();
         if !valid_label(label) {
             bail!("bad pod label {label:?}");
         }
@@ -251,6 +312,11 @@ impl Pod {
     /// `ip -n <pod> <args>`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         self.ns.ip(args)
+    }
+
+    /// See [`NetNs::sysctl`] (e.g. `pod.sysctl("net.core.somaxconn", "8192")`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.ns.sysctl(key, value)
     }
 
     /// A `Command` that runs `program` in this pod (`ip netns exec <name> <program>`, which
@@ -372,22 +438,24 @@ impl Pod {
     }
 }
 
-/// Writes /proc/sys/<key> for the calling thread's network namespace (net sysctls are
-/// per-namespace and resolved against the writing thread's namespace).
-fn write_sysctl(key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{key}");
-    fs::write(&path, value).with_context(|| format!("write {path}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn addresses_mirror_each_other() {
-        assert_eq!(host4(10), Ipv4Addr::new(10, 77, 0, 10));
-        assert_eq!(host6(10), "fd77::10".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(host6(249), "fd77::249".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(host6(UNUSED_HOST), "fd77::254".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(host4(SUBNET4, 10), Ipv4Addr::new(10, 77, 0, 10));
+        assert_eq!(host6(SUBNET6, 10), "fd77::10".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            host6(SUBNET6, 249),
+            "fd77::249".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            host6(SUBNET6, UNUSED_HOST),
+            "fd77::254".parse::<Ipv6Addr>().unwrap()
+        );
+        let (v4, v6) = (Ipv4Addr::new(10, 79, 0, 0), "fd79::".parse().unwrap());
+        assert_eq!(host4(v4, 11).to_string(), "10.79.0.11");
+        assert_eq!(host6(v6, 11).to_string(), "fd79::11");
     }
 }

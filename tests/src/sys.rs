@@ -10,6 +10,19 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+/// Panics unless running as root. Kernel tests need root for namespaces, bpffs and BPF; they
+/// must fail, never skip, when they cannot run, or a misconfigured CI would pass vacuously.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "sockmesh integration tests must run as root (euid is {euid}): they create network \
+         namespaces, mount bpffs and load BPF programs. Run them via `cargo xtask test` as root; \
+         they are never skipped."
+    );
+}
+
 /// Runs `cmd` to completion; on failure the error carries the command line and its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd

@@ -189,6 +189,35 @@ fn parallel_clusters_reuse_the_same_subnet() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask bench` builds: a cluster on subnets of its own, pods at chosen host
+/// numbers (mixed with numbered ones), sysctls set per pod.
+#[test]
+fn pods_at_chosen_hosts_on_other_subnets() -> anyhow::Result<()> {
+    require_root();
+    let c = Cluster::with_subnets("10.79.0.0".parse()?, "fd79::".parse()?)?;
+    let (srv, cli) = (c.add_pod_at("srv", 11)?, c.add_pod_at("cli", 20)?);
+    assert_eq!(srv.ip4().to_string(), "10.79.0.11");
+    assert_eq!(srv.ip6().to_string(), "fd79::11");
+    assert!(srv.name().starts_with(c.name()));
+    assert!(
+        c.add_pod_at("again", 11).is_err(),
+        "host 11 given out twice"
+    );
+    assert!(
+        c.add_pod_at("unused", 254).is_err(),
+        "the unused address given out"
+    );
+    // Numbered pods skip the taken hosts.
+    let next = c.add_pod("next")?;
+    assert_eq!(next.ip4().to_string(), "10.79.0.10");
+    assert_eq!(c.add_pod("then")?.ip4().to_string(), "10.79.0.12");
+    cli.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let reuse = cli.exec(&["cat", "/proc/sys/net/ipv4/tcp_tw_reuse"])?;
+    assert_eq!(reuse.trim(), "1");
+    tcp_between(&cli, &srv, any6(), srv.ip6().into())?;
+    tcp_between(&cli, &srv, any4(), srv.ip4().into())
+}
+
 #[test]
 fn sweep_removes_leftovers_of_dead_test_processes() -> anyhow::Result<()> {
     require_root();

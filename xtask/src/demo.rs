@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -11,18 +12,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sockmesh_tests::netns::delete_leftovers;
+use sockmesh_tests::{Cluster, Pod};
 
 use crate::build::build_agent;
-use crate::netns::Netns;
 use crate::prereqs::{self, Level};
 use crate::util::{bail_if_interrupted, catch_interrupts, describe, output, ChildGuard};
 
-const SWITCH: &str = "smdemo-switch";
+/// The demo's namespaces are `smdemo-sw` (the switch), `smdemo-client` and `smdemo-server`:
+/// fixed names, so the commands it prints can be typed again.
+const CLUSTER: &str = "smdemo";
 const CLIENT: &str = "smdemo-client";
-const SERVER: &str = "smdemo-server";
-const CLIENT_V4: &str = "10.78.0.10";
+/// On 10.78.0.0/24 and fd78::/64: the client is host 10, the server host 11.
+const SUBNET4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 0);
+const SUBNET6: Ipv6Addr = Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 0);
 const SERVER_V4: &str = "10.78.0.11";
-const CLIENT_V6: &str = "fd78::10";
 const SERVER_V6: &str = "fd78::11";
 const DNS_NAME: &str = "demo.sockmesh.test";
 const BPFFS_DIR: &str = "/sys/fs/bpf/sockmesh-demo";
@@ -68,7 +72,8 @@ struct Made {
     dnsmasq: Option<ChildGuard>,
     nginx: Option<ChildGuard>,
     tmp: Option<DirGuard>,
-    pods: Option<(Netns, Netns, Netns)>,
+    /// Client, server, and the cluster (its switch) last.
+    pods: Option<(Pod, Pod, Cluster)>,
 }
 
 struct Narrator(usize);
@@ -84,7 +89,7 @@ impl Narrator {
 
 fn run(agent: &Path, made: &mut Made) -> Result<()> {
     let mut n = Narrator(0);
-    let (_, _, server) = made.pods.insert(n.step(
+    let (_, server, _) = made.pods.insert(n.step(
         "Create a private \"switch\" network namespace with a bridge, and two pods \
          (smdemo-client, smdemo-server) wired to it by veth pairs; nothing is added to the \
          host's own namespace",
@@ -195,32 +200,34 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
     })
 }
 
-fn wire_pods() -> Result<(Netns, Netns, Netns)> {
-    let switch = Netns::create(SWITCH)?;
-    let client = Netns::create(CLIENT)?;
-    let server = Netns::create(SERVER)?;
-    switch.ip("link add br0 type bridge mcast_snooping 0")?;
-    switch.ip("link set br0 up")?;
-    for (pod, v4, v6) in [
-        (&client, CLIENT_V4, CLIENT_V6),
-        (&server, SERVER_V4, SERVER_V6),
-    ] {
-        // The switch end is named after the pod ("client"/"server"); the pod end is eth0.
-        let port = pod.name.trim_start_matches("smdemo-");
-        let name = &pod.name;
-        switch.ip(&format!(
-            "link add {port} type veth peer name eth0 netns {name}"
-        ))?;
-        switch.ip(&format!("link set {port} master br0 up"))?;
-        pod.ip(&format!("addr add {v4}/24 dev eth0"))?;
-        pod.ip(&format!("-6 addr add {v6}/64 dev eth0 nodad"))?;
-        pod.ip("link set eth0 up")?;
-        println!("    {name}: eth0 {v4}/24 and {v6}/64, lo up");
+/// The integration tests' cluster, with the demo's fixed names: a switch namespace with a
+/// bridge, and the two pods on veths.
+fn wire_pods() -> Result<(Pod, Pod, Cluster)> {
+    for name in delete_leftovers(&format!("{CLUSTER}-")) {
+        println!("    removed network namespace {name} left over from an earlier run");
     }
-    Ok((switch, client, server))
+    let cluster = Cluster::named(CLUSTER, SUBNET4, SUBNET6)?;
+    let client = cluster.add_pod_at("client", 10)?;
+    let server = cluster.add_pod_at("server", 11)?;
+    if client.name() != CLIENT || server.ip4().to_string() != SERVER_V4 {
+        bail!(
+            "the pods are {} and {}, not {CLIENT} and {SERVER_V4}",
+            client.name(),
+            server.ip4()
+        );
+    }
+    for pod in [&client, &server] {
+        println!(
+            "    {}: eth0 {}/24 and {}/64, lo up",
+            pod.name(),
+            pod.ip4(),
+            pod.ip6()
+        );
+    }
+    Ok((client, server, cluster))
 }
 
-fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
+fn start_nginx(server: &Pod, dir: &Path) -> Result<ChildGuard> {
     let d = dir.display();
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
@@ -232,7 +239,7 @@ fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
     );
     let path = dir.join("nginx.conf");
     fs::write(&path, conf).with_context(|| format!("could not write {}", path.display()))?;
-    let mut cmd = server.exec("nginx");
+    let mut cmd = server.command("nginx");
     cmd.arg("-e")
         .arg("stderr")
         .arg("-p")
@@ -242,7 +249,7 @@ fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
         .stdin(Stdio::null());
     let mut nginx = ChildGuard::spawn("nginx", &mut cmd)?;
     wait_until("nginx to answer", &mut nginx, || {
-        let mut probe = server.exec("curl");
+        let mut probe = server.command("curl");
         probe.args(["-s", "--max-time", "1", "http://127.0.0.1/"]);
         Ok(output(&mut probe).is_ok_and(|body| body.trim() == GREETING))
     })?;
@@ -250,8 +257,8 @@ fn start_nginx(server: &Netns, dir: &Path) -> Result<ChildGuard> {
     Ok(nginx)
 }
 
-fn start_dnsmasq(server: &Netns) -> Result<ChildGuard> {
-    let mut cmd = server.exec("dnsmasq");
+fn start_dnsmasq(server: &Pod) -> Result<ChildGuard> {
+    let mut cmd = server.command("dnsmasq");
     cmd.args([
         "--no-daemon",
         "--no-resolv",
@@ -266,7 +273,7 @@ fn start_dnsmasq(server: &Netns) -> Result<ChildGuard> {
     .stdin(Stdio::null());
     let mut dnsmasq = ChildGuard::spawn("dnsmasq", &mut cmd)?;
     wait_until("dnsmasq to answer", &mut dnsmasq, || {
-        let mut probe = server.exec("dig");
+        let mut probe = server.command("dig");
         probe.args([
             &format!("@{SERVER_V4}"),
             DNS_NAME,

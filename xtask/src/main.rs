@@ -3,8 +3,8 @@
 mod bench;
 mod build;
 mod demo;
+mod layers;
 mod manifests;
-mod netns;
 mod prereqs;
 mod soak;
 mod test;
@@ -43,6 +43,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check the architecture rules: the agent's layer order (README.md `## Architecture`),
+    /// no two files importing each other, no .rs file over 600 lines.
+    Layers,
     /// Two pods on a private bridge, real curl and dig traffic through the agent (needs root).
     Demo,
     /// Benchmarks between two pods: direct, sockmesh, iptables REDIRECT + agent, HAProxy;
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Build { release } => build::build(release),
         Cmd::Test { args } => test::test(&args),
+        Cmd::Layers => layers::layers(),
         Cmd::Demo => demo::demo(),
         Cmd::Bench {
             quick,

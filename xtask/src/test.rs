@@ -1,4 +1,5 @@
-//! `cargo xtask test`: prerequisites, leftover sweep, agent build, lints, then every test.
+//! `cargo xtask test`: prerequisites, leftover sweep, agent build, lints (clippy, rustfmt,
+//! manifests, layers), then every test.
 //! Per-test timeouts and parallelism for nextest live in `.config/nextest.toml`.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
@@ -53,6 +54,15 @@ pub fn test(extra: &[String]) -> Result<()> {
         }
     };
 
+    println!("xtask: layers (architecture rules: layer order, no mutual imports, file length)");
+    let layers = match crate::layers::layers() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("xtask: layers FAILED: {e:#}; fix them (see `cargo xtask layers`)");
+            false
+        }
+    };
+
     let mut cmd = cargo();
     let runner = if found.nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"])
@@ -73,14 +83,15 @@ pub fn test(extra: &[String]) -> Result<()> {
 
     let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
     println!(
-        "xtask test summary: clippy {}; rustfmt {}; manifests {}; tests ({}) {}",
+        "xtask test summary: clippy {}; rustfmt {}; manifests {}; layers {}; tests ({}) {}",
         verdict(clippy),
         verdict(rustfmt),
         verdict(manifests),
+        verdict(layers),
         runner.name(),
         verdict(tests_ok)
     );
-    let all_ok = clippy && rustfmt && manifests && tests_ok;
+    let all_ok = clippy && rustfmt && manifests && layers && tests_ok;
     let word = if all_ok { "PASSED" } else { "FAILED" };
     match counts {
         Some(c) => println!(

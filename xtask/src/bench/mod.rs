@@ -6,6 +6,7 @@
 //! of the same repetition. Then a scale step holds many idle proxied connections.
 //! Results go to bench-results/ as JSON, Markdown and an SVG chart.
 
+mod plan;
 mod report;
 mod scale;
 mod select;
@@ -20,85 +21,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::prereqs::{self, Level};
 use crate::util::{bail_if_interrupted, cargo, catch_interrupts, repo_root, run, target_dir};
+use plan::Plan;
 pub use select::Selection;
-
-/// The paths a connection can take from a client pod to the server pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    Direct,
-    /// eBPF capture + the agent as deployed (`--kernel-relay auto`: splice, request/response
-    /// connections in the kernel).
-    Sockmesh,
-    Iptables,
-    Haproxy,
-    /// eBPF capture + a second agent with `--kernel-relay off`: the splice relay, measured in
-    /// the same run so what the in-kernel relay adds is a ratio, not a recollection.
-    SockmeshSplice,
-}
-
-impl Variant {
-    pub const ALL: [Variant; 5] = [
-        Variant::Direct,
-        Variant::Sockmesh,
-        Variant::Iptables,
-        Variant::Haproxy,
-        Variant::SockmeshSplice,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::Direct => "direct",
-            Variant::Sockmesh => "sockmesh",
-            Variant::Iptables => "iptables+agent",
-            Variant::Haproxy => "haproxy",
-            Variant::SockmeshSplice => "sockmesh-splice",
-        }
-    }
-
-    /// The name `--variant` takes (the report's, without the `+agent`).
-    pub fn flag(self) -> &'static str {
-        match self {
-            Variant::Iptables => "iptables",
-            v => v.name(),
-        }
-    }
-
-    /// Pod name suffix.
-    pub fn short(self) -> &'static str {
-        match self {
-            Variant::Direct => "direct",
-            Variant::Sockmesh => "mesh",
-            Variant::Iptables => "ipt",
-            Variant::Haproxy => "hap",
-            Variant::SockmeshSplice => "splice",
-        }
-    }
-
-    /// Where the client connects: the server, except HAProxy's pod, whose client talks to
-    /// HAProxy on its loopback as it would to a sidecar.
-    pub fn target_host(self) -> &'static str {
-        match self {
-            Variant::Haproxy => "127.0.0.1",
-            _ => topo::SERVER_V4,
-        }
-    }
-
-    /// Whether the pod's connections to the server are redirected to the agent.
-    pub fn captured(self) -> bool {
-        matches!(
-            self,
-            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice
-        )
-    }
-}
-
-/// How long and how often.
-pub struct Plan {
-    pub reps: usize,
-    pub seconds: u64,
-    pub connects: usize,
-    pub scale_conns: usize,
-}
 
 /// Debian packages the benchmark runs, beyond those of the tests.
 const PACKAGES: &[(&str, &[&str])] = &[

@@ -11,10 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use super::plan::{Plan, Variant};
 use super::scale::ScaleResult;
+use super::select::Selection;
 use super::stats::{summarise, Better, Summary};
 use super::workloads::Workload;
-use super::{Plan, Selection, Variant};
 use crate::util::try_output;
 
 /// One run's values (in the order of the workload's metrics), or why it failed.

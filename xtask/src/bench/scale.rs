@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
+use sockmesh_tests::netns::enter;
+use sockmesh_tests::Pod;
 
+use super::plan::Variant;
 use super::topo::{Topology, SERVER_V4, SERVER_V6};
-use super::Variant;
-use crate::netns::Netns;
 use crate::util::bail_if_interrupted;
 
 const PORTS: u16 = 4;
@@ -113,15 +114,15 @@ pub fn idle_connections(topo: &Topology, n: usize) -> Result<ScaleResult> {
 
 /// Accepts on every port until `stop`, holding the sockets; counts them in `accepted`.
 fn spawn_server(
-    ns: &Netns,
+    ns: &Pod,
     accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<Result<()>>> {
-    let (path, name) = (ns.path(), ns.name.clone());
+    let path = ns.netns_path().to_owned();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || -> Result<()> {
         let listeners = (|| {
-            Netns::enter_path(&path, &name)?;
+            enter(&path)?;
             (0..PORTS)
                 .map(|i| {
                     let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
@@ -176,10 +177,10 @@ fn spawn_server(
 
 /// Opens `n` connections from `pod`, never more than WINDOW ahead of the server's accepts,
 /// and returns them once the server has accepted all.
-fn open_clients(pod: &Netns, n: usize, accepted: Arc<AtomicUsize>) -> Result<Vec<TcpStream>> {
-    let (path, name) = (pod.path(), pod.name.clone());
+fn open_clients(pod: &Pod, n: usize, accepted: Arc<AtomicUsize>) -> Result<Vec<TcpStream>> {
+    let path = pod.netns_path().to_owned();
     std::thread::spawn(move || -> Result<Vec<TcpStream>> {
-        Netns::enter_path(&path, &name)?;
+        enter(&path)?;
         let v4: std::net::IpAddr = SERVER_V4.parse()?;
         let v6: std::net::IpAddr = SERVER_V6.parse()?;
         let mut conns = Vec::with_capacity(n);

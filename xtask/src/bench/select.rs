@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Result};
 
+use super::plan::Variant;
 use super::workloads::Workload;
-use super::Variant;
 
 /// The workloads and variants one run measures, in the canonical order (the report's).
 #[derive(Clone, Debug, PartialEq, Eq)]

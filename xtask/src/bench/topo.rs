@@ -1,19 +1,27 @@
-//! The benchmark's private network: a switch namespace with a bridge, one server pod and one
-//! client pod per variant, the servers, the agent, the iptables rule and HAProxy. Names carry
-//! the xtask's pid (`smb-<pid>-...`) so parallel runs and test suites never collide; every
-//! piece is a guard, removed when `Topology` drops (error and Ctrl-C included).
+//! The benchmark's private network: the integration tests' [`Cluster`] (a switch namespace
+//! with a bridge, pods on veths) on subnets of its own, with one server pod and one client pod
+//! per variant; then the servers, the agent, the iptables rule and HAProxy. Names come from the
+//! cluster (`smt-<pid>-<n>-<rand>-...`, unique per run; `smt-sweep` removes those of a killed
+//! run), and every piece is a guard, removed when `Topology` drops (error and Ctrl-C included).
 
 use std::fs;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use sockmesh_tests::{Cluster, Pod};
 
-use super::Variant;
+use super::plan::Variant;
 use crate::demo::{spawn_agent_until_ready, wait_until, DirGuard};
-use crate::netns::Netns;
 use crate::util::{describe, output, ChildGuard};
 
+/// The bench's subnets: 10.79.0.0/24 and fd79::/64, apart from the tests' 10.77 and fd77.
+const SUBNET4: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 0);
+const SUBNET6: Ipv6Addr = Ipv6Addr::new(0xfd79, 0, 0, 0, 0, 0, 0, 0);
+/// The server pod's host number; client pods are 20, 21, ... in `Variant::ALL`'s order.
+const SERVER_HOST: u8 = 11;
+const FIRST_CLIENT_HOST: u8 = 20;
 pub const SERVER_V4: &str = "10.79.0.11";
 pub const SERVER_V6: &str = "fd79::11";
 pub const IPERF_PORT: u16 = 5201;
@@ -31,13 +39,13 @@ pub struct Topology {
     _servers: Vec<ChildGuard>,
     _pins: DirGuard,
     pub tmp: PathBuf,
-    pub server: Netns,
-    pub clients: Vec<(Variant, Netns)>,
-    _switch: Netns,
+    pub server: Pod,
+    pub clients: Vec<(Variant, Pod)>,
+    _cluster: Cluster,
 }
 
 impl Topology {
-    pub fn client(&self, v: Variant) -> &Netns {
+    pub fn client(&self, v: Variant) -> &Pod {
         &self
             .clients
             .iter()
@@ -52,21 +60,30 @@ impl Topology {
 }
 
 pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
-    let base = format!("smb-{}", std::process::id());
-    let switch = Netns::create(&format!("{base}-sw"))?;
-    switch.ip("link add br0 type bridge mcast_snooping 0")?;
-    switch.ip("link set br0 up")?;
-    let server = pod(&switch, &format!("{base}-srv"), 11)?;
+    let cluster = Cluster::with_subnets(SUBNET4, SUBNET6)?;
+    let server = cluster.add_pod_at("srv", SERVER_HOST)?;
+    if (server.ip4().to_string(), server.ip6().to_string()) != (SERVER_V4.into(), SERVER_V6.into())
+    {
+        bail!(
+            "the server pod has {} and {}, not {SERVER_V4} and {SERVER_V6}",
+            server.ip4(),
+            server.ip6()
+        );
+    }
     let mut clients = Vec::new();
     for (i, v) in Variant::ALL.iter().enumerate() {
-        let ns = pod(&switch, &format!("{base}-{}", v.short()), 20 + i as u8)?;
+        let pod = cluster.add_pod_at(v.short(), FIRST_CLIENT_HOST + i as u8)?;
         // Many short connections per run: every ephemeral port, and TIME_WAIT reuse.
-        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        clients.push((*v, ns));
+        pod.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        pod.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        clients.push((*v, pod));
     }
     server.sysctl("net.core.somaxconn", "8192")?;
-    println!("    pods: server {SERVER_V4}, one client pod per variant, on a private bridge");
+    println!(
+        "    pods: server {SERVER_V4}, one client pod per variant, on a private bridge \
+         (namespaces {}-*)",
+        cluster.name()
+    );
 
     let servers = start_servers(&server, tmp)?;
     let find = |v: Variant| &clients.iter().find(|(c, _)| *c == v).expect("pod").1;
@@ -74,7 +91,7 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
     // listener there) but the server is excluded from eBPF capture; the agent's own sockets
     // carry its mark and are not redirected again.
     let ipt = find(Variant::Iptables);
-    output(ipt.exec("iptables").args([
+    output(ipt.command("iptables").args([
         "-t",
         "nat",
         "-A",
@@ -95,11 +112,8 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
     ]))
     .context("add the iptables REDIRECT rule in the iptables pod")?;
 
-    let pins = PathBuf::from(format!("/sys/fs/bpf/{base}"));
-    if pins.exists() {
-        fs::remove_dir_all(&pins).with_context(|| format!("remove {}", pins.display()))?;
-    }
-    let pins = DirGuard(pins);
+    // Named after the cluster, so a killed run's pins are swept with its namespaces.
+    let pins = DirGuard(PathBuf::from(format!("/sys/fs/bpf/{}", cluster.name())));
     let agent = start_agent(agent_bin, find(Variant::Sockmesh), ipt, &pins.0, tmp)?;
     // The splice relay's agent: its own pins, no metrics port.
     let splice_pins = pins.0.join("splice");
@@ -107,7 +121,7 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
         Command::new(agent_bin)
             .arg("run")
             .arg("--pod")
-            .arg(find(Variant::SockmeshSplice).path())
+            .arg(find(Variant::SockmeshSplice).netns_path())
             .arg("--bpffs-dir")
             .arg(&splice_pins)
             .args(["--kernel-relay", "off", "--metrics-addr", "off"])
@@ -127,45 +141,20 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
         tmp: tmp.to_path_buf(),
         server,
         clients,
-        _switch: switch,
+        _cluster: cluster,
     })
 }
 
-fn pod(switch: &Netns, name: &str, host: u8) -> Result<Netns> {
-    let ns = Netns::create(name)?;
-    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-    let port = format!("vp{host}");
-    output(Command::new("ip").args([
-        "link",
-        "add",
-        "eth0",
-        "netns",
-        name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &port,
-        "netns",
-        &switch.name,
-    ]))?;
-    switch.ip(&format!("link set {port} master br0 up"))?;
-    ns.ip(&format!("addr add 10.79.0.{host}/24 dev eth0"))?;
-    ns.ip(&format!("-6 addr add fd79::{host}/64 dev eth0 nodad"))?;
-    ns.ip("link set eth0 up")?;
-    Ok(ns)
-}
-
-fn start_servers(server: &Netns, tmp: &Path) -> Result<Vec<ChildGuard>> {
+fn start_servers(server: &Pod, tmp: &Path) -> Result<Vec<ChildGuard>> {
     let log = |name: &str| -> Result<Stdio> {
         Ok(fs::File::create(tmp.join(format!("{name}.log")))?.into())
     };
-    let mut iperf = server.exec("iperf3");
+    let mut iperf = server.command("iperf3");
     iperf
         .args(["-s", "-p", &IPERF_PORT.to_string()])
         .stdout(log("iperf3")?)
         .stderr(log("iperf3.err")?);
-    let mut sockperf = server.exec("sockperf");
+    let mut sockperf = server.command("sockperf");
     sockperf
         .args(["server", "--tcp", "-i", "0.0.0.0", "-p"])
         .arg(SOCKPERF_PORT.to_string())
@@ -184,7 +173,7 @@ fn start_servers(server: &Netns, tmp: &Path) -> Result<Vec<ChildGuard>> {
     );
     let path = tmp.join("nginx.conf");
     fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
-    let mut nginx = server.exec("nginx");
+    let mut nginx = server.command("nginx");
     nginx
         .args(["-e", "stderr", "-p"])
         .arg(tmp)
@@ -217,26 +206,23 @@ fn log_of(path: &Path) -> String {
 }
 
 /// Whether something listens on TCP `port` in `ns` (per `ss`).
-fn listening(ns: &Netns, port: u16) -> bool {
-    output(ns.exec("ss").args(["-Htln", &format!("sport = :{port}")]))
-        .is_ok_and(|s| !s.trim().is_empty())
+fn listening(ns: &Pod, port: u16) -> bool {
+    output(
+        ns.command("ss")
+            .args(["-Htln", &format!("sport = :{port}")]),
+    )
+    .is_ok_and(|s| !s.trim().is_empty())
 }
 
-fn start_agent(
-    bin: &Path,
-    mesh: &Netns,
-    ipt: &Netns,
-    pins: &Path,
-    tmp: &Path,
-) -> Result<ChildGuard> {
+fn start_agent(bin: &Path, mesh: &Pod, ipt: &Pod, pins: &Path, tmp: &Path) -> Result<ChildGuard> {
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--pod")
-        .arg(mesh.path())
+        .arg(mesh.netns_path())
         .arg("--pod")
         .arg(format!(
             "{},exclude-cidrs={SERVER_V4}/32;{SERVER_V6}/128",
-            ipt.path().display()
+            ipt.netns_path().display()
         ))
         .arg("--bpffs-dir")
         .arg(pins)
@@ -251,7 +237,7 @@ fn start_agent(
     spawn_agent_until_ready(&mut cmd, false)
 }
 
-fn start_haproxy(pod: &Netns, tmp: &Path) -> Result<ChildGuard> {
+fn start_haproxy(pod: &Pod, tmp: &Path) -> Result<ChildGuard> {
     let mut conf = String::from(
         "global\n  maxconn 4096\n  nbthread 2\n\
          defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
@@ -264,7 +250,7 @@ fn start_haproxy(pod: &Netns, tmp: &Path) -> Result<ChildGuard> {
     }
     let path = tmp.join("haproxy.cfg");
     fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
-    let mut cmd = pod.exec("haproxy");
+    let mut cmd = pod.command("haproxy");
     cmd.arg("-db")
         .arg("-f")
         .arg(&path)

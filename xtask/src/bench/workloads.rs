@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::plan::{Plan, Variant};
 use super::stats::{percentile, Better};
 use super::topo::{Topology, HTTP_PORT, IPERF_PORT, SERVER_V4, SOCKPERF_PORT};
-use super::{Plan, Variant};
 use crate::util::{describe, wait_timeout};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,19 +84,19 @@ impl Workload {
     /// Runs once for `v`; values in the order of `metrics()`.
     pub fn run(self, topo: &Topology, v: Variant, plan: &Plan) -> Result<Vec<f64>> {
         let pod = topo.client(v);
-        let host = v.target_host();
+        let host = target_host(v);
         let secs = plan.seconds.to_string();
         match self {
             Workload::Bulk1 | Workload::Bulk8 => {
                 let streams = if self == Workload::Bulk1 { "1" } else { "8" };
-                let mut cmd = pod.exec("iperf3");
+                let mut cmd = pod.command("iperf3");
                 cmd.args(["-c", host, "-p", &IPERF_PORT.to_string(), "-J", "-O", "1"])
                     .args(["-t", &secs, "-P", streams]);
                 let out = bounded(&mut cmd, plan, topo)?;
                 Ok(vec![parse_iperf3(&out)?])
             }
             Workload::Rr => {
-                let mut cmd = pod.exec("sockperf");
+                let mut cmd = pod.command("sockperf");
                 cmd.args(["ping-pong", "--tcp", "-i", host, "-p"])
                     .arg(SOCKPERF_PORT.to_string())
                     .args(["-m", "64", "-t", &secs]);
@@ -104,7 +104,7 @@ impl Workload {
                 parse_sockperf(&out)
             }
             Workload::Cps => {
-                let mut cmd = pod.exec("wrk");
+                let mut cmd = pod.command("wrk");
                 cmd.args(["-t1", "-c8", "-d", &format!("{secs}s")])
                     .args(["-H", "Connection: close"])
                     .arg(format!("http://{host}:{HTTP_PORT}/"));
@@ -160,15 +160,23 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
+/// Where `v`'s client connects: the server, except HAProxy's pod, whose client talks to
+/// HAProxy on its loopback as it would to a sidecar.
+fn target_host(v: Variant) -> &'static str {
+    match v {
+        Variant::Haproxy => "127.0.0.1",
+        _ => SERVER_V4,
+    }
+}
+
 /// Runs `f` on a thread inside `pod`'s namespace.
 pub fn pod_thread<T: Send + 'static>(
-    pod: &crate::netns::Netns,
+    pod: &sockmesh_tests::Pod,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let path = pod.path();
-    let name = pod.name.clone();
+    let path = pod.netns_path().to_owned();
     std::thread::spawn(move || {
-        crate::netns::Netns::enter_path(&path, &name)?;
+        sockmesh_tests::netns::enter(&path)?;
         f()
     })
     .join()

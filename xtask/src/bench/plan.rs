@@ -1,0 +1,71 @@
+//! What one bench run measures: the variants (the paths a connection can take) and how long
+//! and how often. Every other part of the bench uses these, and they use none of it.
+
+/// The paths a connection can take from a client pod to the server pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Direct,
+    /// eBPF capture + the agent as deployed (`--kernel-relay auto`: splice, request/response
+    /// connections in the kernel).
+    Sockmesh,
+    Iptables,
+    Haproxy,
+    /// eBPF capture + a second agent with `--kernel-relay off`: the splice relay, measured in
+    /// the same run so what the in-kernel relay adds is a ratio, not a recollection.
+    SockmeshSplice,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] = [
+        Variant::Direct,
+        Variant::Sockmesh,
+        Variant::Iptables,
+        Variant::Haproxy,
+        Variant::SockmeshSplice,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Sockmesh => "sockmesh",
+            Variant::Iptables => "iptables+agent",
+            Variant::Haproxy => "haproxy",
+            Variant::SockmeshSplice => "sockmesh-splice",
+        }
+    }
+
+    /// The name `--variant` takes (the report's, without the `+agent`).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Variant::Iptables => "iptables",
+            v => v.name(),
+        }
+    }
+
+    /// Pod name suffix.
+    pub fn short(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Sockmesh => "mesh",
+            Variant::Iptables => "ipt",
+            Variant::Haproxy => "hap",
+            Variant::SockmeshSplice => "splice",
+        }
+    }
+
+    /// Whether the pod's connections to the server are redirected to the agent.
+    pub fn captured(self) -> bool {
+        matches!(
+            self,
+            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice
+        )
+    }
+}
+
+/// How long and how often.
+pub struct Plan {
+    pub reps: usize,
+    pub seconds: u64,
+    pub connects: usize,
+    pub scale_conns: usize,
+}
