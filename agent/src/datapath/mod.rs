@@ -2,6 +2,7 @@
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
 pub mod heartbeat;
 pub mod links;
+mod object;
 pub mod preflight;
 pub mod relay;
 pub mod sink;
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 
 use aya_obj::generated::bpf_attach_type as at;
 use links::CgroupLink;
+use object::take;
 use preflight::PinDirLock;
 use std::os::fd::AsFd;
 
@@ -90,16 +92,6 @@ pub struct Datapath {
     dir: PathBuf,
     keep_pins: bool,
     _lock: PinDirLock,
-}
-
-pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
 }
 
 impl Datapath {

@@ -17,7 +17,7 @@ use aya::{
 };
 use sockmesh_common::relay::{self as names, RelayPeer};
 
-use super::take;
+use super::object::take;
 
 /// Which connections the in-kernel relay takes (`--kernel-relay`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use aya::{
 use sockmesh_common::peer::{breaker_state, map_names, AgentStats, PeerKey, PeerState, PodMeta};
 use tracing::warn;
 
-use super::take;
+use super::object::take;
 use crate::sys::clock::unix_ms;
 
 pub struct Sink {
