@@ -1,34 +1,33 @@
 //! `run --takeover` as the agent runs it, and answering a successor: the glue between the
 //! handover protocol (`handover/`) and the agent's pods and datapath.
-use std::os::unix::net::UnixStream;
+use std::{os::unix::net::UnixStream, path::Path};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::{
-    cli::RunArgs,
     datapath::{stats, Datapath},
     handover::{
         client::{self, Taken},
         serve::Control,
     },
-    inpod::manager::PodManager,
+    inpod::manager::{PodManager, PodTemplate},
 };
 
 /// Check the running agent is compatible, then take its sockets and pin-dir lock. Nothing
 /// changes for the running agent until [`finish`].
-pub fn begin(args: &RunArgs) -> Result<Taken> {
+pub fn begin(bpffs_dir: &Path, ours: &PodTemplate) -> Result<Taken> {
     // Both agents' sockets must carry the mark the programs skip, and pods keep their
     // listener ports: the pinned config says what the running agent uses.
-    if let Ok(cfg) = stats::read_config(&args.bpffs_dir) {
+    if let Ok(cfg) = stats::read_config(bpffs_dir) {
         let (mark, out, dns) = (cfg.agent_mark, cfg.outbound_port, cfg.dns_port);
-        if (mark, out, dns) != (args.mark, args.outbound_port, args.dns_port) {
+        if (mark, out, dns) != (ours.mark, ours.outbound_port, ours.dns_port) {
             bail!(
                 "--takeover: the running agent uses --mark {mark} --outbound-port {out} --dns-port {dns}; give this one the same values"
             );
         }
     }
-    let taken = client::take_over(&args.bpffs_dir)?;
+    let taken = client::take_over(bpffs_dir)?;
     info!(
         from = taken.pid,
         "took the running agent's sockets and pin-dir lock"

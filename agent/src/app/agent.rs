@@ -1,0 +1,442 @@
+//! The running agent: what `sockmesh run` holds once everything is loaded, and one method per
+//! event the event loop handles (signals, bind events, pods leaving, the Kubernetes watch,
+//! policy reloads, a successor asking to take over).
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use sockmesh_common::peer;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, Signal, SignalKind},
+    sync::mpsc,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use super::{
+    kernel_io::{next_events, read_kernel_logs, watch_events, Events},
+    shutdown::{stop, Exit},
+    takeover,
+};
+use crate::{
+    admission::Admission,
+    cli::RunArgs,
+    datapath::{heartbeat, Datapath, DatapathOptions},
+    events,
+    handover::{
+        client::Taken,
+        serve::{Control, Step},
+    },
+    inpod::{
+        manager::{Enrolment, Gone, PodManager, PodTemplate},
+        resolver::Resolver,
+    },
+    kube::{
+        controller::{Controller, Input},
+        report::Report,
+    },
+    observe::{self, http::MetricsState},
+    policy::{Direction, PeerKey, PeerTable},
+    proxy::{ProxyConfig, Shared},
+    rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
+    sys::clock::unix_ms,
+    telemetry::{flush::Observer, recorder::Recorder},
+};
+
+/// The pods, ready to enrol, and on `--takeover` what the running agent handed over.
+pub struct Prepared {
+    pub pods: Vec<Enrolment>,
+    pub taken: Option<Taken>,
+}
+
+/// What `run` validated and opened before the runtime started.
+pub struct Setup {
+    pub cgroup: PathBuf,
+    pub prepared: Prepared,
+    pub policy: Arc<PolicyHandle>,
+    pub node: Option<String>,
+    pub template: PodTemplate,
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// The signals the agent answers.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("install SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?,
+        })
+    }
+}
+
+pub struct Agent {
+    dp: Datapath,
+    shared: Shared,
+    observer: Arc<Observer>,
+    pods: PodManager,
+    gone_rx: mpsc::UnboundedReceiver<Gone>,
+    policy: Arc<PolicyHandle>,
+    watcher: Option<PolicyWatcher>,
+    metrics: Arc<MetricsState>,
+    /// Where a successor asks for this agent's sockets; without it upgrades restart.
+    control: Option<Control>,
+    kube: Option<Controller>,
+    ring: Option<Events>,
+}
+
+impl Agent {
+    /// Load and attach, enrol the prepared pods (or take them over), start the background
+    /// tasks, and announce `ready`. On failure everything started is stopped again.
+    pub async fn start(args: RunArgs, setup: Setup) -> Result<Agent> {
+        let Setup {
+            cgroup,
+            prepared,
+            policy,
+            node,
+            template,
+            metrics,
+        } = setup;
+        let watcher = match policy.path() {
+            Some(p) => {
+                Some(PolicyWatcher::new(p).with_context(|| format!("watch {}", p.display()))?)
+            }
+            None => None,
+        };
+        // Built (not connected) before anything is loaded: a bad kubeconfig is a clean error.
+        let client = match &node {
+            Some(_) => Some(args.kube.client().await?),
+            None => None,
+        };
+        let (handed_lock, predecessor) = match prepared.taken {
+            Some(t) => (Some(t.lock), Some((t.stream, t.pid))),
+            None => (None, None),
+        };
+        let mut dp = Datapath::start(
+            &DatapathOptions {
+                bpffs_dir: &args.bpffs_dir,
+                cgroup_root: &cgroup,
+                mark: args.mark,
+                outbound_port: args.outbound_port,
+                dns_port: args.dns_port,
+                keep_pins: args.keep_pins,
+                kernel_log: args.kernel_log,
+                fail_open_after: args.fail_open_after.0,
+                kernel_relay: args.kernel_relay,
+            },
+            handed_lock,
+        )?;
+        let Some(sink) = dp.take_sink() else {
+            dp.shutdown();
+            bail!("the observability maps were not loaded");
+        };
+        let recorder = Arc::new(Recorder::new(
+            peer::map_sizes::PEERS as usize,
+            Box::new(unix_ms),
+        ));
+        let admission = admission(&dp, &args.policy, &policy);
+        let observer = Arc::new(Observer::new(recorder.clone(), admission.clone(), sink));
+        let shared = Shared {
+            cfg: Arc::new(ProxyConfig {
+                mark: args.mark,
+                outbound_port: args.outbound_port,
+            }),
+            maps: dp.maps.clone(),
+            admission,
+            policy: policy.clone(),
+            recorder,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            abort: CancellationToken::new(),
+        };
+        let metrics_state = Arc::new(MetricsState {
+            bpffs_dir: args.bpffs_dir.clone(),
+            top_peers: args.metrics_top_peers,
+            observer: observer.clone(),
+            ready: false.into(),
+        });
+        if let Some(l) = metrics {
+            serve_metrics(l, &metrics_state, &shared);
+        }
+        // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
+        if let Some(hb) = dp.take_heartbeat() {
+            let period = heartbeat::period(args.fail_open_after.0);
+            shared.tasks.spawn(hb.run(period, shared.cancel.clone()));
+        }
+        let (mut pods, gone_rx) = PodManager::new(shared.clone(), observer.clone());
+        let took_over_from = predecessor.as_ref().map(|(_, pid)| *pid);
+        let started = async {
+            for e in prepared.pods {
+                pods.enrol(&mut dp, e)?;
+            }
+            match predecessor {
+                Some((stream, pid)) => takeover::finish(&mut dp, &pods, stream, pid).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if let Err(e) = started {
+            // On a takeover the old agent still serves every pod: leave them to it.
+            let exit = if took_over_from.is_some() {
+                Exit::Release
+            } else {
+                Exit::Stop
+            };
+            stop(dp, &shared, &observer, &mut pods, Duration::ZERO, exit).await;
+            return Err(e);
+        }
+        let control = match Control::bind(&args.bpffs_dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "no control socket: upgrades cannot use --takeover"
+                );
+                None
+            }
+        };
+        shared.tasks.spawn(crate::telemetry::flush::run(
+            observer.clone(),
+            shared.cancel.clone(),
+        ));
+        let kube = match (client, &node) {
+            (Some(client), Some(node)) => {
+                let tasks = shared.tasks.clone();
+                let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
+                let resolver = Resolver::new(&args.kube.proc_root);
+                info!(%node, "watching this node's pods in the Kubernetes API");
+                Some(Controller::new(client, node, resolver, report, template))
+            }
+            _ => None,
+        };
+        let ring = dp.take_events().and_then(watch_events);
+        if let Some(logger) = dp.take_logger() {
+            shared
+                .tasks
+                .spawn(read_kernel_logs(logger, shared.cancel.clone()));
+        }
+        // /readyz turns ready before the event, so whoever reacts to the event sees it ready.
+        metrics_state.set_ready(true);
+        info!(pods = pods.len(), "ready");
+        events::emit(serde_json::json!({
+            "event": "ready", "pods": pods.len(), "pid": std::process::id(), "took_over_from": took_over_from,
+        }));
+        Ok(Agent {
+            dp,
+            shared,
+            observer,
+            pods,
+            gone_rx,
+            policy,
+            watcher,
+            metrics: metrics_state,
+            control,
+            kube,
+            ring,
+        })
+    }
+
+    /// The event loop: runs until a signal stops the agent or a successor took over.
+    pub async fn serve(&mut self, sig: &mut Signals) -> Exit {
+        loop {
+            // While a successor is being answered, its snapshot of the inbound listeners must
+            // stay true: bind events wait in the ring (for the successor, or for this agent if
+            // it fails).
+            let handing_over = self.control.as_ref().is_some_and(Control::busy);
+            tokio::select! {
+                _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return Exit::Stop; }
+                _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
+                evs = next_events(self.ring.as_mut()), if !handing_over => {
+                    for ev in evs { self.pods.on_event(ev).await; }
+                }
+                step = next_step(self.control.as_mut()) => {
+                    if let Some(exit) = self.on_control(step) { return exit; }
+                }
+                Some(g) = self.gone_rx.recv() => self.on_pod_gone(g),
+                input = next_kube(self.kube.as_mut()) => self.on_kube(input),
+                _ = sig.hup.recv() => self.reload("SIGHUP"),
+                _ = sig.usr1.recv() => self.status(),
+                r = policy_changed(self.watcher.as_mut()) => self.on_policy_file(r),
+            }
+        }
+    }
+
+    /// A successor asked for the sockets, finished taking over, or gave up.
+    fn on_control(&mut self, step: Step) -> Option<Exit> {
+        match step {
+            Step::Asked(conn) => {
+                takeover::answer(self.control.as_mut(), conn, &self.pods, &self.dp);
+                None
+            }
+            Step::Done(Ok(())) => {
+                info!(event = "handed_over", "a successor took over: draining");
+                events::emit(
+                    serde_json::json!({ "event": "handed_over", "tasks": self.shared.tasks.len() }),
+                );
+                if let Some(c) = self.control.as_mut() {
+                    c.leave_path();
+                }
+                Some(Exit::Release)
+            }
+            Step::Done(Err(e)) => {
+                warn!(error = %e, "a successor gave up taking over; still serving");
+                None
+            }
+        }
+    }
+
+    /// A pod's namespace went away.
+    fn on_pod_gone(&mut self, g: Gone) {
+        match self.kube.as_mut() {
+            Some(k) if k.owns(&g.id) => k.on_gone(g, &mut self.pods, &mut self.dp),
+            _ if self.pods.is_current(&g) => {
+                let why = format!("namespace gone: {}", g.why);
+                self.pods.remove(&mut self.dp, &g.id, &why);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kube(&mut self, input: Input) {
+        if let Some(k) = self.kube.as_mut() {
+            k.handle(input, &mut self.pods, &mut self.dp);
+        }
+    }
+
+    fn on_policy_file(&mut self, changed: std::io::Result<()>) {
+        match changed {
+            Ok(()) => self.reload("file changed"),
+            Err(e) => {
+                warn!(error = %e, "policy file watch ended; SIGHUP still reloads");
+                self.watcher = None;
+            }
+        }
+    }
+
+    /// Apply a changed policy file to new connections, or keep the old policy and say why.
+    fn reload(&self, why: &str) {
+        let policy = &self.policy;
+        match policy.reload() {
+            Ok(()) => {
+                self.shared.admission.set_source(policy.current().source());
+                info!(
+                    event = "policy_reloaded",
+                    why,
+                    generation = policy.generation(),
+                    "policy reloaded"
+                );
+                events::emit(
+                    serde_json::json!({ "event": "policy_reloaded", "generation": policy.generation() }),
+                );
+            }
+            Err(e) => {
+                warn!(event = "policy_rejected", why, error = %e, "policy file rejected; the previous policy stays");
+                events::emit(
+                    serde_json::json!({ "event": "policy_rejected", "error": e.to_string() }),
+                );
+            }
+        }
+    }
+
+    /// Live task count on demand: what an operator (and the soak test) checks for leaks.
+    fn status(&self) {
+        let maps = &self.shared.maps;
+        events::emit(serde_json::json!({
+            "event": "status",
+            "tasks": self.shared.tasks.len(),
+            "pods": self.pods.len(),
+            "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
+            "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
+            "sockets_pooled": crate::proxy::upstream::pooled(),
+            "kernel_relay_active": maps.relay.as_ref().map(|r| r.active()),
+            "kernel_relay_armed": maps.relay.as_ref().map(|r| r.armed()),
+        }));
+    }
+
+    /// The watches end before the pods go, so no enrolment races the shutdown; a handover in
+    /// progress is cut short. Then drain (see [`stop`]).
+    pub async fn stop(self, grace: Duration, exit: Exit) {
+        let Agent {
+            dp,
+            shared,
+            observer,
+            mut pods,
+            metrics,
+            control,
+            kube,
+            ring,
+            ..
+        } = self;
+        drop(kube);
+        drop(control);
+        drop(ring);
+        metrics.set_ready(false);
+        stop(dp, &shared, &observer, &mut pods, grace, exit).await;
+        events::emit(serde_json::json!({ "event": "stopped" }));
+    }
+}
+
+fn serve_metrics(l: std::net::TcpListener, state: &Arc<MetricsState>, shared: &Shared) {
+    match TcpListener::from_std(l) {
+        Ok(l) => {
+            let addr = l.local_addr().ok();
+            shared.tasks.spawn(observe::http::serve(
+                l,
+                state.clone(),
+                shared.cancel.clone(),
+                shared.tasks.clone(),
+            ));
+            info!(addr = ?addr, "metrics endpoint listening");
+            events::emit(serde_json::json!({ "event": "metrics_listening", "addr": addr }));
+        }
+        Err(e) => warn!(error = %e, "cannot serve metrics"),
+    }
+}
+
+async fn next_step(control: Option<&mut Control>) -> Step {
+    match control {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_kube(kube: Option<&mut Controller>) -> Input {
+    match kube {
+        Some(k) => k.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn policy_changed(watcher: Option<&mut PolicyWatcher>) -> std::io::Result<()> {
+    match watcher {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The policy engine behind every proxied connection; an open breaker or an empty rate
+/// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
+fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
+    let table = PeerTable::new(args.table_config(), policy.current().source());
+    let maps = dp.maps.clone();
+    Admission::new(
+        table,
+        Box::new(move |key: &PeerKey, until_ns: Option<u64>| {
+            // Only outbound connect()s pass through the kernel hook that reads verdicts.
+            if key.direction == Direction::Outbound {
+                match until_ns {
+                    Some(t) => maps.verdicts.refuse(key.netns_cookie, key.peer, t),
+                    None => maps.verdicts.lift(key.netns_cookie, key.peer),
+                }
+            }
+        }),
+    )
+}
