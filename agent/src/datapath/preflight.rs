@@ -67,6 +67,7 @@ pub fn check_kernel() -> Result<()> {
 
 fn fs_magic(path: &Path) -> Option<i64> {
     let f = File::open(path).ok()?;
+    // SAFETY: statfs is plain old data (integers only): all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: f is open; st is a valid out pointer.
     (unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } == 0).then_some(st.f_type as i64)

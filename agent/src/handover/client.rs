@@ -16,6 +16,7 @@ use super::{
     transport, Handed,
 };
 use crate::datapath::preflight::PinDirLock;
+use crate::sys::lock::lock;
 
 /// A live old agent answers at once; one that does not is hung, and the upgrade must not
 /// wait on it forever.
@@ -125,10 +126,7 @@ pub fn drain(stream: &UnixStream) -> Result<()> {
 
 /// Sockets no pod of this agent took: closed here (the old agent keeps its own copy).
 pub fn close_unclaimed(handed: &Handed) -> usize {
-    let left: HashMap<_, _> = handed
-        .lock()
-        .map(|mut h| std::mem::take(&mut *h))
-        .unwrap_or_default();
+    let left: HashMap<_, _> = std::mem::take(&mut *lock(handed));
     left.values()
         .map(|p| p.outbound.len() + p.dns.len() + p.inbound.len())
         .sum()

@@ -13,6 +13,7 @@ use crate::{
     handover::Handed,
     spec::PodSpec,
     sys::{
+        lock::lock,
         netns::{current_addresses, current_netns_cookie, Netns, NetnsWorker},
         sockets,
     },
@@ -60,7 +61,7 @@ impl Pod {
             // On a takeover, the old agent's sockets of this pod: served as they are, so the
             // pod's listeners never close and nothing is re-bound.
             let mut mine = handed
-                .and_then(|h| h.lock().ok().and_then(|mut h| h.remove(&cookie)))
+                .and_then(|h| lock(&h).remove(&cookie))
                 .unwrap_or_default();
             let mut outbound = Vec::new();
             let mut dns = Vec::new();

@@ -47,19 +47,24 @@
 //! possibly granting a waiter). Bandwidth is applied per write with
 //! [`PeerTable::shape`].
 //!
-//! # What the client sees (decided by the caller; the intended mapping)
+//! # What the client sees (decided by the proxy)
 //!
-//! | decision | TCP client | DNS client |
-//! |---|---|---|
-//! | `Admit` | the proxied connection | the forwarded query |
-//! | `Queue` | nothing yet: the accepted socket waits, no upstream connect | — |
-//! | `Reject{..}` with [`Decision::fast_reject_until`] (open breaker, empty rate bucket) | RST; until then the kernel verdict makes `connect()` fail at once instead | SERVFAIL |
-//! | any other `Reject` (throttled, rate without a verdict, full queue, queue timeout) | RST (abortive close, SO_LINGER 0): a fast, unambiguous failure, never a hang | SERVFAIL |
-//! | bandwidth (`shape`) | data delayed by the returned wait; never dropped | — |
-//! | connect timeout | RST; reported as `ConnectFailure::Timeout` | — |
-//! | idle timeout | both sides closed | — |
-//! | max lifetime | both sides closed gracefully (FIN) | — |
-//! | DNS timeout | — | SERVFAIL |
+//! | decision | TCP client |
+//! |---|---|
+//! | `Admit` | the proxied connection |
+//! | `Queue` | nothing yet: the accepted socket waits, no upstream connect |
+//! | `Reject{..}` with [`Decision::fast_reject_until`] (open breaker, empty rate bucket) | RST; until then the kernel verdict makes `connect()` fail at once instead |
+//! | any other `Reject` (throttled, rate without a verdict, full queue, queue timeout) | RST (abortive close, SO_LINGER 0): a fast, unambiguous failure, never a hang |
+//! | bandwidth (`shape`) | data delayed by the returned wait; never dropped |
+//! | connect timeout | RST; reported as `ConnectFailure::Timeout` |
+//! | idle timeout | both sides closed |
+//! | max lifetime | both sides closed gracefully (FIN) |
+//!
+//! DNS queries do not pass admission: the knobs above are defined over connections (a
+//! connect outcome feeds the breaker, a slot is held until close), a query is neither, and
+//! a pod's resolver is one peer every lookup shares, so a rate or breaker written for a TCP
+//! peer would take name resolution down with it. Only the DNS timeout applies to a query
+//! (SERVFAIL when the upstream does not answer in time); per-pod DNS caps are the proxy's.
 
 pub mod adaptive;
 pub mod breaker;

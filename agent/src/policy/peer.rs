@@ -32,28 +32,11 @@
 use super::adaptive::AdaptiveThrottle;
 use super::breaker::{Breaker, BreakerDecision, BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
-use super::concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter, Ticket};
-use super::decision::RejectReason;
+use super::concurrency::{Acquire, ConcurrencyConfig, ConcurrencyLimiter};
+use super::decision::{Decision, Lease, RejectReason};
 use super::peer_policy::{PeerPolicy, RateLimit};
 use super::token_bucket::{TokenBucket, Wait};
 use std::time::Duration;
-
-#[derive(Copy, Clone, Debug, PartialEq)]
-pub(super) enum Verdict {
-    Admit,
-    Queue {
-        ticket: Ticket,
-        deadline: Nanos,
-    },
-    Reject {
-        reason: RejectReason,
-        retry_after: Option<Duration>,
-        /// See [`super::Decision::fast_reject_until`].
-        fast_reject_until: Option<Nanos>,
-        /// This rejection opened the breaker (a throttled attempt, rule 1).
-        opened_breaker: bool,
-    },
-}
 
 /// Concurrency config when the knob is off: the limiter still counts connections
 /// (the table needs the count to protect busy peers) but never queues or rejects.
@@ -120,8 +103,10 @@ impl PeerState {
         self.policy = policy;
     }
 
-    /// Admission order: breaker → adaptive → rate → concurrency (see `mod.rs`).
-    pub(super) fn admit(&mut self, now: Nanos, rand01: f64) -> Verdict {
+    /// Admission order: breaker → adaptive → rate → concurrency (see `mod.rs`). `lease` is
+    /// the entry's, handed back in an admission. The flag says this rejection opened the
+    /// breaker (a throttled attempt, rule 1), for the table's counters.
+    pub(super) fn admit(&mut self, now: Nanos, rand01: f64, lease: Lease) -> (Decision, bool) {
         let mut probe = false;
         if let Some(breaker) = &mut self.breaker {
             if let BreakerDecision::Reject { retry_after } = breaker.admit(now) {
@@ -134,12 +119,12 @@ impl PeerState {
             if adaptive.admit(now, rand01).is_err() {
                 let opened = self.breaker.as_mut().and_then(|b| b.on_local_reject(now));
                 if let Some(BreakerTransition::Opened { until }) = opened {
-                    return Verdict::Reject {
+                    let d = Decision::Reject {
                         reason: RejectReason::AdaptiveThrottle,
                         retry_after: Some(until.saturating_since(now)),
                         fast_reject_until: Some(until),
-                        opened_breaker: true,
                     };
+                    return (d, true);
                 }
                 return reject(RejectReason::AdaptiveThrottle, None, None);
             }
@@ -157,8 +142,18 @@ impl PeerState {
             }
         }
         match self.concurrency.try_acquire(now) {
-            Acquire::Acquired => Verdict::Admit,
-            Acquire::Queued { ticket, deadline } => Verdict::Queue { ticket, deadline },
+            Acquire::Acquired => {
+                let timeouts = self.policy.timeouts;
+                (Decision::Admit { lease, timeouts }, false)
+            }
+            Acquire::Queued { ticket, deadline } => {
+                let d = Decision::Queue {
+                    lease,
+                    ticket,
+                    deadline,
+                };
+                (d, false)
+            }
             Acquire::Rejected => {
                 // The attempt goes nowhere: give its rate token back, so a full
                 // queue does not also drain the peer's connection budget.
@@ -218,13 +213,13 @@ fn reject(
     reason: RejectReason,
     retry_after: Option<Duration>,
     fast_reject_until: Option<Nanos>,
-) -> Verdict {
-    Verdict::Reject {
+) -> (Decision, bool) {
+    let d = Decision::Reject {
         reason,
         retry_after,
         fast_reject_until,
-        opened_breaker: false,
-    }
+    };
+    (d, false)
 }
 
 fn sync_bucket(slot: &mut Option<TokenBucket>, limit: Option<RateLimit>, now: Nanos) {

@@ -26,7 +26,7 @@ use super::breaker::{BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
 use super::concurrency::Ticket;
 use super::decision::{Counters, Decision, Lease, PeerView, RejectReason};
-use super::peer::{PeerState, Verdict};
+use super::peer::PeerState;
 use super::peer_policy::PeerPolicy;
 use super::timeouts::Timeouts;
 use std::collections::{BTreeMap, HashMap};
@@ -213,43 +213,23 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
                 timeouts: Timeouts::default(),
             };
         };
-        let verdict = entry.state.admit(now, rand01);
-        let lease = Lease(entry.lease);
-        let timeouts = entry.state.policy.timeouts;
+        let (decision, opened_breaker) = entry.state.admit(now, rand01, Lease(entry.lease));
         self.index.touch(key, entry, now);
-        let counters = &mut self.counters;
-        match verdict {
-            Verdict::Admit => {
-                count(counters, entry, |c| c.admitted += 1);
-                Decision::Admit { lease, timeouts }
-            }
-            Verdict::Queue { ticket, deadline } => {
-                count(counters, entry, |c| c.queued += 1);
-                Decision::Queue {
-                    lease,
-                    ticket,
-                    deadline,
-                }
-            }
-            Verdict::Reject {
+        count(&mut self.counters, entry, |c| match decision {
+            Decision::Admit { .. } => c.admitted += 1,
+            Decision::Queue { .. } => c.queued += 1,
+            Decision::Reject {
                 reason,
-                retry_after,
                 fast_reject_until,
-                opened_breaker,
+                ..
             } => {
-                count(counters, entry, |c| {
-                    c.reject(reason);
-                    c.fast_reject_verdicts += u64::from(fast_reject_until.is_some());
-                    c.breaker_opened += u64::from(opened_breaker);
-                    c.breaker_opened_by_throttle += u64::from(opened_breaker);
-                });
-                Decision::Reject {
-                    reason,
-                    retry_after,
-                    fast_reject_until,
-                }
+                c.reject(reason);
+                c.fast_reject_verdicts += u64::from(fast_reject_until.is_some());
+                c.breaker_opened += u64::from(opened_breaker);
+                c.breaker_opened_by_throttle += u64::from(opened_breaker);
             }
-        }
+        });
+        decision
     }
 
     /// Reports how an admitted attempt's upstream connect ended. Returns

@@ -13,6 +13,7 @@ use super::knobs::Knobs;
 use super::set::PolicySet;
 use crate::policy::key::PeerKey;
 use crate::policy::PeerPolicy;
+use crate::sys::lock::lock;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -77,10 +78,7 @@ impl PolicyHandle {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let _serial = self
-            .reloading
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _serial = lock(&self.reloading);
         let set = Arc::new(PolicySet::load(path, self.base.clone())?);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = set;
         self.generation.fetch_add(1, Ordering::AcqRel);

@@ -32,6 +32,7 @@ impl Netns {
             )
         })?;
         let fd = file.as_raw_fd();
+        // SAFETY: statfs is plain old data (integers only): all-zero bytes are a valid value.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: fd is open for the duration of the call; st is a valid out pointer.
         let is_nsfs = unsafe { libc::fstatfs(fd, &mut st) } == 0 && st.f_type as i64 == NSFS_MAGIC;
