@@ -16,8 +16,8 @@ use sockmesh_common::{
 };
 
 use crate::{
+    addr::{redirect_to_loopback, user_addr, write_user_addr},
     maps::{DNS_ORIGINS, SOCKETS},
-    outbound::{redirect_to_loopback, user_addr, write_user_addr},
     util::*,
 };
 

@@ -14,9 +14,9 @@ use sockmesh_common::{
 };
 
 use crate::{
+    addr::read_ip6,
     dns,
     maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
-    outbound::read_ip6,
     util::*,
 };
 

@@ -6,6 +6,8 @@
 #![allow(clippy::missing_safety_doc)]
 
 #[cfg(target_arch = "bpf")]
+mod addr;
+#[cfg(target_arch = "bpf")]
 mod dns;
 #[cfg(target_arch = "bpf")]
 mod inbound;
