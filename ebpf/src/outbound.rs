@@ -77,8 +77,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !agent_alive(netns, cfg) {
         return 1;
     }
-    if ty == SOCK_STREAM && breaker_open(netns, &dst) {
-        // The agent saw this peer fail: refuse now, without a round trip to the proxy.
+    if ty == SOCK_STREAM && fast_rejected(netns, &dst) {
+        // The agent left a fast-reject verdict for this peer (its breaker is open or its
+        // connection-rate bucket is empty): refuse now, without a round trip to the proxy.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(netns, counter::FAST_REJECT);
         count_peer(netns, direction::OUTBOUND, &dst, peer_counter::FAST_REJECT);
@@ -121,9 +122,10 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
-/// Whether the agent left an unexpired verdict for this pod and peer.
+/// Whether the agent left an unexpired fast-reject verdict (breaker open or rate bucket empty)
+/// for this pod and peer. An expired verdict is deleted here, on the first connect() past it.
 #[inline(always)]
-fn breaker_open(netns: u64, dst: &SockAddr) -> bool {
+fn fast_rejected(netns: u64, dst: &SockAddr) -> bool {
     let key = VerdictKey {
         netns_cookie: netns,
         peer: *dst,
