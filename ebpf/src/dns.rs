@@ -12,11 +12,12 @@ use core::ptr::read_volatile;
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    pod_flags, socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
+    socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
     addr::{redirect_to_loopback, user_addr, write_user_addr},
+    capture::{capture, outbound_target, Captured, Target},
     maps::{DNS_ORIGINS, SOCKETS},
     util::*,
 };
@@ -126,28 +127,15 @@ pub fn sm_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn sendmsg(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+    let ty = unsafe { read_volatile(&(*sa).type_) };
+    let dst = user_addr(sa, v6);
+    // Only DNS: the sendmsg hooks leave every other datagram alone.
+    let Some(target @ Target::Dns(_)) = outbound_target(ty, &dst) else {
         return;
     };
-    if unsafe { read_volatile(&(*sa).type_) } != SOCK_DGRAM || !pod.has(pod_flags::DNS) {
+    let Some(Captured { netns, cfg, sk }) = capture(ctx, target) else {
         return;
-    }
-    let dst = user_addr(sa, v6);
-    if dst.port != DNS_PORT_BE {
-        return;
-    }
-    if is_loopback(&dst) {
-        count(netns, counter::BYPASS_LOOPBACK);
-        return;
-    }
-    if outbound_excluded(pod, &dst) {
-        count(netns, counter::BYPASS_EXCLUDED);
-        return;
-    }
-    if !agent_alive(netns, cfg) {
-        return;
-    }
+    };
     let port = unsafe { read_volatile(&(*sk).src_port) } as u16;
     if port == 0 || !remember(netns, port, &dst) {
         return;

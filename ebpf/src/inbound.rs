@@ -9,12 +9,12 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
-    counter, event_kind, pod_flags, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET,
-    AF_INET6,
+    counter, event_kind, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
     addr::read_ip6,
+    capture::{capture, Captured, Target},
     dns,
     maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
     util::*,
@@ -51,22 +51,9 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     if !wildcard {
         return;
     }
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+    let Some(Captured { netns, .. }) = capture(ctx, Target::Bind(port)) else {
         return;
     };
-    if !pod.has(pod_flags::INBOUND) {
-        return;
-    }
-    for r in pod.exclude_inbound_ports.iter() {
-        if r.contains(port) {
-            count(netns, counter::BYPASS_EXCLUDED);
-            return;
-        }
-    }
-    if !agent_alive(netns, cfg) {
-        return;
-    }
     unsafe {
         if v6 {
             let p = &mut (*sa).user_ip6;

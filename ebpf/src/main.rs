@@ -8,6 +8,8 @@
 #[cfg(target_arch = "bpf")]
 mod addr;
 #[cfg(target_arch = "bpf")]
+mod capture;
+#[cfg(target_arch = "bpf")]
 mod dns;
 #[cfg(target_arch = "bpf")]
 mod inbound;

@@ -15,11 +15,12 @@ use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
+    socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
 };
 
 use crate::{
     addr::{redirect_to_loopback, sock_local, sock_remote, user_addr, write_user_addr},
+    capture::{capture, outbound_target, Captured, Target},
     dns,
     maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS, VERDICTS},
     util::*,
@@ -46,38 +47,29 @@ pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
-        return 1;
-    };
     let ty = unsafe { read_volatile(&(*sa).type_) };
     let dst = user_addr(sa, v6);
-    let (listen_port, flag, redirected) = match ty {
-        SOCK_STREAM => (
-            cfg.outbound_port,
-            pod_flags::OUTBOUND,
-            counter::REDIRECT_TCP,
-        ),
-        SOCK_DGRAM if dst.port == DNS_PORT_BE => {
-            (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS)
-        }
-        _ => return 1,
+    let Some(target) = outbound_target(ty, &dst) else {
+        return 1;
     };
-    if !pod.has(flag) {
+    let Some(Captured { netns, cfg, sk }) = capture(ctx, target) else {
         return 1;
-    }
-    if is_loopback(&dst) {
-        count(netns, counter::BYPASS_LOOPBACK);
-        return 1;
-    }
-    if outbound_excluded(pod, &dst) {
-        count(netns, counter::BYPASS_EXCLUDED);
-        return 1;
-    }
-    if !agent_alive(netns, cfg) {
-        return 1;
-    }
-    if ty == SOCK_STREAM && fast_rejected(netns, &dst) {
+    };
+    let tcp = matches!(target, Target::Tcp(_));
+    let (listen_port, redirected, per_peer) = if tcp {
+        (
+            cfg.outbound_port,
+            counter::REDIRECT_TCP,
+            peer_counter::REDIRECT,
+        )
+    } else {
+        (
+            cfg.dns_port,
+            counter::REDIRECT_DNS,
+            peer_counter::REDIRECT_DNS,
+        )
+    };
+    if tcp && fast_rejected(netns, &dst) {
         // The agent left a fast-reject verdict for this peer (its breaker is open or its
         // connection-rate bucket is empty): refuse now, without a round trip to the proxy.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -90,7 +82,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         kind: socket_kind::TCP_REDIRECT,
         ..Default::default()
     };
-    if ty == SOCK_DGRAM {
+    if !tcp {
         // A DNS client's reply is matched by its source port, which connect() on UDP only
         // picks after this hook: pick one now.
         let Some(port_be) = dns::remember_connected(ctx, sk, v6, netns, &dst) else {
@@ -107,11 +99,6 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     redirect_to_loopback(sa, v6, dst.family, listen_port);
     count(netns, redirected);
-    let per_peer = if ty == SOCK_STREAM {
-        peer_counter::REDIRECT
-    } else {
-        peer_counter::REDIRECT_DNS
-    };
     count_peer(netns, direction::OUTBOUND, &dst, per_peer);
     debug!(
         ctx,

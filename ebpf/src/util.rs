@@ -1,9 +1,5 @@
 //! Small helpers shared by the programs: who is enrolled, counters, address tests.
-use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
-    EbpfContext,
-};
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_get_netns_cookie, EbpfContext};
 use sockmesh_common::{
     counter,
     peer::{peer_counter, PeerKernelStats, PeerKey},
@@ -42,20 +38,6 @@ pub fn pod_for<C: EbpfContext>(
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let pod = unsafe { PODS.get(&netns) }?;
     Some((netns, cfg, pod))
-}
-
-/// Fail open: whether the agent is alive enough to be handed a new socket. Called by the hooks
-/// that capture (connect, bind, DNS sendmsg) right before they would; a stale heartbeat means
-/// the agent is dead or hung, so the socket goes direct and the pod keeps working without the
-/// mesh. Hooks that only restore what an earlier capture did (getpeername, recvmsg, sock_ops,
-/// getsockopt) do not ask: undoing their work would break connections already proxied.
-#[inline(always)]
-pub fn agent_alive(netns: u64, cfg: &GlobalConfig) -> bool {
-    if cfg.is_stale(unsafe { bpf_ktime_get_ns() }) {
-        count(netns, counter::BYPASS_STALE);
-        return false;
-    }
-    true
 }
 
 #[inline(always)]
@@ -123,23 +105,6 @@ pub fn sockaddr6(a: [u32; 4], port_be: u16) -> SockAddr {
     } else {
         SockAddr::v6(a, port_be)
     }
-}
-
-/// Whether an enrolled pod excludes this outbound destination from capture.
-#[inline(always)]
-pub fn outbound_excluded(pod: &PodConfig, dst: &SockAddr) -> bool {
-    let port = u16::from_be(dst.port);
-    for r in pod.exclude_outbound_ports.iter() {
-        if r.contains(port) {
-            return true;
-        }
-    }
-    for c in pod.exclude_outbound_cidrs.iter() {
-        if c.contains(dst.family, &dst.addr) {
-            return true;
-        }
-    }
-    false
 }
 
 #[inline(always)]
