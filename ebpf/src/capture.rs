@@ -2,10 +2,13 @@
 //! sendmsg, bind) share, written once so they cannot drift apart. The hooks that only restore
 //! what a capture did (getpeername, recvmsg, sock_ops, getsockopt, sock_release) do not come
 //! here: undoing their work would break connections already proxied.
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_ktime_get_ns, programs::SockAddrContext};
+use aya_ebpf::programs::SockAddrContext;
 use sockmesh_common::{counter, pod_flags, GlobalConfig, PodConfig, SockAddr};
 
-use crate::util::{count, is_loopback, pod_for, DNS_PORT_BE, SOCK_DGRAM, SOCK_STREAM};
+use crate::{
+    addr::{is_loopback, Sock},
+    util::{count, now_ns, pod_for, DNS_PORT_BE, SOCK_DGRAM, SOCK_STREAM},
+};
 
 /// What a hook wants to take over.
 #[derive(Clone, Copy)]
@@ -49,7 +52,7 @@ pub fn outbound_target(ty: u32, dst: &SockAddr) -> Option<Target<'_>> {
 pub struct Captured {
     pub netns: u64,
     pub cfg: &'static GlobalConfig,
-    pub sk: *const bpf_sock,
+    pub sk: Sock,
 }
 
 /// Whether the socket of `ctx` may be captured for `target`, in this order:
@@ -64,7 +67,7 @@ pub struct Captured {
 /// Each check counts only when every check before it passed.
 #[inline(always)]
 pub fn capture(ctx: &SockAddrContext, target: Target) -> Option<Captured> {
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let sk = Sock::of_sock_addr(ctx);
     let (netns, cfg, pod) = pod_for(ctx, sk)?;
     if !pod.has(target.flag()) {
         return None;
@@ -98,7 +101,7 @@ pub fn capture(ctx: &SockAddrContext, target: Target) -> Option<Captured> {
 /// without the mesh.
 #[inline(always)]
 fn agent_alive(netns: u64, cfg: &GlobalConfig) -> bool {
-    if cfg.is_stale(unsafe { bpf_ktime_get_ns() }) {
+    if cfg.is_stale(now_ns()) {
         count(netns, counter::BYPASS_STALE);
         return false;
     }

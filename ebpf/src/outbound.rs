@@ -5,10 +5,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::bpf_set_retval,
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
-    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
@@ -19,11 +18,14 @@ use sockmesh_common::{
 };
 
 use crate::{
-    addr::{redirect_to_loopback, sock_local, sock_remote, user_addr, write_user_addr},
+    addr::{
+        is_loopback, redirect_to_loopback, sock_type, sockaddr6, user_addr, write_user_addr, Sock,
+        V4_MAPPED_WORD,
+    },
     capture::{capture, outbound_target, Captured, Target},
     dns,
     maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS, VERDICTS},
-    util::*,
+    util::{count, count_peer, netns_cookie, now_ns, pod_for, socket_cookie},
 };
 
 const SOL_IP: i32 = 0;
@@ -46,9 +48,8 @@ pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
 /// 1 lets connect() proceed (possibly rewritten); 0 fails it with the retval set here.
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let sa = ctx.sock_addr;
-    let ty = unsafe { read_volatile(&(*sa).type_) };
-    let dst = user_addr(sa, v6);
+    let ty = sock_type(ctx);
+    let dst = user_addr(ctx, v6);
     let Some(target) = outbound_target(ty, &dst) else {
         return 1;
     };
@@ -72,6 +73,8 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if tcp && fast_rejected(netns, &dst) {
         // The agent left a fast-reject verdict for this peer (its breaker is open or its
         // connection-rate bucket is empty): refuse now, without a round trip to the proxy.
+        // SAFETY: takes a plain integer; connect programs may set the errno their 0 verdict
+        // returns (the verifier refuses the call in program types that may not).
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(netns, counter::FAST_REJECT);
         count_peer(netns, direction::OUTBOUND, &dst, peer_counter::FAST_REJECT);
@@ -91,13 +94,13 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         entry.kind = socket_kind::DNS;
         entry.key_port = port_be;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     if SOCKETS.insert(&cookie, &entry, 0).is_err() {
         // Never redirect what could not be remembered: the proxy could not forward it.
         count(netns, counter::MAP_FULL);
         return 1;
     }
-    redirect_to_loopback(sa, v6, dst.family, listen_port);
+    redirect_to_loopback(ctx, v6, dst.family, listen_port);
     count(netns, redirected);
     count_peer(netns, direction::OUTBOUND, &dst, per_peer);
     debug!(
@@ -118,8 +121,13 @@ fn fast_rejected(netns: u64, dst: &SockAddr) -> bool {
         peer: *dst,
         _pad: 0,
     };
+    // SAFETY: the value stays mapped while the program runs and `Verdict` is one integer,
+    // valid for any bytes; only `until_ns` is read. The agent rewrites or deletes verdicts
+    // and other connects may delete expired ones; racing them, or an LRU eviction whose
+    // element is reused at once, this connect sees the old, new or another peer's deadline:
+    // one connect refused or let through at the edge of a verdict, nothing outside the map.
     match unsafe { VERDICTS.get(&key) } {
-        Some(v) if v.until_ns > unsafe { bpf_ktime_get_ns() } => true,
+        Some(v) if v.until_ns > now_ns() => true,
         Some(_) => {
             let _ = VERDICTS.remove(&key);
             false
@@ -155,7 +163,7 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
         )
     };
     TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie: netns_cookie(ctx),
         src,
         dst,
     }
@@ -163,7 +171,12 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
+    // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
+    // integers, valid for any bytes; `kind` is read and `origin` copied into the tuple map.
+    // This socket's entry is written by its connect, which has returned; were the LRU entry
+    // evicted and its element reused by another socket's insert meanwhile, this connection's
+    // tuple could get that socket's origin; nothing outside the map is read.
     let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
         return;
     };
@@ -189,32 +202,55 @@ fn on_close(ctx: &SockOpsContext) {
 #[cgroup_sockopt(getsockopt)]
 pub fn sm_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
+    // SAFETY: `so` is the context pointer the kernel passed to this sockopt program; `level`
+    // and `optname` are readable 4-byte fields.
     let (level, optname) = unsafe { (read_volatile(&(*so).level), read_volatile(&(*so).optname)) };
     let v6 = match (level, optname) {
         (SOL_IP, SO_ORIGINAL_DST) => false,
         (SOL_IPV6, SO_ORIGINAL_DST) => true,
         _ => return 1,
     };
-    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    let sk = Sock::of_sockopt(&ctx);
     if sk.is_null() {
         return 1;
     }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = netns_cookie(&ctx);
     let key = TupleKey {
         netns_cookie: netns,
-        src: sock_remote(sk),
-        dst: sock_local(sk),
+        src: sk.remote(),
+        dst: sk.local(),
     };
+    // SAFETY: the value stays mapped while the program runs and `SockAddr` is plain
+    // integers, valid for any bytes; it is only copied into optval. The entry goes when the
+    // app's connection closes (sock_ops); racing that, or an LRU eviction whose element is
+    // reused at once, the answer could be another connection's origin, never memory outside.
     let Some(origin) = (unsafe { ORIGIN_BY_TUPLE.get(&key) }) else {
         count(netns, counter::ORIGIN_MISS);
         return 1;
     };
-    let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
-    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
+    // SAFETY: `so` is the kernel's context pointer; `optval` and `optval_end` are readable
+    // 8-byte fields (the verifier types them packet pointers: start and end of the kernel's
+    // copy of the caller's optval buffer).
+    let (optval, end) = unsafe {
+        (
+            (*so).__bindgen_anon_2.optval as *mut u8,
+            (*so).__bindgen_anon_3.optval_end as *mut u8,
+        )
+    };
     let len: i32 = if v6 { 28 } else { 16 };
-    if optval.is_null() || unsafe { optval.add(len as usize) } > end {
+    // `wrapping_add`: for a buffer shorter than `len` the sum lies past its end, which `add`
+    // would promise LLVM it does not; it is only compared with `end` here.
+    if optval.is_null() || optval.wrapping_add(len as usize) > end {
         return 1;
     }
+    // SAFETY: `optval..optval + len` was checked against `optval_end` just above, the packet
+    // bounds check the verifier itself tracks (it refuses any store it cannot prove inside),
+    // and the buffer is the kernel's copy of the caller's optval, the program's to fill.
+    // Alignment: a kmalloc'ed buffer is 8-aligned, but for optlen <= 32 (16 and 28 here) the
+    // kernel uses an on-stack `u8[32]` whose alignment it does not promise; a BPF store is a
+    // plain machine store after JIT, which x86-64 and arm64 do unaligned, so the u16/u32
+    // stores are correct there even though `write_volatile` documents aligned pointers.
+    // `optlen` and `retval` are 4-byte fields a getsockopt program may write.
     unsafe {
         if v6 {
             let a = if origin.family == AF_INET {
@@ -263,20 +299,22 @@ pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
 /// the app that accepted from the agent sees the real client.
 #[inline(always)]
 fn getpeername(ctx: &SockAddrContext, v6: bool) {
-    let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let sk = Sock::of_sock_addr(ctx);
     let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
         return;
     };
-    let peer = user_addr(sa, v6);
+    let peer = user_addr(ctx, v6);
     if !is_loopback(&peer) {
         return;
     }
     let port = u16::from_be(peer.port);
     if port == cfg.outbound_port || port == cfg.dns_port {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let cookie = socket_cookie(ctx);
+        // SAFETY: mapped while the program runs, plain integers, only copied into the
+        // context; this socket's entry is written by its own connect or bind, done before any
+        // getpeername. An LRU element reused meanwhile could show another socket's origin.
         if let Some(entry) = unsafe { SOCKETS.get(&cookie) } {
-            if entry.kind != socket_kind::BIND && write_user_addr(sa, v6, &entry.origin) {
+            if entry.kind != socket_kind::BIND && write_user_addr(ctx, v6, &entry.origin) {
                 count(netns, counter::PEER_RESTORED);
             }
             return;
@@ -285,10 +323,14 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
     let key = TupleKey {
         netns_cookie: netns,
         src: peer,
-        dst: sock_local(sk),
+        dst: sk.local(),
     };
+    // SAFETY: mapped while the program runs, plain integers, only copied into the context.
+    // The agent writes the entry before the accepted connection reaches the app and deletes
+    // it when the connection ends; racing either, or an LRU reuse, the app could be shown
+    // another client's address, nothing outside the map is read.
     if let Some(client) = unsafe { INBOUND_PEERS.get(&key) } {
-        if write_user_addr(sa, v6, client) {
+        if write_user_addr(ctx, v6, client) {
             count(netns, counter::PEER_RESTORED);
         }
     }
