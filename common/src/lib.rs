@@ -30,6 +30,7 @@ pub mod map_names {
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
     pub const INBOUND_BINDS: &str = "SM_IN_BINDS";
     pub const EVENTS: &str = "SM_EVENTS";
+    /// Fast-reject verdicts (breaker open or rate bucket empty), see [`crate::VerdictKey`].
     pub const VERDICTS: &str = "SM_VERDICTS";
     pub const ALL: [&str; 10] = [
         CONFIG,
@@ -352,7 +353,9 @@ pub struct BindValue {
     pub socket_cookie: u64,
 }
 
-/// Key of `SM_VERDICTS`: a pod's outbound peer whose connections the kernel refuses at once.
+/// Key of `SM_VERDICTS`: a pod's outbound peer under a fast-reject verdict, which the agent
+/// writes when the peer's breaker is open or its connection-rate bucket is empty; while it
+/// holds, the kernel refuses connect() to the peer at once (ECONNREFUSED).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
@@ -361,8 +364,9 @@ pub struct VerdictKey {
     pub _pad: u32,
 }
 
-/// Value of `SM_VERDICTS`: refuse until this CLOCK_MONOTONIC time (`bpf_ktime_get_ns`); the
-/// verdict expires by itself, no agent needed to lift it.
+/// Value of `SM_VERDICTS`: the fast-reject verdict (breaker open or rate bucket empty) holds
+/// until this CLOCK_MONOTONIC time (`bpf_ktime_get_ns`); it expires by itself, no agent needed
+/// to lift it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {

@@ -2,23 +2,23 @@
 //! original server is kept by (netns, source port) so the agent knows where to forward and
 //! recvmsg() can show the reply as coming from that server.
 use aya_ebpf::{
-    bindings::{bpf_sock, sockaddr},
-    helpers::{bpf_bind, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    bindings::sockaddr,
+    helpers::{bpf_bind, bpf_get_prandom_u32},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
-    EbpfContext,
 };
-use core::ptr::read_volatile;
+use core::mem::size_of;
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    pod_flags, socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
+    socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
+    addr::{is_loopback, redirect_to_loopback, sock_type, user_addr, write_user_addr, Sock},
+    capture::{capture, outbound_target, Captured, Target},
     maps::{DNS_ORIGINS, SOCKETS},
-    outbound::{redirect_to_loopback, user_addr, write_user_addr},
-    util::*,
+    util::{count, count_peer, pod_for, socket_cookie},
 };
 
 /// The kernel's default ephemeral range (net.ipv4.ip_local_port_range).
@@ -42,6 +42,9 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
+// The lengths handed to bpf_bind below.
+const _: () = assert!(size_of::<SockaddrIn>() == 16 && size_of::<SockaddrIn6>() == 28);
+
 fn dns_key(netns: u64, port_be: u16, family: u16) -> DnsKey {
     DnsKey {
         netns_cookie: netns,
@@ -58,16 +61,22 @@ fn dns_key(netns: u64, port_be: u16, family: u16) -> DnsKey {
 #[inline(always)]
 pub fn remember_connected(
     ctx: &SockAddrContext,
-    sk: *const bpf_sock,
+    sk: Sock,
     v6: bool,
     netns: u64,
     dst: &SockAddr,
 ) -> Option<u16> {
-    let mut port = unsafe { read_volatile(&(*sk).src_port) } as u16;
+    let mut port = sk.src_port();
     let mut tries = 0;
     while port == 0 && tries < 4 {
         tries += 1;
-        let candidate = (EPHEMERAL_LO + unsafe { bpf_get_prandom_u32() } % EPHEMERAL_SPAN) as u16;
+        // SAFETY: no arguments, no preconditions.
+        let random = unsafe { bpf_get_prandom_u32() };
+        let candidate = (EPHEMERAL_LO + random % EPHEMERAL_SPAN) as u16;
+        // SAFETY: `ctx.sock_addr` is the kernel's context pointer of this connect4/6 program
+        // (the only programs calling this, and the only ones the verifier lets call bpf_bind);
+        // `a` is a sockaddr_in(6) on this stack frame, live across the call, exactly the
+        // length passed (asserted above), and the helper only reads it.
         let rc = unsafe {
             if v6 {
                 let mut a = SockaddrIn6 {
@@ -125,34 +134,20 @@ pub fn sm_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// sendto() on an unconnected UDP socket (already autobound by the kernel at this point).
 #[inline(always)]
 fn sendmsg(ctx: &SockAddrContext, v6: bool) {
-    let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+    let ty = sock_type(ctx);
+    let dst = user_addr(ctx, v6);
+    // Only DNS: the sendmsg hooks leave every other datagram alone.
+    let Some(target @ Target::Dns(_)) = outbound_target(ty, &dst) else {
         return;
     };
-    if unsafe { read_volatile(&(*sa).type_) } != SOCK_DGRAM || !pod.has(pod_flags::DNS) {
+    let Some(Captured { netns, cfg, sk }) = capture(ctx, target) else {
         return;
-    }
-    let dst = user_addr(sa, v6);
-    if dst.port != DNS_PORT_BE {
-        return;
-    }
-    if is_loopback(&dst) {
-        count(netns, counter::BYPASS_LOOPBACK);
-        return;
-    }
-    if outbound_excluded(pod, &dst) {
-        count(netns, counter::BYPASS_EXCLUDED);
-        return;
-    }
-    if !agent_alive(netns, cfg) {
-        return;
-    }
-    let port = unsafe { read_volatile(&(*sk).src_port) } as u16;
+    };
+    let port = sk.src_port();
     if port == 0 || !remember(netns, port, &dst) {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     let entry = SocketEntry {
         origin: dst,
         key_port: port.to_be(),
@@ -160,7 +155,7 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) {
         ..Default::default()
     };
     let _ = SOCKETS.insert(&cookie, &entry, 0);
-    redirect_to_loopback(sa, v6, dst.family, cfg.dns_port);
+    redirect_to_loopback(ctx, v6, dst.family, cfg.dns_port);
     count(netns, counter::REDIRECT_DNS);
     count_peer(netns, direction::OUTBOUND, &dst, peer_counter::REDIRECT_DNS);
 }
@@ -180,18 +175,21 @@ pub fn sm_recvmsg6(ctx: SockAddrContext) -> i32 {
 /// A reply from the DNS listener is shown as coming from the server the app asked.
 #[inline(always)]
 fn recvmsg(ctx: &SockAddrContext, v6: bool) {
-    let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let sk = Sock::of_sock_addr(ctx);
     let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
         return;
     };
-    let src = user_addr(sa, v6);
+    let src = user_addr(ctx, v6);
     if u16::from_be(src.port) != cfg.dns_port || !is_loopback(&src) {
         return;
     }
-    let port = (unsafe { read_volatile(&(*sk).src_port) } as u16).to_be();
+    let port = sk.src_port().to_be();
+    // SAFETY: the value stays mapped while the program runs and `SockAddr` is plain integers,
+    // valid for any bytes; it is only copied into the context. Were the LRU entry evicted and
+    // its element reused by another socket's insert meanwhile, this one reply could show that
+    // socket's server; nothing outside the map is read.
     if let Some(origin) = unsafe { DNS_ORIGINS.get(&dns_key(netns, port, src.family)) } {
-        if write_user_addr(sa, v6, origin) {
+        if write_user_addr(ctx, v6, origin) {
             count(netns, counter::PEER_RESTORED);
         }
     }

@@ -1,23 +1,21 @@
 //! Inbound capture: an app's wildcard TCP bind is moved to loopback and the agent is told, so
 //! it listens on the pod's address and forwards to the app; socket release cleans up.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
-    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
-    counter, event_kind, pod_flags, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET,
-    AF_INET6,
+    counter, event_kind, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
+    addr::{read_ip6, sock_type, LOOPBACK4_BE, LOOPBACK6_BE},
+    capture::{capture, Captured, Target},
     dns,
     maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
-    outbound::read_ip6,
-    util::*,
+    util::{count, netns_cookie, socket_cookie, SOCK_STREAM},
 };
 
 #[cgroup_sock_addr(bind4)]
@@ -36,37 +34,33 @@ pub fn sm_bind6(ctx: SockAddrContext) -> i32 {
 fn bind(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
     // bind4 fires for UDP and for port-0 binds too: only explicit TCP wildcard binds count.
-    if unsafe { read_volatile(&(*sa).type_) } != SOCK_STREAM {
+    if sock_type(ctx) != SOCK_STREAM {
         return;
     }
+    // SAFETY: `sa` is the kernel's context pointer of this bind4/6 program; `user_port` is a
+    // readable 4-byte field.
     let port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     if port == 0 {
         return;
     }
-    let wildcard = if v6 {
-        read_ip6(unsafe { &(*sa).user_ip6 }) == [0; 4]
-    } else {
-        (unsafe { read_volatile(&(*sa).user_ip4) }) == 0
+    // SAFETY: as above; `user_ip4` and the words of `user_ip6` are readable 4-byte fields,
+    // `user_ip6` borrowed only for `read_ip6`'s word-by-word volatile reads.
+    let wildcard = unsafe {
+        if v6 {
+            read_ip6(&(*sa).user_ip6) == [0; 4]
+        } else {
+            read_volatile(&(*sa).user_ip4) == 0
+        }
     };
     if !wildcard {
         return;
     }
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+    let Some(Captured { netns, .. }) = capture(ctx, Target::Bind(port)) else {
         return;
     };
-    if !pod.has(pod_flags::INBOUND) {
-        return;
-    }
-    for r in pod.exclude_inbound_ports.iter() {
-        if r.contains(port) {
-            count(netns, counter::BYPASS_EXCLUDED);
-            return;
-        }
-    }
-    if !agent_alive(netns, cfg) {
-        return;
-    }
+    // SAFETY: `sa` is the kernel's context pointer, used by nothing else while this runs;
+    // `user_ip4` and the words of `user_ip6` are 4-byte fields a bind program may write (the
+    // verifier refuses the program otherwise), written one word at a time.
     unsafe {
         if v6 {
             let p = &mut (*sa).user_ip6;
@@ -79,7 +73,7 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
         }
     }
     let family = if v6 { AF_INET6 } else { AF_INET };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     let key = BindKey {
         netns_cookie: netns,
         port,
@@ -128,11 +122,17 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 /// everything needed is in its `SM_SOCKETS` entry.)
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { PODS.get(&netns) }.is_none() {
+    let netns = netns_cookie(&ctx);
+    // Only whether the pod is enrolled: the value is not read.
+    if PODS.get_ptr(&netns).is_none() {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(&ctx);
+    // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
+    // integers, valid for any bytes. It is this socket's own entry (keyed by its cookie), and
+    // release is the socket's last hook, so none of its hooks rewrites it meanwhile; were the
+    // LRU entry evicted and its element reused by another socket's insert, the cleanup below
+    // could target that socket's keys (the bind is checked against its owner's cookie first).
     let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
         return 1;
     };
@@ -145,6 +145,9 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
                 family: entry.family,
                 _pad: 0,
             };
+            // SAFETY: mapped while the program runs, plain integers. Only `socket_cookie` is
+            // read, and compared with this socket's: a value rewritten meanwhile (another
+            // socket's bind of the port) just fails the comparison.
             if let Some(v) = unsafe { INBOUND_BINDS.get(&key) } {
                 if v.socket_cookie == cookie {
                     let _ = INBOUND_BINDS.remove(&key);

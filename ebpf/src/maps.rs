@@ -46,7 +46,9 @@ pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
 #[map(name = "SM_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
 
-/// Peers whose breaker is open: connect() to them fails in the kernel until the verdict expires.
+/// Fast-reject verdicts by (pod, peer), written by the agent when a peer's breaker is open or
+/// its connection-rate bucket is empty: connect() to the peer fails in the kernel with
+/// ECONNREFUSED until the verdict expires.
 #[map(name = "SM_VERDICTS")]
 pub static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(map_sizes::VERDICTS, 0);
 

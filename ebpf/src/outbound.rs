@@ -2,26 +2,30 @@
 //! 4-tuple, SO_ORIGINAL_DST and getpeername() answered from it.
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::bpf_set_retval,
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
-    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    pod_flags, socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
+    socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
 };
 
 use crate::{
+    addr::{
+        is_loopback, redirect_to_loopback, sock_type, sockaddr6, user_addr, write_user_addr, Sock,
+        V4_MAPPED_WORD,
+    },
+    capture::{capture, outbound_target, Captured, Target},
     dns,
     maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS, VERDICTS},
-    util::*,
+    util::{count, count_peer, netns_cookie, now_ns, pod_for, socket_cookie},
 };
 
 const SOL_IP: i32 = 0;
@@ -44,40 +48,33 @@ pub fn sm_connect6(ctx: SockAddrContext) -> i32 {
 /// 1 lets connect() proceed (possibly rewritten); 0 fails it with the retval set here.
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let Some((netns, cfg, pod)) = pod_for(ctx, sk) else {
+    let ty = sock_type(ctx);
+    let dst = user_addr(ctx, v6);
+    let Some(target) = outbound_target(ty, &dst) else {
         return 1;
     };
-    let ty = unsafe { read_volatile(&(*sa).type_) };
-    let dst = user_addr(sa, v6);
-    let (listen_port, flag, redirected) = match ty {
-        SOCK_STREAM => (
+    let Some(Captured { netns, cfg, sk }) = capture(ctx, target) else {
+        return 1;
+    };
+    let tcp = matches!(target, Target::Tcp(_));
+    let (listen_port, redirected, per_peer) = if tcp {
+        (
             cfg.outbound_port,
-            pod_flags::OUTBOUND,
             counter::REDIRECT_TCP,
-        ),
-        SOCK_DGRAM if dst.port == DNS_PORT_BE => {
-            (cfg.dns_port, pod_flags::DNS, counter::REDIRECT_DNS)
-        }
-        _ => return 1,
+            peer_counter::REDIRECT,
+        )
+    } else {
+        (
+            cfg.dns_port,
+            counter::REDIRECT_DNS,
+            peer_counter::REDIRECT_DNS,
+        )
     };
-    if !pod.has(flag) {
-        return 1;
-    }
-    if is_loopback(&dst) {
-        count(netns, counter::BYPASS_LOOPBACK);
-        return 1;
-    }
-    if outbound_excluded(pod, &dst) {
-        count(netns, counter::BYPASS_EXCLUDED);
-        return 1;
-    }
-    if !agent_alive(netns, cfg) {
-        return 1;
-    }
-    if ty == SOCK_STREAM && breaker_open(netns, &dst) {
-        // The agent saw this peer fail: refuse now, without a round trip to the proxy.
+    if tcp && fast_rejected(netns, &dst) {
+        // The agent left a fast-reject verdict for this peer (its breaker is open or its
+        // connection-rate bucket is empty): refuse now, without a round trip to the proxy.
+        // SAFETY: takes a plain integer; connect programs may set the errno their 0 verdict
+        // returns (the verifier refuses the call in program types that may not).
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(netns, counter::FAST_REJECT);
         count_peer(netns, direction::OUTBOUND, &dst, peer_counter::FAST_REJECT);
@@ -88,7 +85,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         kind: socket_kind::TCP_REDIRECT,
         ..Default::default()
     };
-    if ty == SOCK_DGRAM {
+    if !tcp {
         // A DNS client's reply is matched by its source port, which connect() on UDP only
         // picks after this hook: pick one now.
         let Some(port_be) = dns::remember_connected(ctx, sk, v6, netns, &dst) else {
@@ -97,19 +94,14 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         entry.kind = socket_kind::DNS;
         entry.key_port = port_be;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     if SOCKETS.insert(&cookie, &entry, 0).is_err() {
         // Never redirect what could not be remembered: the proxy could not forward it.
         count(netns, counter::MAP_FULL);
         return 1;
     }
-    redirect_to_loopback(sa, v6, dst.family, listen_port);
+    redirect_to_loopback(ctx, v6, dst.family, listen_port);
     count(netns, redirected);
-    let per_peer = if ty == SOCK_STREAM {
-        peer_counter::REDIRECT
-    } else {
-        peer_counter::REDIRECT_DNS
-    };
     count_peer(netns, direction::OUTBOUND, &dst, per_peer);
     debug!(
         ctx,
@@ -120,123 +112,27 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
-/// Whether the agent left an unexpired verdict for this pod and peer.
+/// Whether the agent left an unexpired fast-reject verdict (breaker open or rate bucket empty)
+/// for this pod and peer. An expired verdict is deleted here, on the first connect() past it.
 #[inline(always)]
-fn breaker_open(netns: u64, dst: &SockAddr) -> bool {
+fn fast_rejected(netns: u64, dst: &SockAddr) -> bool {
     let key = VerdictKey {
         netns_cookie: netns,
         peer: *dst,
         _pad: 0,
     };
+    // SAFETY: the value stays mapped while the program runs and `Verdict` is one integer,
+    // valid for any bytes; only `until_ns` is read. The agent rewrites or deletes verdicts
+    // and other connects may delete expired ones; racing them, or an LRU eviction whose
+    // element is reused at once, this connect sees the old, new or another peer's deadline:
+    // one connect refused or let through at the edge of a verdict, nothing outside the map.
     match unsafe { VERDICTS.get(&key) } {
-        Some(v) if v.until_ns > unsafe { bpf_ktime_get_ns() } => true,
+        Some(v) if v.until_ns > now_ns() => true,
         Some(_) => {
             let _ = VERDICTS.remove(&key);
             false
         }
         None => false,
-    }
-}
-
-/// The destination (connect/sendmsg) or source (recvmsg/getpeername) in a sock_addr context.
-#[inline(always)]
-pub fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> SockAddr {
-    let port = unsafe { read_volatile(&(*sa).user_port) } as u16;
-    if v6 {
-        let p = unsafe { &(*sa).user_ip6 };
-        sockaddr6(read_ip6(p), port)
-    } else {
-        SockAddr::v4(unsafe { read_volatile(&(*sa).user_ip4) }, port)
-    }
-}
-
-/// Context fields only take 4-byte accesses: read and write IPv6 words one by one.
-#[inline(always)]
-pub fn read_ip6(p: &[u32; 4]) -> [u32; 4] {
-    unsafe {
-        [
-            read_volatile(&p[0]),
-            read_volatile(&p[1]),
-            read_volatile(&p[2]),
-            read_volatile(&p[3]),
-        ]
-    }
-}
-
-#[inline(always)]
-fn write_ip6(p: &mut [u32; 4], a: [u32; 4]) {
-    unsafe {
-        write_volatile(&mut p[0], a[0]);
-        write_volatile(&mut p[1], a[1]);
-        write_volatile(&mut p[2], a[2]);
-        write_volatile(&mut p[3], a[3]);
-    }
-}
-
-/// Point the socket at the agent's listener on the pod's own loopback. A dual-stack socket
-/// heading for an IPv4 address (v4-mapped) goes to ::ffff:127.0.0.1, the IPv4 listener.
-#[inline(always)]
-pub fn redirect_to_loopback(sa: *mut bpf_sock_addr, v6: bool, family: u16, port: u16) {
-    unsafe {
-        if v6 {
-            let lo = if family == AF_INET {
-                [0, 0, V4_MAPPED_WORD, LOOPBACK4_BE]
-            } else {
-                LOOPBACK6_BE
-            };
-            write_ip6(&mut (*sa).user_ip6, lo);
-        } else {
-            write_volatile(&mut (*sa).user_ip4, LOOPBACK4_BE);
-        }
-        write_volatile(&mut (*sa).user_port, port.to_be() as u32);
-    }
-}
-
-/// Show `addr` to the app (getpeername/recvmsg). An IPv4 address shown to an IPv6 socket is
-/// v4-mapped; an IPv6 address cannot be shown to an IPv4 socket and is left alone.
-#[inline(always)]
-pub fn write_user_addr(sa: *mut bpf_sock_addr, v6: bool, addr: &SockAddr) -> bool {
-    unsafe {
-        if v6 {
-            let a = if addr.family == AF_INET {
-                [0, 0, V4_MAPPED_WORD, addr.addr[0]]
-            } else {
-                addr.addr
-            };
-            write_ip6(&mut (*sa).user_ip6, a);
-        } else if addr.family == AF_INET {
-            write_volatile(&mut (*sa).user_ip4, addr.addr[0]);
-        } else {
-            return false;
-        }
-        write_volatile(&mut (*sa).user_port, addr.port as u32);
-    }
-    true
-}
-
-/// The local address of a socket, as a key address.
-#[inline(always)]
-pub fn sock_local(sk: *const bpf_sock) -> SockAddr {
-    unsafe {
-        let port = (read_volatile(&(*sk).src_port) as u16).to_be();
-        if read_volatile(&(*sk).family) == AF_INET as u32 {
-            SockAddr::v4(read_volatile(&(*sk).src_ip4), port)
-        } else {
-            sockaddr6(read_ip6(&(*sk).src_ip6), port)
-        }
-    }
-}
-
-/// The remote address of a socket, as a key address.
-#[inline(always)]
-fn sock_remote(sk: *const bpf_sock) -> SockAddr {
-    unsafe {
-        let port = read_volatile(&(*sk).dst_port);
-        if read_volatile(&(*sk).family) == AF_INET as u32 {
-            SockAddr::v4(read_volatile(&(*sk).dst_ip4), port)
-        } else {
-            sockaddr6(read_ip6(&(*sk).dst_ip6), port)
-        }
     }
 }
 
@@ -267,7 +163,7 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
         )
     };
     TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        netns_cookie: netns_cookie(ctx),
         src,
         dst,
     }
@@ -275,7 +171,12 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
+    // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
+    // integers, valid for any bytes; `kind` is read and `origin` copied into the tuple map.
+    // This socket's entry is written by its connect, which has returned; were the LRU entry
+    // evicted and its element reused by another socket's insert meanwhile, this connection's
+    // tuple could get that socket's origin; nothing outside the map is read.
     let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
         return;
     };
@@ -301,32 +202,55 @@ fn on_close(ctx: &SockOpsContext) {
 #[cgroup_sockopt(getsockopt)]
 pub fn sm_getsockopt(ctx: SockoptContext) -> i32 {
     let so = ctx.sockopt;
+    // SAFETY: `so` is the context pointer the kernel passed to this sockopt program; `level`
+    // and `optname` are readable 4-byte fields.
     let (level, optname) = unsafe { (read_volatile(&(*so).level), read_volatile(&(*so).optname)) };
     let v6 = match (level, optname) {
         (SOL_IP, SO_ORIGINAL_DST) => false,
         (SOL_IPV6, SO_ORIGINAL_DST) => true,
         _ => return 1,
     };
-    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    let sk = Sock::of_sockopt(&ctx);
     if sk.is_null() {
         return 1;
     }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = netns_cookie(&ctx);
     let key = TupleKey {
         netns_cookie: netns,
-        src: sock_remote(sk),
-        dst: sock_local(sk),
+        src: sk.remote(),
+        dst: sk.local(),
     };
+    // SAFETY: the value stays mapped while the program runs and `SockAddr` is plain
+    // integers, valid for any bytes; it is only copied into optval. The entry goes when the
+    // app's connection closes (sock_ops); racing that, or an LRU eviction whose element is
+    // reused at once, the answer could be another connection's origin, never memory outside.
     let Some(origin) = (unsafe { ORIGIN_BY_TUPLE.get(&key) }) else {
         count(netns, counter::ORIGIN_MISS);
         return 1;
     };
-    let optval = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
-    let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
+    // SAFETY: `so` is the kernel's context pointer; `optval` and `optval_end` are readable
+    // 8-byte fields (the verifier types them packet pointers: start and end of the kernel's
+    // copy of the caller's optval buffer).
+    let (optval, end) = unsafe {
+        (
+            (*so).__bindgen_anon_2.optval as *mut u8,
+            (*so).__bindgen_anon_3.optval_end as *mut u8,
+        )
+    };
     let len: i32 = if v6 { 28 } else { 16 };
-    if optval.is_null() || unsafe { optval.add(len as usize) } > end {
+    // `wrapping_add`: for a buffer shorter than `len` the sum lies past its end, which `add`
+    // would promise LLVM it does not; it is only compared with `end` here.
+    if optval.is_null() || optval.wrapping_add(len as usize) > end {
         return 1;
     }
+    // SAFETY: `optval..optval + len` was checked against `optval_end` just above, the packet
+    // bounds check the verifier itself tracks (it refuses any store it cannot prove inside),
+    // and the buffer is the kernel's copy of the caller's optval, the program's to fill.
+    // Alignment: a kmalloc'ed buffer is 8-aligned, but for optlen <= 32 (16 and 28 here) the
+    // kernel uses an on-stack `u8[32]` whose alignment it does not promise; a BPF store is a
+    // plain machine store after JIT, which x86-64 and arm64 do unaligned, so the u16/u32
+    // stores are correct there even though `write_volatile` documents aligned pointers.
+    // `optlen` and `retval` are 4-byte fields a getsockopt program may write.
     unsafe {
         if v6 {
             let a = if origin.family == AF_INET {
@@ -375,20 +299,22 @@ pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
 /// the app that accepted from the agent sees the real client.
 #[inline(always)]
 fn getpeername(ctx: &SockAddrContext, v6: bool) {
-    let sa = ctx.sock_addr;
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let sk = Sock::of_sock_addr(ctx);
     let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
         return;
     };
-    let peer = user_addr(sa, v6);
+    let peer = user_addr(ctx, v6);
     if !is_loopback(&peer) {
         return;
     }
     let port = u16::from_be(peer.port);
     if port == cfg.outbound_port || port == cfg.dns_port {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let cookie = socket_cookie(ctx);
+        // SAFETY: mapped while the program runs, plain integers, only copied into the
+        // context; this socket's entry is written by its own connect or bind, done before any
+        // getpeername. An LRU element reused meanwhile could show another socket's origin.
         if let Some(entry) = unsafe { SOCKETS.get(&cookie) } {
-            if entry.kind != socket_kind::BIND && write_user_addr(sa, v6, &entry.origin) {
+            if entry.kind != socket_kind::BIND && write_user_addr(ctx, v6, &entry.origin) {
                 count(netns, counter::PEER_RESTORED);
             }
             return;
@@ -397,10 +323,14 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
     let key = TupleKey {
         netns_cookie: netns,
         src: peer,
-        dst: sock_local(sk),
+        dst: sk.local(),
     };
+    // SAFETY: mapped while the program runs, plain integers, only copied into the context.
+    // The agent writes the entry before the accepted connection reaches the app and deletes
+    // it when the connection ends; racing either, or an LRU reuse, the app could be shown
+    // another client's address, nothing outside the map is read.
     if let Some(client) = unsafe { INBOUND_PEERS.get(&key) } {
-        if write_user_addr(sa, v6, client) {
+        if write_user_addr(ctx, v6, client) {
             count(netns, counter::PEER_RESTORED);
         }
     }

@@ -34,13 +34,20 @@ pub fn sm_relay_verdict(ctx: SkBuffContext) -> u32 {
     if ctx.len() == 0 {
         return sk_action::SK_DROP;
     }
-    // SAFETY: the helper reads the skb's owning socket, which the stream parser set.
+    // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed to this sk_skb program, the
+    // helper's only argument (sk_skb programs may call it); for an skb it reads the owning
+    // socket, which the stream parser set.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(entry) = RELAY_PEERS.get_ptr_mut(&cookie) else {
         // Not (or no longer) relayed: the bytes stay readable on the socket itself.
         return sk_action::SK_PASS;
     };
-    // SAFETY: a live map value; only this socket's verdict writes it, one run at a time.
+    // SAFETY: `entry` points at this socket's `RelayPeer`, mapped while the program runs
+    // (plain integers, valid for any bytes). Only this socket's verdict writes it, and the
+    // kernel runs one socket's verdicts one at a time (under the socket lock), so the add is
+    // not raced. The agent inserts the entry before arming the socket and deletes it after
+    // disarming, so only a run begun just before the disarm can race the delete; then a
+    // reused element gets a wrong byte count, nothing outside the map is touched.
     let peer = unsafe {
         (*entry).forwarded += u64::from(ctx.len());
         (*entry).peer

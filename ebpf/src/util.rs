@@ -1,61 +1,74 @@
-//! Small helpers shared by the programs: who is enrolled, counters, address tests.
+//! Small helpers shared by the programs: who is enrolled, counters, and the context-only BPF
+//! helpers wrapped once (their one `unsafe` each is argued here).
 use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     EbpfContext,
 };
 use sockmesh_common::{
     counter,
     peer::{peer_counter, PeerKernelStats, PeerKey},
-    GlobalConfig, PodConfig, SockAddr, AF_INET, SCHEMA_VERSION,
+    GlobalConfig, PodConfig, SockAddr, SCHEMA_VERSION,
 };
 
 /// `BPF_NOEXIST` map-update flag: create only.
 const BPF_NOEXIST: u64 = 1;
 
-use crate::maps::{CONFIG, PEER_STATS, PODS, POD_STATS};
+use crate::{
+    addr::Sock,
+    maps::{CONFIG, PEER_STATS, PODS, POD_STATS},
+};
 
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
 pub const DNS_PORT_BE: u16 = 53u16.to_be();
-/// 127.0.0.1 in network order as a u32 read on little endian.
-pub const LOOPBACK4_BE: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
-/// ::1 in network order.
-pub const LOOPBACK6_BE: [u32; 4] = [0, 0, 0, 1u32.to_be()];
-/// The ::ffff:0:0/96 prefix word (bytes 00 00 ff ff) as a u32 read on little endian.
-pub const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+/// The network-namespace cookie of the running program's socket: the pod key of `SM_PODS`.
+#[inline(always)]
+pub fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: `ctx.as_ptr()` is the context pointer the kernel passed to the running program,
+    // the helper's only argument; every program type calling this (sock_addr, sockopt,
+    // sock_ops, sock) may call the helper, and the verifier refuses to load one that may not.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// The socket cookie of the running program's socket: the key of `SM_SOCKETS`.
+#[inline(always)]
+pub fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: as in `netns_cookie`: the kernel's own context pointer, for program types
+    // (sock_addr, sock_ops, sock) the verifier lets call this helper.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the agent's heartbeat and verdict deadlines.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no arguments, no preconditions; allowed in every program type.
+    unsafe { bpf_ktime_get_ns() }
+}
 
 /// The enrolled pod a socket belongs to, if the agent is configured for this schema and the
 /// socket is not the agent's own.
 #[inline(always)]
 pub fn pod_for<C: EbpfContext>(
     ctx: &C,
-    sk: *const bpf_sock,
+    sk: Sock,
 ) -> Option<(u64, &'static GlobalConfig, &'static PodConfig)> {
     let cfg = CONFIG.get(0)?;
     if cfg.schema_version != SCHEMA_VERSION {
         return None;
     }
-    if !sk.is_null() && unsafe { (*sk).mark } == cfg.agent_mark {
+    if !sk.is_null() && sk.mark() == cfg.agent_mark {
         return None;
     }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = netns_cookie(ctx);
+    // SAFETY: the value stays mapped while the program runs (map memory lives as long as the
+    // map, and a program using a map holds it), and `PodConfig` is plain integers, valid for
+    // any bytes. Only the agent writes or deletes entries (enrol, unenrol). A preallocated
+    // map reuses a replaced or deleted element at once (the hazard `HashMap::get` warns of),
+    // so a hook racing the agent may act once on old, half-updated or another pod's settings;
+    // it never reads outside the map's memory.
     let pod = unsafe { PODS.get(&netns) }?;
     Some((netns, cfg, pod))
-}
-
-/// Fail open: whether the agent is alive enough to be handed a new socket. Called by the hooks
-/// that capture (connect, bind, DNS sendmsg) right before they would; a stale heartbeat means
-/// the agent is dead or hung, so the socket goes direct and the pod keeps working without the
-/// mesh. Hooks that only restore what an earlier capture did (getpeername, recvmsg, sock_ops,
-/// getsockopt) do not ask: undoing their work would break connections already proxied.
-#[inline(always)]
-pub fn agent_alive(netns: u64, cfg: &GlobalConfig) -> bool {
-    if cfg.is_stale(unsafe { bpf_ktime_get_ns() }) {
-        count(netns, counter::BYPASS_STALE);
-        return false;
-    }
-    true
 }
 
 #[inline(always)]
@@ -64,7 +77,10 @@ pub fn count(netns: u64, idx: usize) {
         return;
     }
     if let Some(stats) = POD_STATS.get_ptr_mut(&netns) {
-        // Per-CPU value: no other writer on this CPU while the program runs.
+        // SAFETY: `stats` points at this CPU's copy of a live entry (map memory stays mapped
+        // while the program runs) and `idx` is in bounds (checked above). Per-CPU: other CPUs
+        // write their own copies; on this CPU the add can only lose a count if a run preempted
+        // or interrupted mid-add is resumed after another one, which a counter tolerates.
         unsafe { (*stats).counters[idx] += 1 };
     }
 }
@@ -82,6 +98,8 @@ pub fn count_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize) {
         _pad: 0,
     };
     if let Some(stats) = PEER_STATS.get_ptr_mut(&key) {
+        // SAFETY: as in `count`: this CPU's copy of a live per-CPU entry, `idx` checked above.
+        // An LRU entry evicted and reused meanwhile makes this count land on another peer.
         unsafe { (*stats).counters[idx] += 1 };
         return;
     }
@@ -91,62 +109,9 @@ pub fn count_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize) {
     // per-CPU entry starts at zero on every other CPU.
     if PEER_STATS.insert(&key, &fresh, BPF_NOEXIST).is_err() {
         match PEER_STATS.get_ptr_mut(&key) {
+            // SAFETY: as above: this CPU's copy of a live entry, `idx` checked above.
             Some(stats) => unsafe { (*stats).counters[idx] += 1 },
             None => count(netns, counter::MAP_FULL),
         }
-    }
-}
-
-#[inline(always)]
-pub fn is_loopback4(addr_be: u32) -> bool {
-    // First octet is the lowest byte of the network-order word on little endian.
-    addr_be & 0xff == 127
-}
-
-#[inline(always)]
-pub fn is_v4_mapped(a: &[u32; 4]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
-}
-
-#[inline(always)]
-pub fn is_loopback6(a: &[u32; 4]) -> bool {
-    (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK6_BE[3])
-        || (is_v4_mapped(a) && is_loopback4(a[3]))
-}
-
-/// An IPv6 socket's address as a key address: v4-mapped addresses become IPv4, so both ends
-/// of a connection (a dual-stack socket and an IPv4 listener) agree on the key.
-#[inline(always)]
-pub fn sockaddr6(a: [u32; 4], port_be: u16) -> SockAddr {
-    if is_v4_mapped(&a) {
-        SockAddr::v4(a[3], port_be)
-    } else {
-        SockAddr::v6(a, port_be)
-    }
-}
-
-/// Whether an enrolled pod excludes this outbound destination from capture.
-#[inline(always)]
-pub fn outbound_excluded(pod: &PodConfig, dst: &SockAddr) -> bool {
-    let port = u16::from_be(dst.port);
-    for r in pod.exclude_outbound_ports.iter() {
-        if r.contains(port) {
-            return true;
-        }
-    }
-    for c in pod.exclude_outbound_cidrs.iter() {
-        if c.contains(dst.family, &dst.addr) {
-            return true;
-        }
-    }
-    false
-}
-
-#[inline(always)]
-pub fn is_loopback(dst: &SockAddr) -> bool {
-    if dst.family == AF_INET {
-        is_loopback4(dst.addr[0])
-    } else {
-        is_loopback6(&dst.addr)
     }
 }
