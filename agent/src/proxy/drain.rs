@@ -27,16 +27,10 @@ pub async fn relay_until(
     for fd in fds {
         // SAFETY: the relay future still owns both streams (it is dropped below), so these
         // fds are open and are exactly those sockets.
-        let sock = unsafe { BorrowedFd::borrow_raw(fd) };
-        let _ = socket2::SockRef::from(&sock).set_linger(Some(std::time::Duration::ZERO));
+        relay::reset(&unsafe { BorrowedFd::borrow_raw(fd) });
     }
     // Dropping the future closes both streams; with linger 0 the close sends RST.
     drop(relaying);
     // What went through before the cut still counts.
-    let (a_to_b, b_to_a) = bytes.get();
-    Relayed {
-        a_to_b,
-        b_to_a,
-        end: End::Reset,
-    }
+    relay::relayed(&bytes, End::Reset)
 }

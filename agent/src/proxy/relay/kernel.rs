@@ -16,14 +16,18 @@
 use std::{
     io,
     net::Shutdown,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
 
 use tokio::{io::unix::AsyncFd, net::TcpStream, time::Instant};
 
-use super::{close_gracefully, deadline, Counts, End, Limits, Relayed};
+use super::{
+    ending::{finish, relayed, reset_all},
+    limits::{deadline, Limits},
+};
 use crate::datapath::relay::{ArmError, RelayMaps};
+use crate::telemetry::conn::{Counts, End, Relayed};
 
 /// What became of a connection handed to the kernel relay.
 pub enum Outcome {
@@ -52,31 +56,20 @@ pub async fn relay(
     let (Ok(ca), Ok(cb)) = (cookie(a.as_raw_fd()), cookie(b.as_raw_fd())) else {
         return Outcome::Fallback(a, b);
     };
-    let reset_both = || {
-        let (a_to_b, b_to_a) = bytes.get();
-        Outcome::Done(Relayed {
-            a_to_b,
-            b_to_a,
-            end: End::Reset,
-        })
-    };
     // Off tokio's reactor: it registers EPOLLIN, and the kernel wakes readers per message.
     let (a, b) = match (a.into_std(), b.into_std()) {
         (Ok(a), Ok(b)) => (a, b),
-        // Only a failed epoll_ctl(DEL) gets here: the connection cannot be relayed safely.
-        (a, b) => {
-            for s in [a, b].into_iter().flatten() {
-                super::reset_fd(s.as_fd());
-            }
-            return reset_both();
-        }
+        // Only a failed epoll_ctl(DEL) gets here (the socket it failed for is closed): the
+        // connection cannot be relayed safely.
+        (a, b) => return Outcome::Done(reset_all([a, b].into_iter().flatten(), bytes)),
     };
     let back = |a: std::net::TcpStream, b: std::net::TcpStream| match (
         TcpStream::from_std(a),
         TcpStream::from_std(b),
     ) {
         (Ok(a), Ok(b)) => Outcome::Fallback(a, b),
-        _ => reset_both(),
+        // Neither is left to reset: a failed conversion closed its socket.
+        _ => Outcome::Done(relayed(bytes, End::Reset)),
     };
     let socks = [a.as_raw_fd(), b.as_raw_fd()];
     // What the agent relayed before (by splice, its pipes now empty): read from a and from b.
@@ -94,9 +87,7 @@ pub async fn relay(
         Err(ArmError::NotArmed) => return back(a, b),
         Err(ArmError::Partial) => {
             tracing::debug!("a side closed while the kernel relay was armed; resetting");
-            super::reset_fd(a.as_fd());
-            super::reset_fd(b.as_fd());
-            return reset_both();
+            return Outcome::Done(reset_all([a, b], bytes));
         }
     };
     bytes.in_kernel(maps.forwarded([ca, cb]));
@@ -129,31 +120,11 @@ pub async fn relay(
         |side: usize| written(socks[side]).saturating_sub(base[side] + u64::from(st.shut[side]));
     // Before the maps are cleared: a reader must never see the running count drop to 0.
     bytes.out_of_kernel(sent(1), sent(0));
-    let (a_to_b, b_to_a) = bytes.get();
-    let out = Relayed {
-        a_to_b,
-        b_to_a,
-        end,
-    };
-    match end {
-        End::Reset => {
-            super::reset_fd(a.as_fd());
-            super::reset_fd(b.as_fd());
-            drop(armed);
-        }
-        End::IdleTimeout | End::MaxLifetime => {
-            // Out of the maps first: what still arrives is read (and discarded) by the agent.
-            drop(armed);
-            drop(ep);
-            if let (Ok(mut a), Ok(mut b)) = (TcpStream::from_std(a), TcpStream::from_std(b)) {
-                // Boxed: its read buffers would otherwise sit in every connection's future,
-                // idle ones included.
-                Box::pin(close_gracefully(&mut a, &mut b)).await;
-            }
-        }
-        End::Closed => drop(armed),
-    }
-    Outcome::Done(out)
+    // Out of the maps and the epoll before the sockets are ended like any relay's: what still
+    // arrives is the agent's to read (and discard, on a graceful close).
+    drop(armed);
+    drop(ep);
+    Outcome::Done(finish(a, b, end, bytes).await)
 }
 
 /// Per side (0 = a, 1 = b): its FIN seen, that FIN still to be passed on, our FIN sent to it.

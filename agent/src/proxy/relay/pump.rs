@@ -11,21 +11,18 @@ use std::{
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    time::Duration,
 };
 
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
+    limits::{Activity, Shaper},
     pipe::{PipePool, PipeSlot, PIPE_SIZE},
     turns::Turns,
-    Activity,
 };
 
 /// The copy path's buffer, allocated on the first byte the direction sees.
 const BUF_SIZE: usize = 32 * 1024;
-
-pub type Shaper<'a> = &'a (dyn Fn(u64) -> Duration + Sync);
 
 /// Why a pump returned without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
