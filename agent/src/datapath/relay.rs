@@ -18,6 +18,7 @@ use aya::{
 use sockmesh_common::relay::{self as names, RelayPeer};
 
 use super::object::take;
+use crate::sys::lock::lock;
 
 /// Which connections the in-kernel relay takes (`--kernel-relay`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,22 +91,19 @@ impl RelayMaps {
             cookies: [a.0, b.0],
             counted: false,
         };
-        let staged = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|mut tx| tx.insert(a.0, a.1, 0).and(tx.insert(b.0, b.1, 0)).ok())
-            .and_then(|()| self.peers.lock().ok())
-            .and_then(|mut p| {
-                let to = |peer| RelayPeer { peer, forwarded: 0 };
-                p.insert(a.0, to(b.0), 0)
-                    .and(p.insert(b.0, to(a.0), 0))
-                    .ok()
-            });
-        if staged.is_none() {
+        let staged = {
+            let mut tx = lock(&self.tx);
+            tx.insert(a.0, a.1, 0).and(tx.insert(b.0, b.1, 0))
+        }
+        .and_then(|()| {
+            let mut p = lock(&self.peers);
+            let to = |peer| RelayPeer { peer, forwarded: 0 };
+            p.insert(a.0, to(b.0), 0).and(p.insert(b.0, to(a.0), 0))
+        });
+        if staged.is_err() {
             return Err(ArmError::NotArmed);
         }
-        let mut socks = self.socks.lock().map_err(|_| ArmError::NotArmed)?;
+        let mut socks = lock(&self.socks);
         socks.insert(a.0, a.1, 0).map_err(|_| ArmError::NotArmed)?;
         socks.insert(b.0, b.1, 0).map_err(|_| ArmError::Partial)?;
         drop(socks);
@@ -139,15 +137,9 @@ impl RelayMaps {
     #[cfg(test)]
     pub fn holds(&self, cookie: u64) -> bool {
         let in_hash = |m: &Mutex<SockHash<MapData, u64>>| {
-            m.lock()
-                .map(|m| m.keys().filter_map(|k| k.ok()).any(|k| k == cookie))
-                .unwrap_or(false)
+            lock(m).keys().filter_map(|k| k.ok()).any(|k| k == cookie)
         };
-        let in_peers = self
-            .peers
-            .lock()
-            .map(|m| m.get(&cookie, 0).is_ok())
-            .unwrap_or(false);
+        let in_peers = lock(&self.peers).get(&cookie, 0).is_ok();
         in_peers || in_hash(&self.socks) || in_hash(&self.tx)
     }
 }
@@ -164,9 +156,7 @@ impl Forwarded {
     /// Bytes forwarded from the first socket and from the second so far; 0 for a socket no
     /// longer in the map (its connection has been disarmed).
     pub fn get(&self) -> (u64, u64) {
-        let Ok(p) = self.peers.lock() else {
-            return (0, 0);
-        };
+        let p = lock(&self.peers);
         let one = |c: &u64| p.get(c, 0).map_or(0, |v| v.forwarded);
         (one(&self.cookies[0]), one(&self.cookies[1]))
     }
@@ -186,16 +176,14 @@ impl Drop for Armed<'_> {
         // Forwarding stops first, then the targets and peers go: no verdict runs half-undone.
         // Entries already gone (the socket closed) are fine.
         for m in [&self.maps.socks, &self.maps.tx] {
-            if let Ok(mut m) = m.lock() {
-                for c in &self.cookies {
-                    let _ = m.remove(c);
-                }
+            let mut m = lock(m);
+            for c in &self.cookies {
+                let _ = m.remove(c);
             }
         }
-        if let Ok(mut p) = self.maps.peers.lock() {
-            for c in &self.cookies {
-                let _ = p.remove(c);
-            }
+        let mut p = lock(&self.maps.peers);
+        for c in &self.cookies {
+            let _ = p.remove(c);
         }
         if self.counted {
             self.maps.active.fetch_sub(1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     policy::{Direction, PeerKey},
-    sys::sockets,
+    sys::{lock::lock, sockets},
     telemetry::recorder::DnsOutcome,
 };
 
@@ -58,12 +58,9 @@ async fn answer(
         family: if client.is_ipv4() { AF_INET } else { AF_INET6 },
         _pad: 0,
     };
-    let server = shared
-        .maps
-        .dns_origins
-        .lock()
+    let server = lock(&shared.maps.dns_origins)
+        .get(&key, 0)
         .ok()
-        .and_then(|m| m.get(&key, 0).ok())
         .and_then(|s| s.to_std());
     let reply = match server {
         Some(server) => match forward(&query, server, &pod, &shared).await {

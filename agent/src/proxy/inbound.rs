@@ -18,7 +18,7 @@ use crate::{
     events,
     handover::proto::{Kind, Offered},
     policy::{Direction, PeerKey},
-    sys::sockets,
+    sys::{lock::lock, sockets},
 };
 
 /// Which app binds exist for one (pod, port), and the listeners serving it.
@@ -104,7 +104,7 @@ impl Inbound {
             let st = self.ports.entry((cookie, port)).or_default();
             let (v6, v4): (Vec<_>, Vec<_>) = ls.into_iter().partition(|(a, _)| a.is_ipv6());
             {
-                let mut t = st.targets.lock().unwrap_or_else(|p| p.into_inner());
+                let mut t = lock(&st.targets);
                 t.v6_bound = !v6.is_empty();
                 t.v4_bound = v6.is_empty();
             }
@@ -153,7 +153,7 @@ impl Inbound {
         let st = self.ports.entry(key).or_default();
         let v6 = ev.family == AF_INET6;
         let binds = {
-            let mut t = st.targets.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = lock(&st.targets);
             match ev.kind {
                 event_kind::BIND if v6 => t.v6_bound = true,
                 event_kind::BIND => t.v4_bound = true,
@@ -318,7 +318,7 @@ async fn serve(
                 Err(e) => { warn!(pod = %pod.name, error = %e, "inbound accept failed"); continue; }
             },
         };
-        let t = targets.lock().map(|t| *t).unwrap_or_default();
+        let t = *lock(&targets);
         let target = t.for_client(peer.is_ipv6(), port);
         let (pod2, shared2) = (pod.clone(), shared.clone());
         shared
@@ -336,25 +336,20 @@ struct PeerEntry<'a> {
 
 impl PeerEntry<'_> {
     fn record(&self, tuple: TupleKey, client: SocketAddr) {
-        let ok = self
-            .shared
-            .maps
-            .inbound_peers
-            .lock()
-            .map(|mut m| m.insert(tuple, SockAddr::from_std(client), 0).is_ok());
-        if ok.unwrap_or(false) {
-            if let Ok(mut k) = self.key.lock() {
-                *k = Some(tuple);
-            }
+        let ok = lock(&self.shared.maps.inbound_peers)
+            .insert(tuple, SockAddr::from_std(client), 0)
+            .is_ok();
+        if ok {
+            *lock(&self.key) = Some(tuple);
         }
     }
 }
 
 impl Drop for PeerEntry<'_> {
     fn drop(&mut self) {
-        let key = self.key.lock().ok().and_then(|mut k| k.take());
-        if let (Some(key), Ok(mut m)) = (key, self.shared.maps.inbound_peers.lock()) {
-            let _ = m.remove(&key);
+        let key = lock(&self.key).take();
+        if let Some(key) = key {
+            let _ = lock(&self.shared.maps.inbound_peers).remove(&key);
         }
     }
 }

@@ -11,6 +11,8 @@ use std::{
     },
 };
 
+use crate::sys::lock::lock;
+
 /// Bytes one splice may move; pipes are sized to hold this much (default pipes hold 64 KiB,
 /// i.e. 16 pages; bulk throughput gains from fewer, larger splices, measured with iperf3).
 pub const PIPE_SIZE: usize = 256 * 1024;
@@ -98,7 +100,7 @@ impl PipePool {
     }
 
     pub fn take(&self) -> io::Result<Pipe> {
-        let pooled = self.free.lock().map(|mut f| f.pop()).unwrap_or(None);
+        let pooled = lock(&self.free).pop();
         let pipe = match pooled {
             Some(p) => p,
             None => {
@@ -116,10 +118,9 @@ impl PipePool {
     pub fn give(&self, pipe: Pipe) {
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         if pipe.len == 0 {
-            if let Ok(mut free) = self.free.lock() {
-                if free.len() < self.max {
-                    free.push(pipe);
-                }
+            let mut free = lock(&self.free);
+            if free.len() < self.max {
+                free.push(pipe);
             }
         }
     }
@@ -131,7 +132,7 @@ impl PipePool {
 
     /// Empty pipes kept for reuse (two fds each, held on purpose, not leaked).
     pub fn pooled(&self) -> usize {
-        self.free.lock().map(|f| f.len()).unwrap_or(0)
+        lock(&self.free).len()
     }
 
     /// Pipes ever created (a pooled pipe reused is not counted again).
