@@ -181,9 +181,12 @@ mod tests {
     #[tokio::test]
     async fn spares_are_closed_with_the_pod() {
         let inode = |fd: i32| {
-            // SAFETY: fstat on a number that may or may not be open; st is a valid out pointer.
+            // SAFETY: `stat` is plain integers, for which all zeroes is a valid value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+            // SAFETY: fstat on a number that may or may not be open (it fails if closed);
+            // `st` is a valid out pointer of the right type.
+            let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+            ok.then_some(st.st_ino)
         };
         let w = worker();
         let pool = UpstreamSockets::default();

@@ -208,7 +208,8 @@ fn closes(socks: [RawFd; 2]) -> io::Result<AsyncFd<OwnedFd>> {
             return Err(io::Error::last_os_error());
         }
     }
-    // SAFETY: the AsyncFd owns the epoll fd, so it stays open as long as it is registered.
+    // SAFETY: the AsyncFd owns the epoll fd (an OwnedFd, whose as_raw_fd never changes), so
+    // it stays open and the same file as long as it is registered.
     unsafe { AsyncFd::register(ep) }.map_err(|e| e.into_parts().1)
 }
 
@@ -250,14 +251,16 @@ fn last_activity(start: Instant, socks: [RawFd; 2]) -> Instant {
 }
 
 fn borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: only called with the relay's two sockets, open for the whole relay.
+    // SAFETY: only called with the relay's two sockets, open for the whole relay, and each
+    // borrow is used at once and not kept.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// SO_RCVLOWAT makes TCP re-check its receive queue and call data-ready (the verdict).
 fn kick(fd: RawFd) {
     let one: libc::c_int = 1;
-    // SAFETY: plain setsockopt with a c_int value on an open socket.
+    // SAFETY: the value is a live c_int and the length given is its size; the kernel only
+    // reads it.
     unsafe {
         libc::setsockopt(
             fd,
@@ -277,7 +280,8 @@ pub(super) fn cookie(fd: RawFd) -> io::Result<u64> {
 fn getsockopt<T: Default>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
     let mut v = T::default();
     let mut len = std::mem::size_of::<T>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `v`, a plain-data value.
+    // SAFETY: the kernel writes at most `len` (the size of `T`) bytes into `v`. `T` is only
+    // ever an integer or `TcpInfo` (integers only), for which any bytes are a valid value.
     let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut T).cast(), &mut len) };
     if r != 0 {
         return Err(io::Error::last_os_error());
@@ -323,7 +327,7 @@ fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
 fn written(fd: RawFd) -> u64 {
     let acked = tcp_info(fd).map(|i| i.bytes_acked).unwrap_or(0);
     let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int.
+    // SAFETY: SIOCOUTQ writes one int, into `queued`, a c_int.
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
         queued = 0;
     }

@@ -27,7 +27,7 @@ pub struct Pipe {
 impl Pipe {
     fn new() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two fds into the array on success.
+        // SAFETY: pipe2 writes two fds into `fds`, an array of exactly two.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
