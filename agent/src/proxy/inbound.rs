@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{loopback, outbound, PodCtx, Shared};
+use super::{connection, loopback, PodCtx, Shared};
 use crate::{
     events,
     handover::proto::{Kind, Offered},
@@ -382,7 +382,7 @@ async fn handle(
         };
         entry.record(tuple, peer);
     };
-    outbound::proxy(client, key, target, Some(&record), &pod, &shared).await;
+    connection::proxy(client, key, target, Some(&record), &pod, &shared).await;
 }
 
 #[cfg(test)]

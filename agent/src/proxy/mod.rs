@@ -1,5 +1,6 @@
 //! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
 //! apps whose wildcard bind the kernel moved to loopback) and DNS.
+mod connection;
 pub mod dns;
 pub mod dns_msg;
 pub mod drain;

@@ -1,0 +1,114 @@
+//! The path every proxied connection takes, outbound or inbound: admission, a socket of the
+//! pod's namespace (so the connection leaves with the pod's address and routes), the
+//! upstream connect within the peer's connect timeout, then the relay until it ends.
+use std::net::SocketAddr;
+
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info};
+
+use super::{
+    loopback,
+    relay::{self, Limits},
+    PodCtx, Shared,
+};
+use crate::admission::failure_kind;
+use crate::policy::{BreakerTransition, PeerKey};
+
+/// Admit, connect, relay: the path every proxied connection (outbound or inbound) takes.
+/// `local` binds the upstream socket first; `on_bound` learns its address before it connects.
+pub async fn proxy(
+    client: TcpStream,
+    key: PeerKey,
+    dst: SocketAddr,
+    on_bound: Option<&(dyn Fn(SocketAddr) + Sync)>,
+    pod: &PodCtx,
+    shared: &Shared,
+) {
+    let permit = match shared.admission.admit(key.clone()).await {
+        Ok(p) => p,
+        Err(reason) => {
+            debug!(pod = %pod.name, peer = %key.peer, reason = reason.as_str(), "connection rejected by policy");
+            shared.recorder.rejected(&key, reason);
+            relay::reset(&client);
+            return;
+        }
+    };
+    let local = on_bound.map(|_| SocketAddr::new(loopback(dst.is_ipv6()), 0));
+    let started = tokio::time::Instant::now();
+    let upstream = async {
+        let sock = socket_in_pod(pod, shared, dst, local).await?;
+        // Only inbound asks: getsockname is a syscall on every outbound connection otherwise.
+        if let Some(f) = on_bound {
+            if let Ok(addr) = sock.local_addr() {
+                f(addr);
+            }
+        }
+        connect_socket(sock, dst, permit.timeouts.connect).await
+    }
+    .await;
+    let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
+    if let Some(BreakerTransition::Closed) = shared.admission.connect_result(&key, &result) {
+        info!(event = "breaker_closed", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker closed");
+    }
+    shared
+        .recorder
+        .connected(&key, result.map(|()| started.elapsed()));
+    let upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(pod = %pod.name, %dst, error = %e, "upstream connect failed; resetting client");
+            relay::reset(&client);
+            return;
+        }
+    };
+    let shape = |n: u64| shared.admission.shape(&key, n);
+    // Decided once per connection, like its timeouts: a reload applies to new connections.
+    let limits = Limits {
+        idle: permit.timeouts.idle,
+        lifetime: permit.timeouts.max_lifetime,
+        shape: shared
+            .admission
+            .shaped(&key)
+            .then_some(&shape as relay::Shaper<'_>),
+        kernel: shared.maps.relay.as_ref(),
+    };
+    let bytes = std::sync::Arc::new(relay::Counts::default());
+    shared.recorder.relaying(&key, &bytes);
+    let r = super::drain::relay_until(client, upstream, limits, bytes.clone(), &shared.abort).await;
+    shared.recorder.ended(&key, &r, Some(&bytes));
+    debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
+}
+
+/// A marked TCP socket of the pod's namespace, optionally bound to `local` (bind works on
+/// any thread: the namespace is the socket's, fixed when it was made).
+async fn socket_in_pod(
+    pod: &PodCtx,
+    shared: &Shared,
+    dst: SocketAddr,
+    local: Option<SocketAddr>,
+) -> std::io::Result<TcpSocket> {
+    let std = pod.upstream.take(&pod.worker, dst, shared.cfg.mark).await?;
+    if let Some(local) = local {
+        socket2::SockRef::from(&std).bind(&local.into())?;
+    }
+    Ok(TcpSocket::from_std_stream(std))
+}
+
+/// Connect within the policy's connect timeout (none: the kernel's own SYN retries).
+async fn connect_socket(
+    sock: TcpSocket,
+    dst: SocketAddr,
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<TcpStream> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, sock.connect(dst))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {dst} timed out after {t:?}"),
+                )
+            })?,
+        None => sock.connect(dst).await,
+    }
+}
