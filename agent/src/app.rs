@@ -22,6 +22,29 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Before any thread exists, so every thread the agent starts inherits the reduced sets.
     crate::sys::caps::drop_unneeded()?;
     preflight::check_kernel()?;
+    // Every proxied connection costs two fds: take all the kernel allows before sizing caps.
+    let nofile = match crate::sys::rlimit::raise_nofile() {
+        Ok((before, soft, hard)) => {
+            info!(
+                soft_before = before,
+                soft, hard, "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+            );
+            soft
+        }
+        Err(e) => {
+            let soft = crate::sys::rlimit::nofile().map_or(1024, |(s, _)| s);
+            warn!(error = %e, soft, "cannot raise the open-file limit");
+            soft
+        }
+    };
+    let shares = args.shares.config(nofile);
+    info!(
+        max_conns = shares.conns.global,
+        pod_max_conns = shares.conns.per_pod,
+        max_dns_inflight = shares.dns.global,
+        pod_dns_inflight = shares.dns.per_pod,
+        "caps on what pods share"
+    );
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
     let node = args.kube.validate()?;
@@ -95,6 +118,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         let mut signals = Signals::install()?;
         let drain = args.drain_timeout;
         let setup = Setup {
+            nofile,
+            shares,
             cgroup,
             prepared,
             policy,

@@ -114,6 +114,9 @@ pub struct RunArgs {
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::rules::PolicyArgs,
+    /// Per-pod caps and node-wide caps on what pods share.
+    #[command(flatten)]
+    pub shares: crate::proxy::shares::ShareArgs,
     /// Where /metrics, /healthz and /readyz are served (ip:port), or `off`.
     #[arg(long, env = "SOCKMESH_METRICS_ADDR", default_value = "127.0.0.1:15090", value_parser = crate::observe::http::parse_addr)]
     pub metrics_addr: crate::observe::http::MetricsAddr,

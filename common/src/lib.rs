@@ -15,7 +15,8 @@ extern crate std;
 
 /// Bumped whenever a layout or map name below (or in [`peer`]) changes.
 /// 2: per-peer maps (`SM_PEER_STATS`, `SM_PEER_STATE`), pod metadata, agent counters.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: per-pod refusals of the agent's caps and shares (`SM_POD_REFUSED`).
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub mod peer;
 

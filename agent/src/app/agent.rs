@@ -37,7 +37,10 @@ use crate::{
     },
     observe::{self, http::MetricsState},
     policy::{Direction, PeerKey, PeerTable},
-    proxy::{ProxyConfig, Shared},
+    proxy::{
+        shares::{ShareConfig, Shares},
+        ProxyConfig, Shared,
+    },
     rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
     sys::clock::unix_ms,
     telemetry::{flush::Observer, recorder::Recorder},
@@ -51,6 +54,9 @@ pub struct Prepared {
 
 /// What `run` validated and opened before the runtime started.
 pub struct Setup {
+    /// The soft open-file limit, raised to the hard one.
+    pub nofile: u64,
+    pub shares: ShareConfig,
     pub cgroup: PathBuf,
     pub prepared: Prepared,
     pub policy: Arc<PolicyHandle>,
@@ -98,6 +104,8 @@ impl Agent {
     /// tasks, and announce `ready`. On failure everything started is stopped again.
     pub async fn start(args: RunArgs, setup: Setup) -> Result<Agent> {
         let Setup {
+            nofile,
+            shares,
             cgroup,
             prepared,
             policy,
@@ -153,6 +161,7 @@ impl Agent {
             admission,
             policy: policy.clone(),
             recorder,
+            shares: Shares::new(shares),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
@@ -228,6 +237,11 @@ impl Agent {
         info!(pods = pods.len(), "ready");
         events::emit(serde_json::json!({
             "event": "ready", "pods": pods.len(), "pid": std::process::id(), "took_over_from": took_over_from,
+            "limits": {
+                "nofile": nofile, "max_conns": shares.conns.global, "pod_max_conns": shares.conns.per_pod,
+                "pod_max_queued": shares.pod_max_queued, "max_dns_inflight": shares.dns.global,
+                "pod_dns_inflight": shares.dns.per_pod,
+            },
         }));
         Ok(Agent {
             dp,
@@ -356,6 +370,8 @@ impl Agent {
             "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
             "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
             "sockets_pooled": crate::proxy::upstream::pooled(),
+            "conns_held": self.shared.shares.conns_held(),
+            "dns_inflight": self.shared.shares.dns_held(),
             "kernel_relay_active": maps.relay.as_ref().map(|r| r.active()),
             "kernel_relay_armed": maps.relay.as_ref().map(|r| r.armed()),
         }));

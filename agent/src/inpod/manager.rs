@@ -31,6 +31,7 @@ use crate::{
         proto::{Kind, Offered},
         Handed,
     },
+    policy::{token_bucket::TokenBucket, Clock},
     proxy::{dns, inbound::Inbound, outbound, PodCtx, Shared},
     spec::{CidrSpec, PodSpec, PortRangeSpec},
     telemetry::flush::Observer,
@@ -147,6 +148,8 @@ impl PodManager {
             worker: e.pod.worker.clone(),
             addrs: e.pod.addrs.clone().into(),
             upstream: Default::default(),
+            refusals: self.observer.refusals.pod(e.pod.cookie),
+            dns_rate: Arc::new(std::sync::Mutex::new(self.dns_bucket())),
         };
         let mut offers = Vec::new();
         let mut offer =
@@ -200,6 +203,7 @@ impl PodManager {
         events::emit(serde_json::json!({
             "event": "pod_enrolled", "pod": &*ctx.name, "id": &*e.id, "netns_cookie": ctx.cookie,
         }));
+        self.shared.shares.set_pods(self.pods.len() + 1);
         self.pods.insert(
             e.id,
             Enrolled {
@@ -213,6 +217,13 @@ impl PodManager {
             },
         );
         Ok(())
+    }
+
+    /// A full bucket of `--pod-dns-rate`, or none.
+    fn dns_bucket(&self) -> Option<TokenBucket> {
+        let now = self.shared.admission.clock().now();
+        let rate = self.shared.shares.config.pod_dns_rate?;
+        Some(TokenBucket::new(rate, rate.tokens(), now))
     }
 
     /// Watch another anchor of the same namespace (a Kubernetes pod whose watched process
@@ -256,6 +267,7 @@ impl PodManager {
         let Some(p) = self.pods.remove(id) else {
             return false;
         };
+        self.shared.shares.set_pods(self.pods.len());
         dp.unenrol(p.cookie);
         p.cancel.cancel();
         self.inbound.remove_pod(p.cookie);

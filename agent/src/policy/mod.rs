@@ -18,6 +18,7 @@
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
 //! | [`table`] | [`PeerTable`]: per-peer state, bounded LRU, composition, counters |
+//! | [`shares`] | per-pod and node-wide caps on what pods share (connections, DNS queries in flight), with a fair share kept for every pod |
 //!
 //! Where a peer's [`PeerPolicy`] comes from (flags, the policy file, reload) is the
 //! configuration's business: `crate::rules`, one layer up.
@@ -74,6 +75,7 @@ pub mod decision;
 pub mod key;
 mod peer;
 pub mod peer_policy;
+pub mod shares;
 pub mod table;
 pub mod timeouts;
 pub mod token_bucket;

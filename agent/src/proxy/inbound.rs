@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{connection, loopback, PodCtx, Shared};
+use super::{accept, connection, loopback, shares::Slot, PodCtx, Shared};
 use crate::{
     events,
     handover::proto::{Kind, Offered},
@@ -310,20 +310,15 @@ async fn serve(
     targets: Arc<Mutex<Targets>>,
     port: u16,
 ) {
-    loop {
-        let (client, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => { warn!(pod = %pod.name, error = %e, "inbound accept failed"); continue; }
-            },
-        };
+    while let Some((client, peer, slot)) =
+        accept::next(&listener, &pod, &shared, &stop, "inbound").await
+    {
         let t = *lock(&targets);
         let target = t.for_client(peer.is_ipv6(), port);
         let (pod2, shared2) = (pod.clone(), shared.clone());
         shared
             .tasks
-            .spawn(async move { handle(client, peer, target, pod2, shared2).await });
+            .spawn(async move { handle(client, slot, peer, target, pod2, shared2).await });
     }
 }
 
@@ -356,6 +351,7 @@ impl Drop for PeerEntry<'_> {
 
 async fn handle(
     client: TcpStream,
+    slot: Slot,
     peer: SocketAddr,
     target: SocketAddr,
     pod: PodCtx,
@@ -382,7 +378,7 @@ async fn handle(
         };
         entry.record(tuple, peer);
     };
-    connection::proxy(client, key, target, Some(&record), &pod, &shared).await;
+    connection::proxy(client, slot, key, target, Some(&record), &pod, &shared).await;
 }
 
 #[cfg(test)]

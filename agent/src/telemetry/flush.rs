@@ -9,7 +9,7 @@ use std::{
 use sockmesh_common::peer::agent_counter;
 use tokio_util::sync::CancellationToken;
 
-use super::recorder::Recorder;
+use super::{recorder::Recorder, refusals::Refusals};
 use crate::{
     admission::Admission,
     datapath::sink::Sink,
@@ -22,6 +22,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Observer {
     pub recorder: Arc<Recorder>,
+    /// What each pod's caps and shares refused.
+    pub refusals: Arc<Refusals>,
     admission: Arc<Admission<PeerKey>>,
     /// Held for a whole flush: two flushes interleaving their read-add-write of the same
     /// entry would lose one's additions.
@@ -39,6 +41,7 @@ impl Observer {
     pub fn new(recorder: Arc<Recorder>, admission: Arc<Admission<PeerKey>>, sink: Sink) -> Self {
         Observer {
             recorder,
+            refusals: Arc::default(),
             admission,
             sink: Mutex::new(FlushState {
                 sink,
@@ -62,6 +65,7 @@ impl Observer {
     pub fn forget_pod(&self, netns_cookie: u64, name: &str) {
         self.flush();
         self.recorder.forget_pod(netns_cookie);
+        self.refusals.forget(netns_cookie);
         let dropped = self.admission.forget(|k| k.netns_cookie == netns_cookie);
         self.state().sink.clear_policy_gauges(netns_cookie);
         tracing::debug!(
@@ -90,6 +94,9 @@ impl Observer {
             if !st.sink.update(*key, |v| delta.apply_to(v), stamp) {
                 failed += 1;
             }
+        }
+        for (cookie, adds) in self.refusals.drain() {
+            st.sink.add_pod_refused(cookie, &adds);
         }
         let evicted = self.admission.with_table(|t| t.counters().evicted);
         let evicted_delta = evicted.saturating_sub(st.evicted_seen);
