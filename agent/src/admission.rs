@@ -19,7 +19,7 @@ use tracing::{debug, info};
 
 use crate::policy::{
     BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, PolicySource,
-    RejectReason, Ticket, Timeouts,
+    RejectReason, Tenant, Ticket, Timeouts,
 };
 use crate::sys::{clock::monotonic_ns, lock::lock};
 
@@ -62,8 +62,8 @@ impl Clock for ProxyClock {
 }
 
 /// What admission keys need: hashable, cloneable, and printable in logs.
-pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug {}
-impl<T: Hash + Eq + Clone + std::fmt::Debug> PeerId for T {}
+pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug + Tenant {}
+impl<T: Hash + Eq + Clone + std::fmt::Debug + Tenant> PeerId for T {}
 
 /// Tells the kernel about a peer: `Some(t)`: refuse the pod's connect()s to it until `t`
 /// (CLOCK_MONOTONIC ns); `None`: stop refusing them now (a reload lifts every verdict).

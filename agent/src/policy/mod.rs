@@ -77,6 +77,7 @@ mod peer;
 pub mod peer_policy;
 pub mod shares;
 pub mod table;
+mod table_index;
 pub mod timeouts;
 pub mod token_bucket;
 
@@ -87,7 +88,7 @@ pub use breaker::{BreakerState, BreakerTransition, ConnectFailure};
 pub use clock::{Clock, Nanos};
 pub use concurrency::Ticket;
 pub use decision::{Decision, Lease, PeerView, RejectReason};
-pub use key::{Direction, PeerKey};
+pub use key::{Direction, PeerKey, Tenant};
 pub use peer_policy::PeerPolicy;
 pub use table::{PeerTable, PolicySource};
 pub use timeouts::Timeouts;

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use sockmesh_common::peer::agent_counter;
+use sockmesh_common::peer::{agent_counter, pod_refusal};
 use tokio_util::sync::CancellationToken;
 
 use super::{recorder::Recorder, refusals::Refusals};
@@ -94,6 +94,9 @@ impl Observer {
             if !st.sink.update(*key, |v| delta.apply_to(v), stamp) {
                 failed += 1;
             }
+        }
+        for (cookie, n) in self.admission.with_table(|t| t.take_evictions()) {
+            self.refusals.add(cookie, pod_refusal::PEERS_EVICTED, n);
         }
         for (cookie, adds) in self.refusals.drain() {
             st.sink.add_pod_refused(cookie, &adds);

@@ -57,7 +57,6 @@ impl Refusals {
 
     /// Counts for a pod by cookie (for counters that arrive keyed by cookie, like the policy
     /// table's evictions).
-    #[cfg(test)]
     pub fn add(&self, netns_cookie: u64, what: usize, n: u64) {
         if n > 0 {
             self.pod(netns_cookie).add(what, n);
