@@ -274,3 +274,67 @@ fn a_dns_flood_is_held_to_the_pods_rate_and_the_victims_queries_are_answered() {
     still_serving(&agent, &c);
     let _ = &c.cluster;
 }
+
+/// The victim's row for `peer` in `sockmesh peers --json`.
+fn victim_row(agent: &Agent, victim: &Pod, peer: SocketAddr) -> Value {
+    let cookie = victim.netns_cookie().expect("cookie").to_string();
+    let peers = agent
+        .read_json("peers", &["--pod", &cookie])
+        .expect("sockmesh peers");
+    common::find_peer(&peers, &peer.to_string())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_hundred_thousand_peers_churn_only_the_hostile_pods_own_policy_state() {
+    let c = cast();
+    let dead = c.server.addr4(7000);
+    // A breaker that stays open for the whole test: the state the churn must not evict.
+    let (agent, _) = start_agent(&c, &["--breaker-open", "5m"]);
+    for _ in 0..5 {
+        let _ = tcp_connect(&c.victim, dead, T);
+    }
+    let open = |agent: &Agent| victim_row(agent, &c.victim, dead)["breaker"] == "open";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !open(&agent) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(open(&agent), "{}", victim_row(&agent, &c.victim, dead));
+    let dst = c.server.addr4(8080);
+    let quiet = connect_probes(&c.victim, dst, PROBES);
+
+    // 100,000 distinct peers, every one refused at once (nothing listens on those ports).
+    let spec = format!(
+        "{}:10000-59999;[{}]:10000-59999",
+        c.server.ip4(),
+        c.server.ip6()
+    );
+    let attack = Attack::start(&c.hostile, &["peers", "4", &spec]);
+    let attacked = connect_probes(&c.victim, dst, PROBES);
+    let r = attack.report(Duration::from_secs(170));
+    eprintln!("[shares] hostile peers: {r}");
+    report_and_check("connect+echo, 100k peers churned", &quiet, &attacked);
+    assert_eq!(r["peers"].as_u64(), Some(100_000));
+
+    // The victim's open breaker is still there, in the agent and in the kernel.
+    assert!(open(&agent), "{}", victim_row(&agent, &c.victim, dead));
+    let e = tcp_connect(&c.victim, dead, T).expect_err("refused");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "fast reject: {e}"
+    );
+    // The churn evicted the hostile pod's own entries, counted against it, and no other.
+    let evicted = refused_until(&agent, &c.hostile, |r| {
+        r["peers_evicted"].as_u64() >= Some(100_000 - 16_384)
+    });
+    assert!(
+        evicted["peers_evicted"].as_u64() >= Some(100_000 - 16_384),
+        "{evicted}; agent: {}",
+        agent.stats().expect("stats")["agent"]
+    );
+    let v = refused(&agent, &c.victim);
+    assert_eq!(refused_total(&v), 0, "the victim lost nothing: {v}");
+    still_serving(&agent, &c);
+}
