@@ -1,10 +1,13 @@
 //! The running agent: what `sockmesh run` holds once everything is loaded, and one method per
 //! event the event loop handles (signals, bind events, pods leaving, the Kubernetes watch,
 //! policy reloads, a successor asking to take over).
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use sockmesh_common::peer;
+use sockmesh_common::{
+    peer::{self, pod_refusal},
+    Event,
+};
 use tokio::{
     net::TcpListener,
     signal::unix::{signal, Signal, SignalKind},
@@ -19,7 +22,7 @@ use super::{
     takeover,
 };
 use crate::{
-    admission::Admission,
+    admission::{Admission, ProxyClock},
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
@@ -36,7 +39,10 @@ use crate::{
         report::Report,
     },
     observe::{self, http::MetricsState},
-    policy::{Direction, PeerKey, PeerTable},
+    policy::{
+        bind_queue::{BindQueue, Pushed},
+        Clock, Direction, PeerKey, PeerTable,
+    },
     proxy::{
         shares::{ShareConfig, Shares},
         ProxyConfig, Shared,
@@ -97,6 +103,8 @@ pub struct Agent {
     control: Option<Control>,
     kube: Option<Controller>,
     ring: Option<Events>,
+    /// Bind/unbind events read from the ring, waiting for their pod's share.
+    binds: BindQueue<Event>,
 }
 
 impl Agent {
@@ -255,11 +263,13 @@ impl Agent {
             control,
             kube,
             ring,
+            binds: BindQueue::new(shares.pod_bind_events),
         })
     }
 
     /// The event loop: runs until a signal stops the agent or a successor took over.
     pub async fn serve(&mut self, sig: &mut Signals) -> Exit {
+        let clock = self.shared.admission.clock();
         loop {
             // While a successor is being answered, its snapshot of the inbound listeners must
             // stay true: bind events wait in the ring (for the successor, or for this agent if
@@ -268,10 +278,14 @@ impl Agent {
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return Exit::Stop; }
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
-                evs = next_events(self.ring.as_mut()), if !handing_over => {
-                    for ev in evs { self.pods.on_event(ev).await; }
-                }
+                evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
+                ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev).await,
                 step = next_step(self.control.as_mut()) => {
+                    if matches!(step, Step::Asked(_)) {
+                        // The successor's snapshot of the listeners must include every bind
+                        // already read from the ring.
+                        for (_, ev) in self.binds.drain_all() { self.pods.on_event(ev).await; }
+                    }
                     if let Some(exit) = self.on_control(step) { return exit; }
                 }
                 Some(g) = self.gone_rx.recv() => self.on_pod_gone(g),
@@ -280,6 +294,27 @@ impl Agent {
                 _ = sig.usr1.recv() => self.status(),
                 r = policy_changed(self.watcher.as_mut()) => self.on_policy_file(r),
             }
+        }
+    }
+
+    /// Events read from the ring join their pod's queue (coalesced by port, applied at the
+    /// pod's `--pod-bind-events` rate by [`next_bind`]); what waits or is dropped is counted
+    /// against the pod.
+    fn on_bind_events(&mut self, evs: Vec<Event>) {
+        let now = self.shared.admission.clock().now();
+        // Counted once per pod and kind for the whole batch: a flood arrives in big ones.
+        let mut counts: HashMap<(u64, usize), u64> = HashMap::new();
+        for ev in evs {
+            let port = u32::from(ev.port) | u32::from(ev.family) << 16;
+            let counted = match self.binds.push(now, ev.netns_cookie, port, ev) {
+                Pushed::Ready => continue,
+                Pushed::Deferred => pod_refusal::BIND_DEFERRED,
+                Pushed::Dropped => pod_refusal::BIND_DROPPED,
+            };
+            *counts.entry((ev.netns_cookie, counted)).or_default() += 1;
+        }
+        for ((cookie, what), n) in counts {
+            self.observer.refusals.add(cookie, what, n);
         }
     }
 
@@ -372,6 +407,7 @@ impl Agent {
             "sockets_pooled": crate::proxy::upstream::pooled(),
             "conns_held": self.shared.shares.conns_held(),
             "dns_inflight": self.shared.shares.dns_held(),
+            "binds_pending": self.binds.pending(),
             "kernel_relay_active": maps.relay.as_ref().map(|r| r.active()),
             "kernel_relay_armed": maps.relay.as_ref().map(|r| r.armed()),
         }));
@@ -414,6 +450,22 @@ fn serve_metrics(l: std::net::TcpListener, state: &Arc<MetricsState>, shared: &S
             events::emit(serde_json::json!({ "event": "metrics_listening", "addr": addr }));
         }
         Err(e) => warn!(error = %e, "cannot serve metrics"),
+    }
+}
+
+/// The next bind/unbind event a pod may have applied now, waiting (on a timer, not polling)
+/// for the first pod's next token while every waiting pod is out of them. Cancel-safe: an
+/// event leaves the queue only in the poll that returns it.
+async fn next_bind(q: &mut BindQueue<Event>, clock: ProxyClock) -> Event {
+    loop {
+        let now = clock.now();
+        if let Some((_, ev)) = q.pop(now) {
+            return ev;
+        }
+        match q.next_due(now) {
+            Some(t) => tokio::time::sleep_until(clock.instant(t)).await,
+            None => std::future::pending().await,
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
 //! | [`table`] | [`PeerTable`]: per-peer state, bounded LRU, composition, counters |
+//! | [`bind_queue`] | per-pod queues of bind/unbind events, coalesced by port and applied at each pod's rate, round robin |
 //! | [`shares`] | per-pod and node-wide caps on what pods share (connections, DNS queries in flight), with a fair share kept for every pod |
 //!
 //! Where a peer's [`PeerPolicy`] comes from (flags, the policy file, reload) is the
@@ -68,6 +69,7 @@
 //! (SERVFAIL when the upstream does not answer in time); per-pod DNS caps are the proxy's.
 
 pub mod adaptive;
+pub mod bind_queue;
 pub mod breaker;
 pub mod clock;
 pub mod concurrency;
