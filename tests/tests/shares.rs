@@ -338,3 +338,68 @@ fn a_hundred_thousand_peers_churn_only_the_hostile_pods_own_policy_state() {
     assert_eq!(refused_total(&v), 0, "the victim lost nothing: {v}");
     still_serving(&agent, &c);
 }
+
+#[test]
+fn a_bind_close_loop_is_held_to_the_pods_share_and_the_victims_binds_open_at_once() {
+    let c = cast();
+    let (agent, _) = start_agent(&c, &[]);
+    let victim_cookie = c.victim.netns_cookie().expect("cookie");
+    let listening = |port: u16| {
+        move |v: &Value| {
+            v["event"] == "inbound_listening"
+                && v["netns_cookie"].as_u64() == Some(victim_cookie)
+                && v["port"].as_u64() == Some(u64::from(port))
+        }
+    };
+    let _app = TcpServer::start(&c.victim, "0.0.0.0:8080".parse().expect("addr")).expect("app");
+    agent
+        .wait_event(listening(8080), T)
+        .expect("victim's inbound listener");
+    let dst = c.victim.addr4(8080);
+    let quiet = inbound_probes(&c.server, dst, PROBES);
+
+    // Binds and closes on 50 ports as fast as it can.
+    let loops = [Attack::start(&c.hostile, &["binds", "20000", "50", "6"])];
+    let cpu0 = cpu_time(&agent);
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "[shares] agent CPU in 500 ms of the loop: {:?}",
+        cpu_time(&agent) - cpu0
+    );
+    // A new bind of the victim gets its listener at once, the hostile pod's backlog of
+    // changes notwithstanding.
+    let asked = Instant::now();
+    let _app2 = TcpServer::start(&c.victim, "0.0.0.0:8081".parse().expect("addr")).expect("app");
+    agent
+        .wait_event(listening(8081), T)
+        .expect("the victim's new bind is served");
+    let opened = asked.elapsed();
+    let attacked = inbound_probes(&c.server, dst, PROBES);
+    let mut binds = 0;
+    for l in &loops {
+        binds += l.report(Duration::from_secs(30))["binds"]
+            .as_u64()
+            .expect("binds");
+    }
+    report_and_check("inbound connect+echo, bind/close loop", &quiet, &attacked);
+    eprintln!("[shares] bind/close loop: {binds} binds; victim's new listener after {opened:?}");
+    assert!(opened < Duration::from_secs(1), "{opened:?}");
+    let mut probe = tcp_connect(&c.server, c.victim.addr4(8081), T).expect("new listener");
+    tcp_echo_roundtrip(&mut probe.stream, b"8081").expect("echo");
+
+    // The hostile pod's changes waited for its rate, counted against it; the victim lost none.
+    let r = refused_until(&agent, &c.hostile, |r| {
+        r["bind_deferred"].as_u64() > Some(0)
+    });
+    eprintln!("[shares] hostile refusals: {r}");
+    assert!(
+        r["bind_deferred"].as_u64() > Some(binds / 2),
+        "{r} of {binds} binds"
+    );
+    let v = refused(&agent, &c.victim);
+    assert_eq!(refused_total(&v), 0, "{v}");
+    assert_eq!(common::counter(&agent, &c.victim, "event_lost"), 0);
+    // At most one change per port waits: the backlog drains at the pod's rate.
+    assert!(status(&agent)["binds_pending"].as_u64() <= Some(100));
+    still_serving(&agent, &c);
+}

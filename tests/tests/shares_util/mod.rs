@@ -101,6 +101,15 @@ impl Probes {
 /// connect() to the end of its first echo round trip: what an app waits before its first
 /// answer, which covers the agent's accept, admission and upstream connect.
 pub fn connect_probes(pod: &Pod, dst: SocketAddr, n: usize) -> Probes {
+    probes(pod, dst, n, true)
+}
+
+/// [`connect_probes`] from a pod that is not enrolled, to an enrolled pod's app (inbound).
+pub fn inbound_probes(client: &Pod, dst: SocketAddr, n: usize) -> Probes {
+    probes(client, dst, n, false)
+}
+
+fn probes(pod: &Pod, dst: SocketAddr, n: usize, outbound: bool) -> Probes {
     let mut p = Probes::default();
     for i in 0..n {
         let start = Instant::now();
@@ -109,7 +118,7 @@ pub fn connect_probes(pod: &Pod, dst: SocketAddr, n: usize) -> Probes {
             .and_then(|mut c| {
                 tcp_echo_roundtrip(&mut c.stream, format!("probe {i}").as_bytes())
                     .map_err(|e| format!("echo: {e:#}"))?;
-                Ok(c.local.ip().is_loopback())
+                Ok(!outbound || c.local.ip().is_loopback())
             });
         match r {
             Ok(true) => p.times.push(start.elapsed()),
