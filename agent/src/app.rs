@@ -100,8 +100,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
 
-    // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
-    let metrics = args.metrics_addr.0.map(observe::http::bind).transpose()?;
+    // A taken metrics or health port is a bad flag: refuse it before anything is loaded.
+    let metrics = (args.metrics_addr.0)
+        .map(|a| observe::http::bind(a, "--metrics-addr"))
+        .transpose()?;
+    let health = (args.health_addr.0)
+        .map(|a| observe::http::bind(a, "--health-addr"))
+        .transpose()?;
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("sockmesh");
@@ -126,6 +131,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             node,
             template,
             metrics,
+            health,
         };
         let mut agent = Agent::start(args, setup).await?;
         let exit = agent.serve(&mut signals).await;

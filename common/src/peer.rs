@@ -238,12 +238,18 @@ pub mod agent_counter {
     pub const FLUSHES: usize = 2;
     /// Per-peer policy entries evicted from the policy table to make room (`--max-peers`).
     pub const POLICY_PEERS_EVICTED: usize = 3;
+    /// Connections to the metrics or health listener closed at once: every slot was taken.
+    pub const HTTP_REFUSED: usize = 4;
+    /// Connections to the metrics or health listener closed at their maximum lifetime.
+    pub const HTTP_EXPIRED: usize = 5;
     pub const COUNT: usize = 8;
-    pub const NAMES: [&str; 4] = [
+    pub const NAMES: [&str; 6] = [
         "peer_state_dropped",
         "peer_state_write_failed",
         "flushes",
         "policy_peers_evicted",
+        "http_refused",
+        "http_expired",
     ];
 }
 

@@ -9,7 +9,6 @@ use sockmesh_common::{
     Event,
 };
 use tokio::{
-    net::TcpListener,
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
@@ -38,7 +37,10 @@ use crate::{
         controller::{Controller, Input},
         report::Report,
     },
-    observe::{self, http::MetricsState},
+    observe::{
+        self,
+        http::{Endpoints, MetricsState},
+    },
     policy::{
         bind_queue::{BindQueue, Pushed},
         Clock, Direction, PeerKey, PeerTable,
@@ -69,6 +71,8 @@ pub struct Setup {
     pub node: Option<String>,
     pub template: PodTemplate,
     pub metrics: Option<std::net::TcpListener>,
+    /// `--health-addr`: /healthz and /readyz only.
+    pub health: Option<std::net::TcpListener>,
 }
 
 /// The signals the agent answers.
@@ -103,6 +107,8 @@ pub struct Agent {
     control: Option<Control>,
     kube: Option<Controller>,
     ring: Option<Events>,
+    /// The thread serving /metrics, /healthz and /readyz (off the proxy's runtime).
+    http: Option<std::thread::JoinHandle<()>>,
     /// Bind/unbind events read from the ring, waiting for their pod's share.
     binds: BindQueue<Event>,
 }
@@ -120,6 +126,7 @@ impl Agent {
             node,
             template,
             metrics,
+            health,
         } = setup;
         let watcher = match policy.path() {
             Some(p) => {
@@ -179,10 +186,9 @@ impl Agent {
             top_peers: args.metrics_top_peers,
             observer: observer.clone(),
             ready: false.into(),
+            last: Default::default(),
         });
-        if let Some(l) = metrics {
-            serve_metrics(l, &metrics_state, &shared);
-        }
+        let http = serve_http(metrics, health, &metrics_state, &shared);
         // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
         if let Some(hb) = dp.take_heartbeat() {
             let period = heartbeat::period(args.fail_open_after.0);
@@ -263,6 +269,7 @@ impl Agent {
             control,
             kube,
             ring,
+            http,
             binds: BindQueue::new(shares.pod_bind_events),
         })
     }
@@ -425,6 +432,7 @@ impl Agent {
             control,
             kube,
             ring,
+            http,
             ..
         } = self;
         drop(kube);
@@ -432,24 +440,47 @@ impl Agent {
         drop(ring);
         metrics.set_ready(false);
         stop(dp, &shared, &observer, &mut pods, grace, exit).await;
+        // The cancel token that stopped the proxies ended the HTTP thread's loops too.
+        if let Some(h) = http {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
         events::emit(serde_json::json!({ "event": "stopped" }));
     }
 }
 
-fn serve_metrics(l: std::net::TcpListener, state: &Arc<MetricsState>, shared: &Shared) {
-    match TcpListener::from_std(l) {
-        Ok(l) => {
-            let addr = l.local_addr().ok();
-            shared.tasks.spawn(observe::http::serve(
-                l,
-                state.clone(),
-                shared.cancel.clone(),
-                shared.tasks.clone(),
-            ));
-            info!(addr = ?addr, "metrics endpoint listening");
-            events::emit(serde_json::json!({ "event": "metrics_listening", "addr": addr }));
+/// Starts the HTTP thread for the metrics and health listeners (if any) and announces them.
+fn serve_http(
+    metrics: Option<std::net::TcpListener>,
+    health: Option<std::net::TcpListener>,
+    state: &Arc<MetricsState>,
+    shared: &Shared,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut listeners = Vec::new();
+    let mut announce = Vec::new();
+    for (l, what, event) in [
+        (metrics, Endpoints::All, "metrics_listening"),
+        (health, Endpoints::Health, "health_listening"),
+    ] {
+        if let Some(l) = l {
+            announce.push((event, l.local_addr().ok()));
+            listeners.push((l, what));
         }
-        Err(e) => warn!(error = %e, "cannot serve metrics"),
+    }
+    if listeners.is_empty() {
+        return None;
+    }
+    match observe::http::spawn(listeners, state.clone(), shared.cancel.clone()) {
+        Ok(h) => {
+            for (event, addr) in announce {
+                info!(addr = ?addr, event, "HTTP endpoint listening");
+                events::emit(serde_json::json!({ "event": event, "addr": addr }));
+            }
+            Some(h)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot serve metrics or health");
+            None
+        }
     }
 }
 

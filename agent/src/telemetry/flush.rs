@@ -2,7 +2,10 @@
 //! scrape (so a scrape is exact), and once more at shutdown after the connections drained (so
 //! the figures are exact after the agent exits).
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -22,6 +25,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Observer {
     pub recorder: Arc<Recorder>,
+    /// Agent-wide events counted outside a flush (`agent_counter` indexes), added at the next.
+    agent_events: [AtomicU64; agent_counter::COUNT],
     /// What each pod's caps and shares refused.
     pub refusals: Arc<Refusals>,
     admission: Arc<Admission<PeerKey>>,
@@ -41,6 +46,7 @@ impl Observer {
     pub fn new(recorder: Arc<Recorder>, admission: Arc<Admission<PeerKey>>, sink: Sink) -> Self {
         Observer {
             recorder,
+            agent_events: Default::default(),
             refusals: Arc::default(),
             admission,
             sink: Mutex::new(FlushState {
@@ -75,6 +81,13 @@ impl Observer {
         );
     }
 
+    /// Counts one agent-wide event (an `agent_counter` index); written at the next flush.
+    pub fn count(&self, what: usize) {
+        if let Some(c) = self.agent_events.get(what) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
         lock(&self.sink)
     }
@@ -104,11 +117,14 @@ impl Observer {
         let evicted = self.admission.with_table(|t| t.counters().evicted);
         let evicted_delta = evicted.saturating_sub(st.evicted_seen);
         st.evicted_seen = evicted;
+        let taken = |i: usize| (i, self.agent_events[i].swap(0, Ordering::Relaxed));
         st.sink.add_agent(&[
             (agent_counter::FLUSHES, 1),
             (agent_counter::PEER_STATE_DROPPED, dropped),
             (agent_counter::PEER_STATE_WRITE_FAILED, failed),
             (agent_counter::POLICY_PEERS_EVICTED, evicted_delta),
+            taken(agent_counter::HTTP_REFUSED),
+            taken(agent_counter::HTTP_EXPIRED),
         ]);
     }
 }
