@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shares_util::*;
+use sockmesh_tests::prom;
 use sockmesh_tests::*;
 
 /// Victim probes per series: enough for a p99 that is not just the maximum of a handful.
@@ -402,4 +403,126 @@ fn a_bind_close_loop_is_held_to_the_pods_share_and_the_victims_binds_open_at_onc
     // At most one change per port waits: the backlog drains at the pod's rate.
     assert!(status(&agent)["binds_pending"].as_u64() <= Some(100));
     still_serving(&agent, &c);
+}
+
+#[test]
+fn slow_metrics_clients_delay_neither_proxying_nor_the_heartbeat() {
+    let c = cast();
+    let (agent, _) = start_agent(
+        &c,
+        &["--health-addr", "127.0.0.1:0", "--fail-open-after", "500ms"],
+    );
+    let metrics = agent.metrics_addr().expect("metrics address");
+    let health: SocketAddr = agent
+        .wait_event_named("health_listening", T)
+        .expect("health listener")["addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("health address");
+    let dst = c.server.addr4(8080);
+    let quiet = connect_probes(&c.victim, dst, PROBES);
+    let fds_before = fds(&agent);
+
+    // 200 connections: half trickle a request head a byte at a time, half ask for /metrics
+    // and never read the answer; and one client scrapes as fast as it can.
+    let mut slow = Vec::new();
+    for i in 0..200 {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&metrics, T) else {
+            continue;
+        };
+        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+        if i % 2 == 0 {
+            send(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+        } else {
+            for _ in 0..50 {
+                send(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            }
+        }
+        slow.push(s);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (attacked, scrapes, healthy) = std::thread::scope(|sc| {
+        // Another client (another address) scraping as fast as it can: answered, at most one
+        // render per 250 ms.
+        let hammer = sc.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += u32::from(scrape_from([127, 0, 0, 2], metrics));
+            }
+            n
+        });
+        let trickle = sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in slow.iter_mut().step_by(2) {
+                    send(s, b"X");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        // Three seconds of it: the heartbeat (every 125 ms here) must not miss a beat.
+        let mut attacked = connect_probes(&c.victim, dst, PROBES);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let more = connect_probes(&c.victim, dst, 20);
+            attacked.times.extend(more.times);
+            attacked.failures.extend(more.failures);
+        }
+        // The node's probe keeps answering at once on its own listener.
+        let t0 = Instant::now();
+        let healthy = prom::http_get(health, "/healthz").map(|(s, _)| s);
+        let took = t0.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        trickle.join().expect("trickle");
+        (attacked, hammer.join().expect("hammer"), (healthy, took))
+    });
+    report_and_check("connect+echo, slow /metrics clients", &quiet, &attacked);
+    assert!(scrapes > 0, "another client's scrapes were answered");
+    eprintln!(
+        "[shares] /metrics: 200 slow clients, {scrapes} fast scrapes answered; /healthz {:?} in {:?}; agent fds {} -> {}",
+        healthy.0,
+        healthy.1,
+        fds_before,
+        fds(&agent)
+    );
+    assert_eq!(healthy.0.ok(), Some(200));
+    assert!(healthy.1 < Duration::from_secs(1), "{:?}", healthy.1);
+    // Bounded: the slow client held at most its 8 slots, and the rest were refused, counted.
+    assert!(fds(&agent) <= fds_before + 8 + 4, "{} fds", fds(&agent));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let n = agent.stats().expect("stats")["agent"]["http_refused"].as_u64();
+        if n > Some(100) || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(refused > Some(100), "http_refused {refused:?}");
+    // The metrics listener at the node address publishes /healthz and /readyz only.
+    assert_eq!(prom::http_get(health, "/metrics").expect("get").0, 404);
+    assert_eq!(prom::http_get(health, "/readyz").expect("get").0, 200);
+    drop(slow);
+    still_serving(&agent, &c);
+}
+
+/// One GET /metrics from source address `from` (any 127.x is this host's loopback): whether
+/// it was answered 200.
+fn scrape_from(from: [u8; 4], to: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
+    let Ok(s) = s else { return false };
+    if s.bind(&SocketAddr::from((from, 0)).into()).is_err()
+        || s.connect_timeout(&to.into(), T).is_err()
+    {
+        return false;
+    }
+    let mut s: std::net::TcpStream = s.into();
+    let _ = s.set_read_timeout(Some(T));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
 }
