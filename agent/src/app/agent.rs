@@ -236,7 +236,10 @@ impl Agent {
                 let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
                 let resolver = Resolver::new(&args.kube.proc_root);
                 info!(%node, "watching this node's pods in the Kubernetes API");
-                Some(Controller::new(client, node, resolver, report, template))
+                let allowed = args.kube.allow.clone();
+                Some(Controller::new(
+                    client, node, resolver, report, template, allowed,
+                ))
             }
             _ => None,
         };
