@@ -22,7 +22,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The next connection on `listener` that `pod` may have proxied, with its slot; `None` once
-/// `stop` fires. `what` names the listener in logs.
+/// `stop` fires. `what` is `outbound` or `inbound`: which of the pod's shares, and the
+/// listener's name in logs.
 pub async fn next(
     listener: &TcpListener,
     pod: &PodCtx,
@@ -37,7 +38,7 @@ pub async fn next(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((client, peer)) => match shared.shares.conn(pod.cookie) {
+            Ok((client, peer)) => match shared.shares.conn(pod.cookie, what == "inbound") {
                 Ok(slot) => return Some((client, peer, slot)),
                 Err(why) => {
                     pod.refusals.count(conn_refusal(why));

@@ -25,7 +25,7 @@ pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
     // with the rest) without waiting for more; the caps still apply.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     while let std::task::Poll::Ready(Ok((client, _))) = listener.poll_accept(&mut cx) {
-        match shared.shares.conn(pod.cookie) {
+        match shared.shares.conn(pod.cookie, false) {
             Ok(slot) => spawn(client, slot),
             Err(why) => {
                 pod.refusals.count(super::shares::conn_refusal(why));

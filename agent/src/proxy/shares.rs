@@ -38,10 +38,10 @@ pub struct ShareArgs {
     #[arg(long, env = "SOCKMESH_MAX_CONNS", value_name = "COUNT|auto",
           default_value = "auto", value_parser = count_or_auto)]
     pub max_conns: CountOrAuto,
-    /// Proxied connections (outbound and inbound, waiting or relaying) one pod holds at once;
-    /// past it a new connection of that pod is reset at once. Near --max-conns a pod holding
-    /// its fair share (--max-conns / pods) is refused too, so the last eighth of the node's
-    /// connections stays for pods under their share.
+    /// Proxied connections (waiting or relaying) one pod holds at once, outbound and inbound
+    /// each; past it a new connection of that pod is reset at once. Near --max-conns a pod
+    /// holding its fair share is refused too, so the last eighth of the node's connections
+    /// stays for pods under their share.
     #[arg(long, env = "SOCKMESH_POD_MAX_CONNS", value_name = "COUNT",
           default_value = "1024", value_parser = count)]
     pub pod_max_conns: u32,
@@ -202,9 +202,11 @@ impl Shares {
         })
     }
 
-    /// A proxied connection's slot for the pod with netns cookie `pod`.
-    pub fn conn(self: &Arc<Self>, pod: u64) -> Result<Slot, ShareRefusal> {
-        self.take(Kind::Conn, pod)
+    /// A proxied connection's slot for the pod with netns cookie `pod`, in its share of
+    /// `inbound` or outbound connections: the two are capped apart, so clients flooding a
+    /// pod's service cannot take the connections the pod itself makes.
+    pub fn conn(self: &Arc<Self>, pod: u64, inbound: bool) -> Result<Slot, ShareRefusal> {
+        self.take(Kind::Conn, pod << 1 | u64::from(inbound))
     }
 
     /// A slot in a peer's queue; held while the connection waits.
@@ -217,11 +219,11 @@ impl Shares {
         self.take(Kind::Dns, pod)
     }
 
-    /// Enrolled pods: each one's fair share of the node's caps is 1/pods of them.
+    /// Enrolled pods: each one's fair share of the node's caps is 1/pods of them (of the
+    /// connections, per direction).
     pub fn set_pods(&self, pods: usize) {
-        for t in [&self.conns, &self.dns] {
-            lock(t).set_pods(pods);
-        }
+        lock(&self.conns).set_pods(2 * pods);
+        lock(&self.dns).set_pods(pods);
     }
 
     /// Resolves once a connection or DNS slot is given back (register before checking, so
@@ -306,12 +308,14 @@ mod tests {
     #[tokio::test]
     async fn slots_are_given_back_on_drop_and_wake_waiters() {
         let s = Shares::new(parse(&["--pod-max-conns", "1"]).expect("p").config(20_000));
-        let a = s.conn(1).expect("first");
-        assert_eq!(s.conn(1).err(), Some(ShareRefusal::PodCap));
+        let a = s.conn(1, false).expect("first");
+        assert_eq!(s.conn(1, false).err(), Some(ShareRefusal::PodCap));
+        let inbound = s.conn(1, true).expect("inbound has a cap of its own");
         let freed = s.freed();
         drop(a);
         freed.await;
-        let _b = s.conn(1).expect("given back");
-        assert_eq!(s.conns_held(), 1);
+        let _b = s.conn(1, false).expect("given back");
+        assert_eq!(s.conns_held(), 2);
+        drop(inbound);
     }
 }
