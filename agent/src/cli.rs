@@ -68,7 +68,10 @@ pub struct RunArgs {
     /// Port of the DNS listener inside each pod (127.0.0.1 and ::1, UDP).
     #[arg(long, env = "SOCKMESH_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
-    /// SO_MARK carried by the agent's own sockets, which the programs never redirect.
+    /// SO_MARK put on the agent's own sockets, for your routing and firewall rules (e.g. to
+    /// exempt the agent's traffic from an iptables REDIRECT). The programs do not trust it: a
+    /// pod may set any mark, this one too, and is captured all the same; they know the
+    /// agent's sockets by the cookies it registers.
     #[arg(long, env = "SOCKMESH_MARK", default_value = "0x534d", value_parser = parse_mark)]
     pub mark: u32,
     /// Outbound ports never captured, for every pod (e.g. `22,8000-8100`).

@@ -15,7 +15,8 @@ extern crate std;
 
 /// Bumped whenever a layout or map name below (or in [`peer`]) changes.
 /// 2: per-peer maps (`SM_PEER_STATS`, `SM_PEER_STATE`), pod metadata, agent counters.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: the agent's own sockets by cookie (`SM_AGENT_SOCKS`) instead of by SO_MARK.
+pub const SCHEMA_VERSION: u32 = 3;
 
 pub mod peer;
 
@@ -32,7 +33,9 @@ pub mod map_names {
     pub const EVENTS: &str = "SM_EVENTS";
     /// Fast-reject verdicts (breaker open or rate bucket empty), see [`crate::VerdictKey`].
     pub const VERDICTS: &str = "SM_VERDICTS";
-    pub const ALL: [&str; 10] = [
+    /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
+    pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
+    pub const ALL: [&str; 11] = [
         CONFIG,
         PODS,
         POD_STATS,
@@ -43,6 +46,7 @@ pub mod map_names {
         INBOUND_BINDS,
         EVENTS,
         VERDICTS,
+        AGENT_SOCKETS,
     ];
 }
 
@@ -105,6 +109,10 @@ pub mod map_sizes {
     pub const INBOUND_BINDS: u32 = 16384;
     pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// The agent's live sockets (`SM_AGENT_SOCKS`): listeners, spare and connected upstream
+    /// sockets, DNS upstream sockets. Above the agent's open-file limit in practice; the map
+    /// is not preallocated, so this costs memory only for what is registered.
+    pub const AGENT_SOCKETS: u32 = 262_144;
 }
 
 /// Address family as stored in [`SockAddr::family`] (values of `AF_INET` / `AF_INET6`).
@@ -146,7 +154,10 @@ impl SockAddr {
 pub struct GlobalConfig {
     /// Layout version of every map; programs do nothing unless it equals [`SCHEMA_VERSION`].
     pub schema_version: u32,
-    /// SO_MARK carried by every socket the agent owns; such sockets are never redirected.
+    /// SO_MARK the agent puts on its sockets (`--mark`), for the operator's routing and
+    /// firewall rules. The programs do **not** read it: any pod process with CAP_NET_RAW can
+    /// set any mark, so it says nothing about who owns a socket. They know the agent's
+    /// sockets by cookie (`SM_AGENT_SOCKS`).
     pub agent_mark: u32,
     /// Ports of the in-pod listeners, host order.
     pub outbound_port: u16,
@@ -169,6 +180,21 @@ impl GlobalConfig {
             && now_ns > self.heartbeat_ns
             && now_ns - self.heartbeat_ns > self.fail_open_after_ns
     }
+}
+
+/// Value of `SM_AGENT_SOCKS[socket cookie]`: a socket the agent made (and registered before
+/// using it), which no program captures. Socket cookies are assigned by the kernel, 64-bit,
+/// and never reused before a reboot; only the agent (CAP_BPF, access to the pin directory)
+/// writes this map, and `sock_release` deletes the entry when the socket goes. So a pod can
+/// neither forge nor inherit the identity, unlike a SO_MARK, which any process with
+/// CAP_NET_RAW may set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentSocket {
+    /// Process id of the agent that registered the socket (two run at once during a
+    /// `--takeover`), for readers such as `bpftool map dump`; the programs only test presence.
+    pub pid: u32,
+    pub _pad: u32,
 }
 
 /// One inclusive port range, host order. `lo == 0 && hi == 0` is an unused slot.
@@ -445,6 +471,7 @@ mod user {
     unsafe impl aya::Pod for SocketEntry {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for AgentSocket {}
     unsafe impl aya::Pod for super::relay::RelayPeer {}
 }
 
@@ -467,6 +494,7 @@ mod tests {
         assert_eq!(size_of::<SocketEntry>(), 28);
         assert_eq!(size_of::<super::relay::RelayPeer>(), 16);
         assert_eq!(size_of::<VerdictKey>(), 32);
+        assert_eq!(size_of::<AgentSocket>(), 8);
         assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
     }
 

@@ -56,8 +56,9 @@ pub struct Captured {
 }
 
 /// Whether the socket of `ctx` may be captured for `target`, in this order:
-/// - the agent runs this schema, the socket is not the agent's own (its SO_MARK), and its
-///   network namespace is an enrolled pod (`pod_for`);
+/// - the agent runs this schema, the socket's network namespace is an enrolled pod, and the
+///   socket is not one the agent registered as its own (`pod_for`); its SO_MARK plays no
+///   part: a pod may set any mark, the agent's too, and is captured all the same;
 /// - the pod has this capture turned on;
 /// - the pod does not exclude it: loopback destinations (counted `bypass_loopback`) and the
 ///   pod's outbound ports/CIDRs for connect and sendmsg, the pod's inbound ports for bind
@@ -67,8 +68,8 @@ pub struct Captured {
 /// Each check counts only when every check before it passed.
 #[inline(always)]
 pub fn capture(ctx: &SockAddrContext, target: Target) -> Option<Captured> {
+    let (netns, cfg, pod) = pod_for(ctx)?;
     let sk = Sock::of_sock_addr(ctx);
-    let (netns, cfg, pod) = pod_for(ctx, sk)?;
     if !pod.has(target.flag()) {
         return None;
     }

@@ -14,8 +14,8 @@ use crate::{
     addr::{read_ip6, sock_type, LOOPBACK4_BE, LOOPBACK6_BE},
     capture::{capture, Captured, Target},
     dns,
-    maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
-    util::{count, netns_cookie, socket_cookie, SOCK_STREAM},
+    maps::{AGENT_SOCKETS, EVENTS, INBOUND_BINDS, PODS, SOCKETS},
+    util::{count, is_agent_socket, netns_cookie, socket_cookie, SOCK_STREAM},
 };
 
 #[cgroup_sock_addr(bind4)]
@@ -122,12 +122,19 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 /// everything needed is in its `SM_SOCKETS` entry.)
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
+    let cookie = socket_cookie(&ctx);
+    // Before the pod check: the agent's sockets outlive a pod's enrolment (connections
+    // finishing after it left), and their entries must go with them all the same. The agent's
+    // sockets are never captured, so there is nothing else to undo.
+    if is_agent_socket(cookie) {
+        let _ = AGENT_SOCKETS.remove(&cookie);
+        return 1;
+    }
     let netns = netns_cookie(&ctx);
     // Only whether the pod is enrolled: the value is not read.
     if PODS.get_ptr(&netns).is_none() {
         return 1;
     }
-    let cookie = socket_cookie(&ctx);
     // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
     // integers, valid for any bytes. It is this socket's own entry (keyed by its cookie), and
     // release is the socket's last hook, so none of its hooks rewrites it meanwhile; were the

@@ -1,6 +1,7 @@
 //! sockmesh kernel programs. All are attached once at the cgroup2 root (multi-attach links)
 //! and act only on sockets whose network namespace is enrolled in `SM_PODS`; every other
-//! socket, and every socket carrying the agent's SO_MARK, passes untouched.
+//! socket, and every socket the agent registered as its own (`SM_AGENT_SOCKS`, by cookie),
+//! passes untouched.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Every `unsafe` block says why it is sound (checked by `cargo +nightly clippy --target

@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod bpfmap;
+pub mod caps;
 pub mod cleanup;
 pub mod kubeapi;
 pub mod kubelet;

@@ -402,7 +402,10 @@ fn bad_metrics_address_and_unknown_schema_are_refused() {
     for what in ["stats", "peers", "pods"] {
         let e = read_json(dir.path(), what, &[]).expect_err("refused");
         assert!(
-            format!("{e:#}").contains("schema version 99, this sockmesh understands 2"),
+            format!("{e:#}").contains(&format!(
+                "schema version 99, this sockmesh understands {}",
+                sockmesh_common::SCHEMA_VERSION
+            )),
             "{what}: {e:#}"
         );
     }

@@ -3,6 +3,7 @@
 pub mod heartbeat;
 pub mod links;
 mod object;
+mod owned;
 pub mod preflight;
 pub mod relay;
 pub mod sink;
@@ -153,6 +154,8 @@ impl Datapath {
                 let _ = pods.remove(&k);
             }
         }
+        // Before any socket the programs could capture is made (upstream sockets come later).
+        owned::AgentSockets::install(&mut ebpf, takeover)?;
         let gc = GlobalConfig {
             schema_version: SCHEMA_VERSION,
             agent_mark: opts.mark,

@@ -1,5 +1,5 @@
 //! Operating-system primitives every layer above may use, and which use nothing of the agent:
-//! network namespaces and the threads that live in them, the agent's marked sockets, inotify,
+//! network namespaces and the threads that live in them, the agent's own sockets, inotify,
 //! clocks, capabilities, and the one way the agent takes a lock.
 pub mod caps;
 pub mod clock;
