@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// agent's sockets by the cookies it registers.
     #[arg(long, env = "SOCKMESH_MARK", default_value = "0x534d", value_parser = parse_mark)]
     pub mark: u32,
+    /// Refuse raw IP sockets in enrolled pods: `socket(AF_INET/AF_INET6, SOCK_RAW, ...)`
+    /// fails with EPERM, counted per pod as `raw_denied`. Packet sockets (AF_PACKET) cannot
+    /// be refused this way (see the README).
+    #[arg(long, env = "SOCKMESH_DENY_RAW_SOCKETS")]
+    pub deny_raw_sockets: bool,
     /// Outbound ports never captured, for every pod (e.g. `22,8000-8100`).
     #[arg(long, env = "SOCKMESH_EXCLUDE_OUTBOUND_PORTS", value_parser = PortRangeSpec::parse, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<PortRangeSpec>,

@@ -15,7 +15,8 @@ extern crate std;
 
 /// Bumped whenever a layout or map name below (or in [`peer`]) changes.
 /// 2: per-peer maps (`SM_PEER_STATS`, `SM_PEER_STATE`), pod metadata, agent counters.
-/// 3: the agent's own sockets by cookie (`SM_AGENT_SOCKS`) instead of by SO_MARK.
+/// 3: the agent's own sockets by cookie (`SM_AGENT_SOCKS`) instead of by SO_MARK,
+/// `GlobalConfig::flags` (was padding), the `raw_denied` counter.
 pub const SCHEMA_VERSION: u32 = 3;
 
 pub mod peer;
@@ -99,6 +100,8 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "sm_sock_ops";
     pub const GETSOCKOPT: &str = "sm_getsockopt";
     pub const SOCK_RELEASE: &str = "sm_sock_release";
+    /// Attached only with `--deny-raw-sockets`.
+    pub const SOCK_CREATE: &str = "sm_sock_create";
 }
 
 /// Map sizes. LRU maps evict the oldest entry when full instead of failing the hook.
@@ -162,7 +165,8 @@ pub struct GlobalConfig {
     /// Ports of the in-pod listeners, host order.
     pub outbound_port: u16,
     pub dns_port: u16,
-    pub _pad: u32,
+    /// [`config_flags`].
+    pub flags: u32,
     /// Fail open: the agent's last heartbeat, CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`), rewritten
     /// every few hundred ms by a task in the agent's runtime, so a dead or hung agent stops it.
     pub heartbeat_ns: u64,
@@ -180,6 +184,13 @@ impl GlobalConfig {
             && now_ns > self.heartbeat_ns
             && now_ns - self.heartbeat_ns > self.fail_open_after_ns
     }
+}
+
+/// `GlobalConfig::flags`: agent-wide options the programs read.
+pub mod config_flags {
+    /// `--deny-raw-sockets`: `socket(AF_INET/AF_INET6, SOCK_RAW, ...)` in an enrolled pod
+    /// fails with EPERM (counted `raw_denied`).
+    pub const DENY_RAW_SOCKETS: u32 = 1 << 0;
 }
 
 /// Value of `SM_AGENT_SOCKS[socket cookie]`: a socket the agent made (and registered before
@@ -289,8 +300,10 @@ pub mod counter {
     pub const FAST_REJECT: usize = 10;
     /// Not captured (connect, bind or DNS sendmsg went direct): the agent's heartbeat is stale.
     pub const BYPASS_STALE: usize = 11;
+    /// A raw socket refused at `socket()` (`--deny-raw-sockets`).
+    pub const RAW_DENIED: usize = 12;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 13] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -303,6 +316,7 @@ pub mod counter {
         "event_lost",
         "fast_reject",
         "bypass_stale",
+        "raw_denied",
     ];
 }
 

@@ -21,6 +21,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod outbound;
 #[cfg(target_arch = "bpf")]
+mod raw;
+#[cfg(target_arch = "bpf")]
 mod relay;
 #[cfg(target_arch = "bpf")]
 mod util;

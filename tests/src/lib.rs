@@ -33,6 +33,7 @@ pub mod pod;
 pub mod process;
 pub mod procnet;
 pub mod prom;
+pub mod rawpkt;
 pub mod sockaddr;
 pub mod sys;
 pub mod tempdir;

@@ -127,6 +127,7 @@ impl Agent {
                 mark: args.mark,
                 outbound_port: args.outbound_port,
                 dns_port: args.dns_port,
+                deny_raw_sockets: args.deny_raw_sockets,
                 keep_pins: args.keep_pins,
                 kernel_log: args.kernel_log,
                 fail_open_after: args.fail_open_after.0,

@@ -23,8 +23,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
-    map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    TupleKey, SCHEMA_VERSION,
+    config_flags, map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats,
+    SockAddr, TupleKey, SCHEMA_VERSION,
 };
 use tracing::{info, warn};
 
@@ -58,6 +58,8 @@ pub struct DatapathOptions<'a> {
     pub mark: u32,
     pub outbound_port: u16,
     pub dns_port: u16,
+    /// Attach `sock_create` so enrolled pods cannot create raw IP sockets.
+    pub deny_raw_sockets: bool,
     pub keep_pins: bool,
     pub kernel_log: bool,
     /// Programs stop capturing when the heartbeat is older than this; `None` never.
@@ -161,7 +163,11 @@ impl Datapath {
             agent_mark: opts.mark,
             outbound_port: opts.outbound_port,
             dns_port: opts.dns_port,
-            _pad: 0,
+            flags: if opts.deny_raw_sockets {
+                config_flags::DENY_RAW_SOCKETS
+            } else {
+                0
+            },
             heartbeat_ns: 0,
             fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
         };
@@ -171,7 +177,11 @@ impl Datapath {
         let cgroup = File::open(opts.cgroup_root)
             .with_context(|| format!("open cgroup {}", opts.cgroup_root.display()))?;
         let mut links = Vec::new();
-        for (name, attach_type) in PROGRAMS {
+        // Off by default, and then not attached at all: socket() pays nothing for it.
+        let sock_create = opts
+            .deny_raw_sockets
+            .then_some((prog::SOCK_CREATE, at::BPF_CGROUP_INET_SOCK_CREATE));
+        for (name, attach_type) in sock_create.into_iter().chain(PROGRAMS) {
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?;
