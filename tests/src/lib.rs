@@ -48,7 +48,7 @@ pub use peers::{
 };
 pub use pod::{Cluster, Pod};
 pub use process::Proc;
-pub use procnet::{tcp_listeners, wait_tcp_listening};
+pub use procnet::{established, tcp_listeners, wait_tcp_listening, Established};
 pub use sockaddr::{getpeername, getsockname, original_dst, parse_sockaddr, unmap};
 pub use sys::require_root;
 pub use tempdir::TempDir;

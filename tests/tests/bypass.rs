@@ -293,3 +293,65 @@ fn forged_marks_on_dns_and_binds_are_captured_too() {
     assert_eq!(&buf, b"in");
     drop(app_side);
 }
+
+/// The identity the programs trust, seen from outside: each upstream socket the agent opens
+/// in the pod is in `SM_AGENT_SOCKS` under its cookie, with the agent's pid; the app's own
+/// sockets are not (a pod cannot get in there); and once the connections close, the
+/// `sock_release` program has removed the agent's entries (nothing accumulates).
+#[test]
+fn the_agent_registers_its_own_sockets_only_and_they_go_when_closed() {
+    let (_cluster, client, server_pod, _server) = common::client_and_echo_server();
+    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let dst = server_pod.addr4(common::ECHO_PORT);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut c = tcp_connect(&client, dst, T).expect("connect");
+        tcp_echo_roundtrip(&mut c.stream, format!("held {i}").as_bytes()).expect("echo");
+        held.push(c);
+    }
+    let rows = established(&client).expect("ss");
+    let upstream: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.local.ip() == client.ip4() && r.peer == dst)
+        .map(|r| r.cookie)
+        .collect();
+    let apps: Vec<u64> = held
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .find(|r| r.local == c.local)
+                .unwrap_or_else(|| panic!("no ss row for the app socket {}", c.local))
+                .cookie
+        })
+        .collect();
+    assert_eq!(upstream.len(), 3, "one upstream socket per connection");
+
+    for &c in &upstream {
+        assert_eq!(
+            common::agent_socket_owner(&agent, c),
+            Some(agent.pid()),
+            "upstream socket {c:#x}: registered by this agent"
+        );
+    }
+    for &c in &apps {
+        assert_eq!(
+            common::agent_socket_owner(&agent, c),
+            None,
+            "the app's socket {c:#x} is registered"
+        );
+    }
+
+    drop(held);
+    let deadline = std::time::Instant::now() + T;
+    while upstream
+        .iter()
+        .any(|&c| common::agent_socket_owner(&agent, c).is_some())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed upstream sockets are still registered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
