@@ -7,6 +7,7 @@
 //! Results go to bench-results/ as JSON, Markdown and an SVG chart.
 
 mod plan;
+mod rawcost;
 mod report;
 mod scale;
 mod select;
@@ -48,6 +49,7 @@ pub fn bench(
             seconds: seconds.unwrap_or(2),
             connects: 300,
             scale_conns: scale_conns.unwrap_or(10_000),
+            raw_cost_pairs: 2,
         }
     } else {
         Plan {
@@ -55,6 +57,7 @@ pub fn bench(
             seconds: seconds.unwrap_or(4),
             connects: 2000,
             scale_conns: scale_conns.unwrap_or(100_000),
+            raw_cost_pairs: 8,
         }
     };
     if plan.reps == 0 {
@@ -79,6 +82,10 @@ pub fn bench(
     let nofile = scale::raise_nofile()?;
     println!("xtask: open-file limit {nofile}");
     let mut plan = plan;
+    if only.workloads.len() < workloads::Workload::ALL.len() {
+        // A filtered run iterates on some workloads: the extra step would only slow it.
+        plan.raw_cost_pairs = 0;
+    }
     let cap = scale::max_conns(nofile);
     if plan.scale_conns > cap {
         println!(
@@ -158,6 +165,25 @@ pub fn bench(
     }
     println!("==> cleaning up");
     drop(topo);
+    let raw_cost = if plan.raw_cost_pairs == 0 {
+        None
+    } else {
+        println!(
+            "==> cost of --deny-raw-sockets: socket()+close() per second in an enrolled pod, {} ABBA pairs",
+            plan.raw_cost_pairs
+        );
+        // The tests' Agent finds the binary the bench measures through SOCKMESH_BIN.
+        std::env::set_var("SOCKMESH_BIN", &agent);
+        let r = rawcost::measure(plan.raw_cost_pairs, 1.5);
+        match &r {
+            Ok(c) => println!(
+                "    without {:.0}/s, with {:.0}/s; with/without (median of pairs) {:.3}",
+                c.without_per_sec, c.with_per_sec, c.ratio
+            ),
+            Err(e) => println!("    raw-socket cost FAILED: {e:#}"),
+        }
+        Some(r)
+    };
     drop(tmp_guard);
     let written = report::write(
         &out_dir,
@@ -171,7 +197,9 @@ pub fn bench(
     for p in &written {
         println!("xtask: wrote {}", p.display());
     }
-    let failed = results.failures() + usize::from(matches!(scale, Some(Err(_))));
+    let failed = results.failures()
+        + usize::from(matches!(scale, Some(Err(_))))
+        + usize::from(matches!(raw_cost, Some(Err(_))));
     if failed > 0 {
         bail!("{failed} measurement(s) failed; the report shows which");
     }

@@ -68,4 +68,6 @@ pub struct Plan {
     pub seconds: u64,
     pub connects: usize,
     pub scale_conns: usize,
+    /// ABBA pairs of rounds measuring what `--deny-raw-sockets` costs socket() (0 skips).
+    pub raw_cost_pairs: usize,
 }
