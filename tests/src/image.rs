@@ -225,7 +225,7 @@ fn export_rootfs(image: &Image, dir: &Path) -> Result<()> {
     let name = crate::names::unique_name();
     let scratch = TempDir::new()?;
     let tar = scratch.join("rootfs.tar");
-    podman(&["create", "--name", &name, &image.id])?;
+    podman(&["create", "--network", "none", "--name", &name, &image.id])?;
     let export = podman(&["export", "-o", &tar.to_string_lossy(), &name]);
     let _ = podman(&["rm", "--force", &name]);
     export?;
