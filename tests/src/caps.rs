@@ -71,3 +71,94 @@ pub fn has(cap: u32) -> io::Result<bool> {
     }
     Ok(data[(cap / 32) as usize].effective & (1 << (cap % 32)) != 0)
 }
+
+/// Capability names in the order of their numbers (linux/capability.h).
+const CAP_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The number of `CAP_NAME`.
+pub fn cap_number(name: &str) -> Option<u32> {
+    let bare = name.strip_prefix("CAP_")?;
+    CAP_NAMES.iter().position(|n| *n == bare).map(|i| i as u32)
+}
+
+/// The `CAP_*` names of the bits set in `mask` (a `/proc/PID/status` capability line).
+pub fn cap_names(mask: u64) -> Vec<String> {
+    (0..64)
+        .filter(|b| mask & (1u64 << b) != 0)
+        .map(|b| match CAP_NAMES.get(b as usize) {
+            Some(n) => format!("CAP_{n}"),
+            None => format!("CAP_{b}"),
+        })
+        .collect()
+}
+
+/// A capability set of a process: `which` is `CapEff`, `CapBnd`, ... of `/proc/PID/status`
+/// (`pid` may be `self`).
+pub fn of_process(pid: &str, which: &str) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(which)?.strip_prefix(':'))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other(format!("no {which} in /proc/{pid}/status")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_numbers() {
+        assert_eq!(cap_number("CAP_BPF"), Some(39));
+        assert_eq!(cap_number("CAP_NET_BIND_SERVICE"), Some(10));
+        assert_eq!(cap_number("BPF"), None);
+        assert_eq!(
+            cap_names(1 << 21 | 1 << 38),
+            vec!["CAP_SYS_ADMIN", "CAP_PERFMON"]
+        );
+        assert_eq!(cap_names(1 << NET_RAW), vec!["CAP_NET_RAW"]);
+        assert!(of_process("self", "CapBnd").is_ok());
+    }
+}

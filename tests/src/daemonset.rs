@@ -4,6 +4,7 @@
 //! and the container run by runc ([`crate::runc`]).
 
 use crate::agent::sockmesh_bin;
+use crate::caps;
 use crate::image::{self, Unpacked};
 use crate::kubeapi::FakeKubeApi;
 use crate::kubelet::new_uid;
@@ -93,36 +94,25 @@ impl DaemonSetPod {
     }
 }
 
-/// A capability set of a process: `which` is `CapEff`, `CapBnd`, ... of `/proc/PID/status`
-/// (`pid` may be `self`).
-pub fn process_caps(pid: &str, which: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix(which)?.strip_prefix(':'))
-        .with_context(|| format!("no {which} in /proc/{pid}/status"))?;
-    Ok(u64::from_str_radix(hex.trim(), 16)?)
-}
-
 /// A container cannot get a capability its runtime does not have: runc would fail with
 /// "unable to apply caps". On a node the runtime has them all; in this sandbox root's
 /// bounding set lacks some (CAP_SYS_RESOURCE), so a manifest asking for one is an error here
 /// that names it, rather than a silent difference.
 fn check_capabilities(spec: &Value) -> Result<()> {
-    let here = process_caps("self", "CapBnd")?;
+    let here = caps::of_process("self", "CapBnd")?;
     let missing: Vec<&str> = spec["process"]["capabilities"]["bounding"]
         .as_array()
         .context("no bounding set in the spec")?
         .iter()
         .filter_map(Value::as_str)
-        .filter(|c| ocispec::cap_number(c).is_none_or(|n| here & (1u64 << n) == 0))
+        .filter(|c| caps::cap_number(c).is_none_or(|n| here & (1u64 << n) == 0))
         .collect();
     if !missing.is_empty() {
         anyhow::bail!(
             "the manifest grants {} which this machine's root does not have (its bounding set: \
              {}), so no container here can be given it",
             missing.join(", "),
-            ocispec::cap_names(here).join(",")
+            caps::cap_names(here).join(",")
         );
     }
     Ok(())

@@ -28,11 +28,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::T;
-use sockmesh_tests::daemonset::{build_image, process_caps, DaemonSetPod};
+use sockmesh_tests::caps;
+use sockmesh_tests::daemonset::{build_image, DaemonSetPod};
 use sockmesh_tests::kubepod::KubePod;
 use sockmesh_tests::manifest::{repo_manifest_path, Manifest};
 use sockmesh_tests::node::Node;
-use sockmesh_tests::ocispec::cap_names;
 use sockmesh_tests::prom::{http_get, metric, scrape_until};
 use sockmesh_tests::*;
 
@@ -149,8 +149,8 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
         .map(|c| c.as_str().expect("name").to_string())
         .collect();
     let pid = ds.container.pid().expect("container pid").to_string();
-    let held = process_caps(&pid, "CapEff").expect("the agent's capabilities");
-    let held: BTreeSet<String> = cap_names(held).into_iter().collect();
+    let held = caps::of_process(&pid, "CapEff").expect("the agent's capabilities");
+    let held: BTreeSet<String> = caps::cap_names(held).into_iter().collect();
     assert_eq!(held, granted, "the agent's capabilities vs the manifest's");
 
     // An app on port 80 in an enrolled pod: its wildcard bind is moved to loopback and the

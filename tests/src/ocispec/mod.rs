@@ -9,6 +9,7 @@
 //! /dev/termination-log files (the agent reads none of them), seccomp profiles other than
 //! `Unconfined` (the manifest asks for that one).
 
+use crate::caps::cap_names;
 use crate::manifest::{cpu_millis, memory_bytes, Container, Manifest, PodSpec};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -50,86 +51,6 @@ pub struct PodContext {
     pub rootfs: PathBuf,
 }
 
-/// Capabilities a container runtime (containerd, CRI-O) grants when the pod spec drops none.
-const RUNTIME_DEFAULT_CAPS: [&str; 14] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FSETID",
-    "FOWNER",
-    "MKNOD",
-    "NET_RAW",
-    "SETGID",
-    "SETUID",
-    "SETFCAP",
-    "SETPCAP",
-    "NET_BIND_SERVICE",
-    "SYS_CHROOT",
-    "KILL",
-    "AUDIT_WRITE",
-];
-
-/// Capability names in the order of their numbers (linux/capability.h).
-const CAP_NAMES: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
-/// The number of `CAP_NAME`.
-pub fn cap_number(name: &str) -> Option<u32> {
-    let bare = name.strip_prefix("CAP_")?;
-    CAP_NAMES.iter().position(|n| *n == bare).map(|i| i as u32)
-}
-
-/// The `CAP_*` names of the bits set in `mask` (a `/proc/PID/status` capability line).
-pub fn cap_names(mask: u64) -> Vec<String> {
-    (0..64)
-        .filter(|b| mask & (1u64 << b) != 0)
-        .map(|b| match CAP_NAMES.get(b as usize) {
-            Some(n) => format!("CAP_{n}"),
-            None => format!("CAP_{b}"),
-        })
-        .collect()
-}
-
 /// The container's capabilities as `CAP_*` names, from its securityContext.
 pub fn capabilities(c: &Container) -> Result<Vec<String>> {
     let sc = c.security_context.as_ref();
@@ -141,10 +62,14 @@ pub fn capabilities(c: &Container) -> Result<Vec<String>> {
     let mut set: Vec<String> = if caps.drop.iter().any(|d| d == "ALL") {
         Vec::new()
     } else {
-        RUNTIME_DEFAULT_CAPS
+        // What the runtime grants when the pod spec drops none.
+        let defaults = crate::caps::CONTAINER_DEFAULT
             .iter()
-            .filter(|d| !caps.drop.iter().any(|x| x == *d))
-            .map(|d| d.to_string())
+            .fold(0, |m, c| m | 1 << c);
+        cap_names(defaults)
+            .into_iter()
+            .map(|c| c.trim_start_matches("CAP_").to_string())
+            .filter(|d| !caps.drop.contains(d))
             .collect()
     };
     for a in &caps.add {

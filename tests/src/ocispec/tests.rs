@@ -146,14 +146,3 @@ fn kubernetes_variable_expansion() {
     assert_eq!(expand("cost $5 $", &vars), "cost $5 $");
     assert_eq!(expand("$(A", &vars), "$(A");
 }
-
-#[test]
-fn capability_names_and_numbers() {
-    assert_eq!(cap_number("CAP_BPF"), Some(39));
-    assert_eq!(cap_number("CAP_NET_BIND_SERVICE"), Some(10));
-    assert_eq!(cap_number("BPF"), None);
-    assert_eq!(
-        cap_names(1 << 21 | 1 << 38),
-        vec!["CAP_SYS_ADMIN", "CAP_PERFMON"]
-    );
-}
