@@ -206,6 +206,14 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
         "{stats}"
     );
 
+    // The container's stderr is the pod's log (`kubectl logs`): plain text, no colour codes.
+    let log = agent.stderr();
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in the pod log:\n{log}"
+    );
+
     // The kubelet stops the pod: SIGTERM, drain, exit 0 within the grace period, pins gone.
     let status = ds
         .container
