@@ -70,19 +70,31 @@ impl Node {
 }
 
 /// Writes `files` into `dir` the way the kubelet projects a ConfigMap or a service account
-/// token: the files in a timestamped directory, `..data` linking to it, and each name a link
-/// through `..data` (so an update is one atomic rename of `..data`).
+/// token (its atomic writer): the files in a timestamped directory, `..data` linking to it,
+/// and each name a link through `..data`. Called again, it is an update as the kubelet makes
+/// one: a new directory, `..data` swapped to it with one rename, the old directory removed.
 pub fn project(dir: &Path, files: &BTreeMap<String, Vec<u8>>, mode: u32) -> Result<()> {
-    let stamp = "..2024_01_01_00_00_00.000000001";
-    let data = dir.join(stamp);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let stamp = format!("..{nanos}");
+    let data = dir.join(&stamp);
     fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
     for (name, bytes) in files {
         let f = data.join(name);
         fs::write(&f, bytes).with_context(|| format!("write {}", f.display()))?;
         fs::set_permissions(&f, fs::Permissions::from_mode(mode))?;
-        symlink(Path::new("..data").join(name), dir.join(name))?;
+        let link = dir.join(name);
+        if fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(name), link)?;
+        }
     }
-    symlink(stamp, dir.join("..data"))?;
+    let old = fs::read_link(dir.join("..data")).ok();
+    symlink(&stamp, dir.join("..data_tmp"))?;
+    fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+    if let Some(old) = old {
+        fs::remove_dir_all(dir.join(old))?;
+    }
     Ok(())
 }
 

@@ -22,17 +22,17 @@
 //!   leave it nothing to hold).
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::T;
 use sockmesh_tests::caps;
-use sockmesh_tests::daemonset::{build_image, DaemonSetPod};
+use sockmesh_tests::daemonset::{build_image, host_path, DaemonSetPod};
 use sockmesh_tests::kubepod::KubePod;
 use sockmesh_tests::manifest::{repo_manifest_path, Manifest};
-use sockmesh_tests::node::Node;
+use sockmesh_tests::node::{project, Node};
 use sockmesh_tests::prom::{http_get, metric, scrape_until};
 use sockmesh_tests::*;
 
@@ -171,12 +171,12 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
     // A meshed client: out through its own pod's agent listener, in through web's.
     let body = curl(&client.pod, web80).expect("a meshed pod reaches web:80");
     assert_eq!(body.trim(), GREETING);
-    let c = tcp_connect(&client.pod, web80, T).expect("connect");
+    let conn = tcp_connect(&client.pod, web80, T).expect("connect");
     assert!(
-        c.local.ip().is_loopback(),
+        conn.local.ip().is_loopback(),
         "the client's connection is captured"
     );
-    drop(c);
+    drop(conn);
 
     // Counted by the agent, on the node address the manifest gives /metrics.
     let metrics = SocketAddr::new(ds.node_ip, 15090);
@@ -205,6 +205,32 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
         stats["pods"].as_array().is_some_and(|p| p.len() >= 2),
         "{stats}"
     );
+
+    // A ConfigMap edit reaches the agent the way the kubelet delivers it: a new `..data` swapped
+    // into the volume, which the container sees through its read-only mount.
+    let (vol, cm) = manifest
+        .pod()
+        .volumes
+        .iter()
+        .find_map(|v| v.config_map.as_ref().map(|cm| (v, cm)))
+        .expect("the policy ConfigMap's volume");
+    let mount = c.volume_mounts.iter().find(|m| m.name == vol.name);
+    let dir = host_path(&ds.spec, &mount.expect("mounted").mount_path).expect("its source");
+    let edited: BTreeMap<String, Vec<u8>> = manifest
+        .config_map(&cm.name)
+        .expect("in the manifest")
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                format!("{v}\n# edited by the test\n").into_bytes(),
+            )
+        })
+        .collect();
+    project(&dir, &edited, cm.default_mode.unwrap_or(0o644)).expect("the kubelet's update");
+    agent
+        .wait_event_named("policy_reloaded", T)
+        .expect("the edited policy is loaded");
 
     // The container's stderr is the pod's log (`kubectl logs`): plain text, no colour codes.
     let log = agent.stderr();
