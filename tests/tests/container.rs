@@ -178,8 +178,9 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
     );
     drop(conn);
 
-    // Counted by the agent, on the node address the manifest gives /metrics.
-    let metrics = SocketAddr::new(ds.node_ip, 15090);
+    // Counted by the agent: /metrics, on the node address and port the probes use.
+    let probe = c.readiness_probe.as_ref().expect("readiness probe");
+    let (metrics, _) = ds.probe_target(&manifest, probe).expect("the probes' port");
     let peer = web80.to_string();
     let samples = scrape_until(metrics, |s| {
         metric(s, "sockmesh_peer_connections_total", "shop/client", &peer) >= 2.0
