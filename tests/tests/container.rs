@@ -23,6 +23,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -171,11 +172,19 @@ fn the_daemonset_as_shipped_meshes_labelled_pods_and_serves_port_80() {
     // A meshed client: out through its own pod's agent listener, in through web's.
     let body = curl(&client.pod, web80).expect("a meshed pod reaches web:80");
     assert_eq!(body.trim(), GREETING);
-    let conn = tcp_connect(&client.pod, web80, T).expect("connect");
+    let mut conn = tcp_connect(&client.pod, web80, T).expect("connect");
     assert!(
         conn.local.ip().is_loopback(),
         "the client's connection is captured"
     );
+    // A whole exchange before it closes: the agent has connected upstream (and counted the
+    // connection) by the time the answer arrives, however loaded the machine is.
+    conn.stream
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut answer = String::new();
+    conn.stream.read_to_string(&mut answer).expect("answer");
+    assert!(answer.contains(GREETING), "{answer}");
     drop(conn);
 
     // Counted by the agent: /metrics, on the node address and port the probes use.
