@@ -80,6 +80,24 @@ pub mod relay {
     }
 }
 
+/// Inbound steering: the `sk_lookup` program is loaded once per enrolled pod, from its own
+/// small object, because an `sk_lookup` program cannot ask for its network namespace's cookie
+/// (the helper is not offered to that program type): each instance has its pod's cookie as a
+/// load-time constant and its own map of that pod's inbound listeners. Like [`relay`]'s maps,
+/// that map is private to one agent process (never pinned: its entries are the agent's own
+/// sockets, and the kernel drops an entry when its socket closes, so an agent that dies leaves
+/// nothing to steer to).
+pub mod steer {
+    /// The pod's inbound listeners (sockmap, 2 slots: [`V4`], [`V6`]).
+    pub const LISTENERS: &str = "SM_IN_LISTENERS";
+    /// The slot of the listener taking IPv4 connections (127.0.0.1) and IPv6 ones (::1).
+    pub const V4: u32 = 0;
+    pub const V6: u32 = 1;
+    pub const SLOTS: u32 = 2;
+    /// The read-only global holding the instance's pod (netns cookie, u64).
+    pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
+}
+
 /// Names of the kernel programs (function names in `ebpf/`), also their link pin names.
 pub mod program_names {
     pub const CONNECT4: &str = "sm_connect4";
@@ -95,6 +113,9 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "sm_sock_ops";
     pub const GETSOCKOPT: &str = "sm_getsockopt";
     pub const SOCK_RELEASE: &str = "sm_sock_release";
+    /// Inbound steering, attached to each enrolled pod's network namespace (not the cgroup);
+    /// in its own object (see [`crate::steer`]).
+    pub const SK_LOOKUP: &str = "sm_sk_lookup";
 }
 
 /// Map sizes. LRU maps evict the oldest entry when full instead of failing the hook.
@@ -151,7 +172,11 @@ pub struct GlobalConfig {
     /// Ports of the in-pod listeners, host order.
     pub outbound_port: u16,
     pub dns_port: u16,
-    pub _pad: u32,
+    /// The in-pod inbound listener's port (the programs do not read it: they find the
+    /// listener in [`steer::LISTENERS`]); 0 from an agent older than inbound steering, which
+    /// wrote padding here, so the layout is unchanged.
+    pub inbound_port: u16,
+    pub _pad: u16,
     /// Fail open: the agent's last heartbeat, CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`), rewritten
     /// every few hundred ms by a task in the agent's runtime, so a dead or hung agent stops it.
     pub heartbeat_ns: u64,
@@ -246,7 +271,7 @@ pub mod counter {
     pub const BYPASS_EXCLUDED: usize = 2;
     /// UDP/53 connect() or sendmsg() redirected to the DNS listener.
     pub const REDIRECT_DNS: usize = 3;
-    /// Wildcard bind moved to loopback (inbound capture).
+    /// An explicit wildcard TCP bind recorded in `SM_IN_BINDS` (inbound capture of its port).
     pub const BIND_CAPTURE: usize = 4;
     /// SO_ORIGINAL_DST answered from the origin map.
     pub const ORIGIN_HIT: usize = 5;
@@ -261,10 +286,14 @@ pub mod counter {
     /// connect() refused in the kernel: a verdict in `SM_VERDICTS` (breaker open, or the
     /// peer's rate bucket empty with no queueing) is still current.
     pub const FAST_REJECT: usize = 10;
-    /// Not captured (connect, bind or DNS sendmsg went direct): the agent's heartbeat is stale.
+    /// Not captured (connect, DNS sendmsg or an inbound connection went direct): the agent's
+    /// heartbeat is stale.
     pub const BYPASS_STALE: usize = 11;
+    /// An inbound connection (its SYN) to a captured port handed to the agent's inbound
+    /// listener by `sk_lookup`.
+    pub const INBOUND_STEERED: usize = 12;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 13] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -277,6 +306,7 @@ pub mod counter {
         "event_lost",
         "fast_reject",
         "bypass_stale",
+        "inbound_steered",
     ];
 }
 
@@ -294,7 +324,7 @@ pub mod socket_kind {
     pub const TCP_REDIRECT: u16 = 1;
     /// A UDP socket whose DNS traffic goes to the DNS listener.
     pub const DNS: u16 = 2;
-    /// A listening socket whose wildcard bind was moved to loopback.
+    /// A socket holding an explicit wildcard TCP bind of its pod (an inbound capture).
     pub const BIND: u16 = 3;
 }
 
@@ -335,7 +365,8 @@ pub struct DnsKey {
     pub _pad: u32,
 }
 
-/// Key of `SM_IN_BINDS`: a listening port the kernel moved to loopback.
+/// Key of `SM_IN_BINDS`: a port an app of the pod bound on its wildcard address, so inbound
+/// connections to it are steered to the agent (`sk_lookup`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BindKey {
@@ -375,7 +406,7 @@ pub struct Verdict {
 
 /// Event kinds sent to the agent over `SM_EVENTS`.
 pub mod event_kind {
-    /// An app bound a wildcard address; the kernel moved it to loopback.
+    /// An app bound a wildcard address: its port is captured (steered to the agent).
     pub const BIND: u32 = 1;
     /// The socket that held a captured bind was released.
     pub const UNBIND: u32 = 2;
