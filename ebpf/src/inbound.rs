@@ -16,7 +16,7 @@ use crate::{
     addr::{read_ip6, sock_type},
     capture::{capture, Captured, Target},
     dns,
-    maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
+    maps::{EVENTS, INBOUND_BINDS, SOCKETS},
     util::{count, netns_cookie, socket_cookie, BPF_NOEXIST, SOCK_STREAM},
 };
 
@@ -121,15 +121,15 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 }
 
 /// Socket release: drop what the programs kept for this socket, and tell the agent when the
-/// socket holding a captured bind goes away (its port is then no longer steered). (This hook cannot read the socket's addresses:
-/// everything needed is in its `SM_SOCKETS` entry.)
+/// socket holding a captured bind goes away (its port is then no longer steered). (This hook
+/// cannot read the socket's addresses: everything needed is in its `SM_SOCKETS` entry.)
+///
+/// Whether the pod is still enrolled does not matter: a socket released while no agent runs,
+/// or after its pod was removed, must not leave its pod's port recorded as bound (a new agent
+/// on the same pins would steer it, and the record would keep the port from the next bind).
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
     let netns = netns_cookie(&ctx);
-    // Only whether the pod is enrolled: the value is not read.
-    if PODS.get_ptr(&netns).is_none() {
-        return 1;
-    }
     let cookie = socket_cookie(&ctx);
     // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
     // integers, valid for any bytes. It is this socket's own entry (keyed by its cookie), and

@@ -262,6 +262,42 @@ fn restarted_agent_captures_servers_again_with_its_policy() {
     }
 }
 
+/// A server closed while no agent runs (stopped with --keep-pins: its pods are no longer
+/// enrolled, the programs stay) leaves no record behind: the next agent on the pins does not
+/// steer its port, so a client is refused as it would be without the mesh, not reset by an
+/// agent that finds no app.
+#[test]
+fn a_server_closed_while_no_agent_runs_is_forgotten() {
+    let s = Scene::new();
+    let spec = s.spec();
+    let args = ["--pod", spec.as_str(), "--keep-pins"];
+    let mut first = Agent::start(args).expect("agent");
+    first.wait_ready().expect("ready");
+    let apps = s.start_apps();
+    s.all_reach(&apps, Path::Agent);
+    let status = first.stop().expect("SIGTERM");
+    assert!(status.success(), "{status}");
+    let Apps { v4, dual } = apps;
+    drop(v4);
+
+    let second = Agent::start_in(first.bpffs(), args).expect("restarted agent");
+    second.wait_ready().expect("ready again");
+    wait_captured(&second, DUAL_PORT, true);
+    let err = tcp_connect(&s.client, s.server.addr4(V4_PORT), T).expect_err("nothing listens");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        !second
+            .events()
+            .iter()
+            .any(|e| e["event"] == "inbound_listening" && e["port"] == V4_PORT),
+        "the closed server's port was reported captured"
+    );
+    assert_eq!(
+        reach(&s.client, s.server.addr6(DUAL_PORT), &dual),
+        Ok(Path::Agent)
+    );
+}
+
 /// An upgrade with --takeover: connections in a loop through the switch all reach the app
 /// (none refused or reset), and afterwards the new agent alone captures the apps.
 #[test]
