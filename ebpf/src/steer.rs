@@ -94,7 +94,7 @@ fn steer(ctx: &SkLookupContext) {
     let netns = unsafe { read_volatile(&POD_NETNS_COOKIE) };
     // SAFETY: mapped while the program runs, plain integers; only `flags` is read. A pod
     // unenrolled meanwhile makes this one connection steered or not, nothing else.
-    let Some(pod) = (unsafe { PODS.get(&netns) }) else {
+    let Some(pod) = (unsafe { PODS.get(netns) }) else {
         return;
     };
     if !pod.has(pod_flags::INBOUND) || !app_bound(netns, port, family) {
@@ -123,6 +123,6 @@ fn app_bound(netns: u64, port: u16, family: u16) -> bool {
         family,
         _pad: 0,
     };
-    INBOUND_BINDS.get_ptr(&key(family)).is_some()
-        || (family == AF_INET && INBOUND_BINDS.get_ptr(&key(AF_INET6)).is_some())
+    INBOUND_BINDS.get_ptr(key(family)).is_some()
+        || (family == AF_INET && INBOUND_BINDS.get_ptr(key(AF_INET6)).is_some())
 }
