@@ -1,7 +1,8 @@
 //! The enrolled pods at runtime: enrol one (its listeners are already open), remove one, and
-//! notice when one's namespace goes away; which of their ports are captured (`captured`). Every pod's proxy tasks run under its own
-//! cancellation token (a child of the agent's), so removing a pod stops exactly its listeners,
-//! and the agent's shutdown still reaches all of them.
+//! notice when one's namespace goes away; which of their ports are captured (`captured`).
+//! Every pod's proxy tasks run under its own cancellation token (a child of the agent's), so
+//! removing a pod stops exactly its listeners, and the agent's shutdown still reaches all of
+//! them.
 //!
 //! Order matters both ways. Enrolment: listeners serve first, then `sk_lookup` is attached to
 //! the pod's namespace, then the kernel starts redirecting and steering (SM_PODS), so nothing

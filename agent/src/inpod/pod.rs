@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    handover::Handed,
+    handover::{proto::PodSockets, Handed},
     spec::PodSpec,
     sys::{
         lock::lock,
@@ -65,6 +65,45 @@ fn listen_error(
     anyhow::anyhow!("pod {pod}: cannot listen on {proto} {addr}: {e}{hint}")
 }
 
+/// Open the pod's listeners on one of its loopback addresses, or take the handed-over ones
+/// bound there (`mine`). A pod without that address (IPv6 off, or lo down for v6) gets none
+/// there and keeps working on the other.
+fn listen_on(
+    ip: IpAddr,
+    ports: Ports,
+    mark: u32,
+    pod: &str,
+    mine: &mut PodSockets<OwnedFd>,
+    l: &mut PodListeners,
+) -> Result<()> {
+    let tcp = |list: &mut Vec<(SocketAddr, OwnedFd)>, port: u16, flag: &str| {
+        let addr = SocketAddr::new(ip, port);
+        if let Some(fd) = take_addr(list, addr) {
+            return Ok(Some(TcpListener::from(fd)));
+        }
+        match sockets::tcp_listener(addr, mark, 1024) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => Ok(None),
+            Err(e) => Err(listen_error(pod, "TCP", flag, addr, e)),
+        }
+    };
+    let Some(out) = tcp(&mut mine.outbound, ports.outbound, "outbound-port")? else {
+        return Ok(());
+    };
+    l.outbound.push(out);
+    l.inbound
+        .extend(tcp(&mut mine.inbound, ports.inbound, "inbound-port")?);
+    let dns_addr = SocketAddr::new(ip, ports.dns);
+    match take_addr(&mut mine.dns, dns_addr) {
+        Some(fd) => l.dns.push(UdpSocket::from(fd)),
+        None => l.dns.push(
+            sockets::udp_bound(dns_addr, mark)
+                .map_err(|e| listen_error(pod, "UDP", "dns-port", dns_addr, e))?,
+        ),
+    }
+    Ok(())
+}
+
 impl Pod {
     /// Open the pod's namespace, learn its cookie and addresses, and open its listeners.
     /// Nothing is written to the kernel here, so a failure leaves nothing behind.
@@ -86,32 +125,8 @@ impl Pod {
                 .and_then(|h| lock(&h).remove(&cookie))
                 .unwrap_or_default();
             let mut l = PodListeners { outbound: Vec::new(), dns: Vec::new(), inbound: Vec::new() };
-            let loopbacks = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
-            for ip in loopbacks {
-                let tcp = |list: &mut Vec<(SocketAddr, OwnedFd)>, port: u16, flag: &str| -> Result<Option<TcpListener>> {
-                    let addr = SocketAddr::new(ip, port);
-                    if let Some(fd) = take_addr(list, addr) {
-                        return Ok(Some(TcpListener::from(fd)));
-                    }
-                    match sockets::tcp_listener(addr, mark, 1024) {
-                        Ok(l) => Ok(Some(l)),
-                        // A pod without IPv6 (or with lo down for v6) keeps working on IPv4.
-                        Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => Ok(None),
-                        Err(e) => Err(listen_error(&name, "TCP", flag, addr, e)),
-                    }
-                };
-                let Some(out) = tcp(&mut mine.outbound, ports.outbound, "outbound-port")? else {
-                    continue;
-                };
-                l.outbound.push(out);
-                l.inbound.extend(tcp(&mut mine.inbound, ports.inbound, "inbound-port")?);
-                let dns_addr = SocketAddr::new(ip, ports.dns);
-                if let Some(fd) = take_addr(&mut mine.dns, dns_addr) {
-                    l.dns.push(UdpSocket::from(fd));
-                } else { match sockets::udp_bound(dns_addr, mark) {
-                    Ok(s) => l.dns.push(s),
-                    Err(e) => return Err(listen_error(&name, "UDP", "dns-port", dns_addr, e)),
-                } }
+            for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+                listen_on(ip, ports, mark, &name, &mut mine, &mut l)?;
             }
             if l.outbound.is_empty() {
                 bail!("pod {name}: loopback is not up (no 127.0.0.1 to listen on): run `ip link set lo up` in the pod");
