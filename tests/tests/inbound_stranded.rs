@@ -31,8 +31,8 @@ enum Path {
     Direct,
 }
 
-/// The pods. The apps start once an agent runs, since only a bind made while the pod is
-/// enrolled is recorded (one made before is not captured: see the README).
+/// The pods. The apps start once an agent runs (except where a test says otherwise), as apps
+/// usually do.
 struct Scene {
     _cluster: Cluster,
     client: Pod,
@@ -292,6 +292,41 @@ fn a_server_closed_while_no_agent_runs_is_forgotten() {
             .any(|e| e["event"] == "inbound_listening" && e["port"] == V4_PORT),
         "the closed server's port was reported captured"
     );
+    assert_eq!(
+        reach(&s.client, s.server.addr6(DUAL_PORT), &dual),
+        Ok(Path::Agent)
+    );
+}
+
+/// Servers listening before their pod is enrolled (the agent started after them, or restarted
+/// without its pins, which forgot the bind hook's record): captured from the namespace's
+/// socket table at enrolment, and forgotten when they close, like a bind the hook recorded.
+#[test]
+fn servers_listening_before_enrolment_are_captured() {
+    let s = Scene::new();
+    let apps = s.start_apps();
+    let spec = s.spec();
+    let mut first = Agent::start(["--pod", &spec]).expect("agent");
+    first.wait_ready().expect("ready");
+    wait_captured(&first, V4_PORT, true);
+    wait_captured(&first, DUAL_PORT, true);
+    s.all_reach(&apps, Path::Agent);
+    assert_eq!(
+        counter(&first, &s.server, "bind_capture"),
+        0,
+        "no bind was seen"
+    );
+    // An uninstall forgets everything; a new agent finds the servers again.
+    assert!(first.stop().expect("SIGTERM").success());
+    s.all_reach(&apps, Path::Direct);
+    let second = Agent::start(["--pod", &spec]).expect("agent");
+    second.wait_ready().expect("ready");
+    s.all_reach(&apps, Path::Agent);
+    // A recorded server that closes is forgotten: refused as without the mesh.
+    let Apps { v4, dual } = apps;
+    drop(v4);
+    let err = tcp_connect(&s.client, s.server.addr4(V4_PORT), T).expect_err("nothing listens");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert_eq!(
         reach(&s.client, s.server.addr6(DUAL_PORT), &dual),
         Ok(Path::Agent)

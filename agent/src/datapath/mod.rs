@@ -241,6 +241,17 @@ impl Datapath {
         self.steering.attach(netns_cookie, netns, listeners)
     }
 
+    /// Record the wildcard bind of a socket that was listening before its pod was enrolled
+    /// (see [`steer::Steering::record_bind`]).
+    pub fn record_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) -> bool {
+        self.steering.record_bind(pod, port, socket)
+    }
+
+    /// Undo [`Datapath::record_bind`] for a socket found gone.
+    pub fn forget_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) {
+        self.steering.forget_bind(pod, port, socket);
+    }
+
     /// Undo [`Datapath::steer`] for a pod that could not be enrolled.
     pub fn unsteer(&mut self, netns_cookie: u64) {
         self.steering.detach(netns_cookie);

@@ -26,12 +26,17 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::bpf_attach_type as at;
-use sockmesh_common::{map_names, program_names, steer, BindKey, BindValue};
+use sockmesh_common::{
+    map_names, program_names, socket_kind, steer, BindKey, BindValue, SocketEntry,
+};
 
 use super::{links::Link, object::take};
 
 /// A port an app of a pod listens on with a wildcard bind (host order), and its family.
 pub type BoundPort = (u16, u16);
+
+/// `BPF_NOEXIST` map-update flag: create only.
+const BPF_NOEXIST: u64 = 1;
 
 /// One pod's instance. Field order is drop order: the link detaches before the program and
 /// its map go.
@@ -44,6 +49,8 @@ pub struct Steering {
     /// The pin directory, where the instances find the maps they share with the main object.
     dir: PathBuf,
     binds: BpfHashMap<MapData, BindKey, BindValue>,
+    /// Where the bind hook marks a socket as holding a bind, so its release forgets it.
+    sockets: BpfHashMap<MapData, u64, SocketEntry>,
     pods: HashMap<u64, Instance>,
 }
 
@@ -53,6 +60,7 @@ impl Steering {
         Ok(Steering {
             dir: dir.to_path_buf(),
             binds: take(main, map_names::INBOUND_BINDS)?,
+            sockets: take(main, map_names::SOCKETS)?,
             pods: HashMap::new(),
         })
     }
@@ -103,6 +111,54 @@ impl Steering {
     /// Stop steering the pod's connections: detach its instance, which goes with its map.
     pub fn detach(&mut self, cookie: u64) {
         self.pods.remove(&cookie);
+    }
+
+    /// Record a bind the hook never saw (the socket was bound before its pod was enrolled),
+    /// as the hook would: the port's first holder keeps it, and the socket is marked so its
+    /// release forgets the bind. False if the port is held already (or a map refused).
+    pub fn record_bind(&mut self, pod: u64, (port, family): BoundPort, socket: u64) -> bool {
+        let key = BindKey {
+            netns_cookie: pod,
+            port,
+            family,
+            _pad: 0,
+        };
+        let value = BindValue {
+            socket_cookie: socket,
+        };
+        if self.binds.insert(key, value, BPF_NOEXIST).is_err() {
+            return false;
+        }
+        let entry = SocketEntry {
+            key_port: port,
+            kind: socket_kind::BIND,
+            family,
+            ..Default::default()
+        };
+        if self.sockets.insert(socket, entry, 0).is_err() {
+            let _ = self.binds.remove(&key);
+            return false;
+        }
+        true
+    }
+
+    /// Undo [`Steering::record_bind`] for a socket that turned out to be gone (released before
+    /// it was marked, so its release could not forget the bind).
+    pub fn forget_bind(&mut self, pod: u64, (port, family): BoundPort, socket: u64) {
+        let key = BindKey {
+            netns_cookie: pod,
+            port,
+            family,
+            _pad: 0,
+        };
+        if self
+            .binds
+            .get(&key, 0)
+            .is_ok_and(|v| v.socket_cookie == socket)
+        {
+            let _ = self.binds.remove(&key);
+        }
+        let _ = self.sockets.remove(&socket);
     }
 
     /// Every port the bind hook recorded, by pod: what is captured now, whatever events the

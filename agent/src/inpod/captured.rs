@@ -9,15 +9,86 @@
 //! never leaves a port without its agent side. It would only leave this report wrong, which is
 //! why the report is also reconciled from the pinned `SM_IN_BINDS` at every enrolment and
 //! every second.
+//!
+//! A server already listening when its pod is enrolled bound before the hook could see it:
+//! [`record_listening`] records it from the namespace's socket table instead.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
-use sockmesh_common::{event_kind, Event, AF_INET6};
-use tracing::info;
+use sockmesh_common::{event_kind, pod_flags, Event, PodConfig, AF_INET, AF_INET6};
+use tracing::{info, warn};
 
-use crate::{datapath::steer::BoundPort, events};
+use crate::{
+    datapath::{steer::BoundPort, Datapath},
+    events,
+    sys::{
+        netns::NetnsWorker,
+        sockdiag::{tcp_listeners, Listener},
+    },
+};
+
+/// Record the wildcard listeners the pod already has (bound before it was enrolled, or before
+/// an agent that removed its pins came back), as the bind hook records a bind: the port is
+/// captured from now on, and the socket's release forgets it. The table is read once more
+/// afterwards, since a socket released between the two steps could not forget its record.
+pub fn record_listening(
+    dp: &mut Datapath,
+    pod: &str,
+    cookie: u64,
+    worker: &NetnsWorker,
+    cfg: &PodConfig,
+) {
+    if !cfg.has(pod_flags::INBOUND) {
+        return;
+    }
+    let list = || match worker.run_blocking(tcp_listeners) {
+        Ok(Ok(l)) => Some(l),
+        Ok(Err(e)) => {
+            warn!(pod, error = %e, "cannot list the pod's listening sockets");
+            None
+        }
+        Err(e) => {
+            warn!(pod, error = %e, "cannot list the pod's listening sockets");
+            None
+        }
+    };
+    let Some(listening) = list() else { return };
+    let recorded: Vec<(BoundPort, u64)> = listening
+        .iter()
+        .filter_map(|l| Some((wildcard_port(cfg, l)?, l.cookie)))
+        .filter(|(port, socket)| dp.record_bind(cookie, *port, *socket))
+        .collect();
+    if recorded.is_empty() {
+        return;
+    }
+    let still: HashSet<u64> = list()
+        .unwrap_or_default()
+        .iter()
+        .map(|l| l.cookie)
+        .collect();
+    for (port, socket) in &recorded {
+        if !still.contains(socket) {
+            dp.forget_bind(cookie, *port, *socket);
+        }
+    }
+    info!(pod, ports = ?recorded.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), "servers listening before enrolment are captured");
+}
+
+/// The port a listener holds on the pod's wildcard address, unless the pod keeps it out of
+/// inbound capture; None for a listener on a specific address (the agent's own, on loopback,
+/// included).
+fn wildcard_port(cfg: &PodConfig, l: &Listener) -> Option<BoundPort> {
+    if !l.addr.ip().is_unspecified() {
+        return None;
+    }
+    let port = l.addr.port();
+    if cfg.exclude_inbound_ports.iter().any(|r| r.contains(port)) {
+        return None;
+    }
+    Some((port, if l.addr.is_ipv6() { AF_INET6 } else { AF_INET }))
+}
 
 #[derive(Default)]
 pub struct Captured {
@@ -90,7 +161,22 @@ fn report(cookie: u64, pod: &str, (port, family): BoundPort, captured: bool, rec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sockmesh_common::AF_INET;
+    use sockmesh_common::PortRange;
+
+    #[test]
+    fn only_wildcard_listeners_on_ports_not_excluded_are_recorded() {
+        let mut cfg = PodConfig::default();
+        cfg.exclude_inbound_ports[0] = PortRange { lo: 9000, hi: 9010 };
+        let l = |a: &str| Listener {
+            addr: a.parse().expect("addr"),
+            cookie: 1,
+        };
+        assert_eq!(wildcard_port(&cfg, &l("0.0.0.0:80")), Some((80, AF_INET)));
+        assert_eq!(wildcard_port(&cfg, &l("[::]:443")), Some((443, AF_INET6)));
+        assert_eq!(wildcard_port(&cfg, &l("0.0.0.0:9005")), None);
+        assert_eq!(wildcard_port(&cfg, &l("127.0.0.1:15006")), None);
+        assert_eq!(wildcard_port(&cfg, &l("10.0.0.2:80")), None);
+    }
 
     fn ev(kind: u32, port: u16) -> Event {
         Event {

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
-    captured::Captured,
+    captured::{record_listening, Captured},
     liveness::{self, Anchor},
     pod::{Pod, PodListeners, Ports},
     resolver::{ns_id, NsId},
@@ -215,8 +215,10 @@ impl PodManager {
             dp.maps.verdicts.forget_pod(ctx.cookie);
             return Err(err);
         }
-        // What the bind hook recorded for this pod before (a restarted agent on the same
-        // pins, a pod re-enrolled) is captured from now on: report it.
+        // Servers that were listening before: captured too. What the bind hook recorded for
+        // this pod before (a restarted agent on the same pins) is captured from now on: report
+        // it.
+        record_listening(dp, &ctx.name, ctx.cookie, &ctx.worker, &e.config);
         self.captured.add_pod(ctx.cookie, ctx.name.clone());
         self.captured.reconcile(dp.bound_ports());
         self.next_generation += 1;
