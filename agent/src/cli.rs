@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Port of the DNS listener inside each pod (127.0.0.1 and ::1, UDP).
     #[arg(long, env = "SOCKMESH_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
+    /// Port of the inbound listener inside each pod (127.0.0.1 and ::1): the kernel hands it
+    /// the connections to every port an app of the pod listens on (sk_lookup).
+    #[arg(long, env = "SOCKMESH_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
     /// SO_MARK put on the agent's own sockets, for your routing and firewall rules (e.g. to
     /// exempt the agent's traffic from an iptables REDIRECT). The programs do not trust it: a
     /// pod may set any mark, this one too, and is captured all the same; they know the
@@ -141,6 +145,7 @@ impl RunArgs {
             mark: self.mark,
             outbound_port: self.outbound_port,
             dns_port: self.dns_port,
+            inbound_port: self.inbound_port,
             exclude_outbound_ports: self.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),

@@ -47,7 +47,7 @@ pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr> =
 #[map(name = "SM_DNS_ORIG")]
 pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
 
-/// Wildcard binds moved to loopback.
+/// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers.
 #[map(name = "SM_IN_BINDS")]
 pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
     LruHashMap::pinned(map_sizes::INBOUND_BINDS, 0);

@@ -11,7 +11,7 @@ use sockmesh_common::{
 };
 
 /// `BPF_NOEXIST` map-update flag: create only.
-const BPF_NOEXIST: u64 = 1;
+pub const BPF_NOEXIST: u64 = 1;
 
 use crate::maps::{AGENT_SOCKETS, CONFIG, PEER_STATS, PODS, POD_STATS};
 

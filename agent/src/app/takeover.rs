@@ -22,9 +22,13 @@ pub fn begin(bpffs_dir: &Path, ours: &PodTemplate) -> Result<Taken> {
     // the running agent uses.
     if let Ok(cfg) = stats::read_config(bpffs_dir) {
         let (mark, out, dns) = (cfg.agent_mark, cfg.outbound_port, cfg.dns_port);
-        if (mark, out, dns) != (ours.mark, ours.outbound_port, ours.dns_port) {
+        // 0: an agent from before inbound steering (no inbound listener to keep).
+        let inb = cfg.inbound_port;
+        if (mark, out, dns) != (ours.mark, ours.outbound_port, ours.dns_port)
+            || (inb != 0 && inb != ours.inbound_port)
+        {
             bail!(
-                "--takeover: the running agent uses --mark {mark} --outbound-port {out} --dns-port {dns}; give this one the same values"
+                "--takeover: the running agent uses --mark {mark} --outbound-port {out} --dns-port {dns} --inbound-port {inb}; give this one the same values"
             );
         }
     }

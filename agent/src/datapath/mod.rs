@@ -8,6 +8,7 @@ pub mod preflight;
 pub mod relay;
 pub mod sink;
 pub mod stats;
+pub mod steer;
 pub mod verdicts;
 
 use std::{
@@ -29,7 +30,7 @@ use sockmesh_common::{
 use tracing::{info, warn};
 
 use aya_obj::generated::bpf_attach_type as at;
-use links::CgroupLink;
+use links::Link;
 use object::take;
 use preflight::PinDirLock;
 use std::os::fd::AsFd;
@@ -60,6 +61,7 @@ pub struct DatapathOptions<'a> {
     pub dns_port: u16,
     /// Attach `sock_create` so enrolled pods cannot create raw IP sockets.
     pub deny_raw_sockets: bool,
+    pub inbound_port: u16,
     pub keep_pins: bool,
     pub kernel_log: bool,
     /// Programs stop capturing when the heartbeat is older than this; `None` never.
@@ -82,7 +84,9 @@ pub struct KernelMaps {
 
 pub struct Datapath {
     // Field order is drop order: links detach before the object that owns the programs goes.
-    _links: Vec<(&'static str, CgroupLink)>,
+    _links: Vec<(&'static str, Link)>,
+    /// Inbound steering: `sk_lookup` on each enrolled pod's namespace.
+    steering: steer::Steering,
     pods: HashMap<MapData, u64, PodConfig>,
     stats: PerCpuHashMap<MapData, u64, PodStats>,
     pub maps: Arc<KernelMaps>,
@@ -168,6 +172,9 @@ impl Datapath {
             } else {
                 0
             },
+            inbound_port: opts.inbound_port,
+            _pad: 0,
+            _pad2: 0,
             heartbeat_ns: 0,
             fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
         };
@@ -206,6 +213,7 @@ impl Datapath {
             }
         }
 
+        let steering = steer::Steering::new(&mut ebpf, dir)?;
         let stats = take(&mut ebpf, map_names::POD_STATS)?;
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
@@ -221,6 +229,7 @@ impl Datapath {
         info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");
         Ok(Datapath {
             _links: links,
+            steering,
             pods,
             stats,
             maps,
@@ -233,6 +242,39 @@ impl Datapath {
             keep_pins: opts.keep_pins,
             _lock: lock,
         })
+    }
+
+    /// Hand the pod's inbound connections to `listeners` (its inbound listeners, already
+    /// serving) once it is enrolled: attaches `sk_lookup` to its namespace. Call before
+    /// [`Datapath::enrol`]; [`Datapath::unenrol`] undoes it.
+    pub fn steer(
+        &mut self,
+        netns_cookie: u64,
+        netns: std::os::fd::BorrowedFd<'_>,
+        listeners: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<()> {
+        self.steering.attach(netns_cookie, netns, listeners)
+    }
+
+    /// Record the wildcard bind of a socket that was listening before its pod was enrolled
+    /// (see [`steer::Steering::record_bind`]).
+    pub fn record_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) -> bool {
+        self.steering.record_bind(pod, port, socket)
+    }
+
+    /// Undo [`Datapath::record_bind`] for a socket found gone.
+    pub fn forget_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) {
+        self.steering.forget_bind(pod, port, socket);
+    }
+
+    /// Undo [`Datapath::steer`] for a pod that could not be enrolled.
+    pub fn unsteer(&mut self, netns_cookie: u64) {
+        self.steering.detach(netns_cookie);
+    }
+
+    /// The ports apps of enrolled pods hold wildcard binds of, by pod (`SM_IN_BINDS`).
+    pub fn bound_ports(&self) -> std::collections::HashMap<u64, Vec<steer::BoundPort>> {
+        self.steering.bound_ports()
     }
 
     /// Start redirecting a pod's sockets. Call only once its listeners are open.
@@ -250,9 +292,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stop redirecting a pod's new sockets.
+    /// Stop redirecting a pod's new sockets and steering its inbound connections.
     pub fn unenrol(&mut self, netns_cookie: u64) {
         let _ = self.pods.remove(&netns_cookie);
+        self.steering.detach(netns_cookie);
     }
 
     /// Drop a removed pod's counters: pods come and go under Kubernetes, and the counters map
@@ -322,7 +365,7 @@ impl Datapath {
 }
 
 /// Load a program (the verifier runs here) and attach it at the cgroup as a link.
-fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<CgroupLink> {
+fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<Link> {
     match program {
         Program::CgroupSockAddr(p) => p.load()?,
         Program::SockOps(p) => p.load()?,
@@ -331,7 +374,7 @@ fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<Cgrou
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     let fd = program.fd()?;
-    Ok(CgroupLink::create(
+    Ok(Link::create(
         fd.as_fd(),
         cgroup.as_fd(),
         attach_type as u32,

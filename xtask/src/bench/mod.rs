@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the same workloads, in one run, through four paths between two pods:
 //! direct (no mesh), sockmesh (eBPF capture + agent), iptables REDIRECT + the same agent (the
-//! capture Istio uses, so the difference is the capture alone), and HAProxy in TCP mode.
+//! capture Istio uses, so the difference is the capture alone), and HAProxy in TCP mode; and,
+//! for inbound, from an unmeshed client to a server pod each agent meshes. With
+//! `--baseline-bin`, an agent of another build runs beside this one as a variant of its own.
 //! Variants are interleaved within each repetition (rotating which goes first), and figures
 //! are medians over repetitions with their spread; ratios pair each run with the direct run
 //! of the same repetition. Then a scale step holds many idle proxied connections.
@@ -41,8 +43,14 @@ pub fn bench(
     reps: Option<usize>,
     scale_conns: Option<usize>,
     seconds: Option<u64>,
-    only: Selection,
+    mut only: Selection,
+    baseline: Option<PathBuf>,
 ) -> Result<()> {
+    match (&baseline, only.variants.contains(&plan::Variant::Baseline)) {
+        (Some(_), false) => only.variants.push(plan::Variant::Baseline),
+        (None, true) => bail!("--variant sockmesh-baseline needs --baseline-bin"),
+        _ => {}
+    }
     let plan = if quick {
         Plan {
             reps: reps.unwrap_or(1),
@@ -104,7 +112,10 @@ pub fn bench(
     let started = Instant::now();
     let machine = report::machine();
     println!("==> setting up pods, servers, agent, iptables rule, haproxy");
-    let topo = topo::create(&agent, &tmp)?;
+    if let Some(b) = &baseline {
+        println!("xtask: baseline agent {}", b.display());
+    }
+    let topo = topo::create(&agent, baseline.as_deref(), &tmp)?;
     let mut results = report::Results::new(plan.reps, only.clone());
     for rep in 0..plan.reps {
         for &w in &only.workloads {
@@ -114,6 +125,9 @@ pub fn bench(
             for k in 0..n {
                 bail_if_interrupted()?;
                 let v = only.variants[(k + rep) % n];
+                if !w.applies(v) {
+                    continue;
+                }
                 let r = w.run(&topo, v, &plan);
                 match &r {
                     Ok(vals) => println!(
