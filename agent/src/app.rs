@@ -49,6 +49,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
     let node = args.kube.validate()?;
     let mut template = args.pod_template();
+    if args.inbound_port == args.outbound_port {
+        bail!(
+            "--inbound-port and --outbound-port are both {}: each in-pod TCP listener needs its own port",
+            args.inbound_port
+        );
+    }
     if args.takeover && node.is_some() {
         bail!("--takeover cannot be combined with --kube yet: upgrade a --kube agent by restarting it with --keep-pins");
     }

@@ -68,9 +68,21 @@ pub struct RunArgs {
     /// Port of the DNS listener inside each pod (127.0.0.1 and ::1, UDP).
     #[arg(long, env = "SOCKMESH_DNS_PORT", default_value_t = 15053)]
     pub dns_port: u16,
-    /// SO_MARK carried by the agent's own sockets, which the programs never redirect.
+    /// Port of the inbound listener inside each pod (127.0.0.1 and ::1): the kernel hands it
+    /// the connections to every port an app of the pod listens on (sk_lookup).
+    #[arg(long, env = "SOCKMESH_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// SO_MARK put on the agent's own sockets, for your routing and firewall rules (e.g. to
+    /// exempt the agent's traffic from an iptables REDIRECT). The programs do not trust it: a
+    /// pod may set any mark, this one too, and is captured all the same; they know the
+    /// agent's sockets by the cookies it registers.
     #[arg(long, env = "SOCKMESH_MARK", default_value = "0x534d", value_parser = parse_mark)]
     pub mark: u32,
+    /// Refuse raw IP sockets in enrolled pods: `socket(AF_INET/AF_INET6, SOCK_RAW, ...)`
+    /// fails with EPERM, counted per pod as `raw_denied`. Packet sockets (AF_PACKET) cannot
+    /// be refused this way (see the README).
+    #[arg(long, env = "SOCKMESH_DENY_RAW_SOCKETS")]
+    pub deny_raw_sockets: bool,
     /// Outbound ports never captured, for every pod (e.g. `22,8000-8100`).
     #[arg(long, env = "SOCKMESH_EXCLUDE_OUTBOUND_PORTS", value_parser = PortRangeSpec::parse, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<PortRangeSpec>,
@@ -140,6 +152,7 @@ impl RunArgs {
             mark: self.mark,
             outbound_port: self.outbound_port,
             dns_port: self.dns_port,
+            inbound_port: self.inbound_port,
             exclude_outbound_ports: self.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),

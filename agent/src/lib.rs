@@ -30,6 +30,9 @@ use observe::{cli::Which, logging};
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh"));
+/// The inbound steering program (`sk_lookup`), loaded once per pod (see `datapath::steer`).
+static STEER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-steer"));
 
 /// `sockmesh`'s entry point: one subcommand, and on failure one line an operator can act on.
 pub fn main() -> ExitCode {

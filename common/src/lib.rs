@@ -15,8 +15,12 @@ extern crate std;
 
 /// Bumped whenever a layout or map name below (or in [`peer`]) changes.
 /// 2: per-peer maps (`SM_PEER_STATS`, `SM_PEER_STATE`), pod metadata, agent counters.
-/// 3: per-pod refusals of the agent's caps and shares (`SM_POD_REFUSED`).
-pub const SCHEMA_VERSION: u32 = 3;
+/// 3: the agent's own sockets by cookie (`SM_AGENT_SOCKS`) instead of by SO_MARK,
+/// `GlobalConfig::flags` (was padding), the `raw_denied` counter.
+/// 4: inbound steering by `sk_lookup` (`steer::*` maps, `GlobalConfig::inbound_port`, the
+/// `inbound_steered` counter), and per-pod refusals of the agent's caps and shares
+/// (`SM_POD_REFUSED`).
+pub const SCHEMA_VERSION: u32 = 4;
 
 pub mod peer;
 
@@ -33,7 +37,9 @@ pub mod map_names {
     pub const EVENTS: &str = "SM_EVENTS";
     /// Fast-reject verdicts (breaker open or rate bucket empty), see [`crate::VerdictKey`].
     pub const VERDICTS: &str = "SM_VERDICTS";
-    pub const ALL: [&str; 10] = [
+    /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
+    pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
+    pub const ALL: [&str; 11] = [
         CONFIG,
         PODS,
         POD_STATS,
@@ -44,6 +50,7 @@ pub mod map_names {
         INBOUND_BINDS,
         EVENTS,
         VERDICTS,
+        AGENT_SOCKETS,
     ];
 }
 
@@ -81,6 +88,24 @@ pub mod relay {
     }
 }
 
+/// Inbound steering: the `sk_lookup` program is loaded once per enrolled pod, from its own
+/// small object, because an `sk_lookup` program cannot ask for its network namespace's cookie
+/// (the helper is not offered to that program type): each instance has its pod's cookie as a
+/// load-time constant and its own map of that pod's inbound listeners. Like [`relay`]'s maps,
+/// that map is private to one agent process (never pinned: its entries are the agent's own
+/// sockets, and the kernel drops an entry when its socket closes, so an agent that dies leaves
+/// nothing to steer to).
+pub mod steer {
+    /// The pod's inbound listeners (sockmap, 2 slots: [`V4`], [`V6`]).
+    pub const LISTENERS: &str = "SM_IN_LISTENERS";
+    /// The slot of the listener taking IPv4 connections (127.0.0.1) and IPv6 ones (::1).
+    pub const V4: u32 = 0;
+    pub const V6: u32 = 1;
+    pub const SLOTS: u32 = 2;
+    /// The read-only global holding the instance's pod (netns cookie, u64).
+    pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
+}
+
 /// Names of the kernel programs (function names in `ebpf/`), also their link pin names.
 pub mod program_names {
     pub const CONNECT4: &str = "sm_connect4";
@@ -96,6 +121,11 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "sm_sock_ops";
     pub const GETSOCKOPT: &str = "sm_getsockopt";
     pub const SOCK_RELEASE: &str = "sm_sock_release";
+    /// Attached only with `--deny-raw-sockets`.
+    pub const SOCK_CREATE: &str = "sm_sock_create";
+    /// Inbound steering, attached to each enrolled pod's network namespace (not the cgroup);
+    /// in its own object (see [`crate::steer`]).
+    pub const SK_LOOKUP: &str = "sm_sk_lookup";
 }
 
 /// Map sizes. LRU maps evict the oldest entry when full instead of failing the hook.
@@ -106,6 +136,10 @@ pub mod map_sizes {
     pub const INBOUND_BINDS: u32 = 16384;
     pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// The agent's live sockets (`SM_AGENT_SOCKS`): listeners, spare and connected upstream
+    /// sockets, DNS upstream sockets. Above the agent's open-file limit in practice; the map
+    /// is not preallocated, so this costs memory only for what is registered.
+    pub const AGENT_SOCKETS: u32 = 262_144;
 }
 
 /// Address family as stored in [`SockAddr::family`] (values of `AF_INET` / `AF_INET6`).
@@ -147,12 +181,21 @@ impl SockAddr {
 pub struct GlobalConfig {
     /// Layout version of every map; programs do nothing unless it equals [`SCHEMA_VERSION`].
     pub schema_version: u32,
-    /// SO_MARK carried by every socket the agent owns; such sockets are never redirected.
+    /// SO_MARK the agent puts on its sockets (`--mark`), for the operator's routing and
+    /// firewall rules. The programs do **not** read it: any pod process with CAP_NET_RAW can
+    /// set any mark, so it says nothing about who owns a socket. They know the agent's
+    /// sockets by cookie (`SM_AGENT_SOCKS`).
     pub agent_mark: u32,
     /// Ports of the in-pod listeners, host order.
     pub outbound_port: u16,
     pub dns_port: u16,
-    pub _pad: u32,
+    /// The in-pod inbound listener's port (the programs do not read it: they find the
+    /// listener in [`steer::LISTENERS`]); for `sockmesh` readers of the pins.
+    pub inbound_port: u16,
+    pub _pad: u16,
+    /// [`config_flags`].
+    pub flags: u32,
+    pub _pad2: u32,
     /// Fail open: the agent's last heartbeat, CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`), rewritten
     /// every few hundred ms by a task in the agent's runtime, so a dead or hung agent stops it.
     pub heartbeat_ns: u64,
@@ -170,6 +213,28 @@ impl GlobalConfig {
             && now_ns > self.heartbeat_ns
             && now_ns - self.heartbeat_ns > self.fail_open_after_ns
     }
+}
+
+/// `GlobalConfig::flags`: agent-wide options the programs read.
+pub mod config_flags {
+    /// `--deny-raw-sockets`: `socket(AF_INET/AF_INET6, SOCK_RAW, ...)` in an enrolled pod
+    /// fails with EPERM (counted `raw_denied`).
+    pub const DENY_RAW_SOCKETS: u32 = 1 << 0;
+}
+
+/// Value of `SM_AGENT_SOCKS[socket cookie]`: a socket the agent made (and registered before
+/// using it), which no program captures. Socket cookies are assigned by the kernel, 64-bit,
+/// and never reused before a reboot; only the agent (CAP_BPF, access to the pin directory)
+/// writes this map, and `sock_release` deletes the entry when the socket goes. So a pod can
+/// neither forge nor inherit the identity, unlike a SO_MARK, which any process with
+/// CAP_NET_RAW may set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentSocket {
+    /// Process id of the agent that registered the socket (two run at once during a
+    /// `--takeover`), for readers such as `bpftool map dump`; the programs only test presence.
+    pub pid: u32,
+    pub _pad: u32,
 }
 
 /// One inclusive port range, host order. `lo == 0 && hi == 0` is an unused slot.
@@ -247,7 +312,7 @@ pub mod counter {
     pub const BYPASS_EXCLUDED: usize = 2;
     /// UDP/53 connect() or sendmsg() redirected to the DNS listener.
     pub const REDIRECT_DNS: usize = 3;
-    /// Wildcard bind moved to loopback (inbound capture).
+    /// An explicit wildcard TCP bind recorded in `SM_IN_BINDS` (inbound capture of its port).
     pub const BIND_CAPTURE: usize = 4;
     /// SO_ORIGINAL_DST answered from the origin map.
     pub const ORIGIN_HIT: usize = 5;
@@ -262,10 +327,16 @@ pub mod counter {
     /// connect() refused in the kernel: a verdict in `SM_VERDICTS` (breaker open, or the
     /// peer's rate bucket empty with no queueing) is still current.
     pub const FAST_REJECT: usize = 10;
-    /// Not captured (connect, bind or DNS sendmsg went direct): the agent's heartbeat is stale.
+    /// Not captured (connect, DNS sendmsg or an inbound connection went direct): the agent's
+    /// heartbeat is stale.
     pub const BYPASS_STALE: usize = 11;
+    /// A raw socket refused at `socket()` (`--deny-raw-sockets`).
+    pub const RAW_DENIED: usize = 12;
+    /// An inbound connection (its SYN) to a captured port handed to the agent's inbound
+    /// listener by `sk_lookup`.
+    pub const INBOUND_STEERED: usize = 13;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 14] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -278,6 +349,8 @@ pub mod counter {
         "event_lost",
         "fast_reject",
         "bypass_stale",
+        "raw_denied",
+        "inbound_steered",
     ];
 }
 
@@ -295,7 +368,7 @@ pub mod socket_kind {
     pub const TCP_REDIRECT: u16 = 1;
     /// A UDP socket whose DNS traffic goes to the DNS listener.
     pub const DNS: u16 = 2;
-    /// A listening socket whose wildcard bind was moved to loopback.
+    /// A socket holding an explicit wildcard TCP bind of its pod (an inbound capture).
     pub const BIND: u16 = 3;
 }
 
@@ -336,7 +409,8 @@ pub struct DnsKey {
     pub _pad: u32,
 }
 
-/// Key of `SM_IN_BINDS`: a listening port the kernel moved to loopback.
+/// Key of `SM_IN_BINDS`: a port an app of the pod bound on its wildcard address, so inbound
+/// connections to it are steered to the agent (`sk_lookup`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BindKey {
@@ -376,7 +450,7 @@ pub struct Verdict {
 
 /// Event kinds sent to the agent over `SM_EVENTS`.
 pub mod event_kind {
-    /// An app bound a wildcard address; the kernel moved it to loopback.
+    /// An app bound a wildcard address: its port is captured (steered to the agent).
     pub const BIND: u32 = 1;
     /// The socket that held a captured bind was released.
     pub const UNBIND: u32 = 2;
@@ -446,94 +520,9 @@ mod user {
     unsafe impl aya::Pod for SocketEntry {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for AgentSocket {}
     unsafe impl aya::Pod for super::relay::RelayPeer {}
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use core::mem::size_of;
-
-    // The layouts are an ABI: these sizes are what bpftool and other readers see.
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<SockAddr>(), 20);
-        assert_eq!(size_of::<GlobalConfig>(), 32);
-        assert_eq!(size_of::<Cidr>(), 40);
-        assert_eq!(size_of::<PodConfig>(), 4 + 8 * 4 * 2 + 8 * 40);
-        assert_eq!(size_of::<TupleKey>(), 8 + 20 + 20);
-        assert_eq!(size_of::<DnsKey>(), 16);
-        assert_eq!(size_of::<BindKey>(), 16);
-        assert_eq!(size_of::<Event>(), 16);
-        assert_eq!(size_of::<SocketEntry>(), 28);
-        assert_eq!(size_of::<super::relay::RelayPeer>(), 16);
-        assert_eq!(size_of::<VerdictKey>(), 32);
-        assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
-    }
-
-    #[test]
-    fn cidr_matches_by_family_and_mask() {
-        // 10.0.0.0/8 in network order as the kernel stores it on little endian.
-        let c = Cidr {
-            addr: [u32::from_be_bytes([10, 0, 0, 0]).to_be(), 0, 0, 0],
-            mask: [u32::from_be_bytes([255, 0, 0, 0]).to_be(), 0, 0, 0],
-            family: AF_INET,
-            _pad: [0; 3],
-        };
-        let inside = [u32::from_be_bytes([10, 1, 2, 3]).to_be(), 0, 0, 0];
-        let outside = [u32::from_be_bytes([11, 1, 2, 3]).to_be(), 0, 0, 0];
-        assert!(c.contains(AF_INET, &inside));
-        assert!(!c.contains(AF_INET, &outside));
-        assert!(!c.contains(AF_INET6, &inside));
-        assert!(!Cidr::default().contains(AF_INET, &inside));
-    }
-
-    #[cfg(feature = "user")]
-    #[test]
-    fn std_round_trip_in_network_order() {
-        use std::net::SocketAddr;
-        for s in [
-            "10.1.2.3:8080",
-            "[fd77::1]:53",
-            "127.0.0.1:15001",
-            "[::1]:1",
-        ] {
-            let a: SocketAddr = s.parse().expect("valid");
-            let k = SockAddr::from_std(a);
-            assert_eq!(k.to_std(), Some(a));
-        }
-        let k = SockAddr::from_std("10.1.2.3:8080".parse().expect("valid"));
-        // Exactly the bytes the kernel's user_ip4/user_port hold.
-        assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
-        assert_eq!(k.port.to_ne_bytes(), [0x1f, 0x90]);
-        assert_eq!(SockAddr::default().to_std(), None);
-    }
-
-    #[test]
-    fn heartbeat_goes_stale_only_past_the_bound() {
-        let cfg = GlobalConfig {
-            heartbeat_ns: 10_000,
-            fail_open_after_ns: 2_000,
-            ..Default::default()
-        };
-        assert!(!cfg.is_stale(10_000));
-        assert!(!cfg.is_stale(12_000), "exactly at the bound is still fresh");
-        assert!(cfg.is_stale(12_001));
-        assert!(
-            !cfg.is_stale(5),
-            "a heartbeat ahead of the reader's clock is fresh"
-        );
-        let never = GlobalConfig {
-            fail_open_after_ns: 0,
-            ..cfg
-        };
-        assert!(!never.is_stale(u64::MAX), "0 disables fail-open");
-    }
-
-    #[test]
-    fn port_range_is_inclusive() {
-        let r = PortRange { lo: 80, hi: 90 };
-        assert!(r.contains(80) && r.contains(90) && !r.contains(79) && !r.contains(91));
-        assert!(!PortRange::default().contains(53));
-    }
-}
+mod tests;

@@ -51,18 +51,11 @@ impl Sock {
         self.0.is_null()
     }
 
-    /// SO_MARK of the socket.
-    #[inline(always)]
-    pub fn mark(self) -> u32 {
-        // SAFETY: `self.0` is the context's live, non-null socket (see the type); `mark` is a
-        // readable field of `bpf_sock`.
-        unsafe { (*self.0).mark }
-    }
-
     /// The bound local port, host order (0 while unbound), as the kernel stores it.
     #[inline(always)]
     pub fn src_port(self) -> u16 {
-        // SAFETY: as in `mark`; `src_port` is a readable 4-byte field.
+        // SAFETY: `self.0` is the context's live, non-null socket (see the type); `src_port`
+        // is a readable 4-byte field of `bpf_sock`.
         unsafe { read_volatile(&(*self.0).src_port) as u16 }
     }
 
@@ -70,7 +63,7 @@ impl Sock {
     #[inline(always)]
     pub fn local(self) -> SockAddr {
         let port = self.src_port().to_be();
-        // SAFETY: as in `mark`; `family`, `src_ip4` and the words of `src_ip6` are readable
+        // SAFETY: as in `src_port`; `family`, `src_ip4` and the words of `src_ip6` are readable
         // 4-byte fields, `src_ip6` borrowed only for `read_ip6`'s word-by-word volatile reads.
         unsafe {
             if read_volatile(&(*self.0).family) == AF_INET as u32 {
@@ -84,7 +77,7 @@ impl Sock {
     /// The remote address of the socket, as a key address.
     #[inline(always)]
     pub fn remote(self) -> SockAddr {
-        // SAFETY: as in `mark`; `dst_port` (big-endian in its low 16 bits), `family`, `dst_ip4`
+        // SAFETY: as in `src_port`; `dst_port` (big-endian in its low 16 bits), `family`, `dst_ip4`
         // and the words of `dst_ip6` are readable 4-byte fields, `dst_ip6` borrowed only for
         // `read_ip6`'s word-by-word volatile reads.
         unsafe {

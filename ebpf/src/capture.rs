@@ -1,5 +1,6 @@
 //! Whether a program may take a socket over: the checks the capturing hooks (connect, DNS
-//! sendmsg, bind) share, written once so they cannot drift apart. The hooks that only restore
+//! sendmsg, bind) share, written once so they cannot drift apart. (`sk_lookup`, which steers
+//! inbound connections, has no socket of the pod to check: see `steer.rs`.) The hooks that only restore
 //! what a capture did (getpeername, recvmsg, sock_ops, getsockopt, sock_release) do not come
 //! here: undoing their work would break connections already proxied.
 use aya_ebpf::programs::SockAddrContext;
@@ -18,8 +19,8 @@ pub enum Target<'a> {
     /// A UDP connect() or datagram to this port-53 destination: it would go to the DNS
     /// listener.
     Dns(&'a SockAddr),
-    /// An app's explicit wildcard TCP bind of this port (host order): it would move to
-    /// loopback, the agent listening on the pod's address in its place.
+    /// An app's explicit wildcard TCP bind of this port (host order): inbound connections to
+    /// the port would be steered to the agent.
     Bind(u16),
 }
 
@@ -56,19 +57,24 @@ pub struct Captured {
 }
 
 /// Whether the socket of `ctx` may be captured for `target`, in this order:
-/// - the agent runs this schema, the socket is not the agent's own (its SO_MARK), and its
-///   network namespace is an enrolled pod (`pod_for`);
+/// - the agent runs this schema, the socket's network namespace is an enrolled pod, and the
+///   socket is not one the agent registered as its own (`pod_for`); its SO_MARK plays no
+///   part: a pod may set any mark, the agent's too, and is captured all the same;
 /// - the pod has this capture turned on;
 /// - the pod does not exclude it: loopback destinations (counted `bypass_loopback`) and the
 ///   pod's outbound ports/CIDRs for connect and sendmsg, the pod's inbound ports for bind
 ///   (both counted `bypass_excluded`);
-/// - the agent is alive (`agent_alive`, counted `bypass_stale` otherwise).
+/// - for connect and sendmsg, the agent is alive (`agent_alive`, counted `bypass_stale`
+///   otherwise). A bind is recorded even while the agent is dead: recording takes nothing
+///   from the app (its socket keeps its wildcard bind), `sk_lookup` checks the heartbeat for
+///   every connection, and an agent that comes back on the same pins then captures the ports
+///   bound while it was away.
 ///
 /// Each check counts only when every check before it passed.
 #[inline(always)]
 pub fn capture(ctx: &SockAddrContext, target: Target) -> Option<Captured> {
+    let (netns, cfg, pod) = pod_for(ctx)?;
     let sk = Sock::of_sock_addr(ctx);
-    let (netns, cfg, pod) = pod_for(ctx, sk)?;
     if !pod.has(target.flag()) {
         return None;
     }
@@ -88,6 +94,7 @@ pub fn capture(ctx: &SockAddrContext, target: Target) -> Option<Captured> {
                 count(netns, counter::BYPASS_EXCLUDED);
                 return None;
             }
+            return Some(Captured { netns, cfg, sk });
         }
     }
     if !agent_alive(netns, cfg) {

@@ -175,10 +175,10 @@ pub fn sm_recvmsg6(ctx: SockAddrContext) -> i32 {
 /// A reply from the DNS listener is shown as coming from the server the app asked.
 #[inline(always)]
 fn recvmsg(ctx: &SockAddrContext, v6: bool) {
-    let sk = Sock::of_sock_addr(ctx);
-    let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
+    let Some((netns, cfg, _pod)) = pod_for(ctx) else {
         return;
     };
+    let sk = Sock::of_sock_addr(ctx);
     let src = user_addr(ctx, v6);
     if u16::from_be(src.port) != cfg.dns_port || !is_loopback(&src) {
         return;

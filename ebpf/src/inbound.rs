@@ -1,22 +1,26 @@
-//! Inbound capture: an app's wildcard TCP bind is moved to loopback and the agent is told, so
-//! it listens on the pod's address and forwards to the app; socket release cleans up.
+//! Inbound capture: an app's explicit wildcard TCP bind is recorded (`SM_IN_BINDS`) and the
+//! agent is told; the bind itself is not changed. `sk_lookup` (steer.rs) then hands the
+//! port's inbound connections to the agent, which forwards them to the app over loopback.
+//! Socket release forgets the bind.
 use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::read_volatile;
 use sockmesh_common::{
     counter, event_kind, socket_kind, BindKey, BindValue, Event, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
-    addr::{read_ip6, sock_type, LOOPBACK4_BE, LOOPBACK6_BE},
+    addr::{read_ip6, sock_type},
     capture::{capture, Captured, Target},
     dns,
-    maps::{EVENTS, INBOUND_BINDS, PODS, SOCKETS},
-    util::{count, netns_cookie, socket_cookie, SOCK_STREAM},
+    maps::{AGENT_SOCKETS, EVENTS, INBOUND_BINDS, SOCKETS},
+    util::{count, is_agent_socket, netns_cookie, socket_cookie, BPF_NOEXIST, SOCK_STREAM},
 };
+
+const EEXIST: i32 = 17;
 
 #[cgroup_sock_addr(bind4)]
 pub fn sm_bind4(ctx: SockAddrContext) -> i32 {
@@ -58,20 +62,8 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     let Some(Captured { netns, .. }) = capture(ctx, Target::Bind(port)) else {
         return;
     };
-    // SAFETY: `sa` is the kernel's context pointer, used by nothing else while this runs;
-    // `user_ip4` and the words of `user_ip6` are 4-byte fields a bind program may write (the
-    // verifier refuses the program otherwise), written one word at a time.
-    unsafe {
-        if v6 {
-            let p = &mut (*sa).user_ip6;
-            write_volatile(&mut p[0], 0);
-            write_volatile(&mut p[1], 0);
-            write_volatile(&mut p[2], 0);
-            write_volatile(&mut p[3], LOOPBACK6_BE[3]);
-        } else {
-            write_volatile(&mut (*sa).user_ip4, LOOPBACK4_BE);
-        }
-    }
+    // The bind itself is left alone: the app keeps its wildcard address. Recording the port
+    // is all the capture is; `sk_lookup` steers its connections while the agent serves.
     let family = if v6 { AF_INET6 } else { AF_INET };
     let cookie = socket_cookie(ctx);
     let key = BindKey {
@@ -86,18 +78,29 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
         family,
         ..Default::default()
     };
-    if INBOUND_BINDS
-        .insert(
-            &key,
-            &BindValue {
-                socket_cookie: cookie,
-            },
-            0,
-        )
-        .is_err()
-        || SOCKETS.insert(&cookie, &entry, 0).is_err()
-    {
+    // NOEXIST: the first socket to bind a port holds its entry until it is released. A
+    // second bind of the port is one that is about to fail (EADDRINUSE: this hook runs before
+    // the kernel checks) or one more socket of a SO_REUSEPORT group; taking the entry over
+    // would let that socket's release end the capture of a port the first one still serves.
+    match INBOUND_BINDS.insert(
+        &key,
+        &BindValue {
+            socket_cookie: cookie,
+        },
+        BPF_NOEXIST,
+    ) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => return,
+        Err(_) => {
+            count(netns, counter::MAP_FULL);
+            return;
+        }
+    }
+    if SOCKETS.insert(&cookie, &entry, 0).is_err() {
+        // Without its socket entry the release could not forget the bind: do not keep it.
+        let _ = INBOUND_BINDS.remove(&key);
         count(netns, counter::MAP_FULL);
+        return;
     }
     send_event(netns, event_kind::BIND, family, port);
     count(netns, counter::BIND_CAPTURE);
@@ -118,16 +121,23 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 }
 
 /// Socket release: drop what the programs kept for this socket, and tell the agent when the
-/// socket holding a captured bind goes away. (This hook cannot read the socket's addresses:
-/// everything needed is in its `SM_SOCKETS` entry.)
+/// socket holding a captured bind goes away (its port is then no longer steered). (This hook
+/// cannot read the socket's addresses: everything needed is in its `SM_SOCKETS` entry.)
+///
+/// Whether the pod is still enrolled does not matter: a socket released while no agent runs,
+/// or after its pod was removed, must not leave its pod's port recorded as bound (a new agent
+/// on the same pins would steer it, and the record would keep the port from the next bind).
 #[cgroup_sock(sock_release)]
 pub fn sm_sock_release(ctx: SockContext) -> i32 {
-    let netns = netns_cookie(&ctx);
-    // Only whether the pod is enrolled: the value is not read.
-    if PODS.get_ptr(&netns).is_none() {
+    let cookie = socket_cookie(&ctx);
+    // Before the pod check: the agent's sockets outlive a pod's enrolment (connections
+    // finishing after it left), and their entries must go with them all the same. The agent's
+    // sockets are never captured, so there is nothing else to undo.
+    if is_agent_socket(cookie) {
+        let _ = AGENT_SOCKETS.remove(&cookie);
         return 1;
     }
-    let cookie = socket_cookie(&ctx);
+    let netns = netns_cookie(&ctx);
     // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
     // integers, valid for any bytes. It is this socket's own entry (keyed by its cookie), and
     // release is the socket's last hook, so none of its hooks rewrites it meanwhile; were the

@@ -1,6 +1,8 @@
-//! sockmesh kernel programs. All are attached once at the cgroup2 root (multi-attach links)
-//! and act only on sockets whose network namespace is enrolled in `SM_PODS`; every other
-//! socket, and every socket carrying the agent's SO_MARK, passes untouched.
+//! sockmesh kernel programs. All but one are attached once at the cgroup2 root (multi-attach
+//! links) and act only on sockets whose network namespace is enrolled in `SM_PODS`; every other
+//! socket, and every socket the agent registered as its own (`SM_AGENT_SOCKS`, by cookie),
+//! passes untouched. The exception, `sk_lookup` (inbound steering), is attached to each
+//! enrolled pod's network namespace and built as an object of its own (`bin/steer.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Every `unsafe` block says why it is sound (checked by `cargo +nightly clippy --target
@@ -19,6 +21,8 @@ mod inbound;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod outbound;
+#[cfg(target_arch = "bpf")]
+mod raw;
 #[cfg(target_arch = "bpf")]
 mod relay;
 #[cfg(target_arch = "bpf")]

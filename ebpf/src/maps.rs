@@ -7,9 +7,12 @@ use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta, PodRefused,
 };
 use sockmesh_common::{
-    map_sizes, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    SocketEntry, TupleKey, Verdict, VerdictKey,
+    map_sizes, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
+    SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
 };
+
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates entries as they are inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "SM_CONFIG")]
 pub static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
@@ -17,6 +20,13 @@ pub static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
 /// Enrolled pods by network-namespace cookie.
 #[map(name = "SM_PODS")]
 pub static PODS: HashMap<u64, PodConfig> = HashMap::pinned(map_sizes::PODS, 0);
+
+/// The agent's own sockets by socket cookie, registered by the agent before it uses them
+/// and deleted by `sock_release`: the one thing that exempts a socket from capture. A plain
+/// hash (not LRU), so nothing a pod does can evict an entry; written only by the agent.
+#[map(name = "SM_AGENT_SOCKS")]
+pub static AGENT_SOCKETS: HashMap<u64, AgentSocket> =
+    HashMap::pinned(map_sizes::AGENT_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map(name = "SM_POD_STATS")]
 pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_sizes::PODS, 0);
@@ -39,7 +49,7 @@ pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr> =
 #[map(name = "SM_DNS_ORIG")]
 pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
 
-/// Wildcard binds moved to loopback.
+/// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers.
 #[map(name = "SM_IN_BINDS")]
 pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
     LruHashMap::pinned(map_sizes::INBOUND_BINDS, 0);

@@ -299,10 +299,10 @@ pub fn sm_getpeername6(ctx: SockAddrContext) -> i32 {
 /// the app that accepted from the agent sees the real client.
 #[inline(always)]
 fn getpeername(ctx: &SockAddrContext, v6: bool) {
-    let sk = Sock::of_sock_addr(ctx);
-    let Some((netns, cfg, _pod)) = pod_for(ctx, sk) else {
+    let Some((netns, cfg, _pod)) = pod_for(ctx) else {
         return;
     };
+    let sk = Sock::of_sock_addr(ctx);
     let peer = user_addr(ctx, v6);
     if !is_loopback(&peer) {
         return;

@@ -11,12 +11,9 @@ use sockmesh_common::{
 };
 
 /// `BPF_NOEXIST` map-update flag: create only.
-const BPF_NOEXIST: u64 = 1;
+pub const BPF_NOEXIST: u64 = 1;
 
-use crate::{
-    addr::Sock,
-    maps::{CONFIG, PEER_STATS, PODS, POD_STATS},
-};
+use crate::maps::{AGENT_SOCKETS, CONFIG, PEER_STATS, PODS, POD_STATS};
 
 pub const SOCK_STREAM: u32 = 1;
 pub const SOCK_DGRAM: u32 = 2;
@@ -47,17 +44,14 @@ pub fn now_ns() -> u64 {
 }
 
 /// The enrolled pod a socket belongs to, if the agent is configured for this schema and the
-/// socket is not the agent's own.
+/// socket is not the agent's own ([`is_agent_socket`]). For sock_addr programs (connect,
+/// sendmsg, bind, getpeername, recvmsg), which run in the calling process's context.
 #[inline(always)]
 pub fn pod_for<C: EbpfContext>(
     ctx: &C,
-    sk: Sock,
 ) -> Option<(u64, &'static GlobalConfig, &'static PodConfig)> {
     let cfg = CONFIG.get(0)?;
     if cfg.schema_version != SCHEMA_VERSION {
-        return None;
-    }
-    if !sk.is_null() && sk.mark() == cfg.agent_mark {
         return None;
     }
     let netns = netns_cookie(ctx);
@@ -68,7 +62,34 @@ pub fn pod_for<C: EbpfContext>(
     // so a hook racing the agent may act once on old, half-updated or another pod's settings;
     // it never reads outside the map's memory.
     let pod = unsafe { PODS.get(&netns) }?;
+    // Only sockets of enrolled pods pay for this second lookup; host sockets stop above.
+    if is_agent_socket(socket_cookie(ctx)) {
+        return None;
+    }
     Some((netns, cfg, pod))
+}
+
+/// Whether the agent registered this socket as its own (`SM_AGENT_SOCKS`): its upstream
+/// connections, DNS queries and listeners, which must never be captured (no loops).
+///
+/// Why a registered socket cookie and not the SO_MARK the programs used to trust: since Linux
+/// 5.17 CAP_NET_RAW is enough to set any SO_MARK, container runtimes grant NET_RAW by
+/// default, and `--mark` is public, so a pod could mark its own sockets and bypass the mesh.
+/// A cookie is assigned by the kernel and never reused before a reboot, and only the agent
+/// can write the map. Compared with the alternatives, checked against this kernel's verifier
+/// (6.18): `bpf_get_socket_cookie` is allowed in every program that decides or undoes a
+/// capture (connect4/6, sendmsg4/6, bind4/6, getpeername4/6, recvmsg4/6, sock_ops,
+/// sock_release; getsockopt may not call it, and needs no identity: it answers from a tuple
+/// map keyed by netns). `bpf_get_current_pid_tgid` is allowed everywhere too, but a tgid
+/// names a process, not a socket: in sock_ops callbacks run from softirq it is whatever task
+/// was interrupted, a dead agent's pid can be reused by a pod process (pid_max is 32768 on
+/// this machine) while its entry stays pinned, and it needs the agent in the root pid
+/// namespace. `bpf_get_current_cgroup_id` is allowed in the same places, but outside
+/// Kubernetes (pods as plain network namespaces, the tests) pod processes share the agent's
+/// cgroup.
+#[inline(always)]
+pub fn is_agent_socket(cookie: u64) -> bool {
+    AGENT_SOCKETS.get_ptr(&cookie).is_some()
 }
 
 #[inline(always)]

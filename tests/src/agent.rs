@@ -154,6 +154,9 @@ pub struct Agent {
     history: Arc<Mutex<Vec<Value>>>,
     stderr_log: PathBuf,
     bpffs: Arc<BpfFsDir>,
+    /// The agent's pin directory as seen from here: `bpffs`, or a directory in it for an
+    /// agent in a container that mounts `bpffs` as its own bpf filesystem.
+    pins: PathBuf,
     _tmp: TempDir,
 }
 
@@ -175,9 +178,6 @@ impl Agent {
         S: AsRef<OsStr>,
     {
         crate::sys::require_root();
-        let tmp = TempDir::new()?;
-        let stderr_log = tmp.join("agent.stderr.log");
-        let stdout_log = tmp.join("agent.stdout.log");
         let args: Vec<std::ffi::OsString> =
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let mut cmd = Command::new(sockmesh_bin());
@@ -189,11 +189,21 @@ impl Agent {
         }
         cmd.arg("--bpffs-dir")
             .arg(bpffs.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr_log)?)
             .env("RUST_BACKTRACE", "1");
         hermetic_env(&mut cmd);
+        let pins = bpffs.path().to_path_buf();
+        Self::spawn(cmd, bpffs, pins)
+    }
+
+    /// Starts `cmd`, a command whose stdout and stderr are the agent's (such as a container
+    /// runtime running it in the foreground), whose pins are in `pins` under `bpffs`.
+    pub fn spawn(mut cmd: Command, bpffs: Arc<BpfFsDir>, pins: PathBuf) -> Result<Self> {
+        let tmp = TempDir::new()?;
+        let stderr_log = tmp.join("agent.stderr.log");
+        let stdout_log = tmp.join("agent.stdout.log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_log)?);
         sys::own_group_and_die_with_parent(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -227,6 +237,7 @@ impl Agent {
             history,
             stderr_log,
             bpffs,
+            pins,
             _tmp: tmp,
         })
     }
@@ -235,9 +246,9 @@ impl Agent {
         self.child.lock().expect("child lock").id()
     }
 
-    /// The `--bpffs-dir` this agent was given.
+    /// The agent's pin directory (the `--bpffs-dir` it was given, seen from here).
     pub fn bpffs_dir(&self) -> &Path {
-        self.bpffs.path()
+        &self.pins
     }
 
     /// A handle on the bpffs directory, to keep it (and pins left with `--keep-pins`) alive
@@ -344,7 +355,7 @@ impl Agent {
 
     /// `sockmesh stats --bpffs-dir <dir> --json`, parsed.
     pub fn stats(&self) -> Result<Value> {
-        let dir = self.bpffs.path().to_string_lossy().into_owned();
+        let dir = self.pins.to_string_lossy().into_owned();
         let (status, out, err) = Self::run_to_exit(["stats", "--bpffs-dir", &dir, "--json"])?;
         if !status.success() {
             bail!("sockmesh stats failed ({status}): {err}");
@@ -354,7 +365,7 @@ impl Agent {
 
     /// `sockmesh <what> --bpffs-dir <dir> --json <extra...>` (what: stats, peers, pods), parsed.
     pub fn read_json(&self, what: &str, extra: &[&str]) -> Result<Value> {
-        read_json(self.bpffs.path(), what, extra)
+        read_json(&self.pins, what, extra)
     }
 
     /// Where the metrics endpoint listens (from the `metrics_listening` event).
@@ -436,7 +447,7 @@ impl Drop for Agent {
             let events: Vec<String> = self.events().iter().map(Value::to_string).collect();
             eprintln!(
                 "----- [smt] agent (bpffs {}) events -----\n{}\n----- agent stderr -----\n{}\n----- end of agent log -----",
-                self.bpffs.path().display(),
+                self.pins.display(),
                 events.join("\n"),
                 sys::tail(&self.stderr_log, 32 * 1024)
             );

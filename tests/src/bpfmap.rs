@@ -102,6 +102,11 @@ impl PinnedMap {
 
     /// Whether `key` is in the map.
     pub fn contains(&self, key: &[u8]) -> io::Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// The value of `key`, if it is in the map.
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let mut value = vec![0u8; self.value_size];
         self.check(key, &value)?;
         let attr = Attr::new()
@@ -109,8 +114,8 @@ impl PinnedMap {
             .u64_at(8, key.as_ptr() as u64)
             .u64_at(16, value.as_mut_ptr() as u64);
         match bpf(BPF_MAP_LOOKUP_ELEM, attr) {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
     }

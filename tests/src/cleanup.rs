@@ -57,6 +57,21 @@ pub fn sweep_stale() -> Result<Vec<String>> {
     let mut done = Vec::new();
     let me = std::process::id();
 
+    // 0. Containers: an agent in a runc container (killed and removed with its cgroups), and
+    //    the podman container an image is exported from. Only where those tools exist.
+    if crate::sys::on_path("runc") {
+        for id in crate::runc::list().into_iter().filter(|id| stale(id)) {
+            crate::runc::delete(&id);
+            done.push(format!("removed runc container {id}"));
+        }
+    }
+    if crate::sys::on_path("podman") {
+        for name in crate::image::containers().into_iter().filter(|n| stale(n)) {
+            crate::image::remove_container(&name);
+            done.push(format!("removed podman container {name}"));
+        }
+    }
+
     // 1. Orphaned agents: their test died, so nobody will stop them.
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {

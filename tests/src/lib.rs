@@ -22,16 +22,25 @@
 
 pub mod agent;
 pub mod bpfmap;
+pub mod caps;
 pub mod cleanup;
+pub mod daemonset;
+pub mod image;
 pub mod kubeapi;
 pub mod kubelet;
+pub mod kubepod;
+pub mod manifest;
 pub mod names;
 pub mod netns;
+pub mod node;
+pub mod ocispec;
 pub mod peers;
 pub mod pod;
 pub mod process;
 pub mod procnet;
 pub mod prom;
+pub mod rawpkt;
+pub mod runc;
 pub mod sockaddr;
 pub mod sys;
 pub mod tempdir;
@@ -46,7 +55,7 @@ pub use peers::{
 };
 pub use pod::{Cluster, Pod};
 pub use process::Proc;
-pub use procnet::{tcp_listeners, wait_tcp_listening};
+pub use procnet::{established, tcp_listeners, wait_tcp_listening, Established};
 pub use sockaddr::{getpeername, getsockname, original_dst, parse_sockaddr, unmap};
 pub use sys::require_root;
 pub use tempdir::TempDir;

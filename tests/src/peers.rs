@@ -96,8 +96,8 @@ impl TcpServer {
         })
     }
 
-    /// The address actually bound (as getsockname reports it: the agent's bind hook may have
-    /// moved a wildcard bind to loopback).
+    /// The address actually bound, as getsockname reports it (the mesh leaves an app's bind
+    /// as it asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }

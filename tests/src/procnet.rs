@@ -1,6 +1,7 @@
 //! Which TCP sockets are listening in a pod, read from the kernel's /proc/net tables of the
-//! pod's namespace. Checking this way never connects to the application, so it cannot disturb
-//! servers that count connections, nor be redirected by the agent's programs.
+//! pod's namespace, and which are established, with their cookies (`ss`). Checking this way
+//! never connects to the application, so it cannot disturb servers that count connections,
+//! nor be redirected by the agent's programs.
 
 use crate::pod::Pod;
 use anyhow::{bail, Context, Result};
@@ -148,4 +149,33 @@ mod tests {
         let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap();
         assert!(parse_listening(&table).contains(&l.local_addr().unwrap()));
     }
+}
+
+/// An established TCP socket as `ss -tne` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Established {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// The socket cookie (`sk:`, printed in hex): what `bpf_get_socket_cookie` and
+    /// `SO_COOKIE` return, the key of the agent's `SM_AGENT_SOCKS`.
+    pub cookie: u64,
+}
+
+/// Every established TCP socket in `pod`, whoever owns it (the app's or the agent's).
+pub fn established(pod: &Pod) -> Result<Vec<Established>> {
+    let out = pod.exec(&["ss", "-tneH", "state", "established"])?;
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let parse = || -> Option<Established> {
+                let cookie = f.iter().find_map(|w| w.strip_prefix("sk:"))?;
+                Some(Established {
+                    local: f.get(2)?.parse().ok()?,
+                    peer: f.get(3)?.parse().ok()?,
+                    cookie: u64::from_str_radix(cookie, 16).ok()?,
+                })
+            };
+            parse().with_context(|| format!("unexpected ss line {l:?}"))
+        })
+        .collect()
 }

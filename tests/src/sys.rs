@@ -70,6 +70,15 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration, scratch: &Path) -> Resu
     result
 }
 
+/// Whether `program` is an executable on PATH.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            fs::metadata(d.join(program)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Runs `ip <args>`.
 pub fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))

@@ -144,6 +144,16 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Which agent registered the socket with this cookie as its own (its pid, from
+/// `SM_AGENT_SOCKS` under `agent`'s pin directory), if any did.
+pub fn agent_socket_owner(agent: &Agent, cookie: u64) -> Option<u32> {
+    let path = agent.bpffs_dir().join("SM_AGENT_SOCKS");
+    let map = sockmesh_tests::bpfmap::PinnedMap::open(&path, 8, 8).expect("SM_AGENT_SOCKS");
+    map.get(&cookie.to_ne_bytes())
+        .expect("lookup")
+        .map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+}
+
 /// The agent's status event (SIGUSR1): live tasks, pipes, kernel relay counters.
 pub fn status(agent: &Agent) -> Value {
     agent.signal(libc::SIGUSR1).expect("SIGUSR1");

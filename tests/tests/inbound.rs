@@ -1,5 +1,6 @@
-//! Inbound capture: a wildcard bind in an enrolled pod is moved to loopback, the agent listens
-//! on the pod's address and forwards, and the app sees the real client (accept/getpeername).
+//! Inbound capture: an app in an enrolled pod keeps its wildcard bind, the kernel (sk_lookup)
+//! steers connections to that port to the agent's inbound listener, the agent forwards them to
+//! the app over the pod's loopback, and the app sees the real client (accept/getpeername).
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -16,9 +17,9 @@ fn inbound_capture(bind: &str, v6_client: bool) {
     agent.wait_ready().expect("ready");
     let app = TcpServer::start(&app_pod, bind.parse().expect("addr")).expect("app");
     let port = app.local_addr().port();
-    // The kernel moved the app's wildcard bind to the pod's loopback.
+    // The app keeps the address it bound: nothing of it depends on the agent being there.
     assert!(
-        app.local_addr().ip().is_loopback(),
+        app.local_addr().ip().is_unspecified(),
         "app bound {}",
         app.local_addr()
     );
@@ -45,9 +46,12 @@ fn inbound_capture(bind: &str, v6_client: bool) {
         unmap(c.local),
         "the app sees the real client"
     );
+    // (For a dual-stack app an IPv4 client arrives as ::ffff:127.0.0.1, as an IPv4 client
+    // without the mesh arrives v4-mapped.)
     assert!(
-        acc.local.ip().is_loopback(),
-        "the connection arrived on loopback (via the agent)"
+        acc.local.ip().to_canonical().is_loopback(),
+        "the connection arrived on loopback (via the agent): {}",
+        acc.local
     );
     assert_eq!(
         unmap(acc.from),
@@ -55,6 +59,7 @@ fn inbound_capture(bind: &str, v6_client: bool) {
         "accept() returns the real client too"
     );
     assert_eq!(counter(&agent, &app_pod, "bind_capture"), 1);
+    assert_eq!(counter(&agent, &app_pod, "inbound_steered"), 1);
     assert!(counter(&agent, &app_pod, "peer_restored") >= 1);
 }
 

@@ -11,50 +11,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+use sockmesh_tests::kubepod::KubePod;
 use sockmesh_tests::names::unique_name;
 use sockmesh_tests::*;
 
 /// Generous: the agent's first list, or its watch retrying with backoff after an outage.
 const KT: Duration = Duration::from_secs(60);
 const MESH: &str = "sockmesh.io/mesh";
-
-/// A test pod as Kubernetes would have it: a namespace with a process in a kubelet-named
-/// cgroup, and the Pod object the fake API serves.
-struct KubePod {
-    pod: Pod,
-    procs: Vec<Proc>,
-    cgroup: KubeletPod,
-    obj: FakePod,
-}
-
-impl KubePod {
-    fn new(cluster: &Cluster, label: &str, ns: &str, node: &str, driver: Driver) -> KubePod {
-        let pod = cluster.add_pod(label).expect("pod");
-        let cgroup = KubeletPod::new(&new_uid(), driver).expect("kubelet cgroup");
-        let obj = FakePod::new(ns, label, &cgroup.uid, node);
-        let mut kp = KubePod {
-            pod,
-            procs: vec![],
-            cgroup,
-            obj,
-        };
-        kp.start_container();
-        kp
-    }
-
-    /// Another "container": a process in the pod's namespace and in a new container cgroup.
-    fn start_container(&mut self) -> u32 {
-        let p = self.pod.spawn(&["sleep", "1000"]).expect("sleep in pod");
-        let pid = p.pid();
-        self.cgroup.container(pid).expect("into the pod cgroup");
-        self.procs.push(p);
-        pid
-    }
-
-    fn uid(&self) -> &str {
-        &self.cgroup.uid
-    }
-}
 
 /// A cluster with a server pod (echo on 8080), a fake API server and a fresh node name.
 struct World {

@@ -258,7 +258,7 @@ fn the_agents_own_connections_are_never_redirected() {
         );
         assert!(
             acc.local.ip().is_loopback(),
-            "b's app was moved to loopback"
+            "b's app was reached through the agent (on its loopback)"
         );
     }
     assert_eq!(

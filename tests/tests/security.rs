@@ -1,5 +1,5 @@
-//! Security: the agent's in-pod listeners serve only their own pod, an inbound listener only
-//! forwards to its own pod's app, the agent is not an open relay, and it runs with no more
+//! Security: the agent's in-pod listeners serve only their own pod, an inbound connection
+//! only reaches its own pod's app, the agent is not an open relay, and it runs with no more
 //! capabilities than it needs.
 mod common;
 
@@ -136,13 +136,23 @@ fn an_inbound_listener_forwards_only_to_its_own_pods_app() {
             target.label()
         );
     }
-    // Each pod holds only its own address's listener.
-    let in_a = tcp_listeners(&a).expect("listeners");
-    assert!(in_a.iter().any(|l| *l == a.addr4(8080)), "{in_a:?}");
-    assert!(
-        !in_a.iter().any(|l| l.ip() == b.addr4(8080).ip()),
-        "{in_a:?}"
-    );
+    // The agent holds nothing on a pod's address: its inbound listener is on each pod's
+    // loopback (the kernel hands it the connections), so no other pod can reach it directly.
+    for pod in [&a, &b] {
+        let listeners = tcp_listeners(pod).expect("listeners");
+        assert!(
+            listeners.contains(&"127.0.0.1:15006".parse().expect("addr")),
+            "{listeners:?}"
+        );
+        assert!(
+            listeners
+                .iter()
+                .all(|l| l.ip().is_loopback() || l.ip().is_unspecified()),
+            "a listener on a pod address: {listeners:?}"
+        );
+        let err = tcp_connect(&client, pod.addr4(15006), T).expect_err("not reachable");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    }
 }
 
 #[test]
@@ -159,8 +169,14 @@ fn the_agent_is_not_an_open_relay() {
     agent.wait_ready().expect("ready");
 
     // Straight to the listener (a loopback destination is never captured, so the kernel holds
-    // no origin for it): the agent has nowhere legitimate to send it, and resets it.
-    for listener in ["127.0.0.1:15001", "[::1]:15001"] {
+    // no origin for it): the agent has nowhere legitimate to send it, and resets it. The same
+    // for the inbound listener: a connection the kernel did not steer there has no app port.
+    for listener in [
+        "127.0.0.1:15001",
+        "[::1]:15001",
+        "127.0.0.1:15006",
+        "[::1]:15006",
+    ] {
         let dst: SocketAddr = listener.parse().expect("addr");
         let end = pod.run(|| -> std::io::Result<usize> {
             let mut s = std::net::TcpStream::connect_timeout(&dst, T)?;
@@ -177,7 +193,7 @@ fn the_agent_is_not_an_open_relay() {
     assert_eq!(
         counter(&agent, &pod, "origin_miss"),
         2,
-        "asked for an origin, found none"
+        "asked for an origin, found none (the outbound listener asks, the inbound one need not)"
     );
 
     // A captured connection to the pod's own address on the listener port is not looped back

@@ -55,6 +55,25 @@ fn takeover_refuses_no_connection_and_the_old_agent_drains() {
             .expect("the old agent hands over");
         progress(PHASE);
 
+        // Two agents at once, each known to the programs by the sockets it registered: the
+        // old one's upstream socket of the long connection, the new one's of a fresh
+        // connection. Neither is captured again (both connections are answered).
+        let mut fresh = tcp_connect(&client, dst, T).expect("connect");
+        tcp_echo_roundtrip(&mut fresh.stream, b"fresh").expect("echo on the new agent");
+        let owners: Vec<u32> = established(&client)
+            .expect("ss")
+            .into_iter()
+            .filter(|e| e.local.ip() == client.ip4() && e.peer == dst)
+            .filter_map(|e| common::agent_socket_owner(&second, e.cookie))
+            .collect();
+        for (agent, which) in [(&first, "old"), (&second, "new")] {
+            assert!(
+                owners.contains(&agent.pid()),
+                "no upstream socket of the {which} agent registered: {owners:?}"
+            );
+        }
+        drop(fresh);
+
         // The old agent drains: its live connection still works, then ends normally.
         tcp_echo_roundtrip(&mut long.stream, b"during the drain").expect("echo on the old agent");
         drop(long);

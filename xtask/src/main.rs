@@ -64,14 +64,19 @@ enum Cmd {
         /// Seconds per run (default 4, or 2 with --quick); longer runs help a profiler.
         #[arg(long)]
         seconds: Option<u64>,
-        /// Only these workloads, comma-separated: bulk1, bulk8, rr, new-conns, connect
-        /// (default: all).
+        /// Only these workloads, comma-separated: bulk1, bulk8, rr, new-conns, connect,
+        /// inbound-conns (default: all).
         #[arg(long, value_name = "NAMES")]
         workload: Option<String>,
         /// Only these variants, comma-separated: direct, sockmesh, iptables, haproxy,
-        /// sockmesh-splice (default: all; direct is always run, every ratio needs it).
+        /// sockmesh-splice, sockmesh-baseline (default: all; direct is always run, every ratio
+        /// needs it; the baseline only with --baseline-bin).
         #[arg(long, value_name = "NAMES")]
         variant: Option<String>,
+        /// Another build of the agent (e.g. main's) to measure beside this one in the same
+        /// run, as the variant sockmesh-baseline.
+        #[arg(long, value_name = "PATH")]
+        baseline_bin: Option<std::path::PathBuf>,
     },
     /// Soak: many connections with random sizes, half-closes and resets through the mesh
     /// between two pods; bytes checked per connection, agent fds/tasks/RSS flat (needs root).
@@ -115,8 +120,9 @@ fn main() -> ExitCode {
             seconds,
             workload,
             variant,
+            baseline_bin,
         } => bench::Selection::parse(workload.as_deref(), variant.as_deref())
-            .and_then(|only| bench::bench(quick, reps, scale_conns, seconds, only)),
+            .and_then(|only| bench::bench(quick, reps, scale_conns, seconds, only, baseline_bin)),
         Cmd::Soak { conns, secs, seed } => soak::soak(conns, secs, seed),
     };
     match result {

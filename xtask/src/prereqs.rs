@@ -33,6 +33,14 @@ const PACKAGES: &[(&str, &[&str])] = &[
     ("socat", &["socat"]),
     ("iptables", &["iptables"]),
     ("procps", &["ps", "sysctl"]),
+    // The container test (tests/tests/container.rs): podman builds the image from the
+    // Dockerfile, runc runs it (podman cannot here: it always sets rlimits, which this kind of
+    // machine forbids), mmdebstrap makes the Debian base image with no registry, strip makes
+    // the agent binary the image gets small.
+    ("podman", &["podman"]),
+    ("runc", &["runc"]),
+    ("mmdebstrap", &["mmdebstrap"]),
+    ("binutils", &["strip"]),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -54,6 +54,9 @@ use crate::{
     telemetry::{flush::Observer, recorder::Recorder},
 };
 
+/// How often the captured-port report is checked against `SM_IN_BINDS`.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
 /// The pods, ready to enrol, and on `--takeover` what the running agent handed over.
 pub struct Prepared {
     pub pods: Vec<Enrolment>,
@@ -150,6 +153,8 @@ impl Agent {
                 mark: args.mark,
                 outbound_port: args.outbound_port,
                 dns_port: args.dns_port,
+                deny_raw_sockets: args.deny_raw_sockets,
+                inbound_port: args.inbound_port,
                 keep_pins: args.keep_pins,
                 kernel_log: args.kernel_log,
                 fail_open_after: args.fail_open_after.0,
@@ -280,21 +285,25 @@ impl Agent {
     /// The event loop: runs until a signal stops the agent or a successor took over.
     pub async fn serve(&mut self, sig: &mut Signals) -> Exit {
         let clock = self.shared.admission.clock();
+        // Events can be lost (a full ring); what the kernel recorded is read again every second
+        // so the captured-port report catches up. (Capture itself never waits for the agent.)
+        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // While a successor is being answered, its snapshot of the inbound listeners must
-            // stay true: bind events wait in the ring (for the successor, or for this agent if
-            // it fails).
+            // While a successor is being answered, bind events wait in the ring, for the
+            // successor (or for this agent if it fails): one agent reads them at a time.
             let handing_over = self.control.as_ref().is_some_and(Control::busy);
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return Exit::Stop; }
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
                 evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
-                ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev).await,
+                ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
+                _ = reconcile.tick(), if !handing_over => self.pods.reconcile(&self.dp),
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {
                         // The successor's snapshot of the listeners must include every bind
                         // already read from the ring.
-                        for (_, ev) in self.binds.drain_all() { self.pods.on_event(ev).await; }
+                        for (_, ev) in self.binds.drain_all() { self.pods.on_event(ev); }
                     }
                     if let Some(exit) = self.on_control(step) { return exit; }
                 }

@@ -17,13 +17,18 @@ use crate::{
 /// Check the running agent is compatible, then take its sockets and pin-dir lock. Nothing
 /// changes for the running agent until [`finish`].
 pub fn begin(bpffs_dir: &Path, ours: &PodTemplate) -> Result<Taken> {
-    // Both agents' sockets must carry the mark the programs skip, and pods keep their
-    // listener ports: the pinned config says what the running agent uses.
+    // Pods keep their listener ports, and the operator's routing rules the agent's mark (the
+    // programs know each agent's sockets by cookie, not by mark): the pinned config says what
+    // the running agent uses.
     if let Ok(cfg) = stats::read_config(bpffs_dir) {
         let (mark, out, dns) = (cfg.agent_mark, cfg.outbound_port, cfg.dns_port);
-        if (mark, out, dns) != (ours.mark, ours.outbound_port, ours.dns_port) {
+        // 0: an agent from before inbound steering (no inbound listener to keep).
+        let inb = cfg.inbound_port;
+        if (mark, out, dns) != (ours.mark, ours.outbound_port, ours.dns_port)
+            || (inb != 0 && inb != ours.inbound_port)
+        {
             bail!(
-                "--takeover: the running agent uses --mark {mark} --outbound-port {out} --dns-port {dns}; give this one the same values"
+                "--takeover: the running agent uses --mark {mark} --outbound-port {out} --dns-port {dns} --inbound-port {inb}; give this one the same values"
             );
         }
     }

@@ -1,6 +1,7 @@
-//! cgroup attachment as bpf_links, made with the raw `bpf(2)` commands: aya 0.14 cannot turn
-//! every cgroup link type into a pinnable `FdLink` (the sockopt one is missing), and the agent
-//! needs all of them uniform: held by fd (detached when the agent exits) or pinned (kept).
+//! Attachment as bpf_links, made with the raw `bpf(2)` commands: aya 0.14 cannot turn every
+//! cgroup link type into a pinnable `FdLink` (the sockopt one is missing), and the agent needs
+//! all of them uniform: held by fd (detached when the agent exits) or pinned (kept). The same
+//! command attaches `sk_lookup` to a network namespace.
 use std::{
     ffi::CString,
     io,
@@ -38,25 +39,27 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
 
 /// An attached program: detached when dropped unless it was pinned.
 #[derive(Debug)]
-pub struct CgroupLink {
+pub struct Link {
     fd: OwnedFd,
 }
 
-impl CgroupLink {
-    /// `BPF_LINK_CREATE` on a cgroup. cgroup links always coexist with other programs on the
-    /// same hook (the multi-attach semantics), so Cilium and friends keep working.
+impl Link {
+    /// `BPF_LINK_CREATE` on a cgroup or (for `sk_lookup`) a network namespace. Such links
+    /// always coexist with other programs on the same hook (cgroup multi-attach semantics; up
+    /// to 64 `sk_lookup` programs per namespace, run in attach order), so Cilium and friends
+    /// keep working.
     pub fn create(
         prog: BorrowedFd<'_>,
-        cgroup: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
         attach_type: u32,
     ) -> io::Result<Self> {
         let mut attr = Attr([0; 128]);
         attr.0[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-        attr.0[4..8].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
         attr.0[8..12].copy_from_slice(&attach_type.to_ne_bytes());
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         // SAFETY: the kernel returned a new fd that nothing else owns.
-        Ok(CgroupLink {
+        Ok(Link {
             fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
         })
     }
@@ -72,7 +75,7 @@ impl CgroupLink {
     }
 }
 
-impl AsFd for CgroupLink {
+impl AsFd for Link {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

@@ -3,10 +3,12 @@
 pub mod heartbeat;
 pub mod links;
 mod object;
+mod owned;
 pub mod preflight;
 pub mod relay;
 pub mod sink;
 pub mod stats;
+pub mod steer;
 pub mod verdicts;
 
 use std::{
@@ -22,13 +24,13 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sockmesh_common::{
-    map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats, SockAddr,
-    TupleKey, SCHEMA_VERSION,
+    config_flags, map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats,
+    SockAddr, TupleKey, SCHEMA_VERSION,
 };
 use tracing::{info, warn};
 
 use aya_obj::generated::bpf_attach_type as at;
-use links::CgroupLink;
+use links::Link;
 use object::take;
 use preflight::PinDirLock;
 use std::os::fd::AsFd;
@@ -57,6 +59,9 @@ pub struct DatapathOptions<'a> {
     pub mark: u32,
     pub outbound_port: u16,
     pub dns_port: u16,
+    /// Attach `sock_create` so enrolled pods cannot create raw IP sockets.
+    pub deny_raw_sockets: bool,
+    pub inbound_port: u16,
     pub keep_pins: bool,
     pub kernel_log: bool,
     /// Programs stop capturing when the heartbeat is older than this; `None` never.
@@ -79,7 +84,9 @@ pub struct KernelMaps {
 
 pub struct Datapath {
     // Field order is drop order: links detach before the object that owns the programs goes.
-    _links: Vec<(&'static str, CgroupLink)>,
+    _links: Vec<(&'static str, Link)>,
+    /// Inbound steering: `sk_lookup` on each enrolled pod's namespace.
+    steering: steer::Steering,
     pods: HashMap<MapData, u64, PodConfig>,
     stats: PerCpuHashMap<MapData, u64, PodStats>,
     pub maps: Arc<KernelMaps>,
@@ -153,12 +160,21 @@ impl Datapath {
                 let _ = pods.remove(&k);
             }
         }
+        // Before any socket the programs could capture is made (upstream sockets come later).
+        owned::AgentSockets::install(&mut ebpf, takeover)?;
         let gc = GlobalConfig {
             schema_version: SCHEMA_VERSION,
             agent_mark: opts.mark,
             outbound_port: opts.outbound_port,
             dns_port: opts.dns_port,
+            flags: if opts.deny_raw_sockets {
+                config_flags::DENY_RAW_SOCKETS
+            } else {
+                0
+            },
+            inbound_port: opts.inbound_port,
             _pad: 0,
+            _pad2: 0,
             heartbeat_ns: 0,
             fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
         };
@@ -168,7 +184,11 @@ impl Datapath {
         let cgroup = File::open(opts.cgroup_root)
             .with_context(|| format!("open cgroup {}", opts.cgroup_root.display()))?;
         let mut links = Vec::new();
-        for (name, attach_type) in PROGRAMS {
+        // Off by default, and then not attached at all: socket() pays nothing for it.
+        let sock_create = opts
+            .deny_raw_sockets
+            .then_some((prog::SOCK_CREATE, at::BPF_CGROUP_INET_SOCK_CREATE));
+        for (name, attach_type) in sock_create.into_iter().chain(PROGRAMS) {
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?;
@@ -193,6 +213,7 @@ impl Datapath {
             }
         }
 
+        let steering = steer::Steering::new(&mut ebpf, dir)?;
         let stats = take(&mut ebpf, map_names::POD_STATS)?;
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
@@ -208,6 +229,7 @@ impl Datapath {
         info!(dir = %dir.display(), cgroup = %opts.cgroup_root.display(), programs = links.len(), "kernel programs attached");
         Ok(Datapath {
             _links: links,
+            steering,
             pods,
             stats,
             maps,
@@ -220,6 +242,39 @@ impl Datapath {
             keep_pins: opts.keep_pins,
             _lock: lock,
         })
+    }
+
+    /// Hand the pod's inbound connections to `listeners` (its inbound listeners, already
+    /// serving) once it is enrolled: attaches `sk_lookup` to its namespace. Call before
+    /// [`Datapath::enrol`]; [`Datapath::unenrol`] undoes it.
+    pub fn steer(
+        &mut self,
+        netns_cookie: u64,
+        netns: std::os::fd::BorrowedFd<'_>,
+        listeners: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<()> {
+        self.steering.attach(netns_cookie, netns, listeners)
+    }
+
+    /// Record the wildcard bind of a socket that was listening before its pod was enrolled
+    /// (see [`steer::Steering::record_bind`]).
+    pub fn record_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) -> bool {
+        self.steering.record_bind(pod, port, socket)
+    }
+
+    /// Undo [`Datapath::record_bind`] for a socket found gone.
+    pub fn forget_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) {
+        self.steering.forget_bind(pod, port, socket);
+    }
+
+    /// Undo [`Datapath::steer`] for a pod that could not be enrolled.
+    pub fn unsteer(&mut self, netns_cookie: u64) {
+        self.steering.detach(netns_cookie);
+    }
+
+    /// The ports apps of enrolled pods hold wildcard binds of, by pod (`SM_IN_BINDS`).
+    pub fn bound_ports(&self) -> std::collections::HashMap<u64, Vec<steer::BoundPort>> {
+        self.steering.bound_ports()
     }
 
     /// Start redirecting a pod's sockets. Call only once its listeners are open.
@@ -237,9 +292,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stop redirecting a pod's new sockets.
+    /// Stop redirecting a pod's new sockets and steering its inbound connections.
     pub fn unenrol(&mut self, netns_cookie: u64) {
         let _ = self.pods.remove(&netns_cookie);
+        self.steering.detach(netns_cookie);
     }
 
     /// Drop a removed pod's counters: pods come and go under Kubernetes, and the counters map
@@ -309,7 +365,7 @@ impl Datapath {
 }
 
 /// Load a program (the verifier runs here) and attach it at the cgroup as a link.
-fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<CgroupLink> {
+fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<Link> {
     match program {
         Program::CgroupSockAddr(p) => p.load()?,
         Program::SockOps(p) => p.load()?,
@@ -318,7 +374,7 @@ fn attach(program: &mut Program, cgroup: &File, attach_type: at) -> Result<Cgrou
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     let fd = program.fd()?;
-    Ok(CgroupLink::create(
+    Ok(Link::create(
         fd.as_fd(),
         cgroup.as_fd(),
         attach_type as u32,

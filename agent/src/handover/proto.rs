@@ -28,7 +28,8 @@ pub enum Kind {
     Outbound,
     /// UDP socket on the pod's loopback (15053) that DNS is sent to.
     Dns,
-    /// TCP listener on a pod address for an app's captured wildcard bind.
+    /// TCP listener on the pod's loopback (15006) that `sk_lookup` steers inbound
+    /// connections to.
     Inbound,
 }
 

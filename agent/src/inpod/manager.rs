@@ -1,14 +1,21 @@
 //! The enrolled pods at runtime: enrol one (its listeners are already open), remove one, and
-//! notice when one's namespace goes away. Every pod's proxy tasks run under its own
-//! cancellation token (a child of the agent's), so removing a pod stops exactly its listeners,
-//! and the agent's shutdown still reaches all of them.
+//! notice when one's namespace goes away; which of their ports are captured (`captured`).
+//! Every pod's proxy tasks run under its own cancellation token (a child of the agent's), so
+//! removing a pod stops exactly its listeners, and the agent's shutdown still reaches all of
+//! them.
 //!
-//! Order matters both ways. Enrolment: listeners serve first, then the kernel starts
-//! redirecting (SM_PODS), so no connect() is sent to a port nobody listens on. Removal: the
-//! kernel stops redirecting first, then the listeners close, then the pod's map entries go.
+//! Order matters both ways. Enrolment: listeners serve first, then `sk_lookup` is attached to
+//! the pod's namespace, then the kernel starts redirecting and steering (SM_PODS), so nothing
+//! is sent to a socket nobody serves. Removal: the kernel stops redirecting and steering
+//! first, then the listeners close, then the pod's map entries go.
 //! Connections already proxied are left to finish (bounded by the idle timeout and lifetime
 //! policy), as at shutdown: removing a pod does not cut its live connections.
-use std::{collections::HashMap, net::SocketAddr, os::fd::OwnedFd, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_common::{Event, PodConfig};
@@ -20,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
+    captured::{record_listening, Captured},
     liveness::{self, Anchor},
-    pod::{Pod, PodListeners},
+    pod::{Pod, PodListeners, Ports},
     resolver::{ns_id, NsId},
 };
 use crate::{
@@ -32,7 +40,7 @@ use crate::{
         Handed,
     },
     policy::{token_bucket::TokenBucket, Clock},
-    proxy::{dns, inbound::Inbound, outbound, PodCtx, Shared},
+    proxy::{dns, inbound, outbound, PodCtx, Shared},
     spec::{CidrSpec, PodSpec, PortRangeSpec},
     telemetry::flush::Observer,
 };
@@ -53,8 +61,8 @@ struct Enrolled {
     generation: u64,
     /// Stops this pod's listeners and its liveness watch.
     cancel: CancellationToken,
-    /// A duplicate of each of the pod's outbound and DNS sockets (the originals are moved
-    /// into their serve loops), to hand to a successor agent.
+    /// A duplicate of each of the pod's outbound, inbound and DNS sockets (the originals are
+    /// moved into their serve loops), to hand to a successor agent.
     offers: Vec<(Offered, OwnedFd)>,
     /// Holds the namespace (fd and worker thread) until removal.
     _pod: Pod,
@@ -78,7 +86,7 @@ pub struct PodManager {
     shared: Shared,
     /// Per-pod figures: a pod's name for `sockmesh pods`, its peers flushed to the maps.
     observer: Arc<Observer>,
-    inbound: Inbound,
+    captured: Captured,
     pods: HashMap<Arc<str>, Enrolled>,
     gone_tx: mpsc::UnboundedSender<Gone>,
     next_generation: u64,
@@ -91,7 +99,7 @@ impl PodManager {
     ) -> (PodManager, mpsc::UnboundedReceiver<Gone>) {
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         let mgr = PodManager {
-            inbound: Inbound::new(),
+            captured: Captured::default(),
             shared,
             observer,
             pods: HashMap::new(),
@@ -146,7 +154,6 @@ impl PodManager {
             name: e.name.clone(),
             cookie: e.pod.cookie,
             worker: e.pod.worker.clone(),
-            addrs: e.pod.addrs.clone().into(),
             upstream: Default::default(),
             refusals: self.observer.refusals.pod(e.pod.cookie),
             dns_rate: Arc::new(std::sync::Mutex::new(self.dns_bucket())),
@@ -184,17 +191,39 @@ impl PodManager {
                     .tasks
                     .spawn(dns::serve(s, ctx.clone(), shared.clone()));
             }
-            self.inbound.add_pod(ctx.clone(), shared.clone());
-            self.inbound.adopt(ctx.cookie, e.listeners.inbound)?;
+            let mut inbound_fds = Vec::new();
+            for l in e.listeners.inbound {
+                let dup = l.try_clone().map(OwnedFd::from);
+                offer(Kind::Inbound, l.local_addr(), dup)?;
+                let _ = socket2::SockRef::from(&l).set_nodelay(true);
+                inbound_fds.push(
+                    l.try_clone()
+                        .map(OwnedFd::from)
+                        .context("duplicate an inbound listener")?,
+                );
+                let l = TcpListener::from_std(l).context("register inbound listener")?;
+                shared
+                    .tasks
+                    .spawn(inbound::serve(l, ctx.clone(), shared.clone()));
+            }
+            let fds: Vec<_> = inbound_fds.iter().map(|f| f.as_fd()).collect();
+            dp.steer(ctx.cookie, e.pod.netns.as_fd(), &fds)
+                .with_context(|| format!("pod {}: steer its inbound connections", ctx.name))?;
             dp.enrol(ctx.cookie, e.config)
                 .with_context(|| format!("enrol pod {}", ctx.name))
         })();
         if let Err(err) = started {
             cancel.cancel();
-            self.inbound.remove_pod(ctx.cookie);
+            dp.unsteer(ctx.cookie);
             dp.maps.verdicts.forget_pod(ctx.cookie);
             return Err(err);
         }
+        // Servers that were listening before: captured too. What the bind hook recorded for
+        // this pod before (a restarted agent on the same pins) is captured from now on: report
+        // it.
+        record_listening(dp, &ctx.name, ctx.cookie, &ctx.worker, &e.config);
+        self.captured.add_pod(ctx.cookie, ctx.name.clone());
+        self.captured.reconcile(dp.bound_ports());
         self.next_generation += 1;
         let generation = self.next_generation;
         self.watch(e.id.clone(), generation, e.anchor, ns, cancel.clone());
@@ -270,7 +299,7 @@ impl PodManager {
         self.shared.shares.set_pods(self.pods.len());
         dp.unenrol(p.cookie);
         p.cancel.cancel();
-        self.inbound.remove_pod(p.cookie);
+        self.captured.remove_pod(p.cookie);
         dp.maps.verdicts.forget_pod(p.cookie);
         dp.forget_pod(p.cookie);
         self.observer.pod_removed(p.cookie);
@@ -291,7 +320,6 @@ impl PodManager {
                 out.push((*o, fd.try_clone().context("duplicate a listener")?));
             }
         }
-        out.extend(self.inbound.offers()?);
         Ok(out)
     }
 
@@ -301,12 +329,17 @@ impl PodManager {
         for p in self.pods.values_mut() {
             p.offers.clear();
         }
-        self.inbound.close_offers();
     }
 
     /// A bind/unbind event from the kernel.
-    pub async fn on_event(&mut self, ev: Event) {
-        self.inbound.on_event(ev).await;
+    pub fn on_event(&mut self, ev: Event) {
+        self.captured.on_event(&ev);
+    }
+
+    /// Bring the captured-port report in line with the kernel's record (`SM_IN_BINDS`), which
+    /// events lost on the way (a full ring) left behind.
+    pub fn reconcile(&mut self, dp: &Datapath) {
+        self.captured.reconcile(dp.bound_ports());
     }
 }
 
@@ -317,6 +350,7 @@ pub struct PodTemplate {
     pub mark: u32,
     pub outbound_port: u16,
     pub dns_port: u16,
+    pub inbound_port: u16,
     pub exclude_outbound_ports: Vec<PortRangeSpec>,
     pub exclude_outbound_cidrs: Vec<CidrSpec>,
     pub exclude_inbound_ports: Vec<PortRangeSpec>,
@@ -340,8 +374,11 @@ impl PodTemplate {
         let (pod, listeners) = Pod::prepare(
             spec,
             self.mark,
-            self.outbound_port,
-            self.dns_port,
+            Ports {
+                outbound: self.outbound_port,
+                dns: self.dns_port,
+                inbound: self.inbound_port,
+            },
             self.handed.clone(),
         )?;
         Ok(Enrolment {

@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    handover::Handed,
+    handover::{proto::PodSockets, Handed},
     spec::PodSpec,
     sys::{
         lock::lock,
@@ -30,9 +30,16 @@ pub struct Pod {
 pub struct PodListeners {
     pub outbound: Vec<TcpListener>,
     pub dns: Vec<UdpSocket>,
-    /// Inbound listeners handed over by the agent being replaced (none otherwise: inbound
-    /// listeners open on the app's bind events).
-    pub inbound: Vec<(SocketAddr, OwnedFd)>,
+    /// Where `sk_lookup` hands the pod's inbound connections (127.0.0.1 and ::1).
+    pub inbound: Vec<TcpListener>,
+}
+
+/// The in-pod listener ports (every pod uses the same ones, on its own loopback).
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub dns: u16,
+    pub inbound: u16,
 }
 
 /// The handed-over socket bound at exactly `addr`, if any. One on another address (the old
@@ -42,14 +49,68 @@ fn take_addr(list: &mut Vec<(SocketAddr, OwnedFd)>, addr: SocketAddr) -> Option<
     Some(list.swap_remove(i).1)
 }
 
+/// Why a listener could not be opened, with a hint when the port is taken.
+fn listen_error(
+    pod: &str,
+    proto: &str,
+    flag: &str,
+    addr: SocketAddr,
+    e: io::Error,
+) -> anyhow::Error {
+    let hint = if e.kind() == io::ErrorKind::AddrInUse {
+        format!(": something in the pod already uses it; pick another with --{flag}")
+    } else {
+        String::new()
+    };
+    anyhow::anyhow!("pod {pod}: cannot listen on {proto} {addr}: {e}{hint}")
+}
+
+/// Open the pod's listeners on one of its loopback addresses, or take the handed-over ones
+/// bound there (`mine`). A pod without that address (IPv6 off, or lo down for v6) gets none
+/// there and keeps working on the other.
+fn listen_on(
+    ip: IpAddr,
+    ports: Ports,
+    mark: u32,
+    pod: &str,
+    mine: &mut PodSockets<OwnedFd>,
+    l: &mut PodListeners,
+) -> Result<()> {
+    let tcp = |list: &mut Vec<(SocketAddr, OwnedFd)>, port: u16, flag: &str| {
+        let addr = SocketAddr::new(ip, port);
+        if let Some(fd) = take_addr(list, addr) {
+            return Ok(Some(TcpListener::from(fd)));
+        }
+        match sockets::tcp_listener(addr, mark, 1024) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => Ok(None),
+            Err(e) => Err(listen_error(pod, "TCP", flag, addr, e)),
+        }
+    };
+    let Some(out) = tcp(&mut mine.outbound, ports.outbound, "outbound-port")? else {
+        return Ok(());
+    };
+    l.outbound.push(out);
+    l.inbound
+        .extend(tcp(&mut mine.inbound, ports.inbound, "inbound-port")?);
+    let dns_addr = SocketAddr::new(ip, ports.dns);
+    match take_addr(&mut mine.dns, dns_addr) {
+        Some(fd) => l.dns.push(UdpSocket::from(fd)),
+        None => l.dns.push(
+            sockets::udp_bound(dns_addr, mark)
+                .map_err(|e| listen_error(pod, "UDP", "dns-port", dns_addr, e))?,
+        ),
+    }
+    Ok(())
+}
+
 impl Pod {
     /// Open the pod's namespace, learn its cookie and addresses, and open its listeners.
     /// Nothing is written to the kernel here, so a failure leaves nothing behind.
     pub fn prepare(
         spec: &PodSpec,
         mark: u32,
-        outbound_port: u16,
-        dns_port: u16,
+        ports: Ports,
         handed: Option<Handed>,
     ) -> Result<(Pod, PodListeners)> {
         let netns = Netns::open(&spec.netns)?;
@@ -63,41 +124,14 @@ impl Pod {
             let mut mine = handed
                 .and_then(|h| lock(&h).remove(&cookie))
                 .unwrap_or_default();
-            let mut outbound = Vec::new();
-            let mut dns = Vec::new();
-            let loopbacks = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
-            for ip in loopbacks {
-                let what = |proto: &str, port: u16, e: io::Error| -> anyhow::Error {
-                    let hint = if e.kind() == io::ErrorKind::AddrInUse {
-                        format!(
-                            ": something in the pod already uses it; pick another with --{}",
-                            if proto == "TCP" { "outbound-port" } else { "dns-port" }
-                        )
-                    } else {
-                        String::new()
-                    };
-                    anyhow::anyhow!("pod {name}: cannot listen on {proto} {}: {e}{hint}", SocketAddr::new(ip, port))
-                };
-                let (out_addr, dns_addr) = (SocketAddr::new(ip, outbound_port), SocketAddr::new(ip, dns_port));
-                if let Some(fd) = take_addr(&mut mine.outbound, out_addr) {
-                    outbound.push(TcpListener::from(fd));
-                } else { match sockets::tcp_listener(out_addr, mark, 1024) {
-                    Ok(l) => outbound.push(l),
-                    // A pod without IPv6 (or with lo down for v6) keeps working on IPv4.
-                    Err(e) if ip.is_ipv6() && e.kind() == io::ErrorKind::AddrNotAvailable => continue,
-                    Err(e) => return Err(what("TCP", outbound_port, e)),
-                } }
-                if let Some(fd) = take_addr(&mut mine.dns, dns_addr) {
-                    dns.push(UdpSocket::from(fd));
-                } else { match sockets::udp_bound(dns_addr, mark) {
-                    Ok(s) => dns.push(s),
-                    Err(e) => return Err(what("UDP", dns_port, e)),
-                } }
+            let mut l = PodListeners { outbound: Vec::new(), dns: Vec::new(), inbound: Vec::new() };
+            for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+                listen_on(ip, ports, mark, &name, &mut mine, &mut l)?;
             }
-            if outbound.is_empty() {
+            if l.outbound.is_empty() {
                 bail!("pod {name}: loopback is not up (no 127.0.0.1 to listen on): run `ip link set lo up` in the pod");
             }
-            Ok((cookie, addrs, PodListeners { outbound, dns, inbound: mine.inbound }))
+            Ok((cookie, addrs, l))
         })??;
         Ok((
             Pod {

@@ -1,5 +1,7 @@
 //! Log setup: `--log-level` (a level or a tracing filter) and `--log-format text|json`, always
 //! on stderr (stdout carries the JSON lifecycle events).
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -19,8 +21,11 @@ pub fn filter(level: &str) -> EnvFilter {
 }
 
 pub fn init(level: &str, format: LogFormat) {
+    // Colours only for a person at a terminal: in a pod, stderr is the container log that
+    // `kubectl logs` and log shippers read, where escape codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

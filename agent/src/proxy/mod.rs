@@ -1,5 +1,6 @@
 //! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
-//! apps whose wildcard bind the kernel moved to loopback) and DNS.
+//! apps listening on a wildcard address, whose connections sk_lookup steers to the agent) and
+//! DNS.
 mod accept;
 mod connection;
 pub mod dns;
@@ -43,7 +44,6 @@ pub struct PodCtx {
     pub name: Arc<str>,
     pub cookie: u64,
     pub worker: NetnsWorker,
-    pub addrs: Arc<[IpAddr]>,
     /// Spare upstream sockets made by `worker` ahead of the connections that take them.
     pub upstream: Arc<upstream::UpstreamSockets>,
     /// What this pod's caps and shares refused it.

@@ -58,6 +58,11 @@ impl Netns {
         &self.path
     }
 
+    /// The namespace's fd, for what attaches to a namespace (`sk_lookup`).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// Start a worker thread inside this namespace.
     pub fn worker(&self) -> Result<NetnsWorker> {
         // The thread gets its own fd so the namespace outlives this handle if needed.

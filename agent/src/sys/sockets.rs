@@ -1,15 +1,42 @@
-//! Creating the agent's sockets. Every one carries the agent's SO_MARK, which the kernel
-//! programs check first, so the agent's own traffic is never redirected (no loops).
-//! Call these on a pod's netns worker: the socket joins the namespace it is created in.
+//! Creating the agent's sockets. Each one is made known to the kernel programs as the
+//! agent's own before it is used (its cookie registered through the installed [`Owner`]), so
+//! the agent's traffic is never redirected (no loops); and each carries the agent's SO_MARK,
+//! which the programs do not trust (a pod can set any mark) but the operator's routing and
+//! firewall rules may use. Call these on a pod's netns worker: the socket joins the namespace
+//! it is created in.
 use std::{
     io,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{Arc, OnceLock},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+/// What makes a fresh socket the agent's own in the kernel programs' eyes (the datapath
+/// registers its cookie). Installed once the programs are loaded, with [`set_owner`].
+pub trait Owner: Send + Sync {
+    fn own(&self, socket: &Socket) -> io::Result<()>;
+}
+
+static OWNER: OnceLock<Arc<dyn Owner>> = OnceLock::new();
+
+/// Every socket made from now on is registered with `owner` before it is returned (a socket
+/// that cannot be registered is not returned at all: unregistered, it would be captured).
+/// Until one is installed (unit tests, and the listeners a `--takeover` or start-up prepares
+/// before the programs load) sockets are not registered: none of those connects, sends to
+/// port 53 or binds a wildcard address, the only things the programs capture. Once per
+/// process (an agent loads its programs once): a second owner is refused.
+pub fn set_owner(owner: Arc<dyn Owner>) -> io::Result<()> {
+    OWNER
+        .set(owner)
+        .map_err(|_| io::Error::other("the agent's socket owner is already installed"))
+}
+
 fn marked(domain: Domain, ty: Type, proto: Protocol, mark: u32) -> io::Result<Socket> {
     let s = Socket::new(domain, ty, Some(proto))?;
+    if let Some(owner) = OWNER.get() {
+        owner.own(&s)?;
+    }
     s.set_mark(mark)?;
     s.set_nonblocking(true)?;
     Ok(s)

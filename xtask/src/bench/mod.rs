@@ -1,12 +1,15 @@
 //! `cargo xtask bench`: the same workloads, in one run, through four paths between two pods:
 //! direct (no mesh), sockmesh (eBPF capture + agent), iptables REDIRECT + the same agent (the
-//! capture Istio uses, so the difference is the capture alone), and HAProxy in TCP mode.
+//! capture Istio uses, so the difference is the capture alone), and HAProxy in TCP mode; and,
+//! for inbound, from an unmeshed client to a server pod each agent meshes. With
+//! `--baseline-bin`, an agent of another build runs beside this one as a variant of its own.
 //! Variants are interleaved within each repetition (rotating which goes first), and figures
 //! are medians over repetitions with their spread; ratios pair each run with the direct run
 //! of the same repetition. Then a scale step holds many idle proxied connections.
 //! Results go to bench-results/ as JSON, Markdown and an SVG chart.
 
 mod plan;
+mod rawcost;
 mod report;
 mod scale;
 mod select;
@@ -40,14 +43,21 @@ pub fn bench(
     reps: Option<usize>,
     scale_conns: Option<usize>,
     seconds: Option<u64>,
-    only: Selection,
+    mut only: Selection,
+    baseline: Option<PathBuf>,
 ) -> Result<()> {
+    match (&baseline, only.variants.contains(&plan::Variant::Baseline)) {
+        (Some(_), false) => only.variants.push(plan::Variant::Baseline),
+        (None, true) => bail!("--variant sockmesh-baseline needs --baseline-bin"),
+        _ => {}
+    }
     let plan = if quick {
         Plan {
             reps: reps.unwrap_or(1),
             seconds: seconds.unwrap_or(2),
             connects: 300,
             scale_conns: scale_conns.unwrap_or(10_000),
+            raw_cost_pairs: 2,
         }
     } else {
         Plan {
@@ -55,6 +65,7 @@ pub fn bench(
             seconds: seconds.unwrap_or(4),
             connects: 2000,
             scale_conns: scale_conns.unwrap_or(100_000),
+            raw_cost_pairs: 8,
         }
     };
     if plan.reps == 0 {
@@ -79,6 +90,10 @@ pub fn bench(
     let nofile = scale::raise_nofile()?;
     println!("xtask: open-file limit {nofile}");
     let mut plan = plan;
+    if only.workloads.len() < workloads::Workload::ALL.len() {
+        // A filtered run iterates on some workloads: the extra step would only slow it.
+        plan.raw_cost_pairs = 0;
+    }
     let cap = scale::max_conns(nofile);
     if plan.scale_conns > cap {
         println!(
@@ -97,7 +112,10 @@ pub fn bench(
     let started = Instant::now();
     let machine = report::machine();
     println!("==> setting up pods, servers, agent, iptables rule, haproxy");
-    let topo = topo::create(&agent, &tmp)?;
+    if let Some(b) = &baseline {
+        println!("xtask: baseline agent {}", b.display());
+    }
+    let topo = topo::create(&agent, baseline.as_deref(), &tmp)?;
     let mut results = report::Results::new(plan.reps, only.clone());
     for rep in 0..plan.reps {
         for &w in &only.workloads {
@@ -107,6 +125,9 @@ pub fn bench(
             for k in 0..n {
                 bail_if_interrupted()?;
                 let v = only.variants[(k + rep) % n];
+                if !w.applies(v) {
+                    continue;
+                }
                 let r = w.run(&topo, v, &plan);
                 match &r {
                     Ok(vals) => println!(
@@ -158,6 +179,25 @@ pub fn bench(
     }
     println!("==> cleaning up");
     drop(topo);
+    let raw_cost = if plan.raw_cost_pairs == 0 {
+        None
+    } else {
+        println!(
+            "==> cost of --deny-raw-sockets: socket()+close() per second in an enrolled pod, {} ABBA pairs",
+            plan.raw_cost_pairs
+        );
+        // The tests' Agent finds the binary the bench measures through SOCKMESH_BIN.
+        std::env::set_var("SOCKMESH_BIN", &agent);
+        let r = rawcost::measure(plan.raw_cost_pairs, 1.5);
+        match &r {
+            Ok(c) => println!(
+                "    without {:.0}/s, with {:.0}/s; with/without (median of pairs) {:.3}",
+                c.without_per_sec, c.with_per_sec, c.ratio
+            ),
+            Err(e) => println!("    raw-socket cost FAILED: {e:#}"),
+        }
+        Some(r)
+    };
     drop(tmp_guard);
     let written = report::write(
         &out_dir,
@@ -171,7 +211,9 @@ pub fn bench(
     for p in &written {
         println!("xtask: wrote {}", p.display());
     }
-    let failed = results.failures() + usize::from(matches!(scale, Some(Err(_))));
+    let failed = results.failures()
+        + usize::from(matches!(scale, Some(Err(_))))
+        + usize::from(matches!(raw_cost, Some(Err(_))));
     if failed > 0 {
         bail!("{failed} measurement(s) failed; the report shows which");
     }

@@ -13,10 +13,23 @@ pub enum Variant {
     /// eBPF capture + a second agent with `--kernel-relay off`: the splice relay, measured in
     /// the same run so what the in-kernel relay adds is a ratio, not a recollection.
     SockmeshSplice,
+    /// eBPF capture + an agent of another build (`--baseline-bin`, e.g. main's), as deployed:
+    /// a change to the datapath measured against what it replaces in the same run. Only
+    /// with `--baseline-bin`.
+    Baseline,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
+        Variant::Direct,
+        Variant::Sockmesh,
+        Variant::Iptables,
+        Variant::Haproxy,
+        Variant::SockmeshSplice,
+        Variant::Baseline,
+    ];
+    /// What a run measures unless told otherwise (the baseline needs a binary).
+    pub const DEFAULT: [Variant; 5] = [
         Variant::Direct,
         Variant::Sockmesh,
         Variant::Iptables,
@@ -31,6 +44,7 @@ impl Variant {
             Variant::Iptables => "iptables+agent",
             Variant::Haproxy => "haproxy",
             Variant::SockmeshSplice => "sockmesh-splice",
+            Variant::Baseline => "sockmesh-baseline",
         }
     }
 
@@ -50,6 +64,7 @@ impl Variant {
             Variant::Iptables => "ipt",
             Variant::Haproxy => "hap",
             Variant::SockmeshSplice => "splice",
+            Variant::Baseline => "base",
         }
     }
 
@@ -57,7 +72,7 @@ impl Variant {
     pub fn captured(self) -> bool {
         matches!(
             self,
-            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice
+            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice | Variant::Baseline
         )
     }
 }
@@ -68,4 +83,6 @@ pub struct Plan {
     pub seconds: u64,
     pub connects: usize,
     pub scale_conns: usize,
+    /// ABBA pairs of rounds measuring what `--deny-raw-sockets` costs socket() (0 skips).
+    pub raw_cost_pairs: usize,
 }

@@ -86,6 +86,17 @@ impl Results {
     }
 }
 
+/// The median of `a[i] / b[i]` over the repetitions where both ran.
+fn paired_median(a: &[Option<f64>], b: &[Option<f64>]) -> Option<f64> {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(x, y)| Some((*x)? / (*y)?))
+        .collect();
+    r.sort_by(f64::total_cmp);
+    super::stats::percentile(&r, 50.0)
+}
+
 pub fn timestamp() -> String {
     try_output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))
         .map(|s| s.trim().to_string())
@@ -234,6 +245,10 @@ fn to_markdown(
                 m.better.as_str()
             ));
             for &v in &results.only.variants {
+                if !w.applies(v) {
+                    s.push_str(" n/a |");
+                    continue;
+                }
                 match results.summary(w, v, i) {
                     Some(x) => {
                         s.push_str(&format!(" {} (±{:.0}%)", fmt_val(x.median), x.spread_pct));
@@ -247,6 +262,20 @@ fn to_markdown(
             }
             s.push('\n');
         }
+    }
+    if results.only.variants.contains(&Variant::Baseline) {
+        s.push_str("\nThis build against the baseline build (sockmesh / sockmesh-baseline, median of the ratios paired per repetition):");
+        for &w in &results.only.workloads {
+            for (i, m) in w.metrics().iter().enumerate() {
+                let r = paired_median(
+                    &results.column(w, Variant::Sockmesh, i),
+                    &results.column(w, Variant::Baseline, i),
+                );
+                let r = r.map_or("n/a".into(), |r| format!("×{r:.3}"));
+                s.push_str(&format!(" {} {}: **{r}**;", w.name(), m.name));
+            }
+        }
+        s.push('\n');
     }
     s.push_str(
         "\nconnect(): direct is a plain connect() to a listener on the pod's own loopback; \
@@ -345,7 +374,12 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
         &|k| k <= 4.0,
         "{} KiB",
     );
-    for &w in &results.only.workloads {
+    for &w in results
+        .only
+        .workloads
+        .iter()
+        .filter(|w| w.applies(Variant::Haproxy))
+    {
         for (i, m) in w.metrics().iter().enumerate() {
             let vs = (|| {
                 let (a, b) = (med(w, Variant::Sockmesh, i)?, med(w, Variant::Haproxy, i)?);
@@ -378,6 +412,7 @@ fn to_svg(results: &Results) -> String {
         Variant::Iptables => "#e08a1e",
         Variant::Haproxy => "#7a7a7a",
         Variant::SockmeshSplice => "#7ab02a",
+        Variant::Baseline => "#b02a7a",
     };
     let others: Vec<Variant> = results
         .only
@@ -389,9 +424,12 @@ fn to_svg(results: &Results) -> String {
     let mut rows = Vec::new();
     for &w in &results.only.workloads {
         for (i, m) in w.metrics().iter().enumerate() {
-            let r: Vec<Option<f64>> = others
+            let r: Vec<Option<Option<f64>>> = others
                 .iter()
-                .map(|v| results.summary(w, *v, i).and_then(|s| s.ratio_to_direct))
+                .map(|v| {
+                    w.applies(*v)
+                        .then(|| results.summary(w, *v, i).and_then(|s| s.ratio_to_direct))
+                })
                 .collect();
             rows.push((
                 format!("{} {} ({} better)", w.name(), m.name, m.better.as_str()),
@@ -401,7 +439,7 @@ fn to_svg(results: &Results) -> String {
     }
     let max = rows
         .iter()
-        .flat_map(|(_, r)| r.iter().flatten().copied())
+        .flat_map(|(_, r)| r.iter().flatten().flatten().copied())
         .fold(1.5f64, f64::max)
         .min(10.0);
     let scale = (W - LABEL - 60.0) / max;
@@ -432,7 +470,8 @@ fn to_svg(results: &Results) -> String {
         for (k, r) in ratios.iter().enumerate() {
             let y = y0 + BAR * k as f64;
             match r {
-                Some(r) => s.push_str(&format!(
+                None => {}
+                Some(Some(r)) => s.push_str(&format!(
                     "<rect x=\"{LABEL}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{r:.2}</text>\n",
                     (r.min(max) * scale).max(1.0),
                     BAR - 2.0,
@@ -440,7 +479,7 @@ fn to_svg(results: &Results) -> String {
                     LABEL + r.min(max) * scale + 4.0,
                     y + BAR - 4.0
                 )),
-                None => s.push_str(&format!(
+                Some(None) => s.push_str(&format!(
                     "<text x=\"{}\" y=\"{}\" fill=\"red\">failed</text>\n",
                     LABEL + 4.0,
                     y + BAR - 4.0
@@ -462,4 +501,17 @@ fn xml(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_ratios_by_repetition() {
+        let a = [Some(10.0), None, Some(30.0), Some(8.0)];
+        let b = [Some(10.0), Some(5.0), Some(20.0), None];
+        assert_eq!(paired_median(&a, &b), Some(1.0));
+        assert_eq!(paired_median(&[None], &[Some(1.0)]), None);
+    }
 }

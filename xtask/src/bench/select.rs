@@ -24,7 +24,7 @@ impl Selection {
         };
         let mut variants = match variants {
             Some(s) => pick("--variant", s, &Variant::ALL, Variant::flag)?,
-            None => Variant::ALL.to_vec(),
+            None => Variant::DEFAULT.to_vec(),
         };
         if !variants.contains(&Variant::Direct) {
             variants.insert(0, Variant::Direct);
@@ -74,7 +74,7 @@ mod tests {
     fn default_is_everything() {
         let s = Selection::parse(None, None).unwrap();
         assert_eq!(s.workloads, Workload::ALL.to_vec());
-        assert_eq!(s.variants, Variant::ALL.to_vec());
+        assert_eq!(s.variants, Variant::DEFAULT.to_vec());
     }
 
     #[test]
@@ -111,7 +111,7 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("--workload: unknown name `cps`"), "{msg}");
         assert!(
-            msg.contains("bulk1, bulk8, rr, new-conns, connect"),
+            msg.contains("bulk1, bulk8, rr, new-conns, connect, inbound-conns"),
             "{msg}"
         );
         let e = Selection::parse(None, Some("sockmesh,")).unwrap_err();

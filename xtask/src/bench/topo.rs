@@ -1,6 +1,7 @@
 //! The benchmark's private network: the integration tests' [`Cluster`] (a switch namespace
 //! with a bridge, pods on veths) on subnets of its own, with one server pod and one client pod
-//! per variant; then the servers, the agent, the iptables rule and HAProxy. Names come from the
+//! per variant, and per agent a meshed server pod for the inbound workload; then the servers,
+//! the agents, the iptables rule and HAProxy. Names come from the
 //! cluster (`smt-<pid>-<n>-<rand>-...`, unique per run; `smt-sweep` removes those of a killed
 //! run), and every piece is a guard, removed when `Topology` drops (error and Ctrl-C included).
 
@@ -21,6 +22,12 @@ const SUBNET4: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 0);
 const SUBNET6: Ipv6Addr = Ipv6Addr::new(0xfd79, 0, 0, 0, 0, 0, 0, 0);
 /// The server pod's host number; client pods are 20, 21, ... in `Variant::ALL`'s order.
 const SERVER_HOST: u8 = 11;
+/// The meshed server pods of the inbound workload, each enrolled by its variant's agent.
+const INBOUND_SERVERS: [(Variant, u8); 3] = [
+    (Variant::Sockmesh, 12),
+    (Variant::SockmeshSplice, 13),
+    (Variant::Baseline, 14),
+];
 const FIRST_CLIENT_HOST: u8 = 20;
 pub const SERVER_V4: &str = "10.79.0.11";
 pub const SERVER_V6: &str = "fd79::11";
@@ -35,8 +42,12 @@ const AGENT_MARK: &str = "0x534d";
 pub struct Topology {
     pub agent: ChildGuard,
     _splice_agent: ChildGuard,
+    _baseline_agent: Option<ChildGuard>,
     _haproxy: ChildGuard,
     _servers: Vec<ChildGuard>,
+    /// The inbound workload's servers (nginx in each meshed server pod with an agent).
+    _inbound_servers: Vec<ChildGuard>,
+    inbound: Vec<(Variant, Pod)>,
     _pins: DirGuard,
     pub tmp: PathBuf,
     pub server: Pod,
@@ -57,9 +68,25 @@ impl Topology {
     pub fn agent_pid(&self) -> u32 {
         self.agent.child.id()
     }
+
+    /// Where the inbound workload connects for `v`: the plain server for direct, else the
+    /// meshed server pod `v`'s agent enrolled.
+    pub fn inbound_server(&self, v: Variant) -> Result<String> {
+        if v == Variant::Direct {
+            return Ok(SERVER_V4.into());
+        }
+        match self.inbound.iter().find(|(c, _)| *c == v) {
+            Some((_, pod)) => Ok(pod.ip4().to_string()),
+            None => bail!(
+                "no meshed server for {} (the baseline needs --baseline-bin)",
+                v.name()
+            ),
+        }
+    }
 }
 
-pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
+/// `baseline`: the agent binary of [`Variant::Baseline`], if measured.
+pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<Topology> {
     let cluster = Cluster::with_subnets(SUBNET4, SUBNET6)?;
     let server = cluster.add_pod_at("srv", SERVER_HOST)?;
     if (server.ip4().to_string(), server.ip6().to_string()) != (SERVER_V4.into(), SERVER_V6.into())
@@ -79,6 +106,21 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
         clients.push((*v, pod));
     }
     server.sysctl("net.core.somaxconn", "8192")?;
+    let mut meshed = Vec::new();
+    for (v, host) in INBOUND_SERVERS {
+        if v == Variant::Baseline && baseline.is_none() {
+            continue;
+        }
+        let pod = cluster.add_pod_at(&format!("in{}", v.short()), host)?;
+        pod.sysctl("net.core.somaxconn", "8192")?;
+        meshed.push((v, pod));
+    }
+    let in_pod = |v: Variant| {
+        meshed
+            .iter()
+            .find(|(c, _)| *c == v)
+            .map(|(_, p)| p.netns_path().to_owned())
+    };
     println!(
         "    pods: server {SERVER_V4}, one client pod per variant, on a private bridge \
          (namespaces {}-*)",
@@ -114,7 +156,13 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
 
     // Named after the cluster, so a killed run's pins are swept with its namespaces.
     let pins = DirGuard(PathBuf::from(format!("/sys/fs/bpf/{}", cluster.name())));
-    let agent = start_agent(agent_bin, find(Variant::Sockmesh), ipt, &pins.0, tmp)?;
+    let agent = start_agent(
+        agent_bin,
+        &[find(Variant::Sockmesh), &meshed[0].1],
+        ipt,
+        &pins.0,
+        tmp,
+    )?;
     // The splice relay's agent: its own pins, no metrics port.
     let splice_pins = pins.0.join("splice");
     let splice_agent = spawn_agent_until_ready(
@@ -122,6 +170,8 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
             .arg("run")
             .arg("--pod")
             .arg(find(Variant::SockmeshSplice).netns_path())
+            .arg("--pod")
+            .args(in_pod(Variant::SockmeshSplice))
             .arg("--bpffs-dir")
             .arg(&splice_pins)
             .args(["--kernel-relay", "off", "--metrics-addr", "off"])
@@ -131,12 +181,55 @@ pub fn create(agent_bin: &Path, tmp: &Path) -> Result<Topology> {
             .stderr(fs::File::create(tmp.join("agent-splice.log"))?),
         false,
     )?;
+    // Another build's agent, as deployed, with pins of its own.
+    let baseline_agent = match baseline {
+        Some(bin) => Some(spawn_agent_until_ready(
+            Command::new(bin)
+                .arg("run")
+                .arg("--pod")
+                .arg(find(Variant::Baseline).netns_path())
+                .arg("--pod")
+                .args(in_pod(Variant::Baseline))
+                .arg("--bpffs-dir")
+                .arg(pins.0.join("baseline"))
+                .args(["--metrics-addr", "off", "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(fs::File::create(tmp.join("agent-baseline.log"))?),
+            false,
+        )?),
+        None => None,
+    };
+    // Only once their agents run: a bind made before the pod is enrolled is not captured.
+    let mut inbound_servers = Vec::new();
+    for (v, pod) in &meshed {
+        let dir = tmp.join(format!("nginx-{}", v.short()));
+        fs::create_dir_all(&dir)?;
+        inbound_servers.push(spawn_listening(
+            "nginx",
+            &mut nginx(pod, &dir)?,
+            pod,
+            HTTP_PORT,
+            &dir,
+        )?);
+    }
+    println!(
+        "    inbound: nginx :{HTTP_PORT} in a meshed server pod per agent ({})",
+        meshed
+            .iter()
+            .map(|(v, p)| format!("{} {}", v.name(), p.ip4()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let haproxy = start_haproxy(find(Variant::Haproxy), tmp)?;
     Ok(Topology {
         agent,
         _splice_agent: splice_agent,
+        _baseline_agent: baseline_agent,
         _haproxy: haproxy,
         _servers: servers,
+        _inbound_servers: inbound_servers,
+        inbound: meshed,
         _pins: pins,
         tmp: tmp.to_path_buf(),
         server,
@@ -160,7 +253,22 @@ fn start_servers(server: &Pod, tmp: &Path) -> Result<Vec<ChildGuard>> {
         .arg(SOCKPERF_PORT.to_string())
         .stdout(log("sockperf")?)
         .stderr(log("sockperf.err")?);
-    let d = tmp.display();
+    let mut nginx = nginx(server, tmp)?;
+    let mut out = Vec::new();
+    for (name, cmd, port) in [
+        ("iperf3", &mut iperf, IPERF_PORT),
+        ("sockperf", &mut sockperf, SOCKPERF_PORT),
+        ("nginx", &mut nginx, HTTP_PORT),
+    ] {
+        out.push(spawn_listening(name, cmd, server, port, tmp)?);
+    }
+    println!("    servers: iperf3 :{IPERF_PORT}, sockperf :{SOCKPERF_PORT}, nginx :{HTTP_PORT}");
+    Ok(out)
+}
+
+/// nginx in `pod` serving a one-line page on [`HTTP_PORT`], its files and logs in `dir`.
+fn nginx(pod: &Pod, dir: &Path) -> Result<Command> {
+    let d = dir.display();
     // One worker, no keep-alive: every request of the connection-rate test is a new
     // connection that the server closes.
     let conf = format!(
@@ -171,32 +279,35 @@ fn start_servers(server: &Pod, tmp: &Path) -> Result<Vec<ChildGuard>> {
          scgi_temp_path {d}/scgi;\n  server {{\n    listen {HTTP_PORT} backlog=8192;\n    \
          location / {{ default_type text/plain; return 200 \"ok\\n\"; }}\n  }}\n}}\n"
     );
-    let path = tmp.join("nginx.conf");
+    let path = dir.join("nginx.conf");
     fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
-    let mut nginx = server.command("nginx");
+    let mut nginx = pod.command("nginx");
     nginx
         .args(["-e", "stderr", "-p"])
-        .arg(tmp)
+        .arg(dir)
         .arg("-c")
         .arg(&path)
-        .stdout(log("nginx")?)
-        .stderr(log("nginx.err")?);
-    let mut out = Vec::new();
-    for (name, cmd, port) in [
-        ("iperf3", &mut iperf, IPERF_PORT),
-        ("sockperf", &mut sockperf, SOCKPERF_PORT),
-        ("nginx", &mut nginx, HTTP_PORT),
-    ] {
-        cmd.stdin(Stdio::null());
-        let mut g = ChildGuard::spawn(name, cmd)?;
-        wait_until(&format!("{name} to listen"), &mut g, || {
-            Ok(listening(server, port))
-        })
-        .with_context(|| log_of(&tmp.join(format!("{name}.err"))))?;
-        out.push(g);
-    }
-    println!("    servers: iperf3 :{IPERF_PORT}, sockperf :{SOCKPERF_PORT}, nginx :{HTTP_PORT}");
-    Ok(out)
+        .stdout(fs::File::create(dir.join("nginx.log"))?)
+        .stderr(fs::File::create(dir.join("nginx.err"))?);
+    Ok(nginx)
+}
+
+/// Starts `cmd` (a server in `pod`) and waits until it listens on `port`; its error log is
+/// `<dir>/<name>.err`.
+fn spawn_listening(
+    name: &str,
+    cmd: &mut Command,
+    pod: &Pod,
+    port: u16,
+    dir: &Path,
+) -> Result<ChildGuard> {
+    cmd.stdin(Stdio::null());
+    let mut g = ChildGuard::spawn(name, cmd)?;
+    wait_until(&format!("{name} to listen"), &mut g, || {
+        Ok(listening(pod, port))
+    })
+    .with_context(|| log_of(&dir.join(format!("{name}.err"))))?;
+    Ok(g)
 }
 
 /// A process's log, for the error when it did not start.
@@ -214,12 +325,19 @@ fn listening(ns: &Pod, port: u16) -> bool {
     .is_ok_and(|s| !s.trim().is_empty())
 }
 
-fn start_agent(bin: &Path, mesh: &Pod, ipt: &Pod, pins: &Path, tmp: &Path) -> Result<ChildGuard> {
+fn start_agent(
+    bin: &Path,
+    mesh: &[&Pod],
+    ipt: &Pod,
+    pins: &Path,
+    tmp: &Path,
+) -> Result<ChildGuard> {
     let mut cmd = Command::new(bin);
-    cmd.arg("run")
-        .arg("--pod")
-        .arg(mesh.netns_path())
-        .arg("--pod")
+    cmd.arg("run");
+    for pod in mesh {
+        cmd.arg("--pod").arg(pod.netns_path());
+    }
+    cmd.arg("--pod")
         .arg(format!(
             "{},exclude-cidrs={SERVER_V4}/32;{SERVER_V6}/128",
             ipt.netns_path().display()

@@ -21,6 +21,8 @@ pub enum Workload {
     Rr,
     Cps,
     Connect,
+    /// New connections from an unmeshed client to a meshed server: inbound capture alone.
+    InboundCps,
 }
 
 /// One measured figure of a workload.
@@ -35,12 +37,13 @@ const fn m(name: &'static str, unit: &'static str, better: Better) -> Metric {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Bulk1,
         Workload::Bulk8,
         Workload::Rr,
         Workload::Cps,
         Workload::Connect,
+        Workload::InboundCps,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +53,9 @@ impl Workload {
             Workload::Rr => "request/response, 64 B (sockperf ping-pong)",
             Workload::Cps => "new connections (wrk, Connection: close, 8 conns)",
             Workload::Connect => "connect() of the app",
+            Workload::InboundCps => {
+                "new connections to a meshed server (inbound; wrk, Connection: close, 8 conns)"
+            }
         }
     }
 
@@ -61,6 +67,7 @@ impl Workload {
             Workload::Rr => "rr",
             Workload::Cps => "new-conns",
             Workload::Connect => "connect",
+            Workload::InboundCps => "inbound-conns",
         }
     }
 
@@ -76,15 +83,26 @@ impl Workload {
         match self {
             Workload::Bulk1 | Workload::Bulk8 => BULK,
             Workload::Rr => RR,
-            Workload::Cps => CPS,
+            Workload::Cps | Workload::InboundCps => CPS,
             Workload::Connect => CONNECT,
         }
     }
 
+    /// Whether `v` has a path for this workload. Inbound: the client is never meshed and the
+    /// server pod is enrolled by the variant's agent (direct: the plain server), so the
+    /// iptables and HAProxy variants, which are client-side captures, have none.
+    pub fn applies(self, v: Variant) -> bool {
+        self != Workload::InboundCps || !matches!(v, Variant::Iptables | Variant::Haproxy)
+    }
+
     /// Runs once for `v`; values in the order of `metrics()`.
     pub fn run(self, topo: &Topology, v: Variant, plan: &Plan) -> Result<Vec<f64>> {
-        let pod = topo.client(v);
-        let host = target_host(v);
+        let (pod, host) = if self == Workload::InboundCps {
+            (topo.client(Variant::Direct), topo.inbound_server(v)?)
+        } else {
+            (topo.client(v), target_host(v).to_string())
+        };
+        let host = host.as_str();
         let secs = plan.seconds.to_string();
         match self {
             Workload::Bulk1 | Workload::Bulk8 => {
@@ -103,7 +121,7 @@ impl Workload {
                 let out = bounded(&mut cmd, plan, topo)?;
                 parse_sockperf(&out)
             }
-            Workload::Cps => {
+            Workload::Cps | Workload::InboundCps => {
                 let mut cmd = pod.command("wrk");
                 cmd.args(["-t1", "-c8", "-d", &format!("{secs}s")])
                     .args(["-H", "Connection: close"])
@@ -269,6 +287,24 @@ mod tests {
                    sockperf: ---> percentile 50.000 =    9.744\n";
         assert_eq!(parse_sockperf(out).unwrap(), vec![9.744, 25.863, 53.835]);
         assert!(parse_sockperf("sockperf: ---> percentile 50.000 = 1\n").is_err());
+    }
+
+    #[test]
+    fn inbound_is_measured_only_where_an_agent_meshes_the_server() {
+        let with: Vec<Variant> = Variant::ALL
+            .into_iter()
+            .filter(|v| Workload::InboundCps.applies(*v))
+            .collect();
+        assert_eq!(
+            with,
+            [
+                Variant::Direct,
+                Variant::Sockmesh,
+                Variant::SockmeshSplice,
+                Variant::Baseline
+            ]
+        );
+        assert!(Variant::ALL.into_iter().all(|v| Workload::Cps.applies(v)));
     }
 
     #[test]

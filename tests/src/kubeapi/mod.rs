@@ -1,5 +1,6 @@
-//! A fake Kubernetes API server inside the test process: real HTTP/1.1 on 127.0.0.1, real Pod
-//! and Namespace JSON, list and watch (chunked streams of `{"type","object"}` lines) with
+//! A fake Kubernetes API server inside the test process: real HTTP/1.1 on 127.0.0.1 (or HTTPS
+//! with a bearer token, as an in-cluster agent reaches a real one: [`FakeKubeApi::start_https`]),
+//! real Pod and Namespace JSON, list and watch (chunked streams of `{"type","object"}` lines) with
 //! resource versions, `410 Gone` for a watch resumed from a compacted version (as etcd
 //! compaction makes a real API server do), and stop/restart on the same port to play an outage.
 //! Events the agent posts (events.k8s.io/v1) are recorded for the test to read.
@@ -7,14 +8,19 @@
 //! Only what the agent uses is served: `GET /api/v1/pods` (with `fieldSelector=spec.nodeName=`),
 //! `GET /api/v1/namespaces`, and `POST`/`PATCH` of events. Anything else is a 404 Status.
 
+mod http;
+mod tls;
+
 use anyhow::{bail, Context, Result};
+use http::{chunk, read_request, respond, status};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
+use tls::{Conn, Tls};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -39,6 +45,7 @@ struct Inner {
     compacted: u64,
     events: Vec<Value>,
     requests: Vec<String>,
+    unauthorized: usize,
     /// Bumped at every stop: connections of an earlier run end.
     epoch: u64,
     running: bool,
@@ -50,6 +57,10 @@ struct Shared {
     /// Open connections (clones, to cut them at a stop), removed when their handler ends so
     /// the clone does not keep a finished connection open.
     conns: Mutex<BTreeMap<u64, TcpStream>>,
+    /// HTTPS: the server's certificate and key (the client must trust `ca_pem`).
+    tls: Option<Tls>,
+    /// A request without `Authorization: Bearer <token>` gets 401.
+    token: Option<String>,
 }
 
 impl Shared {
@@ -115,7 +126,22 @@ pub struct FakeKubeApi {
 }
 
 impl FakeKubeApi {
+    /// Plain HTTP, no credentials: what `--kube-api` (`kubectl proxy`) reaches.
     pub fn start() -> Result<Self> {
+        Self::start_with(None, None)
+    }
+
+    /// HTTPS with a certificate from a CA made for this server ([`FakeKubeApi::ca_pem`]), and
+    /// every request must carry `Authorization: Bearer <`[`FakeKubeApi::token`]`>`: what an
+    /// agent using in-cluster configuration reaches.
+    pub fn start_https() -> Result<Self> {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let tls = Tls::new(ip).context("the fake API server's certificates")?;
+        let token = format!("smt-token-{}", crate::names::random_hex(16));
+        Self::start_with(Some(tls), Some(token))
+    }
+
+    fn start_with(tls: Option<Tls>, token: Option<String>) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").context("bind the fake API server")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -125,15 +151,42 @@ impl FakeKubeApi {
             }),
             changed: Condvar::new(),
             conns: Mutex::new(BTreeMap::new()),
+            tls,
+            token,
         });
         let api = FakeKubeApi { shared, addr };
         api.serve(listener);
         Ok(api)
     }
 
-    /// `http://127.0.0.1:PORT`, for `--kube-api`.
+    /// `http://127.0.0.1:PORT` (or `https://`), for `--kube-api`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Where the server listens (`KUBERNETES_SERVICE_HOST` and `_PORT` for an in-cluster client).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate (PEM) that signed the server's, with [`FakeKubeApi::start_https`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.shared.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    /// The bearer token every request must carry, with [`FakeKubeApi::start_https`].
+    pub fn token(&self) -> Option<&str> {
+        self.shared.token.as_deref()
+    }
+
+    /// Requests refused for a missing or wrong token.
+    pub fn unauthorized(&self) -> usize {
+        self.shared.lock().unauthorized
     }
 
     fn serve(&self, listener: TcpListener) {
@@ -325,105 +378,22 @@ impl Drop for FakeKubeApi {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-fn read_request(r: &mut BufReader<TcpStream>) -> Result<Option<Request>> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    let mut parts = line.split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or("").to_string(),
-        parts.next().unwrap_or("").to_string(),
-    );
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            return Ok(None);
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-    let query = q
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect();
-    Ok(Some(Request {
-        method,
-        path: path.to_string(),
-        query,
-        body,
-    }))
-}
-
-/// Percent-decoding of a query component ('+' is a space).
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => out.push(v),
-                    Err(_) => out.extend_from_slice(&b[i..i + 3]),
-                }
-                i += 3;
-                continue;
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn respond(w: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let text = body.to_string();
-    let reason = match code {
-        200 => "OK",
-        201 => "Created",
-        404 => "Not Found",
-        410 => "Gone",
-        _ => "Error",
-    };
-    write!(
-        w,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-        text.len()
-    )?;
-    w.flush()
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
-}
-
 fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
-    let mut w = conn.try_clone()?;
+    let conn = match &shared.tls {
+        Some(tls) => tls.accept(conn)?,
+        None => Conn::Plain(conn),
+    };
     let mut r = BufReader::new(conn);
     while let Some(req) = read_request(&mut r)? {
+        let w = r.get_mut();
+        if let Some(token) = &shared.token {
+            if req.authorization.as_deref() != Some(&format!("Bearer {token}")) {
+                shared.lock().unauthorized += 1;
+                let body = status(401, "Unauthorized", "Unauthorized");
+                respond(w, 401, &body)?;
+                continue;
+            }
+        }
         {
             let mut g = shared.lock();
             if g.epoch != epoch {
@@ -461,7 +431,7 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(300u64);
                 // A watch that ended cleanly leaves the connection reusable (keep-alive).
-                if !watch(shared, &mut w, kind, node, since, timeout, epoch)? {
+                if !watch(shared, w, kind, node, since, timeout, epoch)? {
                     return Ok(());
                 }
             }
@@ -481,7 +451,7 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
                 let body = json!({"kind": list_kind, "apiVersion": "v1",
                                   "metadata": {"resourceVersion": g.rv.to_string()}, "items": items});
                 drop(g);
-                respond(&mut w, 200, &body)?;
+                respond(w, 200, &body)?;
             }
             ("POST", None) | ("PATCH", None) if req.path.contains("/events") => {
                 let mut ev: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
@@ -490,10 +460,10 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
                 }
                 shared.lock().events.push(ev.clone());
                 shared.changed.notify_all();
-                respond(&mut w, if req.method == "POST" { 201 } else { 200 }, &ev)?;
+                respond(w, if req.method == "POST" { 201 } else { 200 }, &ev)?;
             }
             _ => respond(
-                &mut w,
+                w,
                 404,
                 &status(404, "NotFound", &format!("{} not served", req.path)),
             )?,
@@ -509,18 +479,11 @@ fn matches(obj: &Value, kind: Kind, node: Option<&str>) -> bool {
     }
 }
 
-fn chunk(w: &mut TcpStream, v: &Value) -> std::io::Result<()> {
-    let line = format!("{v}\n");
-    write!(w, "{:x}\r\n{line}\r\n", line.len())?;
-    w.flush()
-}
-
-/// A watch stream: every change after `since`, then new ones as they happen, until the
 /// timeout, a stop, or the client going away. False when the server stopped mid-stream (the
 /// connection is then dropped unterminated, as by a dying server).
 fn watch(
     shared: &Shared,
-    w: &mut TcpStream,
+    w: &mut impl Write,
     kind: Kind,
     node: Option<String>,
     since: u64,
@@ -573,17 +536,5 @@ fn watch(
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::decode;
-
-    #[test]
-    fn query_decoding() {
-        assert_eq!(decode("spec.nodeName%3Dnode-a"), "spec.nodeName=node-a");
-        assert_eq!(decode("a+b%2Fc"), "a b/c");
-        assert_eq!(decode("100%"), "100%");
     }
 }

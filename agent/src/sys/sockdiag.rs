@@ -1,0 +1,216 @@
+//! The TCP listening sockets of the calling thread's network namespace, from the kernel's
+//! socket table (NETLINK_SOCK_DIAG, the interface `ss` uses), with each socket's cookie: the
+//! same number `bpf_get_socket_cookie` gives the kernel programs. Call it on a pod's netns
+//! worker to see that pod's listeners.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_LISTEN: u32 = 10;
+/// `struct nlmsghdr`.
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_msg` (its attributes follow; none is asked for).
+const DIAG_MSG: usize = 72;
+
+/// One listening TCP socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub cookie: u64,
+}
+
+/// Every listening TCP socket (IPv4 and IPv6) of the calling thread's namespace.
+pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        out.extend(dump(family as u8)?);
+    }
+    Ok(out)
+}
+
+fn dump(family: u8) -> io::Result<Vec<Listener>> {
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let req = request(family);
+    // SAFETY: `req` is a readable buffer of `req.len()` bytes for the duration of the call;
+    // a netlink socket needs no destination address (the kernel is the default peer).
+    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes for the duration of the call.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if parse(&buf[..n as usize], &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// A dump request for the listening TCP sockets of one family.
+fn request(family: u8) -> Vec<u8> {
+    let len = NLMSG_HDR + 56;
+    let mut r = vec![0u8; len];
+    r[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    r[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    r[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, extensions, pad, states, then a zero sockid.
+    r[16] = family;
+    r[17] = libc::IPPROTO_TCP as u8;
+    r[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    r
+}
+
+/// Adds the sockets of one datagram of the dump to `out`; true once the dump is done.
+fn parse(mut buf: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    while buf.len() >= NLMSG_HDR {
+        let len = u32_at(buf, 0) as usize;
+        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < NLMSG_HDR || len > buf.len() {
+            return Err(io::Error::other("truncated sock_diag message"));
+        }
+        match ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = if len >= NLMSG_HDR + 4 {
+                    -(u32_at(buf, NLMSG_HDR) as i32)
+                } else {
+                    libc::EIO
+                };
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + DIAG_MSG => {
+                let m = &buf[NLMSG_HDR..NLMSG_HDR + DIAG_MSG];
+                // inet_diag_msg: family, state, timer, retrans, then the sockid: sport and
+                // dport (network order), src[16], dst[16], ifindex, cookie[2].
+                let port = u16::from_be_bytes([m[4], m[5]]);
+                let src = &m[8..24];
+                let ip = match m[0] as i32 {
+                    libc::AF_INET => IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3])),
+                    _ => IpAddr::V6(Ipv6Addr::from(
+                        <[u8; 16]>::try_from(src).unwrap_or_default(),
+                    )),
+                };
+                let cookie = u64::from(u32_at(m, 44)) | (u64::from(u32_at(m, 48)) << 32);
+                out.push(Listener {
+                    addr: SocketAddr::new(ip, port),
+                    cookie,
+                });
+            }
+            _ => {}
+        }
+        // Messages are 4-byte aligned.
+        let next = (len + 3) & !3;
+        buf = &buf[next.min(buf.len())..];
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(family: u8, port: u16, src: [u8; 16], cookie: u64) -> Vec<u8> {
+        let len = NLMSG_HDR + DIAG_MSG;
+        let mut m = vec![0u8; len];
+        m[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        m[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m[16] = family;
+        m[17] = TCP_LISTEN as u8;
+        m[20..22].copy_from_slice(&port.to_be_bytes());
+        m[24..40].copy_from_slice(&src);
+        m[60..64].copy_from_slice(&(cookie as u32).to_ne_bytes());
+        m[64..68].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn parses_listeners_until_done() {
+        let mut buf = message(libc::AF_INET as u8, 8080, [0; 16], 0x1_0000_0002);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        buf.extend(message(libc::AF_INET6 as u8, 443, v6, 7));
+        let mut out = Vec::new();
+        assert!(!parse(&buf, &mut out).expect("parse"));
+        assert_eq!(
+            out,
+            [
+                Listener {
+                    addr: "0.0.0.0:8080".parse().expect("addr"),
+                    cookie: 0x1_0000_0002
+                },
+                Listener {
+                    addr: "[::1]:443".parse().expect("addr"),
+                    cookie: 7
+                }
+            ]
+        );
+        let mut done = vec![0u8; NLMSG_HDR];
+        done[0..4].copy_from_slice(&(NLMSG_HDR as u32).to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        assert!(parse(&done, &mut out).expect("parse"));
+        let mut err = vec![0u8; NLMSG_HDR + 4];
+        err[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
+        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err[16..20].copy_from_slice(&(-libc::EPERM as u32).to_ne_bytes());
+        assert_eq!(
+            parse(&err, &mut out).expect_err("error").raw_os_error(),
+            Some(libc::EPERM)
+        );
+        assert!(!parse(&done[..8], &mut out).expect("short"));
+    }
+
+    /// The kernel's own answer: a listener this test opens is listed with its cookie.
+    #[test]
+    fn lists_a_real_listener_with_its_cookie() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: SO_COOKIE writes a u64 into `cookie`, whose size `len` gives.
+        let rc = unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let all = tcp_listeners().expect("sock_diag");
+        assert!(
+            all.contains(&Listener { addr, cookie }),
+            "{addr} {cookie}: {all:?}"
+        );
+    }
+}
