@@ -223,8 +223,8 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
 
 /// The other two things the programs capture, with the agent's mark forged: a DNS query sent
 /// with sendto() goes to the agent (which answers SERVFAIL, as the server only echoes; a
-/// direct query would get the echo back), and a wildcard bind is moved to loopback with the
-/// agent listening on the pod's address in its place.
+/// direct query would get the echo back), and a wildcard bind is recorded, so connections to
+/// it are steered to the agent (sk_lookup) like any other app's.
 #[test]
 fn forged_marks_on_dns_and_binds_are_captured_too() {
     require_root();
@@ -275,22 +275,28 @@ fn forged_marks_on_dns_and_binds_are_captured_too() {
         .expect("bind");
     assert_eq!(
         local,
-        SocketAddr::from(([127, 0, 0, 1], 9090)),
-        "moved to loopback"
+        SocketAddr::from(([0, 0, 0, 0], 9090)),
+        "the app keeps its wildcard bind"
     );
     agent
         .wait_event_named("inbound_listening", T)
-        .expect("the agent listens on the pod's address");
+        .expect("the agent reports the port captured");
     assert_eq!(counter(&agent, &hostile, "bind_capture"), 1);
     // And the inbound path works: a client reaches the app through the agent.
     let client = cluster.add_pod("client").expect("pod");
     let mut c = tcp_connect(&client, hostile.addr4(9090), T).expect("connect");
     c.stream.write_all(b"in").expect("write");
     listener.set_nonblocking(false).expect("blocking");
-    let (mut app_side, _) = listener.accept().expect("the app accepts");
+    let (mut app_side, peer) = listener.accept().expect("the app accepts");
     let mut buf = [0u8; 2];
     app_side.read_exact(&mut buf).expect("read");
     assert_eq!(&buf, b"in");
+    assert_eq!(peer.ip(), client.ip4(), "the app sees the real client");
+    assert_eq!(
+        counter(&agent, &hostile, "inbound_steered"),
+        1,
+        "steered to the agent, not delivered to the app directly"
+    );
     drop(app_side);
 }
 
