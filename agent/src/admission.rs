@@ -19,7 +19,7 @@ use tracing::{debug, info};
 
 use crate::policy::{
     BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, PolicySource,
-    RejectReason, Ticket, Timeouts,
+    RejectReason, Tenant, Ticket, Timeouts,
 };
 use crate::sys::{clock::monotonic_ns, lock::lock};
 
@@ -62,8 +62,8 @@ impl Clock for ProxyClock {
 }
 
 /// What admission keys need: hashable, cloneable, and printable in logs.
-pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug {}
-impl<T: Hash + Eq + Clone + std::fmt::Debug> PeerId for T {}
+pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug + Tenant {}
+impl<T: Hash + Eq + Clone + std::fmt::Debug + Tenant> PeerId for T {}
 
 /// Tells the kernel about a peer: `Some(t)`: refuse the pod's connect()s to it until `t`
 /// (CLOCK_MONOTONIC ns); `None`: stop refusing them now (a reload lifts every verdict).
@@ -81,6 +81,16 @@ pub struct Admission<K> {
     on_verdict: OnVerdict<K>,
     /// Verdicts written and maybe not yet expired, so a reload can lift them.
     verdicts: Mutex<HashMap<K, Nanos>>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The peer's policy refused it (counted per peer).
+    Policy(RejectReason),
+    /// It would have waited in the peer's queue, but its pod already has its share of
+    /// connections waiting (counted per pod).
+    PodQueue,
 }
 
 /// An admitted connection's slot; dropping it frees the slot (and may wake a waiter).
@@ -185,19 +195,29 @@ impl<K: PeerId> Admission<K> {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Admit a new connection to `key`, waiting in the peer's queue if the policy says so.
-    pub async fn admit(self: &Arc<Self>, key: K) -> Result<Permit<K>, RejectReason> {
+    /// Admit a new connection to `key`, waiting in the peer's queue if the policy says so and
+    /// `may_wait` hands out a place to wait (the pod's share of queued connections, held
+    /// until the wait ends); without one the connection is refused with [`Refused::PodQueue`].
+    pub async fn admit<G>(
+        self: &Arc<Self>,
+        key: K,
+        may_wait: impl FnOnce() -> Option<G>,
+    ) -> Result<Permit<K>, Refused> {
         let now = self.clock.now();
-        let decision = {
+        let (decision, _place) = {
             let mut table = lock(&self.table);
             let d = table.admit(now, &key, self.rand01());
             // Register the waiter under the table lock: a grant cannot slip in between.
-            if let Decision::Queue { ticket, .. } = d {
+            if let Decision::Queue { lease, ticket, .. } = d {
+                let Some(place) = may_wait() else {
+                    table.cancel_wait(now, &key, lease, ticket);
+                    return Err(Refused::PodQueue);
+                };
                 let (tx, rx) = oneshot::channel();
                 lock(&self.waiters).insert(ticket, tx);
-                (d, Some(rx))
+                ((d, Some(rx)), Some(place))
             } else {
-                (d, None)
+                ((d, None), None)
             }
         };
         match decision {
@@ -223,7 +243,7 @@ impl<K: PeerId> Admission<K> {
                     }
                     self.refuse_until(&key, until);
                 }
-                Err(reason)
+                Err(Refused::Policy(reason))
             }
             (
                 Decision::Queue {
@@ -251,7 +271,7 @@ impl<K: PeerId> Admission<K> {
                 guard.armed = false;
                 drop(guard);
                 if !granted {
-                    return Err(RejectReason::QueueTimeout);
+                    return Err(Refused::Policy(RejectReason::QueueTimeout));
                 }
                 let timeouts = lock(&self.table)
                     .policy(&key)
@@ -264,7 +284,7 @@ impl<K: PeerId> Admission<K> {
                     timeouts,
                 })
             }
-            (Decision::Queue { .. }, None) => Err(RejectReason::ConcurrencyFull),
+            (Decision::Queue { .. }, None) => Err(Refused::Policy(RejectReason::ConcurrencyFull)),
         }
     }
 

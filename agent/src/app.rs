@@ -22,6 +22,29 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Before any thread exists, so every thread the agent starts inherits the reduced sets.
     crate::sys::caps::drop_unneeded()?;
     preflight::check_kernel()?;
+    // Every proxied connection costs two fds: take all the kernel allows before sizing caps.
+    let nofile = match crate::sys::rlimit::raise_nofile() {
+        Ok((before, soft, hard)) => {
+            info!(
+                soft_before = before,
+                soft, hard, "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+            );
+            soft
+        }
+        Err(e) => {
+            let soft = crate::sys::rlimit::nofile().map_or(1024, |(s, _)| s);
+            warn!(error = %e, soft, "cannot raise the open-file limit");
+            soft
+        }
+    };
+    let shares = args.shares.config(nofile);
+    info!(
+        max_conns = shares.conns.global,
+        pod_max_conns = shares.conns.per_pod,
+        max_dns_inflight = shares.dns.global,
+        pod_dns_inflight = shares.dns.per_pod,
+        "caps on what pods share"
+    );
     preflight::check_bpffs(&args.bpffs_dir)?;
     let cgroup = preflight::cgroup_root(args.cgroup_root.as_deref())?;
     let node = args.kube.validate()?;
@@ -83,8 +106,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
 
-    // A taken metrics port is a bad flag: refuse it before anything is opened or loaded.
-    let metrics = args.metrics_addr.0.map(observe::http::bind).transpose()?;
+    // A taken metrics or health port is a bad flag: refuse it before anything is loaded.
+    let metrics = (args.metrics_addr.0)
+        .map(|a| observe::http::bind(a, "--metrics-addr"))
+        .transpose()?;
+    let health = (args.health_addr.0)
+        .map(|a| observe::http::bind(a, "--health-addr"))
+        .transpose()?;
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("sockmesh");
@@ -101,12 +129,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         let mut signals = Signals::install()?;
         let drain = args.drain_timeout;
         let setup = Setup {
+            nofile,
+            shares,
             cgroup,
             prepared,
             policy,
             node,
             template,
             metrics,
+            health,
         };
         let mut agent = Agent::start(args, setup).await?;
         let exit = agent.serve(&mut signals).await;

@@ -126,9 +126,16 @@ pub struct RunArgs {
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::rules::PolicyArgs,
+    /// Per-pod caps and node-wide caps on what pods share.
+    #[command(flatten)]
+    pub shares: crate::proxy::shares::ShareArgs,
     /// Where /metrics, /healthz and /readyz are served (ip:port), or `off`.
     #[arg(long, env = "SOCKMESH_METRICS_ADDR", default_value = "127.0.0.1:15090", value_parser = crate::observe::http::parse_addr)]
     pub metrics_addr: crate::observe::http::MetricsAddr,
+    /// Where only /healthz and /readyz are served (ip:port), or `off`: what a node address
+    /// exposes for the kubelet's probes without publishing every pod's peers and bytes.
+    #[arg(long, env = "SOCKMESH_HEALTH_ADDR", default_value = "off", value_parser = crate::observe::http::parse_addr)]
+    pub health_addr: crate::observe::http::MetricsAddr,
     /// Peers per pod and direction with their own `peer` label in /metrics; the rest are
     /// summed under peer="other" (bounds the series count).
     #[arg(long, env = "SOCKMESH_METRICS_TOP_PEERS", default_value_t = 20)]

@@ -35,6 +35,11 @@ impl PortRangeSpec {
     pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
         split_list(s).map(Self::parse).collect()
     }
+
+    /// Whether every port of `other` is in this range.
+    pub fn covers(&self, other: &PortRangeSpec) -> bool {
+        self.lo <= other.lo && other.hi <= self.hi
+    }
 }
 
 /// A CIDR such as `10.0.0.0/8` or `fd00::/8`; a bare address is a /32 or /128.
@@ -65,6 +70,24 @@ impl CidrSpec {
 
     pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
         split_list(s).map(Self::parse).collect()
+    }
+
+    /// Whether every address of `other` is in this CIDR (same family, a prefix at least as
+    /// long, and the same leading bits).
+    pub fn covers(&self, other: &CidrSpec) -> bool {
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        if self.addr.is_ipv4() != other.addr.is_ipv4() || other.prefix < self.prefix {
+            return false;
+        }
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        bits(self.addr) & mask == bits(other.addr) & mask
     }
 
     /// The kernel form: address and mask as network-order words, address pre-masked.
@@ -216,6 +239,24 @@ fn fill_ports<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_and_cidrs_cover_what_lies_inside_them() {
+        let r = PortRangeSpec::parse("8000-8100").expect("range");
+        assert!(r.covers(&PortRangeSpec::parse("8000").expect("port")));
+        assert!(r.covers(&PortRangeSpec::parse("8050-8100").expect("range")));
+        assert!(!r.covers(&PortRangeSpec::parse("7999-8001").expect("range")));
+        let c = |s: &str| CidrSpec::parse(s).expect("cidr");
+        assert!(c("10.1.0.0/16").covers(&c("10.1.2.0/24")));
+        assert!(c("10.1.0.0/16").covers(&c("10.1.2.3")));
+        assert!(!c("10.1.0.0/16").covers(&c("10.0.0.0/8")), "wider");
+        assert!(!c("10.1.0.0/16").covers(&c("10.2.0.0/24")));
+        assert!(!c("10.1.0.0/16").covers(&c("0.0.0.0/0")));
+        assert!(c("0.0.0.0/0").covers(&c("192.168.1.0/24")));
+        assert!(!c("0.0.0.0/0").covers(&c("fd00::/8")), "families differ");
+        assert!(c("fd00::/8").covers(&c("fd77::1")));
+        assert!(!c("fd00::/8").covers(&c("fe80::/10")));
+    }
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]

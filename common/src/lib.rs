@@ -18,7 +18,8 @@ extern crate std;
 /// 3: the agent's own sockets by cookie (`SM_AGENT_SOCKS`) instead of by SO_MARK,
 /// `GlobalConfig::flags` (was padding), the `raw_denied` counter.
 /// 4: inbound steering by `sk_lookup` (`steer::*` maps, `GlobalConfig::inbound_port`, the
-/// `inbound_steered` counter).
+/// `inbound_steered` counter), and per-pod refusals of the agent's caps and shares
+/// (`SM_POD_REFUSED`).
 pub const SCHEMA_VERSION: u32 = 4;
 
 pub mod peer;

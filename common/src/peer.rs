@@ -17,7 +17,9 @@ pub mod map_names {
     pub const POD_META: &str = "SM_POD_META";
     /// Agent-wide counters (one entry): [`AgentStats`].
     pub const AGENT_STATS: &str = "SM_AGENT_STATS";
-    pub const ALL: [&str; 4] = [PEER_STATS, PEER_STATE, POD_META, AGENT_STATS];
+    /// What the agent refused or held back per pod (its caps and shares): [`PodRefused`].
+    pub const POD_REFUSED: &str = "SM_POD_REFUSED";
+    pub const ALL: [&str; 5] = [PEER_STATS, PEER_STATE, POD_META, AGENT_STATS, POD_REFUSED];
 }
 
 pub mod map_sizes {
@@ -236,13 +238,77 @@ pub mod agent_counter {
     pub const FLUSHES: usize = 2;
     /// Per-peer policy entries evicted from the policy table to make room (`--max-peers`).
     pub const POLICY_PEERS_EVICTED: usize = 3;
+    /// Connections to the metrics or health listener closed at once: every slot was taken.
+    pub const HTTP_REFUSED: usize = 4;
+    /// Connections to the metrics or health listener closed at their maximum lifetime.
+    pub const HTTP_EXPIRED: usize = 5;
     pub const COUNT: usize = 8;
-    pub const NAMES: [&str; 4] = [
+    pub const NAMES: [&str; 6] = [
         "peer_state_dropped",
         "peer_state_write_failed",
         "flushes",
         "policy_peers_evicted",
+        "http_refused",
+        "http_expired",
     ];
+}
+
+/// Indexes into [`PodRefused::counters`]: each time a pod hit one of the agent's per-pod caps
+/// or node-wide shares (README, "Operations"). Counted against the pod that hit it, never
+/// against the pods it would otherwise have crowded out.
+pub mod pod_refusal {
+    /// A proxied connection reset at once: the pod already had `--pod-max-conns`.
+    pub const CONN_POD_CAP: usize = 0;
+    /// A proxied connection reset at once: the node had `--max-conns`.
+    pub const CONN_NODE_CAP: usize = 1;
+    /// A proxied connection reset at once: the node was near `--max-conns` and the pod held
+    /// at least its fair share of it.
+    pub const CONN_NODE_SHARE: usize = 2;
+    /// A connection that would have waited in a peer's queue was reset: the pod already had
+    /// `--pod-max-queued` connections waiting.
+    pub const QUEUE_POD_CAP: usize = 3;
+    /// accept() on one of the pod's listeners failed for lack of file descriptors or socket
+    /// memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); the loop backed off instead of retrying.
+    pub const ACCEPT_BACKOFF: usize = 4;
+    /// The pod's DNS listener waited for a query slot (`--pod-dns-inflight`, or the node's
+    /// share of `--max-dns-inflight`) before reading the next query.
+    pub const DNS_INFLIGHT: usize = 5;
+    /// The pod's DNS listener waited for its rate (`--pod-dns-rate`) before reading the next
+    /// query.
+    pub const DNS_RATE: usize = 6;
+    /// DNS datagrams the kernel dropped at the pod's DNS listener (its socket buffer was full
+    /// while the agent held back), as the kernel counts them (SO_RXQ_OVFL).
+    pub const DNS_DROPPED: usize = 7;
+    /// Bind/unbind events of the pod applied late: over its `--pod-bind-events` budget.
+    pub const BIND_DEFERRED: usize = 8;
+    /// Bind/unbind events of the pod dropped: too many of its ports had changes waiting.
+    pub const BIND_DROPPED: usize = 9;
+    /// The pod's per-peer policy entries evicted to make room for its own new peers (it held
+    /// its share of `--max-peers`); another pod's peers never evict them.
+    pub const PEERS_EVICTED: usize = 10;
+    /// Slots in the value (spares): new counters fit without a layout change.
+    pub const COUNT: usize = 16;
+    pub const NAMES: [&str; 11] = [
+        "conn_pod_cap",
+        "conn_node_cap",
+        "conn_node_share",
+        "queue_pod_cap",
+        "accept_backoff",
+        "dns_inflight",
+        "dns_rate",
+        "dns_dropped",
+        "bind_deferred",
+        "bind_dropped",
+        "peers_evicted",
+    ];
+}
+
+/// `SM_POD_REFUSED[netns cookie]`: [`pod_refusal`] counters, written (added to) by the agent
+/// about once a second; monotonic across restarts while pinned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRefused {
+    pub counters: [u64; pod_refusal::COUNT],
 }
 
 /// `SM_AGENT_STATS[0]`: agent-wide counters, monotonic across restarts while pinned.
@@ -288,6 +354,7 @@ mod user {
     unsafe impl aya::Pod for PeerState {}
     unsafe impl aya::Pod for PodMeta {}
     unsafe impl aya::Pod for AgentStats {}
+    unsafe impl aya::Pod for PodRefused {}
 }
 
 #[cfg(test)]
@@ -305,6 +372,7 @@ mod tests {
         );
         assert_eq!(size_of::<PodMeta>(), POD_NAME_LEN + 16);
         assert_eq!(size_of::<AgentStats>(), 8 * agent_counter::COUNT);
+        assert_eq!(size_of::<PodRefused>(), 8 * pod_refusal::COUNT);
     }
 
     #[test]
@@ -312,6 +380,7 @@ mod tests {
         assert!(peer_counter::NAMES.len() <= peer_counter::COUNT);
         assert!(throttle_reason::NAMES.len() <= throttle_reason::COUNT);
         assert!(agent_counter::NAMES.len() <= agent_counter::COUNT);
+        assert!(pod_refusal::NAMES.len() <= pod_refusal::COUNT);
     }
 
     #[cfg(feature = "user")]

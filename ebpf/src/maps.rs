@@ -3,7 +3,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap, RingBuf},
 };
-use sockmesh_common::peer::{self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta};
+use sockmesh_common::peer::{
+    self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta, PodRefused,
+};
 use sockmesh_common::{
     map_sizes, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
     SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
@@ -81,3 +83,8 @@ pub static POD_META: LruHashMap<u64, PodMeta> = LruHashMap::pinned(peer::map_siz
 /// Agent-wide counters, written by the agent.
 #[map(name = "SM_AGENT_STATS")]
 pub static AGENT_STATS: Array<AgentStats> = Array::pinned(1, 0);
+
+/// Per-pod refusals of the agent's caps and shares, written by the agent.
+#[map(name = "SM_POD_REFUSED")]
+pub static POD_REFUSED: LruHashMap<u64, PodRefused> =
+    LruHashMap::pinned(peer::map_sizes::POD_META, 0);

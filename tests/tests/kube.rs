@@ -48,8 +48,14 @@ impl World {
 }
 
 fn kube_agent(api: &FakeKubeApi, node: &str) -> Agent {
-    let agent =
-        Agent::start(["--kube", "--kube-api", &api.url(), "--node-name", node]).expect("agent");
+    kube_agent_with(api, node, &[])
+}
+
+fn kube_agent_with(api: &FakeKubeApi, node: &str, extra: &[&str]) -> Agent {
+    let url = api.url();
+    let mut args = vec!["--kube", "--kube-api", &url, "--node-name", node];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(args).expect("agent");
     agent.wait_ready().expect("ready");
     agent
 }
@@ -242,7 +248,13 @@ fn annotations_apply_and_a_malformed_one_is_reported_and_isolated() {
     let (cluster, api, node, server_pod) = (&w.cluster, &w.api, w.node.as_str(), &w.server_pod);
     let _s2 = TcpServer::start(server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("server");
     api.add_namespace("shop", &[(MESH, "enabled")]);
-    let agent = kube_agent(api, node);
+    let allow = [
+        "--allow-pod-exclude-ports",
+        "8081",
+        "--allow-pod-profiles",
+        "gold",
+    ];
+    let agent = kube_agent_with(api, node, &allow);
     agent.wait_event_named("kube_synced", KT).expect("synced");
 
     let good = KubePod::new(cluster, "good", "shop", node, Driver::Systemd);
@@ -438,4 +450,88 @@ fn kube_mode_flags_are_checked_before_anything_is_loaded() {
         assert!(stdout.trim().is_empty(), "nothing announced: {stdout}");
         assert!(dir.entries().expect("entries").is_empty(), "nothing pinned");
     }
+}
+
+/// Pod owners do not choose their own policy: an exclusion or profile the operator did not
+/// allow is refused like a malformed annotation (a Warning Event naming the key, and the pod
+/// meshed with none of its annotations' options), and what is allowed applies.
+#[test]
+fn annotations_beyond_what_the_operator_allows_are_refused() {
+    let w = World::new();
+    let (cluster, api, node, server_pod) = (&w.cluster, &w.api, w.node.as_str(), &w.server_pod);
+    let _s2 = TcpServer::start(server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("server");
+    api.add_namespace("shop", &[(MESH, "enabled")]);
+    let allow = [
+        "--allow-pod-exclude-ports",
+        "8081",
+        "--allow-pod-profiles",
+        "gold",
+    ];
+    let agent = kube_agent_with(api, node, &allow);
+    agent.wait_event_named("kube_synced", KT).expect("synced");
+
+    let modest = KubePod::new(cluster, "modest", "shop", node, Driver::Systemd);
+    let greedy = KubePod::new(cluster, "greedy", "shop", node, Driver::Systemd);
+    let upgrader = KubePod::new(cluster, "upgrader", "shop", node, Driver::Systemd);
+    api.add_pod(
+        &modest
+            .obj
+            .clone()
+            .annotate("sockmesh.io/exclude-outbound-ports", "8081"),
+    );
+    // Everything out of the mesh, and a port beside the allowed one: neither applies.
+    api.add_pod(
+        &greedy
+            .obj
+            .clone()
+            .annotate("sockmesh.io/exclude-outbound-cidrs", "0.0.0.0/0")
+            .annotate("sockmesh.io/exclude-outbound-ports", "8081"),
+    );
+    api.add_pod(
+        &upgrader
+            .obj
+            .clone()
+            .annotate("sockmesh.io/policy-profile", "platinum"),
+    );
+    wait_enrolled(&agent, modest.uid());
+    assert_eq!(wait_enrolled(&agent, greedy.uid())["pod"], "shop/greedy");
+    assert_eq!(
+        wait_enrolled(&agent, upgrader.uid())["pod"],
+        "shop/upgrader",
+        "no profile"
+    );
+    assert!(
+        !redirected(&modest.pod, server_pod.addr4(8081)),
+        "allowed: excluded"
+    );
+    for p in [&greedy, &upgrader] {
+        assert!(
+            redirected(&p.pod, server_pod.addr4(8080)),
+            "{} is meshed",
+            p.obj.name
+        );
+        assert!(
+            redirected(&p.pod, server_pod.addr4(8081)),
+            "{}: nothing excluded",
+            p.obj.name
+        );
+    }
+    for (name, key) in [
+        ("greedy", "sockmesh.io/exclude-outbound-cidrs"),
+        ("upgrader", "sockmesh.io/policy-profile"),
+    ] {
+        let k8s = api
+            .wait_event(|e| e["regarding"]["name"] == name, KT)
+            .expect("a kubernetes event");
+        assert_eq!(k8s["type"], "Warning");
+        assert_eq!(k8s["reason"], "InvalidAnnotation");
+        let note = k8s["note"].as_str().unwrap_or("");
+        assert!(note.contains(key) && note.contains("not allowed"), "{k8s}");
+    }
+    assert!(
+        !api.events()
+            .iter()
+            .any(|e| e["regarding"]["name"] == "modest"),
+        "the allowed pod is not reported"
+    );
 }

@@ -1,12 +1,14 @@
 //! The running agent: what `sockmesh run` holds once everything is loaded, and one method per
 //! event the event loop handles (signals, bind events, pods leaving, the Kubernetes watch,
 //! policy reloads, a successor asking to take over).
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use sockmesh_common::peer;
+use sockmesh_common::{
+    peer::{self, pod_refusal},
+    Event,
+};
 use tokio::{
-    net::TcpListener,
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
@@ -19,7 +21,7 @@ use super::{
     takeover,
 };
 use crate::{
-    admission::Admission,
+    admission::{Admission, ProxyClock},
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
@@ -35,9 +37,18 @@ use crate::{
         controller::{Controller, Input},
         report::Report,
     },
-    observe::{self, http::MetricsState},
-    policy::{Direction, PeerKey, PeerTable},
-    proxy::{ProxyConfig, Shared},
+    observe::{
+        self,
+        http::{Endpoints, MetricsState},
+    },
+    policy::{
+        bind_queue::{BindQueue, Pushed},
+        Clock, Direction, PeerKey, PeerTable,
+    },
+    proxy::{
+        shares::{ShareConfig, Shares},
+        ProxyConfig, Shared,
+    },
     rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
     sys::clock::unix_ms,
     telemetry::{flush::Observer, recorder::Recorder},
@@ -54,12 +65,17 @@ pub struct Prepared {
 
 /// What `run` validated and opened before the runtime started.
 pub struct Setup {
+    /// The soft open-file limit, raised to the hard one.
+    pub nofile: u64,
+    pub shares: ShareConfig,
     pub cgroup: PathBuf,
     pub prepared: Prepared,
     pub policy: Arc<PolicyHandle>,
     pub node: Option<String>,
     pub template: PodTemplate,
     pub metrics: Option<std::net::TcpListener>,
+    /// `--health-addr`: /healthz and /readyz only.
+    pub health: Option<std::net::TcpListener>,
 }
 
 /// The signals the agent answers.
@@ -94,6 +110,10 @@ pub struct Agent {
     control: Option<Control>,
     kube: Option<Controller>,
     ring: Option<Events>,
+    /// The thread serving /metrics, /healthz and /readyz (off the proxy's runtime).
+    http: Option<std::thread::JoinHandle<()>>,
+    /// Bind/unbind events read from the ring, waiting for their pod's share.
+    binds: BindQueue<Event>,
 }
 
 impl Agent {
@@ -101,12 +121,15 @@ impl Agent {
     /// tasks, and announce `ready`. On failure everything started is stopped again.
     pub async fn start(args: RunArgs, setup: Setup) -> Result<Agent> {
         let Setup {
+            nofile,
+            shares,
             cgroup,
             prepared,
             policy,
             node,
             template,
             metrics,
+            health,
         } = setup;
         let watcher = match policy.path() {
             Some(p) => {
@@ -158,6 +181,7 @@ impl Agent {
             admission,
             policy: policy.clone(),
             recorder,
+            shares: Shares::new(shares),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
@@ -167,10 +191,9 @@ impl Agent {
             top_peers: args.metrics_top_peers,
             observer: observer.clone(),
             ready: false.into(),
+            last: Default::default(),
         });
-        if let Some(l) = metrics {
-            serve_metrics(l, &metrics_state, &shared);
-        }
+        let http = serve_http(metrics, health, &metrics_state, &shared);
         // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
         if let Some(hb) = dp.take_heartbeat() {
             let period = heartbeat::period(args.fail_open_after.0);
@@ -218,7 +241,10 @@ impl Agent {
                 let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
                 let resolver = Resolver::new(&args.kube.proc_root);
                 info!(%node, "watching this node's pods in the Kubernetes API");
-                Some(Controller::new(client, node, resolver, report, template))
+                let allowed = args.kube.allow.clone();
+                Some(Controller::new(
+                    client, node, resolver, report, template, allowed,
+                ))
             }
             _ => None,
         };
@@ -233,6 +259,11 @@ impl Agent {
         info!(pods = pods.len(), "ready");
         events::emit(serde_json::json!({
             "event": "ready", "pods": pods.len(), "pid": std::process::id(), "took_over_from": took_over_from,
+            "limits": {
+                "nofile": nofile, "max_conns": shares.conns.global, "pod_max_conns": shares.conns.per_pod,
+                "pod_max_queued": shares.pod_max_queued, "max_dns_inflight": shares.dns.global,
+                "pod_dns_inflight": shares.dns.per_pod,
+            },
         }));
         Ok(Agent {
             dp,
@@ -246,11 +277,14 @@ impl Agent {
             control,
             kube,
             ring,
+            http,
+            binds: BindQueue::new(shares.pod_bind_events),
         })
     }
 
     /// The event loop: runs until a signal stops the agent or a successor took over.
     pub async fn serve(&mut self, sig: &mut Signals) -> Exit {
+        let clock = self.shared.admission.clock();
         // Events can be lost (a full ring); what the kernel recorded is read again every second
         // so the captured-port report catches up. (Capture itself never waits for the agent.)
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
@@ -262,11 +296,15 @@ impl Agent {
             tokio::select! {
                 _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return Exit::Stop; }
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
-                evs = next_events(self.ring.as_mut()), if !handing_over => {
-                    for ev in evs { self.pods.on_event(ev); }
-                }
+                evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
+                ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
                 _ = reconcile.tick(), if !handing_over => self.pods.reconcile(&self.dp),
                 step = next_step(self.control.as_mut()) => {
+                    if matches!(step, Step::Asked(_)) {
+                        // The successor's snapshot of the listeners must include every bind
+                        // already read from the ring.
+                        for (_, ev) in self.binds.drain_all() { self.pods.on_event(ev); }
+                    }
                     if let Some(exit) = self.on_control(step) { return exit; }
                 }
                 Some(g) = self.gone_rx.recv() => self.on_pod_gone(g),
@@ -275,6 +313,27 @@ impl Agent {
                 _ = sig.usr1.recv() => self.status(),
                 r = policy_changed(self.watcher.as_mut()) => self.on_policy_file(r),
             }
+        }
+    }
+
+    /// Events read from the ring join their pod's queue (coalesced by port, applied at the
+    /// pod's `--pod-bind-events` rate by [`next_bind`]); what waits or is dropped is counted
+    /// against the pod.
+    fn on_bind_events(&mut self, evs: Vec<Event>) {
+        let now = self.shared.admission.clock().now();
+        // Counted once per pod and kind for the whole batch: a flood arrives in big ones.
+        let mut counts: HashMap<(u64, usize), u64> = HashMap::new();
+        for ev in evs {
+            let port = u32::from(ev.port) | u32::from(ev.family) << 16;
+            let counted = match self.binds.push(now, ev.netns_cookie, port, ev) {
+                Pushed::Ready => continue,
+                Pushed::Deferred => pod_refusal::BIND_DEFERRED,
+                Pushed::Dropped => pod_refusal::BIND_DROPPED,
+            };
+            *counts.entry((ev.netns_cookie, counted)).or_default() += 1;
+        }
+        for ((cookie, what), n) in counts {
+            self.observer.refusals.add(cookie, what, n);
         }
     }
 
@@ -365,6 +424,9 @@ impl Agent {
             "pipes_in_use": crate::proxy::relay::PipePool::global().in_use(),
             "pipes_pooled": crate::proxy::relay::PipePool::global().pooled(),
             "sockets_pooled": crate::proxy::upstream::pooled(),
+            "conns_held": self.shared.shares.conns_held(),
+            "dns_inflight": self.shared.shares.dns_held(),
+            "binds_pending": self.binds.pending(),
             "kernel_relay_active": maps.relay.as_ref().map(|r| r.active()),
             "kernel_relay_armed": maps.relay.as_ref().map(|r| r.armed()),
         }));
@@ -382,6 +444,7 @@ impl Agent {
             control,
             kube,
             ring,
+            http,
             ..
         } = self;
         drop(kube);
@@ -389,24 +452,63 @@ impl Agent {
         drop(ring);
         metrics.set_ready(false);
         stop(dp, &shared, &observer, &mut pods, grace, exit).await;
+        // The cancel token that stopped the proxies ended the HTTP thread's loops too.
+        if let Some(h) = http {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
         events::emit(serde_json::json!({ "event": "stopped" }));
     }
 }
 
-fn serve_metrics(l: std::net::TcpListener, state: &Arc<MetricsState>, shared: &Shared) {
-    match TcpListener::from_std(l) {
-        Ok(l) => {
-            let addr = l.local_addr().ok();
-            shared.tasks.spawn(observe::http::serve(
-                l,
-                state.clone(),
-                shared.cancel.clone(),
-                shared.tasks.clone(),
-            ));
-            info!(addr = ?addr, "metrics endpoint listening");
-            events::emit(serde_json::json!({ "event": "metrics_listening", "addr": addr }));
+/// Starts the HTTP thread for the metrics and health listeners (if any) and announces them.
+fn serve_http(
+    metrics: Option<std::net::TcpListener>,
+    health: Option<std::net::TcpListener>,
+    state: &Arc<MetricsState>,
+    shared: &Shared,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut listeners = Vec::new();
+    let mut announce = Vec::new();
+    for (l, what, event) in [
+        (metrics, Endpoints::All, "metrics_listening"),
+        (health, Endpoints::Health, "health_listening"),
+    ] {
+        if let Some(l) = l {
+            announce.push((event, l.local_addr().ok()));
+            listeners.push((l, what));
         }
-        Err(e) => warn!(error = %e, "cannot serve metrics"),
+    }
+    if listeners.is_empty() {
+        return None;
+    }
+    match observe::http::spawn(listeners, state.clone(), shared.cancel.clone()) {
+        Ok(h) => {
+            for (event, addr) in announce {
+                info!(addr = ?addr, event, "HTTP endpoint listening");
+                events::emit(serde_json::json!({ "event": event, "addr": addr }));
+            }
+            Some(h)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot serve metrics or health");
+            None
+        }
+    }
+}
+
+/// The next bind/unbind event a pod may have applied now, waiting (on a timer, not polling)
+/// for the first pod's next token while every waiting pod is out of them. Cancel-safe: an
+/// event leaves the queue only in the poll that returns it.
+async fn next_bind(q: &mut BindQueue<Event>, clock: ProxyClock) -> Event {
+    loop {
+        let now = clock.now();
+        if let Some((_, ev)) = q.pop(now) {
+            return ev;
+        }
+        match q.next_due(now) {
+            Some(t) => tokio::time::sleep_until(clock.instant(t)).await,
+            None => std::future::pending().await,
+        }
     }
 }
 

@@ -5,7 +5,9 @@ use aya::{
     maps::{Array, HashMap, MapData},
     Ebpf,
 };
-use sockmesh_common::peer::{breaker_state, map_names, AgentStats, PeerKey, PeerState, PodMeta};
+use sockmesh_common::peer::{
+    breaker_state, map_names, pod_refusal, AgentStats, PeerKey, PeerState, PodMeta, PodRefused,
+};
 use tracing::warn;
 
 use super::object::take;
@@ -15,6 +17,7 @@ pub struct Sink {
     peer_state: HashMap<MapData, PeerKey, PeerState>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
     agent_stats: Array<MapData, AgentStats>,
+    pod_refused: HashMap<MapData, u64, PodRefused>,
 }
 
 impl Sink {
@@ -24,6 +27,7 @@ impl Sink {
             peer_state: take(ebpf, map_names::PEER_STATE)?,
             pod_meta: take(ebpf, map_names::POD_META)?,
             agent_stats: take(ebpf, map_names::AGENT_STATS)?,
+            pod_refused: take(ebpf, map_names::POD_REFUSED)?,
         };
         sink.forget_previous_connections();
         Ok(sink)
@@ -102,6 +106,17 @@ impl Sink {
         if let Ok(mut meta) = self.pod_meta.get(&netns_cookie, 0) {
             meta.removed_unix_ms = unix_ms();
             let _ = self.pod_meta.insert(netns_cookie, meta, 0);
+        }
+    }
+
+    /// Adds to a pod's refusal counters (`pod_refusal` indexes), continuing what the map holds.
+    pub fn add_pod_refused(&mut self, netns_cookie: u64, adds: &[u64; pod_refusal::COUNT]) {
+        let mut v = self.pod_refused.get(&netns_cookie, 0).unwrap_or_default();
+        for (c, n) in v.counters.iter_mut().zip(adds) {
+            *c = c.wrapping_add(*n);
+        }
+        if let Err(e) = self.pod_refused.insert(netns_cookie, v, 0) {
+            warn!(error = %e, "could not write SM_POD_REFUSED");
         }
     }
 

@@ -6,7 +6,8 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
 use sockmesh_common::{
     counter, map_names,
     peer::{
-        self, agent_counter, peer_counter, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta,
+        self, agent_counter, peer_counter, pod_refusal, AgentStats, PeerKernelStats, PeerKey,
+        PeerState, PodMeta, PodRefused,
     },
     GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION,
 };
@@ -36,6 +37,8 @@ pub struct PodCounters {
     pub counters: [u64; counter::COUNT],
     /// What the agent wrote about the pod (its name), if anything.
     pub meta: Option<PodMeta>,
+    /// What the agent's per-pod caps and shares refused it ([`pod_refusal`] indexes).
+    pub refused: [u64; pod_refusal::COUNT],
 }
 
 impl PodCounters {}
@@ -47,6 +50,8 @@ pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
     let stats: PerCpuHashMap<MapData, u64, PodStats> =
         open(dir, map_names::POD_STATS)?.try_into()?;
     let meta: HashMap<MapData, u64, PodMeta> = open(dir, peer::map_names::POD_META)?.try_into()?;
+    let refused: HashMap<MapData, u64, PodRefused> =
+        open(dir, peer::map_names::POD_REFUSED)?.try_into()?;
     let mut out = Vec::new();
     for entry in stats.iter() {
         let (cookie, per_cpu) = entry?;
@@ -61,6 +66,10 @@ pub fn read_pod_counters(dir: &Path) -> Result<Vec<PodCounters>> {
             enrolled: pods.get(&cookie, 0).is_ok(),
             counters: sum,
             meta: meta.get(&cookie, 0).ok(),
+            refused: refused
+                .get(&cookie, 0)
+                .map(|r| r.counters)
+                .unwrap_or_default(),
         });
     }
     out.sort_by_key(|p| p.netns_cookie);

@@ -39,6 +39,7 @@ use crate::{
         proto::{Kind, Offered},
         Handed,
     },
+    policy::{token_bucket::TokenBucket, Clock},
     proxy::{dns, inbound, outbound, PodCtx, Shared},
     spec::{CidrSpec, PodSpec, PortRangeSpec},
     telemetry::flush::Observer,
@@ -154,6 +155,8 @@ impl PodManager {
             cookie: e.pod.cookie,
             worker: e.pod.worker.clone(),
             upstream: Default::default(),
+            refusals: self.observer.refusals.pod(e.pod.cookie),
+            dns_rate: Arc::new(std::sync::Mutex::new(self.dns_bucket())),
         };
         let mut offers = Vec::new();
         let mut offer =
@@ -229,6 +232,7 @@ impl PodManager {
         events::emit(serde_json::json!({
             "event": "pod_enrolled", "pod": &*ctx.name, "id": &*e.id, "netns_cookie": ctx.cookie,
         }));
+        self.shared.shares.set_pods(self.pods.len() + 1);
         self.pods.insert(
             e.id,
             Enrolled {
@@ -242,6 +246,13 @@ impl PodManager {
             },
         );
         Ok(())
+    }
+
+    /// A full bucket of `--pod-dns-rate`, or none.
+    fn dns_bucket(&self) -> Option<TokenBucket> {
+        let now = self.shared.admission.clock().now();
+        let rate = self.shared.shares.config.pod_dns_rate?;
+        Some(TokenBucket::new(rate, rate.tokens(), now))
     }
 
     /// Watch another anchor of the same namespace (a Kubernetes pod whose watched process
@@ -285,6 +296,7 @@ impl PodManager {
         let Some(p) = self.pods.remove(id) else {
             return false;
         };
+        self.shared.shares.set_pods(self.pods.len());
         dp.unenrol(p.cookie);
         p.cancel.cancel();
         self.captured.remove_pod(p.cookie);

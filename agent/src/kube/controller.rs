@@ -20,6 +20,7 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use super::{
+    allowed::AllowArgs,
     decide::{decide, Decision, PodOptions, Problem},
     report::Report,
 };
@@ -53,6 +54,8 @@ pub struct Controller {
     resolver: Resolver,
     report: Report,
     template: PodTemplate,
+    /// What pods may ask for by annotation.
+    allowed: AllowArgs,
     pods: HashMap<String, Pod>,
     namespaces: HashMap<String, Namespace>,
     /// Objects of a relist in progress (committed at `InitDone`).
@@ -78,6 +81,7 @@ impl Controller {
         resolver: Resolver,
         report: Report,
         template: PodTemplate,
+        allowed: AllowArgs,
     ) -> Controller {
         let pods: Api<Pod> = Api::all(client.clone());
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
@@ -87,6 +91,7 @@ impl Controller {
             resolver,
             report,
             template,
+            allowed,
             pods: HashMap::new(),
             namespaces: HashMap::new(),
             relist_pods: None,
@@ -240,7 +245,9 @@ impl Controller {
             return;
         };
         let ns_name = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let (decision, problems) = decide(&pod, self.namespaces.get(ns_name), &self.node);
+        let ns = self.namespaces.get(ns_name);
+        let allowed = |o: &PodOptions| self.allowed.check(o);
+        let (decision, problems) = decide(&pod, ns, &self.node, allowed);
         let label = format!("{ns_name}/{}", pod.metadata.name.as_deref().unwrap_or(""));
         if self.reported.get(uid) != Some(&problems) {
             for p in &problems {

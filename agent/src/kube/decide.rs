@@ -7,9 +7,10 @@
 //!   namespace label `sockmesh.io/mesh=enabled` does;
 //! * annotations `sockmesh.io/exclude-outbound-ports`, `sockmesh.io/exclude-outbound-cidrs`,
 //!   `sockmesh.io/exclude-inbound-ports` (the `--pod` option syntax: `22;8000-8100`, `,` works
-//!   too) and `sockmesh.io/policy-profile` add per-pod options. A malformed one is a
-//!   [`Problem`] naming the key, and the pod is enrolled with **no** per-pod options at all
-//!   (never half of them), while every other pod is unaffected.
+//!   too) and `sockmesh.io/policy-profile` add per-pod options. A malformed one, or one the
+//!   operator does not allow (`super::allowed`), is a [`Problem`] naming the key, and the pod
+//!   is enrolled with **no** per-pod options at all (never half of them), while every other
+//!   pod is unaffected.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -53,7 +54,14 @@ pub enum Decision {
 
 /// Decide for `pod` on node `node`, given its namespace if known. Problems are returned even
 /// when the pod is skipped (a bad `sockmesh.io/mesh` value is worth reporting either way).
-pub fn decide(pod: &Pod, ns: Option<&Namespace>, node: &str) -> (Decision, Vec<Problem>) {
+/// `allowed` says whether the operator lets pods ask for a set of options
+/// (`super::allowed`); options it refuses are problems like malformed ones.
+pub fn decide(
+    pod: &Pod,
+    ns: Option<&Namespace>,
+    node: &str,
+    allowed: impl Fn(&PodOptions) -> Result<(), Problem>,
+) -> (Decision, Vec<Problem>) {
     let mut problems = Vec::new();
     let empty = BTreeMap::new();
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
@@ -94,7 +102,7 @@ pub fn decide(pod: &Pod, ns: Option<&Namespace>, node: &str) -> (Decision, Vec<P
         None if !ns_says => return (Decision::Skip("namespace not opted in"), problems),
         _ => {}
     }
-    let options = match options(ann) {
+    let options = match options(ann).and_then(|o| allowed(&o).map(|()| o)) {
         Ok(o) => o,
         Err(p) => {
             problems.push(p);
@@ -176,6 +184,11 @@ mod tests {
     use serde_json::json;
 
     const NODE: &str = "node-a";
+
+    /// What every annotation may ask for: these tests are about the annotations themselves.
+    fn decide(pod: &Pod, ns: Option<&Namespace>, node: &str) -> (Decision, Vec<Problem>) {
+        super::decide(pod, ns, node, |_| Ok(()))
+    }
 
     fn pod(annotations: serde_json::Value) -> Pod {
         pod_with(

@@ -1,8 +1,10 @@
 //! `sockmesh run --kube`: enrol the opted-in pods of this node from the Kubernetes API.
 //!
-//! [`decide`] is the pure policy (which pods, which options); [`controller`] keeps the watched
+//! [`decide`] is the pure policy (which pods, which options), within what the operator
+//! [`allowed`] pods to ask for; [`controller`] keeps the watched
 //! Pod and Namespace objects and turns their changes into enrolments and removals;
 //! [`report`] tells the cluster about malformed annotations (Kubernetes Events).
+pub mod allowed;
 pub mod controller;
 pub mod decide;
 pub mod report;
@@ -13,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 /// Flags of Kubernetes mode.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 pub struct KubeArgs {
     /// Enrol this node's pods from the Kubernetes API (namespace label or pod annotation
     /// `sockmesh.io/mesh`). Needs hostPID to find the pods' namespaces.
@@ -34,6 +36,9 @@ pub struct KubeArgs {
     /// /proc/PID/cgroup and /proc/PID/ns/net).
     #[arg(long, env = "SOCKMESH_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// What pods may ask for by annotation.
+    #[command(flatten)]
+    pub allow: allowed::AllowArgs,
 }
 
 impl KubeArgs {

@@ -37,9 +37,10 @@ impl Report {
         }
     }
 
-    /// A malformed annotation: the pod falls back to defaults.
+    /// A malformed annotation, or one the operator does not allow: the pod falls back to
+    /// defaults.
     pub fn problem(&self, pod: &Pod, name: &str, p: &Problem) {
-        warn!(pod = %name, key = p.key, error = %p.message, "malformed annotation; this pod uses the defaults");
+        warn!(pod = %name, key = p.key, error = %p.message, "annotation refused; this pod uses the defaults");
         events::emit(serde_json::json!({
             "event": "pod_annotation_rejected", "pod": name, "key": p.key, "error": &p.message,
         }));

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use sockmesh_common::{
     counter,
-    peer::{agent_counter, throttle_reason, timeout_kind},
+    peer::{agent_counter, pod_refusal, throttle_reason, timeout_kind},
 };
 
 use super::{
@@ -220,6 +220,7 @@ pub fn pods_table(rows: &[PodRow]) -> String {
         "BREAKERS_OPEN",
         "REDIRECTS",
         "FAST_REJ",
+        "REFUSED",
     ]);
     for p in rows {
         let c = |i: usize| p.counters.get(i).map_or(0, |(_, n)| *n).to_string();
@@ -238,9 +239,18 @@ pub fn pods_table(rows: &[PodRow]) -> String {
             p.breakers_open.to_string(),
             c(counter::REDIRECT_TCP),
             c(counter::FAST_REJECT),
+            refused_cell(p),
         ]);
     }
     render(t, "(no pods have been enrolled)")
+}
+
+/// The pod's refusals: the total and its non-zero kinds, e.g. `19 (conn_pod_cap=19)`.
+fn refused_cell(p: &PodRow) -> String {
+    match p.refused_total() {
+        0 => "0".into(),
+        n => format!("{n} ({})", nonzero(&p.refused)),
+    }
 }
 
 /// Sums over the shown pods and peers.
@@ -253,6 +263,7 @@ struct Totals {
     bytes_out: u64,
     bytes_in: u64,
     connect_failures: u64,
+    refused: Vec<(&'static str, u64)>,
 }
 
 fn totals(pods: &[PodRow], peers: &[PeerRow]) -> Totals {
@@ -280,6 +291,11 @@ fn totals(pods: &[PodRow], peers: &[PeerRow]) -> Totals {
         bytes_out: peers.iter().map(|r| r.bytes_out).sum(),
         bytes_in: peers.iter().map(|r| r.bytes_in).sum(),
         connect_failures: peers.iter().map(|r| r.connect_failures).sum(),
+        refused: sum(&pod_refusal::NAMES, &|i| {
+            pods.iter()
+                .map(|p| p.refused.get(i).map_or(0, |c| c.1))
+                .sum()
+        }),
     }
 }
 
@@ -306,7 +322,7 @@ fn stats_json(pods: &[PodRow], peers: &[PeerRow], agent: &[u64]) -> serde_json::
         .map(|p| {
             serde_json::json!({
                 "netns_cookie": p.netns_cookie, "pod": p.pod, "enrolled": p.enrolled,
-                "counters": obj(&p.counters),
+                "counters": obj(&p.counters), "refused": obj(&p.refused),
             })
         })
         .collect();
@@ -318,7 +334,7 @@ fn stats_json(pods: &[PodRow], peers: &[PeerRow], agent: &[u64]) -> serde_json::
             "bytes_out": t.bytes_out, "bytes_in": t.bytes_in,
             "connect_failures": t.connect_failures,
             "timeouts": obj(&t.timeouts), "throttled": obj(&t.throttled),
-            "kernel": obj(&t.kernel),
+            "kernel": obj(&t.kernel), "refused": obj(&t.refused),
         },
         "agent": obj(&agent_named(agent)),
     })
@@ -347,6 +363,9 @@ fn stats_table(pods: &[PodRow], peers: &[PeerRow], agent: &[u64]) -> String {
     }
     for (k, v) in &t.kernel {
         add(format!("kernel {k}"), *v);
+    }
+    for (k, v) in &t.refused {
+        add(format!("refused {k}"), *v);
     }
     for (k, v) in agent_named(agent) {
         add(format!("agent {k}"), v);

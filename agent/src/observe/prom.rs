@@ -148,6 +148,14 @@ pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> Str
         for (i, name) in counter::NAMES.iter().enumerate() {
             o.add(f, &[("pod", pod), ("event", name)], p.counters[i].1);
         }
+        let f = o.family(
+            "sockmesh_pod_refused_total",
+            "counter",
+            "What the agent's per-pod caps and node-wide shares refused or held back, per pod (connections over a cap, DNS queries held back or dropped, bind events deferred or dropped, policy peers evicted).",
+        );
+        for (name, n) in &p.refused {
+            o.add(f, &[("pod", pod), ("reason", name)], n);
+        }
     }
 
     let (bounded, folded) = bound_peers(rows, top);

@@ -12,6 +12,11 @@ fn snapshot(peers: usize) -> Snapshot {
             enrolled: true,
             counters,
             meta: Some(PodMeta::new("web \"a\"", 1)),
+            refused: {
+                let mut r = [0; sockmesh_common::peer::pod_refusal::COUNT];
+                r[sockmesh_common::peer::pod_refusal::CONN_POD_CAP] = 3;
+                r
+            },
         }],
         peers: (0..peers)
             .map(|i| PeerRecord {
@@ -113,4 +118,16 @@ fn kernel_events_and_readiness_are_exported() {
         && l.contains("event=\"redirect_tcp\"")
         && *v == 9.0));
     assert!(s.iter().any(|(n, _, v)| n == "sockmesh_ready" && *v == 0.0));
+    // Every refusal kind has its series per pod, zero or not.
+    let refused: Vec<_> = s
+        .iter()
+        .filter(|(n, _, _)| n == "sockmesh_pod_refused_total")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        sockmesh_common::peer::pod_refusal::NAMES.len()
+    );
+    assert!(refused
+        .iter()
+        .any(|(_, l, v)| l.contains("reason=\"conn_pod_cap\"") && *v == 3.0));
 }

@@ -7,8 +7,8 @@ use serde::Serialize;
 use sockmesh_common::{
     counter,
     peer::{
-        agent_counter, breaker_state, direction, peer_counter, peer_error, throttle_reason,
-        timeout_kind,
+        agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal,
+        throttle_reason, timeout_kind,
     },
 };
 
@@ -183,6 +183,15 @@ pub struct PodRow {
     pub breakers_open: u64,
     #[serde(serialize_with = "as_object")]
     pub counters: Named,
+    /// What the agent's per-pod caps and shares refused or held back, by kind.
+    #[serde(serialize_with = "as_object")]
+    pub refused: Named,
+}
+
+impl PodRow {
+    pub fn refused_total(&self) -> u64 {
+        self.refused.iter().map(|(_, n)| n).sum()
+    }
 }
 
 pub fn pod_rows(snap: &Snapshot, peers: &[PeerRow]) -> Vec<PodRow> {
@@ -206,6 +215,7 @@ pub fn pod_rows(snap: &Snapshot, peers: &[PeerRow]) -> Vec<PodRow> {
                 connect_failures: 0,
                 breakers_open: 0,
                 counters: named(&counter::NAMES, &p.counters),
+                refused: named(&pod_refusal::NAMES, &p.refused),
             };
             for r in mine {
                 row.peers += 1;

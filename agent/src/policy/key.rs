@@ -37,6 +37,20 @@ impl fmt::Display for Direction {
     }
 }
 
+/// Whose share of the per-peer table an entry counts against: the pod it belongs to. A full
+/// table makes room from the pod that holds its share or more, never from one under it.
+pub trait Tenant {
+    fn tenant(&self) -> u64;
+}
+
+/// The tests' keys: (pod, inbound, peer).
+#[cfg(test)]
+impl Tenant for (u32, bool, u32) {
+    fn tenant(&self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
 /// What per-peer state is keyed by: the `K` of `PeerTable<PeerKey>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
@@ -49,6 +63,12 @@ pub struct PeerKey {
     /// Outbound: the original destination ip:port. Inbound: the client's ip, with
     /// the port the pod listens on (not the client's ephemeral port).
     pub peer: SocketAddr,
+}
+
+impl Tenant for PeerKey {
+    fn tenant(&self) -> u64 {
+        self.netns_cookie
+    }
 }
 
 impl PeerKey {

@@ -18,6 +18,8 @@
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
 //! | [`table`] | [`PeerTable`]: per-peer state, bounded LRU, composition, counters |
+//! | [`bind_queue`] | per-pod queues of bind/unbind events, coalesced by port and applied at each pod's rate, round robin |
+//! | [`shares`] | per-pod and node-wide caps on what pods share (connections, DNS queries in flight), with a fair share kept for every pod |
 //!
 //! Where a peer's [`PeerPolicy`] comes from (flags, the policy file, reload) is the
 //! configuration's business: `crate::rules`, one layer up.
@@ -67,6 +69,7 @@
 //! (SERVFAIL when the upstream does not answer in time); per-pod DNS caps are the proxy's.
 
 pub mod adaptive;
+pub mod bind_queue;
 pub mod breaker;
 pub mod clock;
 pub mod concurrency;
@@ -74,7 +77,9 @@ pub mod decision;
 pub mod key;
 mod peer;
 pub mod peer_policy;
+pub mod shares;
 pub mod table;
+mod table_index;
 pub mod timeouts;
 pub mod token_bucket;
 
@@ -85,7 +90,7 @@ pub use breaker::{BreakerState, BreakerTransition, ConnectFailure};
 pub use clock::{Clock, Nanos};
 pub use concurrency::Ticket;
 pub use decision::{Decision, Lease, PeerView, RejectReason};
-pub use key::{Direction, PeerKey};
+pub use key::{Direction, PeerKey, Tenant};
 pub use peer_policy::PeerPolicy;
 pub use table::{PeerTable, PolicySource};
 pub use timeouts::Timeouts;

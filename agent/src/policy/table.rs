@@ -13,23 +13,38 @@
 //!
 //! Settling entries become resting when T passes (checked lazily, oldest T
 //! first). **Idle expiry** drops resting entries untouched for `idle_expiry`;
-//! never busy or settling ones. When the table is full, a new peer **evicts** the
-//! least recently used resting entry; if there is none, the settling entry closest
-//! to rest; only if every entry is busy, the least recently used busy one
-//! (counted separately: it means `max_peers` is too small). An evicted busy
-//! entry's later `on_close` is recognised by its stale [`Lease`] and ignored.
+//! never busy or settling ones.
+//!
+//! # Whose entry goes
+//!
+//! Every key belongs to a tenant ([`Tenant`]: the pod), and a full table is
+//! shared fairly between them. A tenant's **share** is `max_peers` divided by the
+//! tenants holding entries (the newcomer included). When the table is full, a new
+//! peer of a tenant holding its share or more **evicts one of that tenant's own
+//! entries**; a new peer of a tenant under its share evicts one of the tenant
+//! holding the most. So a pod that talks to 100,000 peers churns its own entries
+//! only, and cannot evict another pod's open breakers and drained buckets while
+//! that pod stays under its share. Within the chosen tenant the victim is the
+//! least recently used resting entry; if there is none, the settling entry
+//! closest to rest; only if all of its entries are busy, its least recently used
+//! busy one (counted separately: it means `max_peers` is too small). An evicted
+//! busy entry's later `on_close` is recognised by its stale [`Lease`] and ignored.
+//! Evictions are counted per tenant ([`PeerTable::take_evictions`]).
 //!
 //! The LRU is a `BTreeMap` keyed by a use sequence number (plus one map per class),
-//! so no external crate and O(log n) per operation.
+//! kept for the whole table and per tenant (`table_index.rs`), so no external
+//! crate and O(log n) per operation.
 
 use super::breaker::{BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
 use super::concurrency::Ticket;
 use super::decision::{Counters, Decision, Lease, PeerView, RejectReason};
+use super::key::Tenant;
 use super::peer::PeerState;
 use super::peer_policy::PeerPolicy;
+use super::table_index::{Class, Index};
 use super::timeouts::Timeouts;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
@@ -61,14 +76,6 @@ impl Default for TableConfig {
 /// entry is created and again after [`PeerTable::set_source`].
 pub type PolicySource<K> = Box<dyn Fn(&K) -> PeerPolicy + Send + Sync>;
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Class {
-    Unlinked,
-    Busy,
-    Settling(Nanos),
-    Resting,
-}
-
 struct Entry {
     lease: u64,
     /// Policy-source generation the state was built from.
@@ -87,55 +94,20 @@ fn count(table: &mut Counters, entry: &mut Entry, f: impl Fn(&mut Counters)) {
     f(&mut entry.counters);
 }
 
-/// Ordering indexes over the entries (see the module doc).
-struct Index<K> {
-    by_use: BTreeMap<u64, K>,
-    resting: BTreeMap<u64, K>,
-    settling: BTreeMap<(Nanos, u64), K>,
-    next_seq: u64,
-}
-
-impl<K: Clone> Index<K> {
-    /// Marks `entry` as used at `now` and files it under its current class.
-    fn touch(&mut self, key: &K, entry: &mut Entry, now: Nanos) {
-        self.unlink(entry);
-        entry.seq = self.next_seq;
-        self.next_seq += 1;
-        entry.last_use = now;
-        entry.class = if entry.state.is_busy() {
-            Class::Busy
-        } else {
-            match entry.state.rests_at(now) {
-                t if t > now => Class::Settling(t),
-                _ => Class::Resting,
-            }
-        };
-        self.by_use.insert(entry.seq, key.clone());
-        match entry.class {
-            Class::Settling(t) => {
-                self.settling.insert((t, entry.seq), key.clone());
-            }
-            Class::Resting => {
-                self.resting.insert(entry.seq, key.clone());
-            }
-            Class::Busy | Class::Unlinked => {}
+/// Marks `entry` as used at `now` and files it under its current class.
+fn touch<K: Clone + Tenant>(index: &mut Index<K>, key: &K, entry: &mut Entry, now: Nanos) {
+    index.unlink(key, entry.seq, entry.class);
+    entry.seq = index.next_seq();
+    entry.last_use = now;
+    entry.class = if entry.state.is_busy() {
+        Class::Busy
+    } else {
+        match entry.state.rests_at(now) {
+            t if t > now => Class::Settling(t),
+            _ => Class::Resting,
         }
-    }
-
-    fn unlink(&mut self, entry: &mut Entry) {
-        match entry.class {
-            Class::Unlinked => return,
-            Class::Busy => {}
-            Class::Settling(t) => {
-                self.settling.remove(&(t, entry.seq));
-            }
-            Class::Resting => {
-                self.resting.remove(&entry.seq);
-            }
-        }
-        self.by_use.remove(&entry.seq);
-        entry.class = Class::Unlinked;
-    }
+    };
+    index.link(key, entry.seq, entry.class);
 }
 
 /// Entries swept by idle expiry when a new peer arrives (bounds that call's
@@ -151,24 +123,22 @@ pub struct PeerTable<K> {
     next_lease: u64,
     floor: Nanos,
     counters: Counters,
+    /// Entries evicted per tenant since the last [`PeerTable::take_evictions`].
+    evicted_by_tenant: HashMap<u64, u64>,
 }
 
-impl<K: Hash + Eq + Clone> PeerTable<K> {
+impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
     pub fn new(config: TableConfig, source: PolicySource<K>) -> Self {
         PeerTable {
             config,
             source,
             epoch: 0,
             entries: HashMap::new(),
-            index: Index {
-                by_use: BTreeMap::new(),
-                resting: BTreeMap::new(),
-                settling: BTreeMap::new(),
-                next_seq: 0,
-            },
+            index: Index::default(),
             next_lease: 0,
             floor: Nanos::ZERO,
             counters: Counters::default(),
+            evicted_by_tenant: HashMap::new(),
         }
     }
 
@@ -199,6 +169,12 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         &self.counters
     }
 
+    /// Entries evicted to make room since the last call, by tenant (the pod whose entries
+    /// went), and reset: what the metrics count against each pod.
+    pub fn take_evictions(&mut self) -> Vec<(u64, u64)> {
+        self.evicted_by_tenant.drain().collect()
+    }
+
     /// Decides a new connection attempt to `key`. `rand01` (uniform in [0, 1)) is
     /// used only by adaptive throttling.
     pub fn admit(&mut self, now: Nanos, key: &K, rand01: f64) -> Decision {
@@ -214,7 +190,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
             };
         };
         let (decision, opened_breaker) = entry.state.admit(now, rand01, Lease(entry.lease));
-        self.index.touch(key, entry, now);
+        touch(&mut self.index, key, entry, now);
         count(&mut self.counters, entry, |c| match decision {
             Decision::Admit { .. } => c.admitted += 1,
             Decision::Queue { .. } => c.queued += 1,
@@ -244,7 +220,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let now = self.observe(now);
         let entry = refreshed(&mut self.entries, &self.source, self.epoch, now, key)?;
         let transition = entry.state.on_connect_result(now, result);
-        self.index.touch(key, entry, now);
+        touch(&mut self.index, key, entry, now);
         count(&mut self.counters, entry, |c| {
             c.connect_result(result);
             match transition {
@@ -262,7 +238,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let now = self.observe(now);
         let entry = leased(&mut self.entries, &self.source, self.epoch, now, key, lease)?;
         let granted = entry.state.concurrency.release(now);
-        self.index.touch(key, entry, now);
+        touch(&mut self.index, key, entry, now);
         if granted.is_some() {
             count(&mut self.counters, entry, |c| c.granted += 1);
         }
@@ -298,7 +274,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         count(&mut self.counters, entry, |c| c.shaped(bytes, wait));
         // A busy entry is re-filed on close anyway; skip the per-write B-tree work.
         if entry.class != Class::Busy {
-            self.index.touch(key, entry, now);
+            touch(&mut self.index, key, entry, now);
         }
         wait
     }
@@ -356,7 +332,8 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     /// Test-only: the indexes agree with the entries.
     #[cfg(test)]
     pub(super) fn assert_consistent(&self) {
-        let ix = &self.index;
+        self.index.assert_tenants_consistent();
+        let ix = &self.index.all;
         assert_eq!(ix.by_use.len(), self.entries.len());
         let (mut resting, mut settling) = (0, 0);
         for (key, e) in &self.entries {
@@ -402,7 +379,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
             return true;
         };
         let removed = entry.state.concurrency.cancel(now, ticket);
-        self.index.touch(key, entry, now);
+        touch(&mut self.index, key, entry, now);
         if removed {
             count(&mut self.counters, entry, counted);
         }
@@ -412,7 +389,7 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
     fn insert(&mut self, now: Nanos, key: &K) {
         self.expire_idle_up_to(now, SWEEP_ON_INSERT);
         while self.entries.len() >= self.config.max_peers.max(1) {
-            if !self.evict_one(now) {
+            if !self.evict_one(now, key.tenant()) {
                 break;
             }
         }
@@ -431,14 +408,14 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
 
     /// Moves settling entries whose time has come to resting.
     fn settle(&mut self, now: Nanos) {
-        while let Some(((until, seq), key)) = self.index.settling.pop_first() {
+        while let Some(((until, seq), key)) = self.index.all.settling.pop_first() {
             if until > now {
-                self.index.settling.insert((until, seq), key);
+                self.index.all.settling.insert((until, seq), key);
                 break;
             }
             if let Some(entry) = self.entries.get_mut(&key) {
                 entry.class = Class::Resting;
-                self.index.resting.insert(seq, key);
+                self.index.rested(&key, until, seq);
             }
         }
     }
@@ -448,7 +425,13 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         let mut expired = 0;
         while expired < limit {
             // Resting is ordered by last use, so stop at the first recent one.
-            let Some(key) = self.index.resting.first_key_value().map(|(_, k)| k.clone()) else {
+            let Some(key) = self
+                .index
+                .all
+                .resting
+                .first_key_value()
+                .map(|(_, k)| k.clone())
+            else {
                 break;
             };
             let idle_since = self.entries.get(&key).map_or(Nanos::ZERO, |e| e.last_use);
@@ -462,33 +445,26 @@ impl<K: Hash + Eq + Clone> PeerTable<K> {
         expired
     }
 
-    fn evict_one(&mut self, now: Nanos) -> bool {
+    /// Makes room for a new entry of `tenant` (see the module doc: the tenant's own entry
+    /// while it holds its share, else one of the tenant holding the most).
+    fn evict_one(&mut self, now: Nanos, tenant: u64) -> bool {
         self.settle(now);
-        let victim = [
-            self.index.resting.first_key_value().map(|(_, k)| k),
-            self.index.settling.first_key_value().map(|(_, k)| k),
-            self.index.by_use.first_key_value().map(|(_, k)| k),
-        ]
-        .into_iter()
-        .flatten()
-        .next()
-        .cloned();
-        let Some(key) = victim else {
+        let Some(key) = self.index.victim_for(tenant, self.config.max_peers.max(1)) else {
             return false;
         };
         if self.remove(&key) == Some(Class::Busy) {
             self.counters.evicted_busy += 1;
         }
         self.counters.evicted += 1;
+        *self.evicted_by_tenant.entry(key.tenant()).or_default() += 1;
         true
     }
 
     /// Removes an entry and its index records; returns the class it was in.
     fn remove(&mut self, key: &K) -> Option<Class> {
-        let mut entry = self.entries.remove(key)?;
-        let class = entry.class;
-        self.index.unlink(&mut entry);
-        Some(class)
+        let entry = self.entries.remove(key)?;
+        self.index.unlink(key, entry.seq, entry.class);
+        Some(entry.class)
     }
 }
 

@@ -6,29 +6,46 @@ use std::net::SocketAddr;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info};
 
+use sockmesh_common::peer::pod_refusal;
+
 use super::{
     loopback,
     relay::{self, Limits},
+    shares::Slot,
     PodCtx, Shared,
 };
-use crate::admission::failure_kind;
+use crate::admission::{failure_kind, Refused};
 use crate::policy::{BreakerTransition, PeerKey};
+use crate::sys::rlimit::out_of_fds;
 
 /// Admit, connect, relay: the path every proxied connection (outbound or inbound) takes.
 /// `local` binds the upstream socket first; `on_bound` learns its address before it connects.
+/// `slot` is the connection's place in its pod's share, held until it ends.
 pub async fn proxy(
     client: TcpStream,
+    slot: Slot,
     key: PeerKey,
     dst: SocketAddr,
     on_bound: Option<&(dyn Fn(SocketAddr) + Sync)>,
     pod: &PodCtx,
     shared: &Shared,
 ) {
-    let permit = match shared.admission.admit(key.clone()).await {
+    let _slot = slot;
+    let admitted = shared
+        .admission
+        .admit(key.clone(), || shared.shares.queued(pod.cookie))
+        .await;
+    let permit = match admitted {
         Ok(p) => p,
-        Err(reason) => {
+        Err(Refused::Policy(reason)) => {
             debug!(pod = %pod.name, peer = %key.peer, reason = reason.as_str(), "connection rejected by policy");
             shared.recorder.rejected(&key, reason);
+            relay::reset(&client);
+            return;
+        }
+        Err(Refused::PodQueue) => {
+            debug!(pod = %pod.name, peer = %key.peer, "the pod has its share of connections waiting: reset");
+            pod.refusals.count(pod_refusal::QUEUE_POD_CAP);
             relay::reset(&client);
             return;
         }
@@ -46,6 +63,15 @@ pub async fn proxy(
         connect_socket(sock, dst, permit.timeouts.connect).await
     }
     .await;
+    if let Err(e) = &upstream {
+        if out_of_fds(e) {
+            // The agent's own shortage, not the peer's failure: no breaker or throttle input.
+            pod.refusals.count(pod_refusal::ACCEPT_BACKOFF);
+            debug!(pod = %pod.name, %dst, error = %e, "no socket for the upstream connect; resetting client");
+            relay::reset(&client);
+            return;
+        }
+    }
     let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
     if let Some(BreakerTransition::Closed) = shared.admission.connect_result(&key, &result) {
         info!(event = "breaker_closed", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker closed");

@@ -11,36 +11,37 @@ use sockmesh_common::{SockAddr, TupleKey};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::{connection, loopback, relay, PodCtx, Shared};
+use super::{accept, connection, loopback, relay, shares::Slot, PodCtx, Shared};
 use crate::{
     policy::{Direction, PeerKey},
     sys::lock::lock,
 };
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
-    let spawn = |client: TcpStream, peer: SocketAddr| {
+    let spawn = |client: TcpStream, peer: SocketAddr, slot: Slot| {
         let (pod, shared2) = (pod.clone(), shared.clone());
         shared
             .tasks
-            .spawn(async move { handle(client, peer, pod, shared2).await });
+            .spawn(async move { handle(client, slot, peer, pod, shared2).await });
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((client, peer)) => spawn(client, peer),
-            // Out of fds or similar: keep serving, the condition is usually transient.
-            Err(e) => warn!(pod = %pod.name, error = %e, "inbound accept failed"),
-        }
+    while let Some((client, peer, slot)) =
+        accept::next(&listener, &pod, &shared, &shared.cancel, "inbound").await
+    {
+        spawn(client, peer, slot);
     }
     // Stopping: the kernel no longer steers here (the pod was unenrolled first), but
     // connections it already did may wait in the accept queue, and closing the listener would
-    // reset them. Serve those (they drain with the rest) without waiting for more.
+    // reset them. Serve those (they drain with the rest) without waiting for more; the caps
+    // still apply.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     while let std::task::Poll::Ready(Ok((client, peer))) = listener.poll_accept(&mut cx) {
-        spawn(client, peer);
+        match shared.shares.conn(pod.cookie, true) {
+            Ok(slot) => spawn(client, peer, slot),
+            Err(why) => {
+                pod.refusals.count(super::shares::conn_refusal(why));
+                relay::reset(&client);
+            }
+        }
     }
 }
 
@@ -81,7 +82,7 @@ impl Drop for PeerEntry<'_> {
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: PodCtx, shared: Shared) {
+async fn handle(client: TcpStream, slot: Slot, peer: SocketAddr, pod: PodCtx, shared: Shared) {
     let target = match client.local_addr().map(app_target) {
         Ok(Some(t)) => t,
         Ok(None) => {
@@ -116,7 +117,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: PodCtx, shared: Shared
         };
         entry.record(tuple, peer);
     };
-    connection::proxy(client, key, target, Some(&record), &pod, &shared).await;
+    connection::proxy(client, slot, key, target, Some(&record), &pod, &shared).await;
 }
 
 #[cfg(test)]

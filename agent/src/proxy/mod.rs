@@ -1,6 +1,7 @@
 //! The in-pod L4 proxy: outbound (apps' connections, redirected by connect4/6), inbound (to
 //! apps listening on a wildcard address, whose connections sk_lookup steers to the agent) and
 //! DNS.
+mod accept;
 mod connection;
 pub mod dns;
 pub mod dns_msg;
@@ -9,6 +10,7 @@ pub mod inbound;
 pub mod origdst;
 pub mod outbound;
 pub mod relay;
+pub mod shares;
 pub mod upstream;
 
 use std::{net::IpAddr, sync::Arc};
@@ -44,6 +46,10 @@ pub struct PodCtx {
     pub worker: NetnsWorker,
     /// Spare upstream sockets made by `worker` ahead of the connections that take them.
     pub upstream: Arc<upstream::UpstreamSockets>,
+    /// What this pod's caps and shares refused it.
+    pub refusals: Arc<crate::telemetry::refusals::PodRefusals>,
+    /// The pod's DNS query rate (`--pod-dns-rate`), shared by its DNS listeners.
+    pub dns_rate: Arc<std::sync::Mutex<Option<crate::policy::token_bucket::TokenBucket>>>,
 }
 
 /// Shared by every task: configuration, kernel maps, and the shutdown plumbing (a token that
@@ -58,6 +64,8 @@ pub struct Shared {
     pub policy: Arc<PolicyHandle>,
     /// Per-peer figures for `sockmesh peers` and `/metrics` (flushed to SM_PEER_STATE).
     pub recorder: Arc<crate::telemetry::recorder::Recorder>,
+    /// Every pod's share of connections and DNS queries, and the node's caps.
+    pub shares: Arc<shares::Shares>,
     pub cancel: CancellationToken,
     /// Fires at the drain deadline: connections still open are reset.
     pub abort: CancellationToken,

@@ -4,38 +4,38 @@
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::{connection, origdst::original_dst, relay, PodCtx, Shared};
+use super::{accept, connection, origdst::original_dst, relay, shares::Slot, PodCtx, Shared};
 use crate::policy::{Direction, PeerKey};
 
 pub async fn serve(listener: TcpListener, pod: PodCtx, shared: Shared) {
     let ipv6 = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-    let spawn = |client: TcpStream| {
+    let spawn = |client: TcpStream, slot: Slot| {
         let (pod, shared2) = (pod.clone(), shared.clone());
         shared
             .tasks
-            .spawn(async move { handle(client, ipv6, pod, shared2).await });
+            .spawn(async move { handle(client, slot, ipv6, pod, shared2).await });
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((client, _)) => spawn(client),
-            // Out of fds or similar: keep serving, the condition is usually transient.
-            Err(e) => warn!(pod = %pod.name, error = %e, "outbound accept failed"),
-        }
+    while let Some((client, _, slot)) =
+        accept::next(&listener, &pod, &shared, &shared.cancel, "outbound").await
+    {
+        spawn(client, slot);
     }
     // Stopping: the kernel no longer redirects here, but connections it already did may wait
     // in the accept queue, and closing the listener would reset them. Serve those (they drain
-    // with the rest) without waiting for more.
+    // with the rest) without waiting for more; the caps still apply.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     while let std::task::Poll::Ready(Ok((client, _))) = listener.poll_accept(&mut cx) {
-        spawn(client);
+        match shared.shares.conn(pod.cookie, false) {
+            Ok(slot) => spawn(client, slot),
+            Err(why) => {
+                pod.refusals.count(super::shares::conn_refusal(why));
+                relay::reset(&client);
+            }
+        }
     }
 }
 
-async fn handle(client: TcpStream, ipv6: bool, pod: PodCtx, shared: Shared) {
+async fn handle(client: TcpStream, slot: Slot, ipv6: bool, pod: PodCtx, shared: Shared) {
     let origin = match original_dst(&client, ipv6) {
         Ok(o) => o,
         Err(e) => {
@@ -56,5 +56,5 @@ async fn handle(client: TcpStream, ipv6: bool, pod: PodCtx, shared: Shared) {
         direction: Direction::Outbound,
         peer: origin,
     };
-    connection::proxy(client, key, origin, None, &pod, &shared).await;
+    connection::proxy(client, slot, key, origin, None, &pod, &shared).await;
 }

@@ -2,14 +2,17 @@
 //! scrape (so a scrape is exact), and once more at shutdown after the connections drained (so
 //! the figures are exact after the agent exits).
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
-use sockmesh_common::peer::agent_counter;
+use sockmesh_common::peer::{agent_counter, pod_refusal};
 use tokio_util::sync::CancellationToken;
 
-use super::recorder::Recorder;
+use super::{recorder::Recorder, refusals::Refusals};
 use crate::{
     admission::Admission,
     datapath::sink::Sink,
@@ -22,6 +25,10 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Observer {
     pub recorder: Arc<Recorder>,
+    /// Agent-wide events counted outside a flush (`agent_counter` indexes), added at the next.
+    agent_events: [AtomicU64; agent_counter::COUNT],
+    /// What each pod's caps and shares refused.
+    pub refusals: Arc<Refusals>,
     admission: Arc<Admission<PeerKey>>,
     /// Held for a whole flush: two flushes interleaving their read-add-write of the same
     /// entry would lose one's additions.
@@ -39,6 +46,8 @@ impl Observer {
     pub fn new(recorder: Arc<Recorder>, admission: Arc<Admission<PeerKey>>, sink: Sink) -> Self {
         Observer {
             recorder,
+            agent_events: Default::default(),
+            refusals: Arc::default(),
             admission,
             sink: Mutex::new(FlushState {
                 sink,
@@ -62,6 +71,7 @@ impl Observer {
     pub fn forget_pod(&self, netns_cookie: u64, name: &str) {
         self.flush();
         self.recorder.forget_pod(netns_cookie);
+        self.refusals.forget(netns_cookie);
         let dropped = self.admission.forget(|k| k.netns_cookie == netns_cookie);
         self.state().sink.clear_policy_gauges(netns_cookie);
         tracing::debug!(
@@ -69,6 +79,13 @@ impl Observer {
             peers = dropped,
             "policy state of a removed pod dropped"
         );
+    }
+
+    /// Counts one agent-wide event (an `agent_counter` index); written at the next flush.
+    pub fn count(&self, what: usize) {
+        if let Some(c) = self.agent_events.get(what) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FlushState> {
@@ -91,14 +108,23 @@ impl Observer {
                 failed += 1;
             }
         }
+        for (cookie, n) in self.admission.with_table(|t| t.take_evictions()) {
+            self.refusals.add(cookie, pod_refusal::PEERS_EVICTED, n);
+        }
+        for (cookie, adds) in self.refusals.drain() {
+            st.sink.add_pod_refused(cookie, &adds);
+        }
         let evicted = self.admission.with_table(|t| t.counters().evicted);
         let evicted_delta = evicted.saturating_sub(st.evicted_seen);
         st.evicted_seen = evicted;
+        let taken = |i: usize| (i, self.agent_events[i].swap(0, Ordering::Relaxed));
         st.sink.add_agent(&[
             (agent_counter::FLUSHES, 1),
             (agent_counter::PEER_STATE_DROPPED, dropped),
             (agent_counter::PEER_STATE_WRITE_FAILED, failed),
             (agent_counter::POLICY_PEERS_EVICTED, evicted_delta),
+            taken(agent_counter::HTTP_REFUSED),
+            taken(agent_counter::HTTP_EXPIRED),
         ]);
     }
 }

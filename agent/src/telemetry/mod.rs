@@ -1,7 +1,9 @@
 //! The metrics writer: what the proxy records per connection and per peer ([`recorder`],
-//! [`conn`]), and the flush that writes it into the pinned maps about once a second
-//! ([`flush`]). The readers (`sockmesh stats|peers|pods`, `/metrics`) are in `crate::observe`,
-//! above the proxy; this sits below it, so the proxy can record without knowing who reads.
+//! [`conn`]), what each pod's caps and shares refused ([`refusals`]), and the flush that
+//! writes it into the pinned maps about once a second ([`flush`]). The readers (`sockmesh
+//! stats|peers|pods`, `/metrics`) are in `crate::observe`, above the proxy; this sits below
+//! it, so the proxy can record without knowing who reads.
 pub mod conn;
 pub mod flush;
 pub mod recorder;
+pub mod refusals;

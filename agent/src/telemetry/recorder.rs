@@ -163,6 +163,41 @@ struct Inner {
     dropped: u64,
 }
 
+impl Inner {
+    /// Full of unflushed figures: the pods share the room. A pod holding its share (`cap` /
+    /// pods with records) or more gets none (its record is dropped, counted); one under its
+    /// share takes the place of an idle record (no open connection, nothing live) of the pod
+    /// holding the most, whose unflushed figures are counted as dropped. So one pod talking to
+    /// very many peers loses its own figures, not another pod's.
+    fn make_room(&mut self, pod: u64, cap: usize) -> bool {
+        let mut held: HashMap<u64, usize> = HashMap::new();
+        for k in self.peers.keys() {
+            *held.entry(k.netns_cookie).or_default() += 1;
+        }
+        let mine = held.get(&pod).copied().unwrap_or(0);
+        let share = cap / (held.len() + usize::from(mine == 0)).max(1);
+        if mine >= share {
+            return false;
+        }
+        let Some((&big, _)) = held.iter().max_by_key(|(c, n)| (**n, **c)) else {
+            return false;
+        };
+        let victim = self
+            .peers
+            .iter()
+            .find(|(k, o)| k.netns_cookie == big && !o.live && o.active == 0 && o.open.is_empty())
+            .map(|(k, _)| k.clone());
+        match victim {
+            Some(k) => {
+                self.peers.remove(&k);
+                self.dropped += 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 pub struct Recorder {
     inner: Mutex<Inner>,
     cap: usize,
@@ -189,7 +224,7 @@ impl Recorder {
         if !inner.peers.contains_key(key) && inner.peers.len() >= self.cap {
             // Flushed, idle entries lose nothing when dropped: their figures are in the map.
             inner.peers.retain(|_, o| o.dirty || o.live);
-            if inner.peers.len() >= self.cap {
+            if inner.peers.len() >= self.cap && !inner.make_room(key.netns_cookie, self.cap) {
                 inner.dropped += 1;
                 return;
             }

@@ -262,3 +262,30 @@ fn a_forgotten_pod_starts_afresh_but_open_connections_still_count_once() {
     r.ended(&open, &relayed(11, 0, End::Closed), Some(&bytes));
     assert_eq!(bytes_added(&r.drain(no_view, |_| 0).0), (1, 0));
 }
+
+#[test]
+fn a_full_recorder_is_shared_between_pods() {
+    let r = recorder(); // room for 4 peers
+    let of = |pod: u64, peer: &str| {
+        PeerKey::new("p", pod, Direction::Outbound, peer.parse().expect("addr"))
+    };
+    // One pod fills it with unflushed figures.
+    for i in 1..=4 {
+        r.rejected(&of(1, &format!("10.0.0.{i}:80")), RejectReason::RateLimited);
+    }
+    // Its fifth peer finds no room: it already holds its share.
+    r.rejected(&of(1, "10.0.0.5:80"), RejectReason::RateLimited);
+    // Another pod's peer takes the place of one of the first pod's records.
+    r.rejected(&of(2, "10.9.9.9:53"), RejectReason::RateLimited);
+    let (batch, dropped) = r.drain(no_view, |_| 0);
+    assert_eq!(
+        dropped, 2,
+        "the first pod's fifth record and one it gave way with"
+    );
+    assert_eq!(batch.len(), 4);
+    assert!(
+        batch.iter().any(|(k, _)| k.netns_cookie == 2),
+        "the second pod is recorded"
+    );
+    assert_eq!(batch.iter().filter(|(k, _)| k.netns_cookie == 1).count(), 3);
+}

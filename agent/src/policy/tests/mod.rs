@@ -9,6 +9,7 @@ mod concurrency;
 mod interplay;
 mod table;
 mod table_lru;
+mod table_tenants;
 mod timeouts;
 mod token_bucket;
 

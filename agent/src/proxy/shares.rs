@@ -1,0 +1,321 @@
+//! Fair shares of what every pod on the node shares, as the proxy enforces them: proxied
+//! connections (each costs the agent two file descriptors), connections waiting in a peer's
+//! queue, and DNS queries in flight (each costs an upstream socket). Per-pod caps, node-wide
+//! caps kept below the open-file limit, and the node's last slots kept for pods under their
+//! fair share: the rules are `crate::policy::shares`, pure; this is the flags, the locks and
+//! the slot guards that give a slot back however a connection ends.
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use sockmesh_common::peer::pod_refusal;
+use tokio::sync::Notify;
+
+use crate::{
+    policy::{
+        shares::{ShareCaps, ShareRefusal, ShareTable},
+        token_bucket::Rate,
+    },
+    rules::{
+        knobs::{parse_count, parse_rate_knob},
+        OrOff,
+    },
+    sys::lock::lock,
+};
+
+/// File descriptors kept out of the connection budget for everything else the agent holds:
+/// its own files, every pod's listeners and spare upstream sockets (up to 20 per pod), the
+/// pinned maps and programs.
+pub const FD_RESERVE: u64 = 2048;
+
+/// Per-pod and node-wide caps (`sockmesh run`), each with its `SOCKMESH_*` fallback.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Fair shares between pods (per-pod caps and node-wide caps)")]
+pub struct ShareArgs {
+    /// Proxied connections the node holds at once, all pods together, or `auto`: sized from
+    /// the open-file limit (raised to its hard limit at start), (soft limit - 2048 -
+    /// --max-dns-inflight) / 3: two sockets per connection and room for the splice pipes of
+    /// those moving bytes. Past it a new connection is reset at once.
+    #[arg(long, env = "SOCKMESH_MAX_CONNS", value_name = "COUNT|auto",
+          default_value = "auto", value_parser = count_or_auto)]
+    pub max_conns: CountOrAuto,
+    /// Proxied connections (waiting or relaying) one pod holds at once, outbound and inbound
+    /// each; past it a new connection of that pod is reset at once. Near --max-conns a pod
+    /// holding its fair share is refused too, so the last eighth of the node's connections
+    /// stays for pods under their share.
+    #[arg(long, env = "SOCKMESH_POD_MAX_CONNS", value_name = "COUNT",
+          default_value = "1024", value_parser = count)]
+    pub pod_max_conns: u32,
+    /// Of a pod's connections, how many may wait in peers' queues (--peer-max-conns) at once;
+    /// past it a connection that would wait is reset.
+    #[arg(long, env = "SOCKMESH_POD_MAX_QUEUED", value_name = "COUNT",
+          default_value = "128", value_parser = count)]
+    pub pod_max_queued: u32,
+    /// DNS queries in flight upstream, all pods together (each holds a socket).
+    #[arg(long, env = "SOCKMESH_MAX_DNS_INFLIGHT", value_name = "COUNT",
+          default_value = "1024", value_parser = count)]
+    pub max_dns_inflight: u32,
+    /// DNS queries one pod has in flight upstream; past it (or past its share of
+    /// --max-dns-inflight) the pod's DNS listener reads no more until one is answered, and
+    /// the kernel drops what overflows its socket buffer.
+    #[arg(long, env = "SOCKMESH_POD_DNS_INFLIGHT", value_name = "COUNT",
+          default_value = "64", value_parser = count)]
+    pub pod_dns_inflight: u32,
+    /// DNS queries one pod may send per period (`500/s`, burst: one period's worth), or
+    /// `off`; past it the pod's DNS listener reads no more until the next query is due.
+    #[arg(long, env = "SOCKMESH_POD_DNS_RATE", value_name = "RATE|off",
+          default_value = "500/s", value_parser = rate)]
+    pub pod_dns_rate: OrOff<Rate>,
+    /// Bind/unbind events (inbound capture) of one pod the agent applies per period (burst:
+    /// one period's worth), or `off`; more wait, coalesced by port (only the latest state of
+    /// a port is applied), and a pod with more than 1024 ports waiting loses the newest.
+    #[arg(long, env = "SOCKMESH_POD_BIND_EVENTS", value_name = "RATE|off",
+          default_value = "20/s", value_parser = rate)]
+    pub pod_bind_events: OrOff<Rate>,
+}
+
+fn count(s: &str) -> Result<u32, String> {
+    parse_count(s, 1).map_err(|e| e.to_string())
+}
+
+/// A count, or `auto` (`None`): sized by the agent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CountOrAuto(pub Option<u32>);
+
+fn count_or_auto(s: &str) -> Result<CountOrAuto, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(CountOrAuto(None));
+    }
+    parse_count(s, 1)
+        .map(|n| CountOrAuto(Some(n)))
+        .map_err(|e| format!("{e}; or auto"))
+}
+
+fn rate(s: &str) -> Result<OrOff<Rate>, String> {
+    parse_rate_knob(s).map(OrOff).map_err(|e| e.to_string())
+}
+
+/// The caps as they apply, `auto` resolved.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    pub conns: ShareCaps,
+    pub pod_max_queued: usize,
+    pub dns: ShareCaps,
+    pub pod_dns_rate: Option<Rate>,
+    pub pod_bind_events: Option<Rate>,
+}
+
+impl ShareArgs {
+    /// The caps for an agent whose soft open-file limit is `nofile`.
+    pub fn config(&self, nofile: u64) -> ShareConfig {
+        let dns = u64::from(self.max_dns_inflight);
+        let auto = nofile.saturating_sub(FD_RESERVE + dns) / 3;
+        let global = self.max_conns.0.map_or(auto, u64::from).max(1);
+        ShareConfig {
+            conns: ShareCaps {
+                per_pod: self.pod_max_conns as usize,
+                global: usize::try_from(global).unwrap_or(usize::MAX),
+            },
+            pod_max_queued: self.pod_max_queued as usize,
+            dns: ShareCaps {
+                per_pod: self.pod_dns_inflight as usize,
+                global: self.max_dns_inflight as usize,
+            },
+            pod_dns_rate: self.pod_dns_rate.0,
+            pod_bind_events: self.pod_bind_events.0,
+        }
+    }
+}
+
+/// The [`pod_refusal`] counter of a connection refusal.
+pub fn conn_refusal(r: ShareRefusal) -> usize {
+    match r {
+        ShareRefusal::PodCap => pod_refusal::CONN_POD_CAP,
+        ShareRefusal::GlobalCap => pod_refusal::CONN_NODE_CAP,
+        ShareRefusal::GlobalShare => pod_refusal::CONN_NODE_SHARE,
+    }
+}
+
+/// The node's share tables, shared by every proxy task.
+pub struct Shares {
+    pub config: ShareConfig,
+    conns: Mutex<ShareTable>,
+    queued: Mutex<ShareTable>,
+    dns: Mutex<ShareTable>,
+    /// A connection slot or DNS slot was given back: wakes accept loops backing off for
+    /// lack of fds, and DNS listeners waiting for a slot.
+    freed: Notify,
+}
+
+/// Which table a slot came from.
+#[derive(Copy, Clone, Debug)]
+enum Kind {
+    Conn,
+    Queued,
+    Dns,
+}
+
+/// One slot of one pod; given back on drop.
+pub struct Slot {
+    shares: Arc<Shares>,
+    kind: Kind,
+    pod: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(self.shares.table(self.kind)).give(self.pod);
+        if !matches!(self.kind, Kind::Queued) {
+            self.shares.freed.notify_waiters();
+        }
+    }
+}
+
+impl Shares {
+    pub fn new(config: ShareConfig) -> Arc<Self> {
+        let queued = ShareCaps {
+            per_pod: config.pod_max_queued,
+            global: usize::MAX,
+        };
+        Arc::new(Shares {
+            config,
+            conns: Mutex::new(ShareTable::new(config.conns)),
+            queued: Mutex::new(ShareTable::new(queued)),
+            dns: Mutex::new(ShareTable::new(config.dns)),
+            freed: Notify::new(),
+        })
+    }
+
+    fn table(&self, kind: Kind) -> &Mutex<ShareTable> {
+        match kind {
+            Kind::Conn => &self.conns,
+            Kind::Queued => &self.queued,
+            Kind::Dns => &self.dns,
+        }
+    }
+
+    fn take(self: &Arc<Self>, kind: Kind, pod: u64) -> Result<Slot, ShareRefusal> {
+        lock(self.table(kind)).try_take(pod)?;
+        Ok(Slot {
+            shares: self.clone(),
+            kind,
+            pod,
+        })
+    }
+
+    /// A proxied connection's slot for the pod with netns cookie `pod`, in its share of
+    /// `inbound` or outbound connections: the two are capped apart, so clients flooding a
+    /// pod's service cannot take the connections the pod itself makes.
+    pub fn conn(self: &Arc<Self>, pod: u64, inbound: bool) -> Result<Slot, ShareRefusal> {
+        self.take(Kind::Conn, pod << 1 | u64::from(inbound))
+    }
+
+    /// A slot in a peer's queue; held while the connection waits.
+    pub fn queued(self: &Arc<Self>, pod: u64) -> Option<Slot> {
+        self.take(Kind::Queued, pod).ok()
+    }
+
+    /// A DNS query's slot.
+    pub fn dns(self: &Arc<Self>, pod: u64) -> Result<Slot, ShareRefusal> {
+        self.take(Kind::Dns, pod)
+    }
+
+    /// Enrolled pods: each one's fair share of the node's caps is 1/pods of them (of the
+    /// connections, per direction).
+    pub fn set_pods(&self, pods: usize) {
+        lock(&self.conns).set_pods(2 * pods);
+        lock(&self.dns).set_pods(pods);
+    }
+
+    /// Resolves once a connection or DNS slot is given back (register before checking, so
+    /// none is missed: `let f = shares.freed(); ...; f.await`).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// Connections held now, node-wide (for the status event).
+    pub fn conns_held(&self) -> usize {
+        lock(&self.conns).total()
+    }
+
+    /// DNS queries in flight now, node-wide.
+    pub fn dns_held(&self) -> usize {
+        lock(&self.dns).total()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        shares: ShareArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ShareArgs, String> {
+        let argv = std::iter::once("x").chain(args.iter().copied());
+        Cli::try_parse_from(argv)
+            .map(|c| c.shares)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fit_a_node_of_110_pods_under_this_machines_fd_limit() {
+        let c = parse(&[]).expect("defaults").config(20_000);
+        // (20000 - 2048 - 1024) / 3
+        assert_eq!(c.conns.global, 5642);
+        assert_eq!(c.conns.per_pod, 1024);
+        // Every one of 110 pods keeps a fair share of connections and DNS slots.
+        assert!(c.conns.fair_share(110) >= 50, "{}", c.conns.fair_share(110));
+        assert!(c.dns.fair_share(110) >= 9);
+        // Two sockets per connection plus the DNS sockets stay under the limit.
+        assert!(2 * c.conns.global as u64 + c.dns.global as u64 + FD_RESERVE < 20_000);
+        assert_eq!(c.pod_dns_rate.map(|r| r.tokens()), Some(500));
+        let big = parse(&[]).expect("defaults").config(1 << 20);
+        assert_eq!(big.conns.global, ((1u64 << 20) - 2048 - 1024) as usize / 3);
+    }
+
+    #[test]
+    fn caps_take_numbers_auto_and_off() {
+        let c = parse(&[
+            "--max-conns",
+            "300",
+            "--pod-max-conns",
+            "10",
+            "--pod-dns-rate",
+            "off",
+            "--pod-bind-events",
+            "5/s",
+        ])
+        .expect("parses")
+        .config(20_000);
+        assert_eq!((c.conns.global, c.conns.per_pod), (300, 10));
+        assert_eq!(c.pod_dns_rate, None);
+        assert_eq!(c.pod_bind_events.map(|r| r.tokens()), Some(5));
+        for bad in [
+            &["--max-conns", "0"][..],
+            &["--pod-max-conns", "many"],
+            &["--pod-dns-rate", "fast"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        // A tiny limit still leaves one connection rather than none.
+        assert_eq!(parse(&[]).expect("defaults").config(10).conns.global, 1);
+    }
+
+    #[tokio::test]
+    async fn slots_are_given_back_on_drop_and_wake_waiters() {
+        let s = Shares::new(parse(&["--pod-max-conns", "1"]).expect("p").config(20_000));
+        let a = s.conn(1, false).expect("first");
+        assert_eq!(s.conn(1, false).err(), Some(ShareRefusal::PodCap));
+        let inbound = s.conn(1, true).expect("inbound has a cap of its own");
+        let freed = s.freed();
+        drop(a);
+        freed.await;
+        let _b = s.conn(1, false).expect("given back");
+        assert_eq!(s.conns_held(), 2);
+        drop(inbound);
+    }
+}
