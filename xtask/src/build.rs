@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::prereqs::{self, Level};
-use crate::util::{cargo, run, target_dir};
+use crate::util::{cargo, log_path, run, run_logged, target_dir};
 
 pub fn build(release: bool) -> Result<()> {
     prereqs::ensure(Level::Build)?;
@@ -26,8 +26,12 @@ pub fn build(release: bool) -> Result<()> {
 
 /// `cargo build -p sockmesh` (debug) and the absolute path of the agent binary.
 pub fn build_agent() -> Result<PathBuf> {
-    println!("xtask: building the agent (cargo build -p sockmesh)");
-    run(cargo().args(["build", "-p", "sockmesh"])).context("could not build the agent")?;
+    println!(
+        "xtask: building the agent (cargo build -p sockmesh; log: {})",
+        log_path("build-agent").display()
+    );
+    run_logged(cargo().args(["build", "-p", "sockmesh"]), "build-agent")
+        .context("could not build the agent")?;
     let bin = target_dir().join("debug").join("sockmesh");
     if !bin.is_file() {
         bail!(

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{repo_root, run, try_output};
+use crate::util::{log_path, repo_root, run_logged, try_output};
 
 /// Pinned so that the bundled schema set, and so the verdict, does not change under us.
 const VALIDATOR: &str = "kubernetes-validate==1.37.0";
@@ -27,15 +27,21 @@ pub fn ensure_validator() -> Result<()> {
         println!("prereq: {what} ... ok (already installed)");
         return Ok(());
     }
-    println!("prereq: {what} ... installing (python3 -m pip install {VALIDATOR})");
-    run(Command::new("python3").args([
-        "-m",
+    println!(
+        "prereq: {what} ... installing (python3 -m pip install {VALIDATOR}; log: {})",
+        log_path("pip").display()
+    );
+    run_logged(
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            VALIDATOR,
+        ]),
         "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        VALIDATOR,
-    ]))
+    )
     .context("could not install kubernetes-validate: install python3 and pip, then re-run")?;
     if installed().is_none() {
         bail!("kubernetes-validate was installed but `python3 -m kubernetes_validate` fails");

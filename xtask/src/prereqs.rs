@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{cargo, find_in_path, is_root, output, run, try_output};
+use crate::util::{cargo, find_in_path, is_root, log_path, output, run, run_logged, try_output};
 
 mod parse;
 use parse::{
@@ -123,9 +123,12 @@ fn nightly() -> Result<()> {
     cmd.args(["toolchain", "install", "nightly", "--profile", "minimal"]);
     line(
         what,
-        "installing (rustup toolchain install nightly --profile minimal)",
+        &format!(
+            "installing (rustup toolchain install nightly --profile minimal; log: {})",
+            log_path("nightly").display()
+        ),
     );
-    run(&mut cmd).context("could not install the nightly toolchain")?;
+    run_logged(&mut cmd, "nightly").context("could not install the nightly toolchain")?;
     line(what, "ok (installed)");
     Ok(())
 }
@@ -145,10 +148,16 @@ fn rust_src() -> Result<()> {
     }
     line(
         what,
-        "installing (rustup component add rust-src --toolchain nightly)",
+        &format!(
+            "installing (rustup component add rust-src --toolchain nightly; log: {})",
+            log_path("rust-src").display()
+        ),
     );
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("could not add rust-src to the nightly toolchain")?;
+    run_logged(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "rust-src",
+    )
+    .context("could not add rust-src to the nightly toolchain")?;
     line(what, "ok (installed)");
     Ok(())
 }
@@ -163,6 +172,7 @@ fn bpf_linker() -> Result<()> {
     let want = format!("{a}.{b}.{c}");
     let what = format!("bpf-linker {want}");
     let why = "newer versions need a system LLVM this machine cannot get; 0.10.0 uses rustc's own";
+    let log = log_path("bpf-linker");
     let mut cmd = cargo();
     cmd.args(["install", "bpf-linker", "--version", &want, "--locked"]);
     match bpf_linker_version() {
@@ -173,16 +183,22 @@ fn bpf_linker() -> Result<()> {
         Some((x, y, z)) => {
             line(
                 &what,
-                &format!("found {x}.{y}.{z}, replacing it ({why}); takes 1-2 min"),
+                &format!(
+                    "found {x}.{y}.{z}, replacing it ({why}); takes 1-2 min; log: {}",
+                    log.display()
+                ),
             );
             cmd.arg("--force");
         }
         None => line(
             &what,
-            &format!("installing with cargo install ({why}); takes 1-2 min"),
+            &format!(
+                "installing with cargo install ({why}); takes 1-2 min; log: {}",
+                log.display()
+            ),
         ),
     }
-    run(&mut cmd).context("could not install bpf-linker")?;
+    run_logged(&mut cmd, "bpf-linker").context("could not install bpf-linker")?;
     match bpf_linker_version() {
         Some(v) if v == BPF_LINKER_VERSION => {
             line(&what, "ok (installed)");
@@ -222,16 +238,24 @@ pub fn install_packages(what: &str, packages: &[(&str, &[&str])]) -> Result<()> 
     if missing.is_empty() {
         line(what, "ok (already installed)");
     } else {
-        line(what, &format!("installing {}", missing.join(" ")));
-        let apt = |args: &[&str]| {
+        line(
+            what,
+            &format!(
+                "installing {} (log: {})",
+                missing.join(" "),
+                log_path("apt-get").display()
+            ),
+        );
+        let apt = |args: &[&str], step: &str| {
             let mut cmd = Command::new("apt-get");
             cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
-            run(&mut cmd)
+            run_logged(&mut cmd, step)
         };
-        apt(&["update"]).context("apt-get update failed")?;
+        apt(&["update"], "apt-get-update").context("apt-get update failed")?;
         let mut args = vec!["install", "-y", "--no-install-recommends"];
         args.extend(&missing);
-        apt(&args).with_context(|| format!("could not install {}", missing.join(" ")))?;
+        apt(&args, "apt-get")
+            .with_context(|| format!("could not install {}", missing.join(" ")))?;
         line(what, "ok (installed)");
     }
     check_binaries(packages)

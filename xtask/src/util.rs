@@ -55,6 +55,53 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     check_status(cmd, status)
 }
 
+/// Where [`run_logged`] writes: one file per step under `target/xtask-logs/`.
+pub fn log_path(step: &str) -> PathBuf {
+    target_dir().join("xtask-logs").join(format!("{step}.log"))
+}
+
+/// How many of a failed step's last log lines are shown.
+const TAIL_LINES: usize = 40;
+
+/// Runs `cmd` with its stdout and stderr going to [`log_path`]`(step)` (replaced each run), so a
+/// package manager's or a compiler's hundreds of lines stay out of the reader's way. On
+/// failure the error carries the log's last lines and names the file, so nothing is hidden
+/// when it matters.
+pub fn run_logged(cmd: &mut Command, step: &str) -> Result<()> {
+    let path = log_path(step);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("could not create {}", dir.display()))?;
+    }
+    let log = std::fs::File::create(&path)
+        .with_context(|| format!("could not create {}", path.display()))?;
+    let err = log
+        .try_clone()
+        .with_context(|| format!("could not reopen {}", path.display()))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .status()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    bail!(
+        "`{}` failed ({status}); its last lines (all of it in {}):\n{}",
+        describe(cmd),
+        path.display(),
+        tail(&text, TAIL_LINES)
+    )
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 pub fn check_status(cmd: &Command, status: ExitStatus) -> Result<()> {
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
@@ -220,5 +267,43 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_step_keeps_its_output_in_the_log_and_shows_the_tail_when_it_fails() {
+        let step = format!("xtask-selftest-{}", std::process::id());
+        run_logged(
+            Command::new("sh").args(["-c", "echo one; echo two >&2"]),
+            &step,
+        )
+        .expect("a step that succeeds");
+        let log = std::fs::read_to_string(log_path(&step)).expect("the log");
+        assert_eq!(log, "one\ntwo\n", "stdout and stderr, in order, in the log");
+
+        let script = "for i in $(seq 1 100); do echo line$i; done; echo boom >&2; exit 3";
+        let err = run_logged(Command::new("sh").args(["-c", script]), &step)
+            .expect_err("a step that fails")
+            .to_string();
+        assert!(err.contains("boom"), "{err}");
+        assert!(err.contains("line100"), "{err}");
+        assert!(!err.contains("line50\n"), "only the tail: {err}");
+        assert!(
+            err.contains(&log_path(&step).display().to_string()),
+            "{err}"
+        );
+        assert!(err.contains("exit status: 3"), "{err}");
+        let _ = std::fs::remove_file(log_path(&step));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+        assert_eq!(tail("", 5), "");
     }
 }
