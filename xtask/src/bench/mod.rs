@@ -8,6 +8,7 @@
 //! of the same repetition. Then a scale step holds many idle proxied connections.
 //! Results go to bench-results/ as JSON, Markdown and an SVG chart.
 
+mod chart;
 mod plan;
 mod rawcost;
 mod report;

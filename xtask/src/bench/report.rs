@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use super::chart::{self, Cell, Chart, Group, Row};
 use super::plan::{Plan, Variant};
 use super::scale::ScaleResult;
 use super::select::Selection;
@@ -337,26 +338,20 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
             reached: measured.map(ok),
         });
     };
-    // (target, workload, bound, whether the ratio to direct must be at least the bound)
-    let vs_direct = [
-        (
-            "bulk, 1 stream: sockmesh >= 0.90x direct",
-            Workload::Bulk1,
-            0.9,
-            true,
-        ),
-        (
-            "bulk, 8 streams: sockmesh >= 0.90x direct",
-            Workload::Bulk8,
-            0.9,
-            true,
-        ),
-        ("RR p50 <= 1.3x direct", Workload::Rr, 1.3, false),
-        ("new connections/s >= 0.8x direct", Workload::Cps, 0.8, true),
-    ];
-    for (what, w, bound, at_least) in vs_direct {
-        let ok = move |r: f64| if at_least { r >= bound } else { r <= bound };
-        check(what, ratio(w, Variant::Sockmesh, 0), &ok, "×{}");
+    // The targets against direct are the ones the chart draws (`Workload::target`).
+    for &w in &results.only.workloads {
+        for (i, m) in w.metrics().iter().enumerate() {
+            let Some(bound) = w.target(i) else { continue };
+            let at_least = m.better == Better::Higher;
+            let what = format!(
+                "{} {}: sockmesh {} {bound:.2}x direct",
+                w.name(),
+                m.name,
+                if at_least { ">=" } else { "<=" }
+            );
+            let ok = move |r: f64| if at_least { r >= bound } else { r <= bound };
+            check(&what, ratio(w, Variant::Sockmesh, i), &ok, "×{}");
+        }
     }
     let below = |w, i| Some(med(w, Variant::Sockmesh, i)? / med(w, Variant::Iptables, i)?);
     for (what, w) in [
@@ -400,12 +395,9 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
     t
 }
 
-/// Horizontal bars: each metric's ratio to direct for the three non-direct variants, with a
-/// line at 1.0 (direct). Hand-written SVG: readable in any browser, no plotting dependency.
+/// The chart of this run: each metric's ratio to direct for every non-direct variant, grouped
+/// by workload, with the targets (see `chart`).
 fn to_svg(results: &Results) -> String {
-    const W: f64 = 900.0;
-    const LABEL: f64 = 330.0;
-    const BAR: f64 = 14.0;
     let colour = |v: Variant| match v {
         Variant::Direct => "#000000",
         Variant::Sockmesh => "#2a7ab0",
@@ -421,86 +413,47 @@ fn to_svg(results: &Results) -> String {
         .copied()
         .filter(|v| *v != Variant::Direct)
         .collect();
-    let mut rows = Vec::new();
-    for &w in &results.only.workloads {
-        for (i, m) in w.metrics().iter().enumerate() {
-            let r: Vec<Option<Option<f64>>> = others
-                .iter()
-                .map(|v| {
-                    w.applies(*v)
-                        .then(|| results.summary(w, *v, i).and_then(|s| s.ratio_to_direct))
-                })
-                .collect();
-            rows.push((
-                format!("{} {} ({} better)", w.name(), m.name, m.better.as_str()),
-                r,
-            ));
-        }
-    }
-    let max = rows
+    let groups = results
+        .only
+        .workloads
         .iter()
-        .flat_map(|(_, r)| r.iter().flatten().flatten().copied())
-        .fold(1.5f64, f64::max)
-        .min(10.0);
-    let scale = (W - LABEL - 60.0) / max;
-    let row_h = BAR * others.len() as f64 + 12.0;
-    let h = 70.0 + row_h * rows.len() as f64 + 20.0;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"20\" font-size=\"15\">sockmesh bench: ratio to direct (median over repetitions)</text>\n"
-    );
-    for (k, v) in others.iter().enumerate() {
-        let x = LABEL + k as f64 * 150.0;
-        s.push_str(&format!(
-            "<rect x=\"{x}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{}</text>\n",
-            colour(*v),
-            x + 16.0,
-            v.name()
-        ));
+        .map(|&w| Group {
+            title: w.name().to_string(),
+            rows: w
+                .metrics()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Row {
+                    label: format!("{} ({}, {} better)", m.name, m.unit, m.better.as_str()),
+                    target: w.target(i).map(|ratio| chart::Target {
+                        ratio,
+                        higher_is_better: m.better == Better::Higher,
+                    }),
+                    cells: others
+                        .iter()
+                        .map(|&v| {
+                            if !w.applies(v) {
+                                return Cell::NotApplicable;
+                            }
+                            match results.summary(w, v, i).and_then(|s| s.ratio_to_direct) {
+                                Some(r) => Cell::Ratio(r),
+                                None => Cell::Failed,
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    Chart {
+        title: format!(
+            "sockmesh bench: ratio to direct, median over {} repetitions",
+            results.reps
+        ),
+        series: others.iter().map(|&v| (v.name(), colour(v))).collect(),
+        groups,
     }
-    for (j, (label, ratios)) in rows.iter().enumerate() {
-        let y0 = 60.0 + row_h * j as f64;
-        s.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
-            LABEL - 8.0,
-            y0 + row_h / 2.0,
-            xml(label)
-        ));
-        for (k, r) in ratios.iter().enumerate() {
-            let y = y0 + BAR * k as f64;
-            match r {
-                None => {}
-                Some(Some(r)) => s.push_str(&format!(
-                    "<rect x=\"{LABEL}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{r:.2}</text>\n",
-                    (r.min(max) * scale).max(1.0),
-                    BAR - 2.0,
-                    colour(others[k]),
-                    LABEL + r.min(max) * scale + 4.0,
-                    y + BAR - 4.0
-                )),
-                Some(None) => s.push_str(&format!(
-                    "<text x=\"{}\" y=\"{}\" fill=\"red\">failed</text>\n",
-                    LABEL + 4.0,
-                    y + BAR - 4.0
-                )),
-            }
-        }
-    }
-    let x1 = LABEL + scale;
-    s.push_str(&format!(
-        "<line x1=\"{x1}\" y1=\"52\" x2=\"{x1}\" y2=\"{}\" stroke=\"black\" stroke-dasharray=\"4 3\"/>\n\
-         <text x=\"{x1}\" y=\"{}\" text-anchor=\"middle\">1.0 = direct</text>\n</svg>\n",
-        h - 20.0,
-        h - 6.0
-    ));
-    s
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    .to_svg()
 }
 
 #[cfg(test)]

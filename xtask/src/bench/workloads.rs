@@ -88,6 +88,18 @@ impl Workload {
         }
     }
 
+    /// The project's target for metric `i` (in the order of `metrics()`), as a ratio to
+    /// direct (issue 15's figures; the chart draws them).
+    pub fn target(self, i: usize) -> Option<f64> {
+        match (self, i) {
+            (Workload::Bulk1 | Workload::Bulk8, 0) => Some(0.95),
+            (Workload::Rr, 0) => Some(1.05),
+            (Workload::Cps | Workload::InboundCps, 0) => Some(0.9),
+            (Workload::Connect, 0) => Some(1.2),
+            _ => None,
+        }
+    }
+
     /// Whether `v` has a path for this workload. Inbound: the client is never meshed and the
     /// server pod is enrolled by the variant's agent (direct: the plain server), so the
     /// iptables and HAProxy variants, which are client-side captures, have none.
