@@ -114,6 +114,8 @@ pub struct Agent {
     http: Option<std::thread::JoinHandle<()>>,
     /// Bind/unbind events read from the ring, waiting for their pod's share.
     binds: BindQueue<Event>,
+    /// The identity index's generation the policy source was last given.
+    ids_seen: u64,
 }
 
 impl Agent {
@@ -242,8 +244,9 @@ impl Agent {
                 let resolver = Resolver::new(&args.kube.proc_root);
                 info!(%node, "watching this node's pods in the Kubernetes API");
                 let allowed = args.kube.allow.clone();
+                let ids = policy.identities().clone();
                 Some(Controller::new(
-                    client, node, resolver, report, template, allowed,
+                    client, node, resolver, report, template, allowed, ids,
                 ))
             }
             _ => None,
@@ -265,6 +268,7 @@ impl Agent {
                 "pod_dns_inflight": shares.dns.per_pod,
             },
         }));
+        let ids_seen = policy.identities().generation();
         Ok(Agent {
             dp,
             shared,
@@ -279,6 +283,7 @@ impl Agent {
             ring,
             http,
             binds: BindQueue::new(shares.pod_bind_events),
+            ids_seen,
         })
     }
 
@@ -377,6 +382,12 @@ impl Agent {
         if let Some(k) = self.kube.as_mut() {
             k.handle(input, &mut self.pods, &mut self.dp);
         }
+        // A rule on a Service follows its endpoints: peers re-resolve on their next use.
+        let ids = self.policy.identities().generation();
+        if ids != self.ids_seen {
+            self.ids_seen = ids;
+            self.shared.admission.refresh_source(self.policy.source());
+        }
     }
 
     fn on_policy_file(&mut self, changed: std::io::Result<()>) {
@@ -394,7 +405,7 @@ impl Agent {
         let policy = &self.policy;
         match policy.reload() {
             Ok(()) => {
-                self.shared.admission.set_source(policy.current().source());
+                self.shared.admission.set_source(policy.source());
                 info!(
                     event = "policy_reloaded",
                     why,
@@ -536,7 +547,7 @@ async fn policy_changed(watcher: Option<&mut PolicyWatcher>) -> std::io::Result<
 /// The policy engine behind every proxied connection; an open breaker or an empty rate
 /// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
 fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
-    let table = PeerTable::new(args.table_config(), policy.current().source());
+    let table = PeerTable::new(args.table_config(), policy.source());
     let maps = dp.maps.clone();
     Admission::new(
         table,
