@@ -173,7 +173,13 @@ impl Agent {
             Box::new(unix_ms),
         ));
         let admission = admission(&dp, &args.policy, &policy);
-        let observer = Arc::new(Observer::new(recorder.clone(), admission.clone(), sink));
+        let ids = policy.identities().clone();
+        let observer = Arc::new(Observer::new(
+            recorder.clone(),
+            admission.clone(),
+            sink,
+            ids,
+        ));
         let shared = Shared {
             cfg: Arc::new(ProxyConfig {
                 mark: args.mark,
