@@ -85,6 +85,9 @@ pub struct Index {
     enrolled: HashMap<String, Vec<IpAddr>>,
     by_enrolled_ip: HashMap<IpAddr, BTreeSet<Key>>,
     statics: Vec<StaticName>,
+    /// Bumped by every change that may change an answer; an update that changes nothing the
+    /// index keeps (a pod's status conditions) does not bump it, so readers do not redo work.
+    version: u64,
 }
 
 fn key(namespace: &str, name: &str) -> Key {
@@ -114,9 +117,18 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl Index {
+    /// See the `version` field.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn apply_service(&mut self, s: ServiceObject) {
         let k = key(&s.namespace, &s.name);
+        if self.services.get(&k) == Some(&s) {
+            return;
+        }
         self.delete_service(&s.namespace, &s.name);
+        self.version += 1;
         link(&mut self.by_cluster_ip, &s.cluster_ips, &k);
         self.services.insert(k, s);
     }
@@ -125,12 +137,17 @@ impl Index {
         let k = key(namespace, name);
         if let Some(old) = self.services.remove(&k) {
             unlink(&mut self.by_cluster_ip, &old.cluster_ips, &k);
+            self.version += 1;
         }
     }
 
     pub fn apply_slice(&mut self, s: SliceObject) {
         let k = key(&s.namespace, &s.name);
+        if self.slices.get(&k) == Some(&s) {
+            return;
+        }
         self.delete_slice(&s.namespace, &s.name);
+        self.version += 1;
         link(&mut self.by_endpoint, &s.addresses, &k);
         self.slices.insert(k, s);
     }
@@ -139,12 +156,17 @@ impl Index {
         let k = key(namespace, name);
         if let Some(old) = self.slices.remove(&k) {
             unlink(&mut self.by_endpoint, &old.addresses, &k);
+            self.version += 1;
         }
     }
 
     pub fn apply_pod(&mut self, p: PodObject) {
         let k = key(&p.namespace, &p.name);
+        if self.pods.get(&k).is_some_and(|(old, _)| *old == p) {
+            return;
+        }
         self.delete_pod(&p.namespace, &p.name);
+        self.version += 1;
         link(&mut self.by_pod_ip, &p.ips, &k);
         let labels = Arc::new(p.labels.clone());
         self.pods.insert(k, (p, labels));
@@ -154,11 +176,13 @@ impl Index {
         let k = key(namespace, name);
         if let Some((old, _)) = self.pods.remove(&k) {
             unlink(&mut self.by_pod_ip, &old.ips, &k);
+            self.version += 1;
         }
     }
 
     /// A complete relist (after a 410 Gone, or the first list): every Service is replaced.
     pub fn replace_services(&mut self, all: Vec<ServiceObject>) {
+        self.version += 1;
         self.services.clear();
         self.by_cluster_ip.clear();
         for s in all {
@@ -167,6 +191,7 @@ impl Index {
     }
 
     pub fn replace_slices(&mut self, all: Vec<SliceObject>) {
+        self.version += 1;
         self.slices.clear();
         self.by_endpoint.clear();
         for s in all {
@@ -175,6 +200,7 @@ impl Index {
     }
 
     pub fn replace_pods(&mut self, all: Vec<PodObject>) {
+        self.version += 1;
         self.pods.clear();
         self.by_pod_ip.clear();
         for p in all {
@@ -184,20 +210,24 @@ impl Index {
 
     /// The static names file's entries (replacing the previous ones).
     pub fn set_statics(&mut self, names: Vec<StaticName>) {
+        self.version += 1;
         self.statics = names;
     }
 
     /// A pod enrolled from the API, by the name its per-peer keys carry.
     pub fn set_local(&mut self, pod: &str, local: Local) {
+        self.version += 1;
         self.locals.insert(pod.to_string(), local);
     }
 
     pub fn remove_local(&mut self, pod: &str) {
+        self.version += 1;
         self.locals.remove(pod);
     }
 
     /// A pod the agent enrolled (any source), with the addresses found in its namespace.
     pub fn set_enrolled(&mut self, pod: &str, addrs: &[IpAddr]) {
+        self.version += 1;
         self.remove_enrolled(pod);
         let k = key("", pod);
         let addrs: Vec<IpAddr> = addrs
@@ -211,6 +241,7 @@ impl Index {
 
     pub fn remove_enrolled(&mut self, pod: &str) {
         if let Some(old) = self.enrolled.remove(pod) {
+            self.version += 1;
             unlink(&mut self.by_enrolled_ip, &old, &key("", pod));
         }
     }

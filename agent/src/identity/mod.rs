@@ -33,7 +33,8 @@ pub struct Identities {
 #[derive(Default)]
 struct Shared {
     index: RwLock<Index>,
-    /// Bumped by every write that may change what an address resolves to.
+    /// Bumped by every write that may change what an address resolves to (not by one that
+    /// repeats what the index has: a pod's status update, a resync).
     generation: AtomicU64,
 }
 
@@ -52,15 +53,18 @@ impl Identities {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes the index and bumps the generation.
+    /// Changes the index; bumps the generation if that changed anything it answers from.
     pub fn write<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
         let mut g: RwLockWriteGuard<'_, Index> = self
             .inner
             .index
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let before = g.version();
         let out = f(&mut g);
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        if g.version() != before {
+            self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        }
         out
     }
 

@@ -81,7 +81,7 @@ pub fn check_service_name(s: &str) -> Result<(), String> {
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let col = before
         .rfind('\n')

@@ -322,3 +322,15 @@ fn static_name_errors_name_the_file_line_and_fix() {
     let e = err("[[name]]\ncidr = \"10.0.0.0/8\"\nworkload = \"x\"\nwrkload = 1\n");
     assert!(e.starts_with("/etc/n.toml:4:1:"), "{e}");
 }
+
+#[test]
+fn an_update_that_changes_nothing_bumps_no_generation() {
+    let ids = super::Identities::new();
+    ids.write(|ix| ix.apply_pod(pod("shop", "a", "10.1.0.5", "a", &[])));
+    let g = ids.generation();
+    ids.write(|ix| ix.apply_pod(pod("shop", "a", "10.1.0.5", "a", &[])));
+    ids.write(|ix| ix.delete_service("shop", "nothing"));
+    assert_eq!(ids.generation(), g, "a status update: the same identity");
+    ids.write(|ix| ix.apply_pod(pod("shop", "a", "10.1.0.5", "a", &[("v", "2")])));
+    assert_eq!(ids.generation(), g + 1, "a label changed");
+}

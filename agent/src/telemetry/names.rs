@@ -145,3 +145,62 @@ impl NameWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{index::Local, PodObject, SliceObject};
+
+    fn index() -> Index {
+        let mut ix = Index::default();
+        for (name, ip, workload) in [("web-1", "10.1.0.9", "web"), ("pay-1", "10.1.0.5", "pay")] {
+            ix.apply_pod(PodObject {
+                namespace: "shop".into(),
+                name: name.into(),
+                ips: vec![ip.parse().expect("ip")],
+                workload: workload.into(),
+                labels: Default::default(),
+            });
+        }
+        ix.apply_slice(SliceObject {
+            namespace: "shop".into(),
+            name: "pay-s".into(),
+            service: "payments".into(),
+            addresses: vec!["10.1.0.5".parse().expect("ip")],
+            ports: vec![8080],
+        });
+        ix.set_local(
+            "shop/pay-1",
+            Local {
+                namespace: "shop".into(),
+                name: "pay-1".into(),
+            },
+        );
+        ix
+    }
+
+    fn key(direction: Direction, peer: &str) -> PeerKey {
+        PeerKey::new("shop/pay-1", 1, direction, peer.parse().expect("addr"))
+    }
+
+    #[test]
+    fn inbound_names_the_service_called_and_the_client() {
+        let n = names_of(&key(Direction::Inbound, "10.1.0.9:8080"), &index());
+        assert_eq!(n.service, "payments.shop", "pay-1 serves payments on 8080");
+        assert_eq!(
+            (n.workload.as_str(), n.pod_workload.as_str()),
+            ("web", "pay")
+        );
+        let n = names_of(&key(Direction::Inbound, "10.1.0.9:9000"), &index());
+        assert_eq!(n.service, "", "not a port of the Service");
+    }
+
+    #[test]
+    fn outbound_names_the_peer_and_an_unknown_peer_nothing() {
+        let n = names_of(&key(Direction::Outbound, "10.1.0.9:80"), &index());
+        assert_eq!((n.service.as_str(), n.workload.as_str()), ("", "web"));
+        assert_eq!(n.pod_namespace, "shop");
+        let n = names_of(&key(Direction::Outbound, "192.0.2.1:80"), &index());
+        assert_eq!((n.workload.as_str(), n.namespace.as_str()), ("", ""));
+    }
+}
