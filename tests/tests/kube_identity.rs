@@ -66,7 +66,7 @@ struct World {
     agent: Agent,
     _dir: TempDir,
     // Last: the pods' namespaces (and the DNAT in them) go after everything using them.
-    _cluster: Cluster,
+    cluster: Cluster,
 }
 
 fn service() -> FakeService {
@@ -183,7 +183,7 @@ impl World {
             b2,
             agent,
             _dir: dir,
-            _cluster: cluster,
+            cluster,
         }
     }
 
@@ -401,5 +401,74 @@ fn the_identity_watches_list_again_after_410_gone() {
         cluster_ip(),
         true,
         "the Service created during the outage applies",
+    );
+}
+
+#[test]
+fn inbound_a_meshed_endpoint_names_the_service_called_and_its_client() {
+    let w = World::new(&[]);
+    // A backend on this node, meshed: its agent side sees the client come in.
+    let node = w.client.obj.node.clone();
+    let mut pay = KubePod::new(&w.cluster, "pay3", "shop", &node, Driver::Systemd);
+    pay.obj = pay
+        .obj
+        .clone()
+        .label("pod-template-hash", "5d8f")
+        .owned_by("ReplicaSet", "payments-5d8f");
+    let _echo = TcpServer::start(&pay.pod, "0.0.0.0:8080".parse().expect("addr")).expect("echo");
+    w.api.put_service(&service());
+    w.api.put_slice(&FakeSlice {
+        addresses: vec![pay.pod.ip4().to_string()],
+        ..slice(&w.b1)
+    });
+    w.api.add_pod(&pay.obj);
+    w.agent
+        .wait_event(|v| v["event"] == "pod_enrolled" && v["id"] == pay.uid(), KT)
+        .expect("backend enrolled");
+    w.agent
+        .wait_event(
+            |v| v["event"] == "inbound_listening" && v["port"] == 8080,
+            KT,
+        )
+        .expect("its port 8080 captured");
+    let dst = pay.pod.addr4(8080);
+    w.until_limited(dst, true, "the new endpoint is the Service's");
+    drop(w.admit(dst));
+
+    // The backend's inbound row: the client's identity, and the Service it called.
+    let client_ip = w.client.pod.ip4().to_string();
+    let inbound = |v: &Value| -> Option<Value> {
+        v["peers"]
+            .as_array()?
+            .iter()
+            .find(|r| {
+                r["direction"] == "inbound"
+                    && r["peer"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(&client_ip))
+            })
+            .cloned()
+    };
+    let peers = common::peers_until(&w.agent, &["--pod", "shop/pay3"], |v| {
+        inbound(v).is_some_and(|r| r["service"] == "payments.shop")
+    });
+    let row = inbound(&peers).unwrap_or_else(|| panic!("no inbound row: {peers}"));
+    assert_eq!(row["service"], "payments.shop", "{row}");
+    assert_eq!(row["workload"], "frontend", "the client's workload: {row}");
+    assert_eq!(row["pod_workload"], "payments", "{row}");
+    let metrics = w.agent.metrics_addr().expect("metrics address");
+    let want = [
+        ("pod", "shop/pay3"),
+        ("direction", "inbound"),
+        ("source_workload", "frontend"),
+        ("source_namespace", "shop"),
+        ("destination_service", "payments.shop"),
+        ("destination_workload", "payments"),
+        ("destination_namespace", "shop"),
+    ];
+    let s = scrape_until(metrics, |s| sample(s, &want).is_some());
+    assert!(
+        sample(&s, &want).is_some(),
+        "inbound: source is the client, destination the pod"
     );
 }
