@@ -309,7 +309,11 @@ impl Agent {
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
                 evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
                 ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
-                _ = reconcile.tick(), if !handing_over => self.pods.reconcile(&self.dp),
+                _ = reconcile.tick(), if !handing_over => {
+                    self.pods.reconcile(&self.dp);
+                    // Pods enrolled or gone outside the Kubernetes watch (`--pod`).
+                    self.follow_identities();
+                }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {
                         // The successor's snapshot of the listeners must include every bind
@@ -388,7 +392,12 @@ impl Agent {
         if let Some(k) = self.kube.as_mut() {
             k.handle(input, &mut self.pods, &mut self.dp);
         }
-        // A rule on a Service follows its endpoints: peers re-resolve on their next use.
+        self.follow_identities();
+    }
+
+    /// A rule on a Service follows its endpoints (and a rule on a workload its pods): when
+    /// the identity index changed, peers re-resolve their policy on their next use.
+    fn follow_identities(&mut self) {
         let ids = self.policy.identities().generation();
         if ids != self.ids_seen {
             self.ids_seen = ids;
