@@ -180,3 +180,70 @@ impl IdentityWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(name: &str, service: Option<&str>) -> EndpointSlice {
+        let labels = match service {
+            Some(s) => json!({"kubernetes.io/service-name": s}),
+            None => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.5"]}],
+        }))
+        .expect("slice")
+    }
+
+    fn names<O>(c: &Change<O>, f: impl Fn(&O) -> String) -> String {
+        match c {
+            Change::Apply(o) => format!("apply {}", f(o)),
+            Change::Delete(ns, n) => format!("delete {ns}/{n}"),
+            Change::Replace(all) => {
+                let v: Vec<String> = all.iter().map(f).collect();
+                format!("replace [{}]", v.join(","))
+            }
+            Change::Nothing => "nothing".into(),
+        }
+    }
+
+    #[test]
+    fn a_relist_is_applied_whole_at_its_end_and_only_then() {
+        let mut relist = None;
+        let name = |s: &crate::identity::SliceObject| s.name.clone();
+        let mut steps = Vec::new();
+        for ev in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(slice("a", Some("payments"))),
+            watcher::Event::InitApply(slice("own", None)),
+            watcher::Event::InitApply(slice("b", Some("cart"))),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(slice("c", Some("cart"))),
+            watcher::Event::Apply(slice("a", None)),
+            watcher::Event::Delete(slice("b", Some("cart"))),
+            // A stray InitDone (no relist in progress) replaces nothing.
+            watcher::Event::InitDone,
+        ] {
+            steps.push(names(&step(ev, &mut relist, owners::slice), name));
+        }
+        assert_eq!(
+            steps,
+            [
+                "nothing",
+                "nothing",
+                "nothing",
+                "nothing",
+                "replace [a,b]",
+                "apply c",
+                "delete shop/a",
+                "delete shop/b",
+                "nothing",
+            ],
+            "a slice that names no Service is left out; one that loses its label goes"
+        );
+    }
+}
