@@ -159,6 +159,14 @@ impl<K: PeerId> Admission<K> {
         }
     }
 
+    /// Who peers are changed (a Service's endpoints, a pod's labels): new and existing peers
+    /// follow `source` from their next use, as after a reload. Kernel verdicts stay: each
+    /// lapses by itself by the end of its breaker period or rate interval, and lifting them
+    /// all at every endpoint change in a busy cluster would defeat the fast reject.
+    pub fn refresh_source(&self, source: PolicySource<K>) {
+        lock(&self.table).set_source(source);
+    }
+
     /// Lets the kernel refuse `key` until `until`.
     fn refuse_until(&self, key: &K, until: Nanos) {
         (self.on_verdict)(key, Some(self.clock.kernel_ns(until)));

@@ -65,6 +65,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     // The policy file is validated before anything is loaded: a bad file is one clear error.
     let policy = Arc::new(args.policy.policy_handle().map_err(|e| anyhow!("{e}"))?);
+    let names = args.policy.peer_names().map_err(|e| anyhow!(e))?;
+    policy.identities().write(|ix| ix.set_statics(names));
     if args.pods.is_empty() && node.is_none() {
         warn!("no --pod given: the programs are attached but no traffic is captured");
     }

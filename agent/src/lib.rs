@@ -9,6 +9,7 @@ mod cli;
 mod datapath;
 mod events;
 mod handover;
+mod identity;
 mod inpod;
 mod kube;
 mod observe;

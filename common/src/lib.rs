@@ -20,7 +20,8 @@ extern crate std;
 /// 4: inbound steering by `sk_lookup` (`steer::*` maps, `GlobalConfig::inbound_port`, the
 /// `inbound_steered` counter), and per-pod refusals of the agent's caps and shares
 /// (`SM_POD_REFUSED`).
-pub const SCHEMA_VERSION: u32 = 4;
+/// 5: peers' names as the agent resolved them (`SM_PEER_NAMES`: Service, workload, namespace).
+pub const SCHEMA_VERSION: u32 = 5;
 
 pub mod peer;
 

@@ -19,7 +19,16 @@ pub mod map_names {
     pub const AGENT_STATS: &str = "SM_AGENT_STATS";
     /// What the agent refused or held back per pod (its caps and shares): [`PodRefused`].
     pub const POD_REFUSED: &str = "SM_POD_REFUSED";
-    pub const ALL: [&str; 5] = [PEER_STATS, PEER_STATE, POD_META, AGENT_STATS, POD_REFUSED];
+    /// Who each peer (and its pod) is, as the agent resolved it: [`PeerNames`].
+    pub const PEER_NAMES: &str = "SM_PEER_NAMES";
+    pub const ALL: [&str; 6] = [
+        PEER_STATS,
+        PEER_STATE,
+        POD_META,
+        AGENT_STATS,
+        POD_REFUSED,
+        PEER_NAMES,
+    ];
 }
 
 pub mod map_sizes {
@@ -227,6 +236,41 @@ impl Default for PodMeta {
     }
 }
 
+/// Names are cut to this many bytes (NUL-padded): a Kubernetes name or namespace is at most
+/// 63 bytes (a DNS label).
+pub const IDENT_LEN: usize = 64;
+/// `NAME.NAMESPACE`: two DNS labels and a dot.
+pub const SERVICE_LEN: usize = 128;
+
+/// `SM_PEER_NAMES[PeerKey]`: who the peer and the pod are, as the agent's identity index said
+/// when it last wrote the entry (empty: not known). Keyed like `SM_PEER_STATE`, so the maps
+/// stay keyed by address and readers join the two. UTF-8, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerNames {
+    /// The Service the connection is addressed to, `NAME.NAMESPACE`: outbound, the peer's
+    /// (its ClusterIP, or an endpoint of it); inbound, the pod's Service on its port.
+    pub service: [u8; SERVICE_LEN],
+    /// The peer's workload and namespace.
+    pub workload: [u8; IDENT_LEN],
+    pub namespace: [u8; IDENT_LEN],
+    /// The pod's own workload and namespace.
+    pub pod_workload: [u8; IDENT_LEN],
+    pub pod_namespace: [u8; IDENT_LEN],
+}
+
+impl Default for PeerNames {
+    fn default() -> Self {
+        PeerNames {
+            service: [0; SERVICE_LEN],
+            workload: [0; IDENT_LEN],
+            namespace: [0; IDENT_LEN],
+            pod_workload: [0; IDENT_LEN],
+            pod_namespace: [0; IDENT_LEN],
+        }
+    }
+}
+
 /// Indexes into [`AgentStats::counters`]: agent-wide events that belong to no single peer.
 pub mod agent_counter {
     /// Per-peer entries the agent dropped from memory while they still had unflushed figures
@@ -338,12 +382,41 @@ mod user {
         }
 
         pub fn name(&self) -> std::string::String {
-            let end = self
-                .name
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(POD_NAME_LEN);
-            std::string::String::from_utf8_lossy(&self.name[..end]).into_owned()
+            read_name(&self.name)
+        }
+    }
+
+    /// Copies `s` into `to`, cut at a char boundary so it stays valid UTF-8.
+    pub fn write_name(to: &mut [u8], s: &str) {
+        let mut end = s.len().min(to.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        to.fill(0);
+        to[..end].copy_from_slice(&s.as_bytes()[..end]);
+    }
+
+    /// The text up to the first NUL.
+    pub fn read_name(from: &[u8]) -> std::string::String {
+        let end = from.iter().position(|&b| b == 0).unwrap_or(from.len());
+        std::string::String::from_utf8_lossy(&from[..end]).into_owned()
+    }
+
+    impl PeerNames {
+        pub fn new(
+            service: &str,
+            workload: &str,
+            namespace: &str,
+            pod_workload: &str,
+            pod_namespace: &str,
+        ) -> Self {
+            let mut n = PeerNames::default();
+            write_name(&mut n.service, service);
+            write_name(&mut n.workload, workload);
+            write_name(&mut n.namespace, namespace);
+            write_name(&mut n.pod_workload, pod_workload);
+            write_name(&mut n.pod_namespace, pod_namespace);
+            n
         }
     }
 
@@ -355,7 +428,11 @@ mod user {
     unsafe impl aya::Pod for PodMeta {}
     unsafe impl aya::Pod for AgentStats {}
     unsafe impl aya::Pod for PodRefused {}
+    unsafe impl aya::Pod for PeerNames {}
 }
+
+#[cfg(feature = "user")]
+pub use user::read_name;
 
 #[cfg(test)]
 mod tests {
@@ -373,6 +450,7 @@ mod tests {
         assert_eq!(size_of::<PodMeta>(), POD_NAME_LEN + 16);
         assert_eq!(size_of::<AgentStats>(), 8 * agent_counter::COUNT);
         assert_eq!(size_of::<PodRefused>(), 8 * pod_refusal::COUNT);
+        assert_eq!(size_of::<PeerNames>(), SERVICE_LEN + 4 * IDENT_LEN);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap, RingBuf},
 };
 use sockmesh_common::peer::{
-    self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta, PodRefused,
+    self, AgentStats, PeerKernelStats, PeerKey, PeerNames, PeerState, PodMeta, PodRefused,
 };
 use sockmesh_common::{
     map_sizes, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
@@ -79,6 +79,11 @@ pub static PEER_STATE: LruHashMap<PeerKey, PeerState> =
 /// Pod names and enrolment times, written by the agent.
 #[map(name = "SM_POD_META")]
 pub static POD_META: LruHashMap<u64, PodMeta> = LruHashMap::pinned(peer::map_sizes::POD_META, 0);
+
+/// Who each peer is (Service, workload, namespace), written by the agent.
+#[map(name = "SM_PEER_NAMES")]
+pub static PEER_NAMES: LruHashMap<PeerKey, PeerNames> =
+    LruHashMap::pinned(peer::map_sizes::PEERS, 0);
 
 /// Agent-wide counters, written by the agent.
 #[map(name = "SM_AGENT_STATS")]

@@ -21,7 +21,8 @@ impl KubePod {
     pub fn new(cluster: &Cluster, label: &str, ns: &str, node: &str, driver: Driver) -> KubePod {
         let pod = cluster.add_pod(label).expect("pod");
         let cgroup = KubeletPod::new(&new_uid(), driver).expect("kubelet cgroup");
-        let obj = FakePod::new(ns, label, &cgroup.uid, node);
+        // Its real address, so the agent can tell who it is as a peer.
+        let obj = FakePod::new(ns, label, &cgroup.uid, node).with_ip(&pod.ip4().to_string());
         let mut kp = KubePod {
             pod,
             procs: vec![],

@@ -46,7 +46,7 @@ pub mod sys;
 pub mod tempdir;
 
 pub use agent::{pod_spec, read_json, sockmesh_bin, Agent, BpfFsDir};
-pub use kubeapi::{FakeKubeApi, FakePod};
+pub use kubeapi::{FakeKubeApi, FakePod, FakeService, FakeSlice};
 pub use kubelet::{new_uid, Driver, KubeletPod};
 pub use netns::{current_netns_inode, run_in_netns, NetNs};
 pub use peers::{

@@ -114,6 +114,8 @@ pub struct Agent {
     http: Option<std::thread::JoinHandle<()>>,
     /// Bind/unbind events read from the ring, waiting for their pod's share.
     binds: BindQueue<Event>,
+    /// The identity index's generation the policy source was last given.
+    ids_seen: u64,
 }
 
 impl Agent {
@@ -171,7 +173,13 @@ impl Agent {
             Box::new(unix_ms),
         ));
         let admission = admission(&dp, &args.policy, &policy);
-        let observer = Arc::new(Observer::new(recorder.clone(), admission.clone(), sink));
+        let ids = policy.identities().clone();
+        let observer = Arc::new(Observer::new(
+            recorder.clone(),
+            admission.clone(),
+            sink,
+            ids,
+        ));
         let shared = Shared {
             cfg: Arc::new(ProxyConfig {
                 mark: args.mark,
@@ -242,8 +250,9 @@ impl Agent {
                 let resolver = Resolver::new(&args.kube.proc_root);
                 info!(%node, "watching this node's pods in the Kubernetes API");
                 let allowed = args.kube.allow.clone();
+                let ids = policy.identities().clone();
                 Some(Controller::new(
-                    client, node, resolver, report, template, allowed,
+                    client, node, resolver, report, template, allowed, ids,
                 ))
             }
             _ => None,
@@ -265,6 +274,7 @@ impl Agent {
                 "pod_dns_inflight": shares.dns.per_pod,
             },
         }));
+        let ids_seen = policy.identities().generation();
         Ok(Agent {
             dp,
             shared,
@@ -279,6 +289,7 @@ impl Agent {
             ring,
             http,
             binds: BindQueue::new(shares.pod_bind_events),
+            ids_seen,
         })
     }
 
@@ -298,7 +309,11 @@ impl Agent {
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
                 evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
                 ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
-                _ = reconcile.tick(), if !handing_over => self.pods.reconcile(&self.dp),
+                _ = reconcile.tick(), if !handing_over => {
+                    self.pods.reconcile(&self.dp);
+                    // Pods enrolled or gone outside the Kubernetes watch (`--pod`).
+                    self.follow_identities();
+                }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {
                         // The successor's snapshot of the listeners must include every bind
@@ -377,6 +392,17 @@ impl Agent {
         if let Some(k) = self.kube.as_mut() {
             k.handle(input, &mut self.pods, &mut self.dp);
         }
+        self.follow_identities();
+    }
+
+    /// A rule on a Service follows its endpoints (and a rule on a workload its pods): when
+    /// the identity index changed, peers re-resolve their policy on their next use.
+    fn follow_identities(&mut self) {
+        let ids = self.policy.identities().generation();
+        if ids != self.ids_seen {
+            self.ids_seen = ids;
+            self.shared.admission.refresh_source(self.policy.source());
+        }
     }
 
     fn on_policy_file(&mut self, changed: std::io::Result<()>) {
@@ -394,7 +420,7 @@ impl Agent {
         let policy = &self.policy;
         match policy.reload() {
             Ok(()) => {
-                self.shared.admission.set_source(policy.current().source());
+                self.shared.admission.set_source(policy.source());
                 info!(
                     event = "policy_reloaded",
                     why,
@@ -536,7 +562,7 @@ async fn policy_changed(watcher: Option<&mut PolicyWatcher>) -> std::io::Result<
 /// The policy engine behind every proxied connection; an open breaker or an empty rate
 /// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
 fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
-    let table = PeerTable::new(args.table_config(), policy.current().source());
+    let table = PeerTable::new(args.table_config(), policy.source());
     let maps = dp.maps.clone();
     Admission::new(
         table,

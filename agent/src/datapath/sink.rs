@@ -6,7 +6,8 @@ use aya::{
     Ebpf,
 };
 use sockmesh_common::peer::{
-    breaker_state, map_names, pod_refusal, AgentStats, PeerKey, PeerState, PodMeta, PodRefused,
+    breaker_state, map_names, pod_refusal, AgentStats, PeerKey, PeerNames, PeerState, PodMeta,
+    PodRefused,
 };
 use tracing::warn;
 
@@ -18,6 +19,7 @@ pub struct Sink {
     pod_meta: HashMap<MapData, u64, PodMeta>,
     agent_stats: Array<MapData, AgentStats>,
     pod_refused: HashMap<MapData, u64, PodRefused>,
+    peer_names: HashMap<MapData, PeerKey, PeerNames>,
 }
 
 impl Sink {
@@ -28,6 +30,7 @@ impl Sink {
             pod_meta: take(ebpf, map_names::POD_META)?,
             agent_stats: take(ebpf, map_names::AGENT_STATS)?,
             pod_refused: take(ebpf, map_names::POD_REFUSED)?,
+            peer_names: take(ebpf, map_names::PEER_NAMES)?,
         };
         sink.forget_previous_connections();
         Ok(sink)
@@ -90,6 +93,17 @@ impl Sink {
             Ok(()) => true,
             Err(e) => {
                 warn!(error = %e, "could not write a peer's state to SM_PEER_STATE");
+                false
+            }
+        }
+    }
+
+    /// Who the peer is, for readers. False if the kernel refused the write.
+    pub fn set_names(&mut self, key: PeerKey, names: PeerNames) -> bool {
+        match self.peer_names.insert(key, names, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "could not write a peer's names to SM_PEER_NAMES");
                 false
             }
         }

@@ -7,7 +7,7 @@ use sockmesh_common::{
     counter, map_names,
     peer::{
         self, agent_counter, peer_counter, pod_refusal, AgentStats, PeerKernelStats, PeerKey,
-        PeerState, PodMeta, PodRefused,
+        PeerNames, PeerState, PodMeta, PodRefused,
     },
     GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION,
 };
@@ -97,6 +97,8 @@ pub struct PeerRecord {
     pub key: PeerKey,
     pub kernel: [u64; peer_counter::COUNT],
     pub state: PeerState,
+    /// Who the peer is, as the agent last resolved it.
+    pub names: Option<PeerNames>,
 }
 
 /// Every peer in `SM_PEER_STATE` or `SM_PEER_STATS`, sorted by key. Call after
@@ -111,6 +113,7 @@ pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
         key,
         kernel: [0; peer_counter::COUNT],
         state: PeerState::default(),
+        names: None,
     };
     for entry in kernel.iter() {
         let (key, per_cpu) = entry?;
@@ -126,6 +129,11 @@ pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
         out.entry(sort_key(&key))
             .or_insert_with(|| blank(key))
             .state = v;
+    }
+    let names: HashMap<MapData, PeerKey, PeerNames> =
+        open(dir, peer::map_names::PEER_NAMES)?.try_into()?;
+    for rec in out.values_mut() {
+        rec.names = names.get(&rec.key, 0).ok();
     }
     Ok(out.into_values().collect())
 }

@@ -228,6 +228,10 @@ impl PodManager {
         let generation = self.next_generation;
         self.watch(e.id.clone(), generation, e.anchor, ns, cancel.clone());
         self.observer.pod_enrolled(ctx.cookie, &ctx.name);
+        // Its addresses name it as a peer of the other pods (all the agent knows without
+        // --kube; with it, the pod watch knows more).
+        let ids = self.shared.policy.identities();
+        ids.write(|ix| ix.set_enrolled(&ctx.name, &e.pod.addrs));
         info!(event = "pod_enrolled", pod = %ctx.name, netns_cookie = ctx.cookie, addrs = ?e.pod.addrs, "pod enrolled");
         events::emit(serde_json::json!({
             "event": "pod_enrolled", "pod": &*ctx.name, "id": &*e.id, "netns_cookie": ctx.cookie,
@@ -304,6 +308,8 @@ impl PodManager {
         dp.forget_pod(p.cookie);
         self.observer.pod_removed(p.cookie);
         self.observer.forget_pod(p.cookie, &p.name);
+        let ids = self.shared.policy.identities();
+        ids.write(|ix| ix.remove_enrolled(&p.name));
         info!(event = "pod_removed", pod = %p.name, netns_cookie = p.cookie, reason, "pod removed");
         events::emit(serde_json::json!({
             "event": "pod_removed", "pod": &*p.name, "id": id, "netns_cookie": p.cookie, "reason": reason,

@@ -22,11 +22,13 @@ use tracing::{debug, info, warn};
 use super::{
     allowed::AllowArgs,
     decide::{decide, Decision, PodOptions, Problem},
+    identity::{IdInput, IdentityWatch},
     report::Report,
 };
 use crate::{
     datapath::Datapath,
     events,
+    identity::{index::Local, Identities},
     inpod::{
         liveness::Anchor,
         manager::{Gone, PodManager, PodTemplate},
@@ -41,6 +43,8 @@ type Watch<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Err
 pub enum Input {
     Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
     Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
+    /// Services, EndpointSlices and every pod, for peer identity.
+    Identity(IdInput),
 }
 
 /// A pod as enrolled.
@@ -68,6 +72,8 @@ pub struct Controller {
     synced: (bool, bool),
     pod_watch: Watch<Pod>,
     ns_watch: Watch<Namespace>,
+    identity: IdentityWatch,
+    ids: Identities,
 }
 
 fn uid_of(pod: &Pod) -> Option<String> {
@@ -82,9 +88,11 @@ impl Controller {
         report: Report,
         template: PodTemplate,
         allowed: AllowArgs,
+        ids: Identities,
     ) -> Controller {
         let pods: Api<Pod> = Api::all(client.clone());
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let identity = IdentityWatch::new(&client, ids.clone());
         let namespaces: Api<Namespace> = Api::all(client);
         Controller {
             node: node.to_string(),
@@ -103,6 +111,8 @@ impl Controller {
             ns_watch: watcher(namespaces, watcher::Config::default())
                 .default_backoff()
                 .boxed(),
+            identity,
+            ids,
         }
     }
 
@@ -111,6 +121,7 @@ impl Controller {
         tokio::select! {
             Some(e) = self.pod_watch.next() => Input::Pod(Box::new(e)),
             Some(e) = self.ns_watch.next() => Input::Namespace(Box::new(e)),
+            e = self.identity.next() => Input::Identity(e),
             else => std::future::pending().await,
         }
     }
@@ -134,6 +145,7 @@ impl Controller {
                 }
                 Ok(ev) => self.on_namespace(ev, mgr, dp),
             },
+            Input::Identity(i) => self.identity.handle(i),
         }
     }
 
@@ -288,6 +300,11 @@ impl Controller {
         match result {
             Ok(()) => {
                 info!(pod = %name, pid = found.pid, container = ?found.container, "kubernetes pod enrolled");
+                let local = Local {
+                    namespace: ns_name.to_string(),
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                };
+                self.ids.write(|ix| ix.set_local(&name, local));
                 self.enrolled
                     .insert(uid.to_string(), Current { name, options });
             }
@@ -296,8 +313,9 @@ impl Controller {
     }
 
     fn remove(&mut self, uid: &str, why: &str, mgr: &mut PodManager, dp: &mut Datapath) {
-        if self.enrolled.remove(uid).is_some() {
+        if let Some(cur) = self.enrolled.remove(uid) {
             mgr.remove(dp, uid, why);
+            self.ids.write(|ix| ix.remove_local(&cur.name));
         }
     }
 

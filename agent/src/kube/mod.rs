@@ -3,10 +3,14 @@
 //! [`decide`] is the pure policy (which pods, which options), within what the operator
 //! [`allowed`] pods to ask for; [`controller`] keeps the watched
 //! Pod and Namespace objects and turns their changes into enrolments and removals;
-//! [`report`] tells the cluster about malformed annotations (Kubernetes Events).
+//! [`report`] tells the cluster about malformed annotations (Kubernetes Events);
+//! [`identity`] watches Services, EndpointSlices and every pod to name peers, converting the
+//! objects with [`owners`] (pure: a pod's workload through its owner references).
 pub mod allowed;
 pub mod controller;
 pub mod decide;
+pub mod identity;
+pub mod owners;
 pub mod report;
 
 use std::path::PathBuf;

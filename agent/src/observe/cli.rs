@@ -10,6 +10,7 @@ use sockmesh_common::{
 };
 
 use super::{
+    group::{group, parse_by, By},
     table::{render, Cols},
     view::{peer_rows, pod_rows, PeerRow, PodRow, Snapshot},
 };
@@ -68,6 +69,10 @@ pub struct StatsArgs {
     /// Order of peers: bytes (default), conns, active, throttled, timeouts, failures, peer, pod.
     #[arg(long, value_parser = parse_sort)]
     pub sort: Option<String>,
+    /// `peers`: one row per Service, per workload, or per peer address (default). Peers with
+    /// no such name stay one row per address.
+    #[arg(long, value_name = "service|workload|peer", value_parser = parse_by)]
+    pub by: Option<By>,
 }
 
 pub fn run(which: Which, args: &StatsArgs) -> Result<()> {
@@ -98,6 +103,14 @@ fn once(which: Which, args: &StatsArgs) -> Result<String> {
         .into_iter()
         .filter(|p| pod_matches(&p.pod, p.netns_cookie, args.pod.as_deref()))
         .collect();
+    let peers = match args.by {
+        Some(by) if by != By::Peer && which == Which::Peers => {
+            let mut grouped = group(&peers, |r| by.key(r));
+            sort_peers(&mut grouped, args.sort.as_deref().unwrap_or("bytes"));
+            grouped
+        }
+        _ => peers,
+    };
     Ok(match (which, args.json) {
         (Which::Peers, true) => json_line(serde_json::json!({ "peers": peers })),
         (Which::Pods, true) => json_line(serde_json::json!({ "pods": pods })),
@@ -165,6 +178,8 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
         "POD",
         "DIR",
         "PEER",
+        "SERVICE",
+        "WORKLOAD",
         "ACTIVE",
         "CONNS",
         "BYTES_OUT",
@@ -185,6 +200,8 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
             r.pod.clone(),
             r.direction.into(),
             r.peer.clone(),
+            r.service.clone().unwrap_or_else(|| "-".into()),
+            workload_cell(r),
             r.conns_active.to_string(),
             r.conns_total.to_string(),
             r.bytes_out.to_string(),
@@ -202,6 +219,17 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
         ]);
     }
     render(t, "(no peers recorded)")
+}
+
+/// The peer's workload as `NAMESPACE/WORKLOAD` (or the workload alone when it has no
+/// namespace, or the namespace alone for a ClusterIP), `-` if unknown.
+fn workload_cell(r: &PeerRow) -> String {
+    match (&r.namespace, &r.workload) {
+        (Some(ns), Some(w)) => format!("{ns}/{w}"),
+        (None, Some(w)) => w.clone(),
+        (Some(ns), None) => format!("{ns}/-"),
+        (None, None) => "-".into(),
+    }
 }
 
 pub fn pods_table(rows: &[PodRow]) -> String {

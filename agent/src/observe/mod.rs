@@ -2,6 +2,7 @@
 //! `/metrics`, built on one snapshot of the pinned maps, the metrics HTTP endpoint, and log
 //! setup. What writes those figures (the recorder and its flush) is `crate::telemetry`.
 pub mod cli;
+pub mod group;
 pub mod http;
 pub mod logging;
 pub mod prom;

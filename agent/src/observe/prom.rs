@@ -1,11 +1,13 @@
 //! `/metrics` in the Prometheus text exposition format (0.0.4), rendered from the same rows as
-//! the CLI. Label cardinality is bounded: per pod and direction, the `top` peers with the most
-//! traffic get their own `peer` label; the rest are summed under `peer="other"`.
+//! the CLI. Label cardinality is bounded: peers are summed per identity (Service, workload,
+//! namespace), and per pod and direction the `top` identities with the most traffic get their
+//! own series; the rest are summed under `peer="other"`.
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use sockmesh_common::{counter, peer::agent_counter};
 
+use super::group::{add_into, group, identity_key};
 use super::view::{pod_rows, PeerRow, Snapshot};
 
 /// One metric family: its samples are appended in order, then written under HELP/TYPE.
@@ -69,11 +71,15 @@ pub fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Peers with their own label: per (pod, direction), the `top` with the most bytes (then
-/// connections); the others folded into one "other" row each.
+/// Series with their own labels: peers are first summed by identity (one series per Service,
+/// workload and namespace, whatever addresses it had; peers with no cluster name stay by
+/// address), then per (pod, direction) the `top` with the most bytes (then connections) keep
+/// theirs and the others are folded into one "other" row. Returns the rows and how many
+/// peers were folded.
 pub fn bound_peers(rows: &[PeerRow], top: usize) -> (Vec<PeerRow>, usize) {
+    let named = group(rows, identity_key);
     let mut groups: BTreeMap<(u64, &str), Vec<&PeerRow>> = BTreeMap::new();
-    for r in rows {
+    for r in &named {
         groups
             .entry((r.netns_cookie, r.direction))
             .or_default()
@@ -88,31 +94,43 @@ pub fn bound_peers(rows: &[PeerRow], top: usize) -> (Vec<PeerRow>, usize) {
         let rest = g.split_off(g.len().min(top));
         out.extend(g.into_iter().cloned());
         if let Some(first) = rest.first() {
-            folded += rest.len();
             let mut other = (*first).clone();
             other.peer = "other".into();
+            (other.service, other.workload, other.namespace) = (None, None, None);
             for r in &rest[1..] {
-                other.conns_active += r.conns_active;
-                other.conns_total += r.conns_total;
-                other.bytes_out += r.bytes_out;
-                other.bytes_in += r.bytes_in;
-                for (a, b) in other.timeouts.iter_mut().zip(&r.timeouts) {
-                    a.1 += b.1;
-                }
-                for (a, b) in other.throttled.iter_mut().zip(&r.throttled) {
-                    a.1 += b.1;
-                }
-                other.connect_failures += r.connect_failures;
-                other.resets += r.resets;
-                other.dns_queries += r.dns_queries;
-                other.redirects += r.redirects;
-                other.fast_rejects += r.fast_rejects;
-                other.dns_redirects += r.dns_redirects;
+                add_into(&mut other, r);
             }
+            folded += other.peers as usize;
             out.push(other);
         }
     }
     (out, folded)
+}
+
+/// The identity labels of a row: source and destination as the connection goes (outbound,
+/// the pod is the source; inbound, the peer is), only those known.
+fn identity_labels(r: &PeerRow) -> Vec<(&'static str, &str)> {
+    let (src, dst) = if r.direction == "inbound" {
+        (
+            (&r.workload, &r.namespace),
+            (&r.pod_workload, &r.pod_namespace),
+        )
+    } else {
+        (
+            (&r.pod_workload, &r.pod_namespace),
+            (&r.workload, &r.namespace),
+        )
+    };
+    [
+        ("source_workload", src.0),
+        ("source_namespace", src.1),
+        ("destination_service", &r.service),
+        ("destination_workload", dst.0),
+        ("destination_namespace", dst.1),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+    .collect()
 }
 
 pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> String {
@@ -182,11 +200,12 @@ pub fn render(snap: &Snapshot, rows: &[PeerRow], top: usize, ready: bool) -> Str
 }
 
 fn peer_samples(o: &mut Out, r: &PeerRow) {
-    let base = [
-        ("pod", r.pod.as_str()),
-        ("direction", r.direction),
-        ("peer", r.peer.as_str()),
-    ];
+    let mut base = vec![("pod", r.pod.as_str()), ("direction", r.direction)];
+    // A series summing several addresses of one identity has no single peer to name.
+    if r.peers == 1 || r.peer == "other" {
+        base.push(("peer", r.peer.as_str()));
+    }
+    base.extend(identity_labels(r));
     let with = |extra: (&'static str, &'static str)| {
         let mut l = base.to_vec();
         l.push(extra);

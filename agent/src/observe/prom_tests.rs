@@ -1,6 +1,6 @@
 use super::*;
 use crate::datapath::stats::{PeerRecord, PodCounters};
-use sockmesh_common::peer::{PeerKey, PeerState, PodMeta};
+use sockmesh_common::peer::{PeerKey, PeerNames, PeerState, PodMeta};
 use sockmesh_common::SockAddr;
 
 fn snapshot(peers: usize) -> Snapshot {
@@ -37,6 +37,7 @@ fn snapshot(peers: usize) -> Snapshot {
                     bytes_in: 1,
                     ..Default::default()
                 },
+                names: None,
             })
             .collect(),
         agent: [0; agent_counter::COUNT],
@@ -130,4 +131,80 @@ fn kernel_events_and_readiness_are_exported() {
     assert!(refused
         .iter()
         .any(|(_, l, v)| l.contains("reason=\"conn_pod_cap\"") && *v == 3.0));
+}
+
+/// Peers 0..1000 where every peer whose number is a multiple of 10 is an endpoint of
+/// payments.shop (workload payments); the pod is frontend in shop.
+fn named_snapshot() -> Snapshot {
+    let mut snap = snapshot(1000);
+    for (i, p) in snap.peers.iter_mut().enumerate() {
+        p.names = Some(if i % 10 == 0 {
+            PeerNames::new("payments.shop", "payments", "shop", "frontend", "shop")
+        } else {
+            PeerNames::new("", "", "", "frontend", "shop")
+        });
+    }
+    snap
+}
+
+#[test]
+fn the_top_n_bound_ranks_identities_and_a_service_is_one_series() {
+    let snap = named_snapshot();
+    let rows = super::super::view::peer_rows(&snap);
+    let text = render(&snap, &rows, 10, true);
+    let s = samples(&text);
+    let sent: Vec<&(String, String, f64)> = s
+        .iter()
+        .filter(|(n, _, _)| n == "sockmesh_peer_sent_bytes_total")
+        .collect();
+    assert_eq!(sent.len(), 11, "10 identities and other");
+    let service: f64 = (0..1000).filter(|i| i % 10 == 0).sum::<u64>() as f64;
+    let svc = sent
+        .iter()
+        .find(|(_, l, _)| l.contains("destination_service=\"payments.shop\""))
+        .expect("the Service's series");
+    assert_eq!(svc.2, service, "its 100 endpoints summed");
+    assert!(!svc.1.contains("peer="), "no single peer: {}", svc.1);
+    for label in [
+        "source_workload=\"frontend\"",
+        "source_namespace=\"shop\"",
+        "destination_workload=\"payments\"",
+        "destination_namespace=\"shop\"",
+    ] {
+        assert!(svc.1.contains(label), "{label} in {}", svc.1);
+    }
+    let total: f64 = sent.iter().map(|(_, _, v)| v).sum();
+    assert_eq!(total, (0..1000).sum::<u64>() as f64, "nothing lost");
+    // The Service's endpoints count as peers folded: not in the top as themselves.
+    assert!(s
+        .iter()
+        .any(|(n, l, v)| n == "sockmesh_peers" && l == "kind=\"folded\"" && *v == 891.0));
+    // An unnamed peer keeps its address and the pod's own names.
+    assert!(sent
+        .iter()
+        .any(|(_, l, _)| l.contains("peer=\"10.1.3.249:80\"")
+            && l.contains("source_workload=\"frontend\"")
+            && !l.contains("destination_service")));
+}
+
+#[test]
+fn grouping_by_service_and_workload_sums_and_keeps_the_rest() {
+    use super::super::group::{group, By};
+    let snap = named_snapshot();
+    let rows = super::super::view::peer_rows(&snap);
+    let by_service = group(&rows, |r| By::Service.key(r));
+    assert_eq!(
+        by_service.len(),
+        901,
+        "100 endpoints in one row, 900 by address"
+    );
+    let svc = by_service
+        .iter()
+        .find(|r| r.service.as_deref() == Some("payments.shop"))
+        .expect("service row");
+    assert_eq!((svc.peers, svc.conns_total), (100, 100));
+    assert_eq!(svc.peer, "(100 peers)");
+    let by_workload = group(&rows, |r| By::Workload.key(r));
+    assert_eq!(by_workload.len(), 901);
+    assert_eq!(group(&rows, |r| By::Peer.key(r)).len(), 1000);
 }

@@ -7,8 +7,8 @@ use serde::Serialize;
 use sockmesh_common::{
     counter,
     peer::{
-        agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal,
-        throttle_reason, timeout_kind,
+        agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal, read_name,
+        throttle_reason, timeout_kind, PeerNames,
     },
 };
 
@@ -67,7 +67,18 @@ pub struct PeerRow {
     pub pod: String,
     pub netns_cookie: u64,
     pub direction: &'static str,
+    /// `ip:port`, or `(N peers)` for a row summing several (`--by`).
     pub peer: String,
+    /// How many (pod, direction, peer) entries the row sums: 1 unless grouped.
+    pub peers: u64,
+    /// The Service the connection is addressed to (`NAME.NAMESPACE`), and the peer's
+    /// workload and namespace, as the agent resolved them (null: not known).
+    pub service: Option<String>,
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    /// The pod's own workload and namespace.
+    pub pod_workload: Option<String>,
+    pub pod_namespace: Option<String>,
     pub conns_active: u64,
     pub conns_total: u64,
     pub bytes_out: u64,
@@ -133,6 +144,12 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 .peer
                 .to_std()
                 .map_or_else(|| "?".to_string(), |a| a.to_string());
+            let name = |f: fn(&PeerNames) -> &[u8]| {
+                r.names
+                    .as_ref()
+                    .map(|n| read_name(f(n)))
+                    .filter(|s| !s.is_empty())
+            };
             PeerRow {
                 pod: names
                     .get(&r.key.netns_cookie)
@@ -141,6 +158,12 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 netns_cookie: r.key.netns_cookie,
                 direction: direction::name(r.key.direction),
                 peer,
+                peers: 1,
+                service: name(|n| &n.service),
+                workload: name(|n| &n.workload),
+                namespace: name(|n| &n.namespace),
+                pod_workload: name(|n| &n.pod_workload),
+                pod_namespace: name(|n| &n.pod_namespace),
                 conns_active: s.conns_active,
                 conns_total: s.conns_total,
                 bytes_out: s.bytes_out,

@@ -21,6 +21,13 @@
 //! pod = "/var/run/netns/shop-*" # netns path (has a '/') or name; '*' globs
 //! peer = "10.0.5.0/24"          # CIDR, IPv4 or IPv6; a bare address is /32 or /128
 //! ports = "5432"                # a port, or a range "8000-8100"
+//! service = "payments.shop"     # NAME.NAMESPACE of the Service called; '*' globs
+//! peer_namespace = "shop"       # the peer's namespace, workload, labels (all must match)
+//! peer_workload = "payments"
+//! peer_labels = { app = "pay" }
+//! namespace = "shop"            # the local pod's namespace, workload, labels
+//! workload = "frontend"
+//! labels = { tier = "web" }
 //! # ...and at least one knob:
 //! connect_timeout = "500ms"     # duration > 0, or "off"   (same for the three below)
 //! idle_timeout = "10m"
@@ -45,6 +52,7 @@
 
 pub use super::file_error::PolicyError;
 use super::file_error::{describe, Doc};
+use super::ident_match::RawIdentity;
 use super::knobs::{set_knob, Knobs, Overrides, KNOB_NAMES};
 use super::set::{Cidr, PodPattern, PolicySet, PortRange, Rule};
 use crate::policy::key::Direction;
@@ -109,7 +117,8 @@ raw_section!(
 );
 raw_section!(
     /// One `[[rule]]`: matchers, then knobs.
-    RuleTable { name, direction, pod, peer, ports }
+    RuleTable { name, direction, pod, peer, ports, service, peer_namespace, peer_workload,
+                peer_labels, namespace, workload, labels }
 );
 
 /// The whole file. Values stay `toml::Value` (with spans) so that type errors
@@ -305,6 +314,18 @@ impl Doc<'_> {
             }
             None => None,
         };
+        let identity = self.identity(
+            &section,
+            RawIdentity {
+                service: &r.service,
+                peer_namespace: &r.peer_namespace,
+                peer_workload: &r.peer_workload,
+                peer_labels: &r.peer_labels,
+                namespace: &r.namespace,
+                workload: &r.workload,
+                labels: &r.labels,
+            },
+        )?;
         let knobs = r.knobs();
         if knobs.is_empty() {
             return Err(self.error(
@@ -326,6 +347,7 @@ impl Doc<'_> {
             pod,
             peer,
             ports,
+            identity,
             set,
         })
     }

@@ -29,6 +29,7 @@ use super::knobs::{
 };
 use super::reload::PolicyHandle;
 use super::units::ParseError;
+use crate::identity::names::{self, StaticName};
 use crate::policy::table::TableConfig;
 use crate::policy::token_bucket::Rate;
 use clap::Args;
@@ -49,6 +50,12 @@ pub struct PolicyArgs {
     /// old policy stays. Format: docs/policy.md. Default: none (flags only).
     #[arg(long = "policy", value_name = "FILE", env = "SOCKMESH_POLICY")]
     pub policy_file: Option<PathBuf>,
+
+    /// Names for address blocks (TOML `[[name]]` tables: cidr, service, workload,
+    /// namespace), for peers the Kubernetes API does not describe or when running without
+    /// --kube. Read at start. Format: docs/policy.md, "Peers by name". Default: none.
+    #[arg(long = "peer-names", value_name = "FILE", env = "SOCKMESH_PEER_NAMES")]
+    pub peer_names: Option<PathBuf>,
 
     /// Upstream connect must finish within this, else the client is reset, or
     /// `off`. 3s lets one lost SYN be retransmitted (1s RTO) and still connect.
@@ -182,6 +189,14 @@ impl PolicyArgs {
     /// startup).
     pub fn policy_handle(&self) -> Result<PolicyHandle, PolicyError> {
         PolicyHandle::new(self.knobs(), self.policy_file.clone())
+    }
+
+    /// `--peer-names`, parsed (an error names the file, line and key).
+    pub fn peer_names(&self) -> Result<Vec<StaticName>, String> {
+        match &self.peer_names {
+            Some(p) => names::load(p),
+            None => Ok(Vec::new()),
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod file;
 mod file_error;
 pub mod flags;
+pub mod ident_match;
 pub mod knobs;
 pub mod reload;
 pub mod set;

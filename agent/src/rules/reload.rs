@@ -11,7 +11,9 @@
 use super::file::PolicyError;
 use super::knobs::Knobs;
 use super::set::PolicySet;
+use crate::identity::Identities;
 use crate::policy::key::PeerKey;
+use crate::policy::table::PolicySource;
 use crate::policy::PeerPolicy;
 use crate::sys::lock::lock;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ pub struct PolicyHandle {
     reloading: Mutex<()>,
     /// Incremented on every successful swap; starts at 0.
     generation: AtomicU64,
+    /// Who peers are, for the rules that match by identity.
+    ids: Identities,
 }
 
 impl PolicyHandle {
@@ -42,6 +46,7 @@ impl PolicyHandle {
             current: RwLock::new(Arc::new(set)),
             reloading: Mutex::new(()),
             generation: AtomicU64::new(0),
+            ids: Identities::new(),
         })
     }
 
@@ -60,9 +65,21 @@ impl PolicyHandle {
             .clone()
     }
 
-    /// Shorthand for `current().resolve(key)`.
+    /// The policy of `key` now (the current set, the identity index as it stands).
     pub fn resolve(&self, key: &PeerKey) -> PeerPolicy {
-        self.current().resolve(key)
+        self.current().resolve_with(key, &self.ids.read())
+    }
+
+    /// The identity index the rules consult: the Kubernetes watches and the pod manager
+    /// write to it.
+    pub fn identities(&self) -> &Identities {
+        &self.ids
+    }
+
+    /// A per-peer table's policy source: the current set, with the identity index. Give
+    /// the table a new one after a reload and whenever the index changed.
+    pub fn source(&self) -> PolicySource<PeerKey> {
+        self.current().source(self.ids.clone())
     }
 
     /// How many successful reloads have happened.

@@ -22,6 +22,11 @@
 //! 1. **pod**: an exact pod (no `*`) > a glob > no `pod`; between two globs, the
 //!    one with more literal (non-`*`) characters; between two exact ones, the
 //!    longer (a full path beats a bare name);
+//!    Then the **identity** matchers (`ident_match.rs`), each the same way (exact >
+//!    glob > absent; labels: more labels > fewer), in this order: the local `workload`,
+//!    `labels`, `namespace`; then `service`, `peer_workload`, `peer_labels`,
+//!    `peer_namespace`. A name is more specific than an address: `service` outranks
+//!    `peer`;
 //! 2. **peer**: a longer CIDR prefix > a shorter one > no `peer` (`0.0.0.0/0`
 //!    still beats no `peer`: it excludes IPv6);
 //! 3. **ports**: a narrower range > a wider one > no `ports` (a single port is a
@@ -46,7 +51,9 @@
 //! * `ports` — the key's port: the original destination port for outbound, the
 //!   pod's listening port for inbound.
 
+use super::ident_match::{glob_match, IdentityMatch, IdentityRank, Subject};
 use super::knobs::{Knobs, Overrides};
+use crate::identity::{Identities, Index};
 use crate::policy::key::{Direction, PeerKey};
 use crate::policy::table::PolicySource;
 use crate::policy::PeerPolicy;
@@ -93,29 +100,6 @@ impl PodPattern {
     fn literal_len(&self) -> usize {
         self.pattern.chars().filter(|&c| c != '*').count()
     }
-}
-
-/// `*` matches any run of bytes; everything else is literal. Linear-ish: the
-/// classic single-backtrack-point algorithm, O(pattern × subject) worst case.
-fn glob_match(pattern: &[u8], subject: &[u8]) -> bool {
-    let (mut p, mut s) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while s < subject.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, s));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == subject[s] {
-            p += 1;
-            s += 1;
-        } else if let Some((sp, ss)) = star {
-            p = sp + 1;
-            s = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&b| b == b'*')
 }
 
 /// A `peer` matcher: an address block.
@@ -238,6 +222,8 @@ pub struct Specificity {
     pub pod_kind: u8,
     /// Literal (non-`*`) characters in the pod pattern.
     pub pod_literal: usize,
+    /// The identity matchers, local then peer.
+    pub identity: IdentityRank,
     /// 0: no `peer`; else the prefix length + 1.
     pub peer: u8,
     /// 0: no `ports`; else 65 536 minus the range's width (narrower is greater).
@@ -259,15 +245,18 @@ pub struct Rule {
     pub pod: Option<PodPattern>,
     pub peer: Option<Cidr>,
     pub ports: Option<PortRange>,
+    /// `service`, `peer_workload`, `namespace` ...: by name rather than address.
+    pub identity: IdentityMatch,
     pub set: Overrides,
 }
 
 impl Rule {
-    fn matches_canonical(&self, key: &PeerKey, ip: IpAddr) -> bool {
+    fn matches_canonical(&self, key: &PeerKey, ip: IpAddr, subject: &Subject) -> bool {
         self.direction.is_none_or(|d| d == key.direction)
             && self.ports.is_none_or(|p| p.contains(key.peer.port()))
             && self.peer.is_none_or(|c| c.contains(ip))
             && self.pod.as_ref().is_none_or(|p| p.matches(&key.pod))
+            && self.identity.matches(subject)
     }
 
     pub fn specificity(&self) -> Specificity {
@@ -278,6 +267,7 @@ impl Rule {
                 Some(_) => 2,
             },
             pod_literal: self.pod.as_ref().map_or(0, PodPattern::literal_len),
+            identity: self.identity.rank(),
             peer: self.peer.map_or(0, |c| c.prefix + 1),
             ports: self.ports.map_or(0, |p| 65_536 - p.width()),
             direction: self.direction.is_some(),
@@ -307,6 +297,8 @@ pub struct PolicySet {
     defaults: Overrides,
     /// Sorted least to most specific; equal ones in file order.
     rules: Vec<Rule>,
+    /// Whether any rule matches by identity (else no lookup is made).
+    by_identity: bool,
 }
 
 impl PolicySet {
@@ -317,6 +309,7 @@ impl PolicySet {
             base,
             defaults: Overrides::default(),
             rules: Vec::new(),
+            by_identity: false,
         }
     }
 
@@ -335,6 +328,7 @@ impl PolicySet {
             path,
             base,
             defaults,
+            by_identity: rules.iter().any(|r| !r.identity.is_empty()),
             rules,
         }
     }
@@ -365,33 +359,81 @@ impl PolicySet {
 
     /// The rules that match `key`, in the order they are applied (the last one is
     /// the most specific). For logs: "policy for X from rules ...".
-    pub fn matching(&self, key: &PeerKey) -> impl Iterator<Item = &Rule> + '_ {
+    pub fn matching<'a>(
+        &'a self,
+        key: &PeerKey,
+        ids: &Index,
+    ) -> impl Iterator<Item = &'a Rule> + 'a {
         let ip = key.peer.ip().to_canonical();
         let key = key.clone();
+        let subject = if self.by_identity {
+            subject(&key, ids)
+        } else {
+            Subject::default()
+        };
         self.rules
             .iter()
-            .filter(move |r| r.matches_canonical(&key, ip))
+            .filter(move |r| r.matches_canonical(&key, ip, &subject))
     }
 
     /// The knobs for `key`: flags, then `[defaults]`, then every matching rule from
-    /// least to most specific.
-    pub fn resolve_knobs(&self, key: &PeerKey) -> Knobs {
+    /// least to most specific, identity matchers asking `ids`.
+    pub fn resolve_knobs_with(&self, key: &PeerKey, ids: &Index) -> Knobs {
         let mut knobs = self.base.clone();
         self.defaults.apply_to(&mut knobs);
-        for rule in self.matching(key) {
+        for rule in self.matching(key, ids) {
             rule.set.apply_to(&mut knobs);
         }
         knobs
     }
 
+    /// [`PolicySet::resolve_knobs_with`] knowing no identity (every peer external).
+    #[cfg(test)]
+    pub fn resolve_knobs(&self, key: &PeerKey) -> Knobs {
+        self.resolve_knobs_with(key, &Index::default())
+    }
+
+    #[cfg(test)]
     pub fn resolve(&self, key: &PeerKey) -> PeerPolicy {
         self.resolve_knobs(key).to_policy()
     }
 
-    /// A `PeerTable` policy source answering from this set. After a reload, give
-    /// the table the new set's source (`table.set_source(handle.current().source())`)
-    /// so existing peers move to the new policy too.
-    pub fn source(self: Arc<Self>) -> PolicySource<PeerKey> {
-        Box::new(move |key| self.resolve(key))
+    pub fn resolve_with(&self, key: &PeerKey, ids: &Index) -> PeerPolicy {
+        self.resolve_knobs_with(key, ids).to_policy()
+    }
+
+    /// A `PeerTable` policy source answering from this set and the identity index. After a
+    /// reload, or when the index changes, give the table a new source so existing peers
+    /// move to their new policy too.
+    pub fn source(self: Arc<Self>, ids: Identities) -> PolicySource<PeerKey> {
+        Box::new(move |key| self.resolve_with(key, &ids.read()))
+    }
+}
+
+/// What the identity matchers see for `key`: outbound, the peer address's identity and the
+/// Services it belongs to on that port; inbound, the client's identity (the port is the
+/// pod's, not the client's, so no Service of the client's) and the Services that reach this
+/// pod on the port it listens on.
+pub fn subject(key: &PeerKey, ids: &Index) -> Subject {
+    let (ip, port) = (key.peer.ip(), key.peer.port());
+    match key.direction {
+        Direction::Outbound => {
+            let peer = ids.peer(ip, port);
+            Subject {
+                local: ids.local(&key.pod, None),
+                services: peer.services.clone(),
+                peer,
+            }
+        }
+        Direction::Inbound => {
+            let mut peer = ids.peer(ip, 0);
+            peer.services.clear();
+            let local = ids.local(&key.pod, Some(port));
+            Subject {
+                services: local.services.clone(),
+                local,
+                peer,
+            }
+        }
     }
 }

@@ -12,10 +12,11 @@ use std::{
 use sockmesh_common::peer::{agent_counter, pod_refusal};
 use tokio_util::sync::CancellationToken;
 
-use super::{recorder::Recorder, refusals::Refusals};
+use super::{names::NameWriter, recorder::Recorder, refusals::Refusals};
 use crate::{
     admission::Admission,
     datapath::sink::Sink,
+    identity::Identities,
     policy::{Clock, PeerKey},
     sys::{clock::unix_ms, lock::lock},
 };
@@ -40,10 +41,16 @@ struct FlushState {
     /// The policy table's eviction count at the last flush (it counts from agent start; the
     /// map's counter continues across restarts).
     evicted_seen: u64,
+    names: NameWriter,
 }
 
 impl Observer {
-    pub fn new(recorder: Arc<Recorder>, admission: Arc<Admission<PeerKey>>, sink: Sink) -> Self {
+    pub fn new(
+        recorder: Arc<Recorder>,
+        admission: Arc<Admission<PeerKey>>,
+        sink: Sink,
+        ids: Identities,
+    ) -> Self {
         Observer {
             recorder,
             agent_events: Default::default(),
@@ -52,12 +59,15 @@ impl Observer {
             sink: Mutex::new(FlushState {
                 sink,
                 evicted_seen: 0,
+                names: NameWriter::new(ids),
             }),
         }
     }
 
     pub fn pod_enrolled(&self, netns_cookie: u64, name: &str) {
-        self.state().sink.pod_enrolled(netns_cookie, name);
+        let mut st = self.state();
+        st.sink.pod_enrolled(netns_cookie, name);
+        st.names.pod_enrolled(netns_cookie, name);
     }
 
     pub fn pod_removed(&self, netns_cookie: u64) {
@@ -73,7 +83,10 @@ impl Observer {
         self.recorder.forget_pod(netns_cookie);
         self.refusals.forget(netns_cookie);
         let dropped = self.admission.forget(|k| k.netns_cookie == netns_cookie);
-        self.state().sink.clear_policy_gauges(netns_cookie);
+        let mut st = self.state();
+        st.sink.clear_policy_gauges(netns_cookie);
+        st.names.forget_pod(netns_cookie);
+        drop(st);
         tracing::debug!(
             pod = name,
             peers = dropped,
@@ -108,6 +121,8 @@ impl Observer {
                 failed += 1;
             }
         }
+        let FlushState { sink, names, .. } = &mut *st;
+        names.flush(batch.iter().map(|(k, _)| k), sink);
         for (cookie, n) in self.admission.with_table(|t| t.take_evictions()) {
             self.refusals.add(cookie, pod_refusal::PEERS_EVICTED, n);
         }

@@ -1,15 +1,21 @@
 //! A fake Kubernetes API server inside the test process: real HTTP/1.1 on 127.0.0.1 (or HTTPS
 //! with a bearer token, as an in-cluster agent reaches a real one: [`FakeKubeApi::start_https`]),
-//! real Pod and Namespace JSON, list and watch (chunked streams of `{"type","object"}` lines) with
+//! real Pod, Namespace, Service and EndpointSlice JSON, list and watch (chunked streams of
+//! `{"type","object"}` lines) with
 //! resource versions, `410 Gone` for a watch resumed from a compacted version (as etcd
 //! compaction makes a real API server do), and stop/restart on the same port to play an outage.
 //! Events the agent posts (events.k8s.io/v1) are recorded for the test to read.
 //!
-//! Only what the agent uses is served: `GET /api/v1/pods` (with `fieldSelector=spec.nodeName=`),
-//! `GET /api/v1/namespaces`, and `POST`/`PATCH` of events. Anything else is a 404 Status.
+//! Only what the agent uses is served: `GET /api/v1/pods` (with or without
+//! `fieldSelector=spec.nodeName=`), `GET /api/v1/namespaces`, `GET /api/v1/services`,
+//! `GET /apis/discovery.k8s.io/v1/endpointslices`, and `POST`/`PATCH` of events. Anything else
+//! is a 404 Status.
 
 mod http;
+mod objects;
 mod tls;
+
+pub use objects::{FakePod, FakeService, FakeSlice};
 
 use anyhow::{bail, Context, Result};
 use http::{chunk, read_request, respond, status};
@@ -26,6 +32,20 @@ use tls::{Conn, Tls};
 enum Kind {
     Pod,
     Namespace,
+    Service,
+    Slice,
+}
+
+impl Kind {
+    /// (list kind, apiVersion) of a list response.
+    fn list(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Pod => ("PodList", "v1"),
+            Kind::Namespace => ("NamespaceList", "v1"),
+            Kind::Service => ("ServiceList", "v1"),
+            Kind::Slice => ("EndpointSliceList", "discovery.k8s.io/v1"),
+        }
+    }
 }
 
 struct Change {
@@ -40,6 +60,8 @@ struct Inner {
     rv: u64,
     pods: BTreeMap<String, Value>,
     namespaces: BTreeMap<String, Value>,
+    services: BTreeMap<String, Value>,
+    slices: BTreeMap<String, Value>,
     log: Vec<Change>,
     /// Watches resumed from a version below this get 410 Gone.
     compacted: u64,
@@ -63,59 +85,20 @@ struct Shared {
     token: Option<String>,
 }
 
+impl Inner {
+    fn objects(&mut self, kind: Kind) -> &mut BTreeMap<String, Value> {
+        match kind {
+            Kind::Pod => &mut self.pods,
+            Kind::Namespace => &mut self.namespaces,
+            Kind::Service => &mut self.services,
+            Kind::Slice => &mut self.slices,
+        }
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A pod for [`FakeKubeApi::add_pod`].
-#[derive(Clone, Debug)]
-pub struct FakePod {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub node: String,
-    pub annotations: BTreeMap<String, String>,
-    pub host_network: bool,
-}
-
-impl FakePod {
-    pub fn new(namespace: &str, name: &str, uid: &str, node: &str) -> Self {
-        FakePod {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: uid.into(),
-            node: node.into(),
-            annotations: BTreeMap::new(),
-            host_network: false,
-        }
-    }
-
-    pub fn annotate(mut self, k: &str, v: &str) -> Self {
-        self.annotations.insert(k.into(), v.into());
-        self
-    }
-
-    pub fn host_network(mut self) -> Self {
-        self.host_network = true;
-        self
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {
-                "name": self.name, "namespace": self.namespace, "uid": self.uid,
-                "annotations": self.annotations,
-                "creationTimestamp": "2024-01-01T00:00:00Z",
-            },
-            "spec": {
-                "nodeName": self.node, "hostNetwork": self.host_network,
-                "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
-            },
-            "status": {"phase": "Running", "podIP": "10.77.0.10"},
-        })
     }
 }
 
@@ -270,17 +253,14 @@ impl FakeKubeApi {
         let rv = g.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = match kind {
-            Kind::Pod => format!(
+            Kind::Namespace => obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            _ => format!(
                 "{}/{}",
                 obj["metadata"]["namespace"].as_str().unwrap_or(""),
                 obj["metadata"]["name"].as_str().unwrap_or("")
             ),
-            Kind::Namespace => obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
         };
-        let map = match kind {
-            Kind::Pod => &mut g.pods,
-            Kind::Namespace => &mut g.namespaces,
-        };
+        let map = g.objects(kind);
         if ty == "DELETED" {
             map.remove(&key);
         } else {
@@ -323,6 +303,42 @@ impl FakeKubeApi {
 
     pub fn delete_pod(&self, pod: &FakePod) {
         self.record(Kind::Pod, "DELETED", pod.to_json());
+    }
+
+    /// Adds or replaces a Service (ADDED or MODIFIED).
+    pub fn put_service(&self, s: &FakeService) {
+        let exists = self
+            .shared
+            .lock()
+            .services
+            .contains_key(&format!("{}/{}", s.namespace, s.name));
+        self.record(
+            Kind::Service,
+            if exists { "MODIFIED" } else { "ADDED" },
+            s.to_json(),
+        );
+    }
+
+    pub fn delete_service(&self, s: &FakeService) {
+        self.record(Kind::Service, "DELETED", s.to_json());
+    }
+
+    /// Adds or replaces an EndpointSlice (ADDED or MODIFIED).
+    pub fn put_slice(&self, e: &FakeSlice) {
+        let exists = self
+            .shared
+            .lock()
+            .slices
+            .contains_key(&format!("{}/{}", e.namespace, e.name));
+        self.record(
+            Kind::Slice,
+            if exists { "MODIFIED" } else { "ADDED" },
+            e.to_json(),
+        );
+    }
+
+    pub fn delete_slice(&self, e: &FakeSlice) {
+        self.record(Kind::Slice, "DELETED", e.to_json());
     }
 
     /// Events the agent posted (events.k8s.io/v1 Event objects), oldest first.
@@ -406,6 +422,8 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
         let kind = match req.path.as_str() {
             "/api/v1/pods" => Some(Kind::Pod),
             "/api/v1/namespaces" => Some(Kind::Namespace),
+            "/api/v1/services" => Some(Kind::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::Slice),
             _ => None,
         };
         let node = req
@@ -436,20 +454,17 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
                 }
             }
             ("GET", Some(kind)) => {
-                let g = shared.lock();
-                let (items, list_kind): (Vec<Value>, &str) = match kind {
-                    Kind::Pod => (
-                        g.pods
-                            .values()
-                            .filter(|p| matches(p, kind, node.as_deref()))
-                            .cloned()
-                            .collect(),
-                        "PodList",
-                    ),
-                    Kind::Namespace => (g.namespaces.values().cloned().collect(), "NamespaceList"),
-                };
-                let body = json!({"kind": list_kind, "apiVersion": "v1",
-                                  "metadata": {"resourceVersion": g.rv.to_string()}, "items": items});
+                let mut g = shared.lock();
+                let rv = g.rv.to_string();
+                let items: Vec<Value> = g
+                    .objects(kind)
+                    .values()
+                    .filter(|p| matches(p, kind, node.as_deref()))
+                    .cloned()
+                    .collect();
+                let (list_kind, api_version) = kind.list();
+                let body = json!({"kind": list_kind, "apiVersion": api_version,
+                                  "metadata": {"resourceVersion": rv}, "items": items});
                 drop(g);
                 respond(w, 200, &body)?;
             }

@@ -231,7 +231,7 @@ const CASES: &[Case] = &[
     (
         "[[rule]]\nports = \"80\"\nconect_timeout = \"1s\"\n",
         3, 1, "conect_timeout", "\"1s\"",
-        "unknown key `conect_timeout`; valid keys here: `name`, `direction`, `pod`, `peer`, `ports`, `connect_timeout`",
+        "unknown key `conect_timeout`; valid keys here: `name`, `direction`, `pod`, `peer`, `ports`, `service`, `peer_namespace`, `peer_workload`, `peer_labels`, `namespace`, `workload`, `labels`, `connect_timeout`",
     ),
     (
         "[defaults]\nports = \"80\"\n",

@@ -215,7 +215,7 @@ fn every_flag_has_an_env_fallback_and_says_its_default() {
             "--{long} must say its default"
         );
     }
-    assert_eq!(count, 17);
+    assert_eq!(count, 18);
     // And clap shows them.
     let help = Cmd::command().render_long_help().to_string();
     for shown in [

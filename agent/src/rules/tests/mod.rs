@@ -4,6 +4,7 @@
 mod file;
 mod flags;
 mod hostile;
+mod identity;
 mod reload;
 mod rules;
 mod units;

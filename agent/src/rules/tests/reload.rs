@@ -215,7 +215,7 @@ fn a_table_follows_the_new_set_after_set_source() {
     let path = dir.path("policy.toml");
     write(&path, &policy_with(100, 10));
     let handle = PolicyHandle::new(Knobs::default(), Some(path.clone())).expect("loads");
-    let mut table = PeerTable::new(TableConfig::default(), handle.current().source());
+    let mut table = PeerTable::new(TableConfig::default(), handle.source());
     let t0 = Nanos::ZERO;
     table.admit(t0, &key(), 0.5);
     assert_eq!(
@@ -225,7 +225,7 @@ fn a_table_follows_the_new_set_after_set_source() {
 
     write(&path, &policy_with(250, 10));
     handle.reload().expect("good");
-    table.set_source(handle.current().source());
+    table.set_source(handle.source());
     table.admit(t0, &key(), 0.5);
     assert_eq!(
         table.policy(&key()).map(|p| p.timeouts.connect),

@@ -328,7 +328,10 @@ fn overrides_compose_knob_by_knob() {
     assert_eq!(p.adaptive, PeerPolicy::default().adaptive);
 
     let applied: Vec<_> = set
-        .matching(&out(POD, "10.0.5.7:5432"))
+        .matching(
+            &out(POD, "10.0.5.7:5432"),
+            &crate::identity::Index::default(),
+        )
         .map(|r| r.number)
         .collect();
     assert_eq!(applied, vec![3, 2, 1], "least to most specific");
@@ -453,7 +456,7 @@ fn resolution_ignores_file_order_when_specificities_differ() {
 #[test]
 fn the_source_resolves_through_the_set() {
     let set = std::sync::Arc::new(parse(&rule("ports = \"5432\"", 1)));
-    let source = set.source();
+    let source = set.source(crate::identity::Identities::new());
     assert_eq!(
         source(&out(POD, "10.0.5.7:5432")).timeouts.connect,
         Some(Duration::from_secs(1))
@@ -485,7 +488,10 @@ fn the_worked_example_in_docs_policy_md() {
     "#;
     let set = parse(text);
     let k = out(POD, "10.0.5.7:5432");
-    let order: Vec<_> = set.matching(&k).map(|r| r.number).collect();
+    let order: Vec<_> = set
+        .matching(&k, &crate::identity::Index::default())
+        .map(|r| r.number)
+        .collect();
     assert_eq!(order, vec![1, 2, 3], "A, B, C");
     let p = set.resolve(&k);
     assert_eq!(p.timeouts.connect, Some(Duration::from_millis(500)));
