@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{redirected, T};
+use common::{counter, redirected, T};
 use sockmesh_tests::kubepod::KubePod;
 use sockmesh_tests::names::unique_name;
 use sockmesh_tests::*;
@@ -46,6 +46,14 @@ fn a_kube_successor_serves_the_listed_pods_and_drops_the_others() {
         api.add_pod(&stays.obj);
     }
     before.add_pod(&goes.obj);
+    // A server in the pod that goes: steered to the agent while enrolled, reached directly after.
+    let _goes_app = TcpServer::start(&goes.pod, SocketAddr::from(([0, 0, 0, 0], 9090)))
+        .expect("server in the pod that goes");
+    let goes_dst = goes.pod.addr4(9090);
+    let reach_goes = || {
+        let mut c = tcp_connect(&server_pod, goes_dst, T).expect("connect in");
+        tcp_echo_roundtrip(&mut c.stream, b"in").expect("echo in");
+    };
 
     // The first agent on the node: nothing to take over, it starts afresh.
     let (url_before, url_after) = (before.url(), after.url());
@@ -57,6 +65,14 @@ fn a_kube_successor_serves_the_listed_pods_and_drops_the_others() {
             .unwrap_or_else(|e| panic!("{} never enrolled: {e:#}", p.obj.name));
     }
     assert!(redirected(&stays.pod, dst) && redirected(&goes.pod, dst));
+    old.wait_event(
+        |v| v["event"] == "inbound_listening" && v["port"] == 9090,
+        T,
+    )
+    .expect("the server in the pod that goes is captured");
+    reach_goes();
+    let steered = counter(&old, &goes.pod, "inbound_steered");
+    assert!(steered >= 1, "steered to the old agent: {steered}");
 
     let new = Agent::start_in(old.bpffs(), kube_args(&url_after, &node)).expect("new agent");
     let ready = new.wait_ready().expect("new agent ready");
@@ -86,6 +102,12 @@ fn a_kube_successor_serves_the_listed_pods_and_drops_the_others() {
     // From the moment the successor is ready: the listed pod captured, the other direct.
     assert!(redirected(&stays.pod, dst), "the listed pod is captured");
     assert!(!redirected(&goes.pod, dst), "the dropped pod goes direct");
+    reach_goes();
+    assert_eq!(
+        counter(&new, &goes.pod, "inbound_steered"),
+        steered,
+        "the dropped pod's server is reached directly, not steered"
+    );
 
     old.wait_event_named("handed_over", T)
         .expect("the old agent hands over");
