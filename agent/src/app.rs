@@ -4,9 +4,11 @@
 //! `--pod` at start and, with `--kube`, from the Kubernetes API at any time; either kind is
 //! removed when its namespace goes away.
 mod agent;
+mod http;
 mod kernel_io;
 mod shutdown;
 mod takeover;
+mod waits;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -14,8 +16,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
 
 use agent::{Agent, Prepared, Setup, Signals};
+use shutdown::Exit;
 
-use crate::{cli::RunArgs, datapath::preflight, handover::client, inpod::resolver::ns_id, observe};
+use crate::{
+    cli::{RunArgs, TakeoverMode},
+    datapath::preflight,
+    events,
+    inpod::resolver::ns_id,
+};
 
 pub fn run(args: RunArgs) -> Result<()> {
     preflight::check_privileges()?;
@@ -55,9 +63,6 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.inbound_port
         );
     }
-    if args.takeover && node.is_some() {
-        bail!("--takeover cannot be combined with --kube yet: upgrade a --kube agent by restarting it with --keep-pins");
-    }
 
     // Pure validation of every pod before touching anything.
     for spec in &args.pods {
@@ -85,11 +90,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     }
     // Last of the checks: the running agent hands over only once all else is known good.
-    let taken = if args.takeover {
-        Some(takeover::begin(&args.bpffs_dir, &template)?)
-    } else {
-        None
-    };
+    let mut taken = takeover::begin(&args.bpffs_dir, &template, args.takeover)?;
     template.handed = taken.as_ref().map(|t| t.handed.clone());
     // Namespaces and listeners next: still nothing in the kernel, so failing here is clean
     // (a running agent being taken over sees the connection close and keeps serving).
@@ -98,23 +99,24 @@ pub fn run(args: RunArgs) -> Result<()> {
         let path = spec.netns.display().to_string();
         prepared.push(template.prepare(&path, &path, spec)?);
     }
-    if let Some(h) = template.handed.take() {
-        let n = client::close_unclaimed(&h);
-        if n > 0 {
-            info!(
-                sockets = n,
-                "closed the handed-over sockets of pods this agent does not enrol"
-            );
+    // With --kube the pods come from the API once the runtime runs: the old agent's sockets
+    // wait for them (see `Agent::start`), and those no listed pod takes are closed then.
+    if node.is_none() {
+        if let Some(h) = template.handed.take() {
+            takeover::close_unclaimed(&h);
         }
     }
 
-    // A taken metrics or health port is a bad flag: refuse it before anything is loaded.
-    let metrics = (args.metrics_addr.0)
-        .map(|a| observe::http::bind(a, "--metrics-addr"))
-        .transpose()?;
-    let health = (args.health_addr.0)
-        .map(|a| observe::http::bind(a, "--health-addr"))
-        .transpose()?;
+    // A taken metrics or health port is a bad flag: refuse it before anything is loaded. On a
+    // takeover the old agent's listener on that address is served on instead (it cannot be
+    // bound twice, and the node's probes must always find one agent answering).
+    let mut handed_http = taken.as_mut().map(|t| std::mem::take(&mut t.http));
+    let mut http = |addr: Option<std::net::SocketAddr>, flag| {
+        addr.map(|a| takeover::http_listener(a, flag, handed_http.as_mut()))
+            .transpose()
+    };
+    let metrics = http(args.metrics_addr.0, "--metrics-addr")?;
+    let health = http(args.health_addr.0, "--health-addr")?;
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("sockmesh");
@@ -141,9 +143,23 @@ pub fn run(args: RunArgs) -> Result<()> {
             metrics,
             health,
         };
+        let stays = args.takeover == TakeoverMode::IfRunning;
         let mut agent = Agent::start(args, setup).await?;
         let exit = agent.serve(&mut signals).await;
+        // Handed over before any stop signal, an agent that takes over when it starts must
+        // not exit: its supervisor (the kubelet) would start it again, and it would take the
+        // node back from its successor. It holds nothing once drained.
+        let idle = stays && exit == Exit::Release && !agent.signalled();
         agent.stop(drain, exit).await;
+        if idle {
+            info!(
+                event = "idle",
+                "handed over and drained: waiting for SIGTERM (the pod's deletion)"
+            );
+            events::emit(serde_json::json!({ "event": "idle" }));
+            signals.stopped().await;
+            info!("stop signal: exiting");
+        }
         Ok(())
     })
 }

@@ -5,6 +5,19 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::spec::{CidrSpec, PodSpec, PortRangeSpec};
 
+/// When `run` takes over a running agent (`--takeover`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakeoverMode {
+    /// Never: start afresh (refused if an agent runs on the same pins).
+    #[value(alias = "false", alias = "0")]
+    Off,
+    /// Take over the running agent, or fail.
+    #[value(alias = "true", alias = "1")]
+    Always,
+    /// Take over the running agent if there is one, else start afresh.
+    IfRunning,
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sockmesh",
@@ -97,9 +110,18 @@ pub struct RunArgs {
     pub keep_pins: bool,
     /// Upgrade without a gap: take the listening sockets and pins of the agent running with
     /// the same --bpffs-dir (over /run/sockmesh/<dir>.sock), serve on them, then let it drain
-    /// and exit. Fails, leaving the running agent untouched, if there is none.
-    #[arg(long, env = "SOCKMESH_TAKEOVER")]
-    pub takeover: bool,
+    /// and exit. `--takeover` (`always`) fails, leaving the running agent untouched, if there
+    /// is none; `if-running` starts afresh then (the DaemonSet: the same arguments start the
+    /// first pod and every replacement), and an agent started so waits for a signal after
+    /// handing over instead of exiting (its supervisor would restart it, and it would take
+    /// the node back).
+    #[arg(long, env = "SOCKMESH_TAKEOVER", value_enum, value_name = "always|if-running", num_args = 0..=1, require_equals = true, default_value = "off", default_missing_value = "always")]
+    pub takeover: TakeoverMode,
+    /// On SIGTERM, keep serving this long for a successor to take over (a rollout) before
+    /// stopping for good (an uninstall: pods go direct, pins removed unless --keep-pins). A
+    /// handover already under way is waited for. `0s`: stop at once.
+    #[arg(long, env = "SOCKMESH_HANDOVER_WAIT", default_value = "0s", value_parser = crate::rules::parse_duration)]
+    pub handover_wait: std::time::Duration,
     /// Forward the kernel programs' debug logs (aya-log) into the agent's log.
     #[arg(long, env = "SOCKMESH_KERNEL_LOG")]
     pub kernel_log: bool,
@@ -202,6 +224,33 @@ mod tests {
         assert_eq!(parse_mark("42"), Ok(42));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("zz").is_err());
+    }
+
+    #[test]
+    fn takeover_modes_parse_and_the_bare_flag_means_always() {
+        let mode = |extra: &[&str]| {
+            let mut argv = vec!["sockmesh", "run"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Run(r)) => Ok((r.takeover, r.handover_wait)),
+                Ok(_) => panic!("not run"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let zero = std::time::Duration::ZERO;
+        assert_eq!(mode(&[]), Ok((TakeoverMode::Off, zero)));
+        assert_eq!(mode(&["--takeover"]), Ok((TakeoverMode::Always, zero)));
+        // The bare flag takes no value: what follows is the next flag, not its value.
+        assert_eq!(
+            mode(&["--takeover", "--handover-wait", "5s"]),
+            Ok((TakeoverMode::Always, std::time::Duration::from_secs(5)))
+        );
+        assert_eq!(
+            mode(&["--takeover=if-running"]),
+            Ok((TakeoverMode::IfRunning, zero))
+        );
+        assert!(mode(&["--takeover=maybe"]).is_err());
+        assert!(mode(&["--handover-wait", "soon"]).is_err());
     }
 
     #[test]

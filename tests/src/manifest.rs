@@ -123,13 +123,32 @@ pub struct DaemonSetSpec {
     pub template: PodTemplate,
     /// Which pods the controller owns: nothing a container runs with.
     pub selector: IgnoredAny,
-    /// How the controller replaces pods on an update (one container at a time here).
+    /// How the controller replaces pods on an update: the rollout test plays it.
     #[serde(default)]
-    pub update_strategy: Option<IgnoredAny>,
+    pub update_strategy: Option<UpdateStrategy>,
     #[serde(default)]
     pub min_ready_seconds: Option<u32>,
     #[serde(default)]
     pub revision_history_limit: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateStrategy {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub rolling_update: Option<RollingUpdate>,
+}
+
+/// `maxSurge` and `maxUnavailable` (a count or a percentage, kept as written).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RollingUpdate {
+    #[serde(default)]
+    pub max_surge: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub max_unavailable: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -151,3 +151,121 @@ fn takeover_with_no_running_agent_is_one_clear_error() {
         "nothing pinned"
     );
 }
+
+/// `kubectl delete pod` order: SIGTERM reaches the old agent before its successor exists.
+/// With --handover-wait it serves on (unready) for that long; the successor arriving within
+/// it takes over as in a rollout: nothing refused, reset or direct, pins left to it, and the
+/// old agent exits 0 once drained.
+#[test]
+fn sigterm_first_then_a_successor_within_the_handover_wait_is_a_rollout() {
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
+    let spec = pod_spec(&client, "");
+    let args = ["--pod", spec.as_str(), "--handover-wait", "20s"];
+    let dst = server_pod.addr4(ECHO_PORT);
+    let first = Agent::start(args).expect("agent");
+    first.wait_ready().expect("ready");
+    let metrics = first.metrics_addr().expect("metrics address");
+
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    let (tally, second) = std::thread::scope(|s| {
+        let looping = s.spawn(|| client_loop(&client, dst, &stop, tx));
+        let stopper = StopOnDrop(&stop);
+        let progress = |n: usize| {
+            for _ in 0..n {
+                rx.recv_timeout(T).expect("the client loop makes progress");
+            }
+        };
+        progress(PHASE);
+        first.signal(libc::SIGTERM).expect("SIGTERM");
+        first
+            .wait_event_named("terminating", T)
+            .expect("it waits for a successor");
+        // Still serving, but no longer ready: the node's probes say this agent is going.
+        let (code, _) = prom::http_get(metrics, "/readyz").expect("readyz");
+        assert_eq!(code, 503);
+        progress(PHASE);
+
+        let mut takeover: Vec<&str> = args.to_vec();
+        takeover.push("--takeover");
+        let second = Agent::start_in(first.bpffs(), takeover).expect("new agent");
+        let ready = second.wait_ready().expect("new agent ready");
+        assert_eq!(
+            ready["took_over_from"].as_u64(),
+            Some(u64::from(first.pid()))
+        );
+        first
+            .wait_event_named("handed_over", T)
+            .expect("a rollout, not an uninstall");
+        let status = first
+            .wait_exit(T * 4)
+            .expect("wait")
+            .expect("the old agent exits once drained (it was told to stop)");
+        assert!(status.success(), "old agent: {status}");
+        assert!(
+            !first.events().iter().any(|e| e["event"] == "no_successor"),
+            "the successor came within the wait"
+        );
+        progress(PHASE);
+        drop(stopper);
+        (looping.join().expect("client loop"), second)
+    });
+    eprintln!(
+        "[takeover after SIGTERM] captured {} direct {} failed {}",
+        tally.captured,
+        tally.direct,
+        tally.failures.len()
+    );
+    assert!(tally.failures.is_empty(), "{:#?}", tally.failures);
+    assert_eq!(tally.direct, 0, "no connection bypassed the mesh");
+    assert!(second.bpffs_dir().join("SM_PODS").exists(), "pins kept");
+    assert!(common::redirected(&client, dst), "the successor serves");
+}
+
+/// Without a successor, --handover-wait only delays the uninstall: the agent serves on
+/// until the wait ends, then stops for good (pods go direct, pins removed). No connection
+/// fails on the way.
+#[test]
+fn sigterm_without_a_successor_is_an_uninstall_after_the_handover_wait() {
+    let (_cluster, client, server_pod, _server) = client_and_echo_server();
+    let spec = pod_spec(&client, "");
+    let dst = server_pod.addr4(ECHO_PORT);
+    let mut agent = Agent::start(["--pod", spec.as_str(), "--handover-wait", "2s"]).expect("agent");
+    agent.wait_ready().expect("ready");
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    let tally = std::thread::scope(|s| {
+        let looping = s.spawn(|| client_loop(&client, dst, &stop, tx));
+        let stopper = StopOnDrop(&stop);
+        rx.recv_timeout(T).expect("progress");
+        let t = std::time::Instant::now();
+        let status = agent.stop().expect("stops");
+        assert!(status.success(), "{status}");
+        let took = t.elapsed();
+        assert!(
+            took >= std::time::Duration::from_secs(2),
+            "it waited for a successor first: {took:?}"
+        );
+        agent
+            .wait_event_named("no_successor", T)
+            .expect("no_successor event");
+        for _ in 0..PHASE {
+            rx.recv_timeout(T).expect("the client loop makes progress");
+        }
+        drop(stopper);
+        looping.join().expect("client loop")
+    });
+    assert!(tally.failures.is_empty(), "{:#?}", tally.failures);
+    assert!(
+        tally.direct > 0,
+        "pods go direct once it stopped: {tally:?}"
+    );
+    let pins = agent.bpffs_dir();
+    let left = std::fs::read_dir(pins).map_or(0, |d| d.count());
+    assert_eq!(
+        left,
+        0,
+        "an uninstall removes the pins in {}",
+        pins.display()
+    );
+}

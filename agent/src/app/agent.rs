@@ -1,7 +1,7 @@
 //! The running agent: what `sockmesh run` holds once everything is loaded, and one method per
 //! event the event loop handles (signals, bind events, pods leaving, the Kubernetes watch,
 //! policy reloads, a successor asking to take over).
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use sockmesh_common::{
@@ -16,17 +16,20 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use super::{
+    http::{http_offers, serve_http},
     kernel_io::{next_events, read_kernel_logs, watch_events, Events},
     shutdown::{stop, Exit},
     takeover,
+    waits::{next_bind, next_kube, next_step, policy_changed, sleep_until},
 };
 use crate::{
-    admission::{Admission, ProxyClock},
+    admission::Admission,
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
     handover::{
         client::Taken,
+        proto::Offered,
         serve::{Control, Step},
     },
     inpod::{
@@ -37,10 +40,7 @@ use crate::{
         controller::{Controller, Input},
         report::Report,
     },
-    observe::{
-        self,
-        http::{Endpoints, MetricsState},
-    },
+    observe::http::MetricsState,
     policy::{
         bind_queue::{BindQueue, Pushed},
         Clock, Direction, PeerKey, PeerTable,
@@ -95,6 +95,14 @@ impl Signals {
             usr1: signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?,
         })
     }
+
+    /// The next SIGTERM or SIGINT (one that arrived since the last wait counts).
+    pub async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 pub struct Agent {
@@ -116,6 +124,12 @@ pub struct Agent {
     binds: BindQueue<Event>,
     /// The identity index's generation the policy source was last given.
     ids_seen: u64,
+    /// Duplicates of the HTTP listeners, for a successor.
+    http_offers: Vec<(Offered, OwnedFd)>,
+    /// `--handover-wait`: after SIGTERM, how long a successor may still take over.
+    handover_wait: Duration,
+    /// A SIGTERM or SIGINT arrived.
+    signalled: bool,
 }
 
 impl Agent {
@@ -144,9 +158,9 @@ impl Agent {
             Some(_) => Some(args.kube.client().await?),
             None => None,
         };
-        let (handed_lock, predecessor) = match prepared.taken {
-            Some(t) => (Some(t.lock), Some((t.stream, t.pid))),
-            None => (None, None),
+        let (handed_lock, predecessor, handed) = match prepared.taken {
+            Some(t) => (Some(t.lock), Some((t.stream, t.pid)), Some(t.handed)),
+            None => (None, None, None),
         };
         let mut dp = Datapath::start(
             &DatapathOptions {
@@ -201,7 +215,17 @@ impl Agent {
             ready: false.into(),
             last: Default::default(),
         });
-        let http = serve_http(metrics, health, &metrics_state, &shared);
+        let http_offers = http_offers(&[metrics.as_ref(), health.as_ref()]);
+        // On a takeover the listeners may be the old agent's, still served by it: this agent
+        // answers on them only once the old one drains (both would answer otherwise, the old
+        // one ready and this one not yet), so a probe always gets the serving agent's answer.
+        let mut http_later = None;
+        let http = if predecessor.is_some() {
+            http_later = Some((metrics, health));
+            None
+        } else {
+            serve_http(metrics, health, &metrics_state, &shared)
+        };
         // Beat from before the first pod is enrolled: a pod is never captured by a silent agent.
         if let Some(hb) = dp.take_heartbeat() {
             let period = heartbeat::period(args.fail_open_after.0);
@@ -209,14 +233,36 @@ impl Agent {
         }
         let (mut pods, gone_rx) = PodManager::new(shared.clone(), observer.clone());
         let took_over_from = predecessor.as_ref().map(|(_, pid)| *pid);
+        let mut kube = match (client, &node) {
+            (Some(client), Some(node)) => {
+                let tasks = shared.tasks.clone();
+                let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
+                let resolver = Resolver::new(&args.kube.proc_root);
+                info!(%node, "watching this node's pods in the Kubernetes API");
+                let allowed = args.kube.allow.clone();
+                let ids = policy.identities().clone();
+                Some(Controller::new(
+                    client, node, resolver, report, template, allowed, ids,
+                ))
+            }
+            _ => None,
+        };
         let started = async {
             for e in prepared.pods {
                 pods.enrol(&mut dp, e)?;
             }
-            match predecessor {
-                Some((stream, pid)) => takeover::finish(&mut dp, &pods, stream, pid).await,
-                None => Ok(()),
+            let Some((stream, pid)) = predecessor else {
+                return Ok(());
+            };
+            // In Kubernetes the pods to serve are the API's: enrol every one it lists on this
+            // node (on the old agent's sockets where it had them) before the old agent stops.
+            if let Some(k) = kube.as_mut() {
+                takeover::sync_kube(k, &mut pods, &mut dp).await?;
             }
+            if let Some(h) = &handed {
+                takeover::close_unclaimed(h);
+            }
+            takeover::finish(&mut dp, &pods, stream, pid).await
         }
         .await;
         if let Err(e) = started {
@@ -243,26 +289,16 @@ impl Agent {
             observer.clone(),
             shared.cancel.clone(),
         ));
-        let kube = match (client, &node) {
-            (Some(client), Some(node)) => {
-                let tasks = shared.tasks.clone();
-                let report = Report::new(client.clone(), node, tasks, shared.cancel.clone());
-                let resolver = Resolver::new(&args.kube.proc_root);
-                info!(%node, "watching this node's pods in the Kubernetes API");
-                let allowed = args.kube.allow.clone();
-                let ids = policy.identities().clone();
-                Some(Controller::new(
-                    client, node, resolver, report, template, allowed, ids,
-                ))
-            }
-            _ => None,
-        };
         let ring = dp.take_events().and_then(watch_events);
         if let Some(logger) = dp.take_logger() {
             shared
                 .tasks
                 .spawn(read_kernel_logs(logger, shared.cancel.clone()));
         }
+        let http = match http_later {
+            Some((metrics, health)) => serve_http(metrics, health, &metrics_state, &shared),
+            None => http,
+        };
         // /readyz turns ready before the event, so whoever reacts to the event sees it ready.
         metrics_state.set_ready(true);
         info!(pods = pods.len(), "ready");
@@ -288,8 +324,11 @@ impl Agent {
             kube,
             ring,
             http,
+            http_offers,
             binds: BindQueue::new(shares.pod_bind_events),
             ids_seen,
+            handover_wait: args.handover_wait,
+            signalled: false,
         })
     }
 
@@ -300,13 +339,22 @@ impl Agent {
         // so the captured-port report catches up. (Capture itself never waits for the agent.)
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set by a stop signal under --handover-wait: a successor taking over before then makes
+        // it a rollout (pins and pods left to it), none an uninstall (everything removed).
+        let mut last_call = None;
         loop {
             // While a successor is being answered, bind events wait in the ring, for the
             // successor (or for this agent if it fails): one agent reads them at a time.
             let handing_over = self.control.as_ref().is_some_and(Control::busy);
             tokio::select! {
-                _ = sig.term.recv() => { info!("SIGTERM: shutting down"); return Exit::Stop; }
-                _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
+                _ = sig.term.recv() => if let Some(exit) = self.on_stop_signal("SIGTERM", &mut last_call) { return exit; },
+                _ = sig.int.recv() => if let Some(exit) = self.on_stop_signal("SIGINT", &mut last_call) { return exit; },
+                // A handover under way is waited for: the successor is already here.
+                _ = sleep_until(last_call), if !handing_over => {
+                    info!(event = "no_successor", "no successor took over within --handover-wait: stopping for good");
+                    events::emit(serde_json::json!({ "event": "no_successor" }));
+                    return Exit::Stop;
+                }
                 evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
                 ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
                 _ = reconcile.tick(), if !handing_over => {
@@ -352,11 +400,41 @@ impl Agent {
         }
     }
 
+    /// SIGTERM or SIGINT. Without --handover-wait (or on a second signal) stop now. Else keep
+    /// serving (unready: the node's probes then say this agent is going) until a successor
+    /// takes over or `last_call` passes.
+    fn on_stop_signal(
+        &mut self,
+        name: &str,
+        last_call: &mut Option<tokio::time::Instant>,
+    ) -> Option<Exit> {
+        self.signalled = true;
+        if self.handover_wait.is_zero() || last_call.is_some() || self.control.is_none() {
+            info!("{name}: shutting down");
+            return Some(Exit::Stop);
+        }
+        *last_call = Some(tokio::time::Instant::now() + self.handover_wait);
+        self.metrics.set_ready(false);
+        let wait_ms = self.handover_wait.as_millis() as u64;
+        info!(
+            wait_ms,
+            "{name}: serving on for a successor to take over before stopping"
+        );
+        events::emit(serde_json::json!({ "event": "terminating", "handover_wait_ms": wait_ms }));
+        None
+    }
+
+    /// Whether a SIGTERM or SIGINT arrived while serving.
+    pub fn signalled(&self) -> bool {
+        self.signalled
+    }
+
     /// A successor asked for the sockets, finished taking over, or gave up.
     fn on_control(&mut self, step: Step) -> Option<Exit> {
         match step {
             Step::Asked(conn) => {
-                takeover::answer(self.control.as_mut(), conn, &self.pods, &self.dp);
+                let c = self.control.as_mut();
+                takeover::answer(c, conn, &self.pods, &self.http_offers, &self.dp);
                 None
             }
             Step::Done(Ok(())) => {
@@ -476,86 +554,17 @@ impl Agent {
         drop(kube);
         drop(control);
         drop(ring);
-        metrics.set_ready(false);
+        // After a handover the successor answers on the same HTTP listeners, ready: this
+        // agent stops answering there (below) without saying "not ready" first.
+        if exit == Exit::Stop {
+            metrics.set_ready(false);
+        }
         stop(dp, &shared, &observer, &mut pods, grace, exit).await;
         // The cancel token that stopped the proxies ended the HTTP thread's loops too.
         if let Some(h) = http {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         events::emit(serde_json::json!({ "event": "stopped" }));
-    }
-}
-
-/// Starts the HTTP thread for the metrics and health listeners (if any) and announces them.
-fn serve_http(
-    metrics: Option<std::net::TcpListener>,
-    health: Option<std::net::TcpListener>,
-    state: &Arc<MetricsState>,
-    shared: &Shared,
-) -> Option<std::thread::JoinHandle<()>> {
-    let mut listeners = Vec::new();
-    let mut announce = Vec::new();
-    for (l, what, event) in [
-        (metrics, Endpoints::All, "metrics_listening"),
-        (health, Endpoints::Health, "health_listening"),
-    ] {
-        if let Some(l) = l {
-            announce.push((event, l.local_addr().ok()));
-            listeners.push((l, what));
-        }
-    }
-    if listeners.is_empty() {
-        return None;
-    }
-    match observe::http::spawn(listeners, state.clone(), shared.cancel.clone()) {
-        Ok(h) => {
-            for (event, addr) in announce {
-                info!(addr = ?addr, event, "HTTP endpoint listening");
-                events::emit(serde_json::json!({ "event": event, "addr": addr }));
-            }
-            Some(h)
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot serve metrics or health");
-            None
-        }
-    }
-}
-
-/// The next bind/unbind event a pod may have applied now, waiting (on a timer, not polling)
-/// for the first pod's next token while every waiting pod is out of them. Cancel-safe: an
-/// event leaves the queue only in the poll that returns it.
-async fn next_bind(q: &mut BindQueue<Event>, clock: ProxyClock) -> Event {
-    loop {
-        let now = clock.now();
-        if let Some((_, ev)) = q.pop(now) {
-            return ev;
-        }
-        match q.next_due(now) {
-            Some(t) => tokio::time::sleep_until(clock.instant(t)).await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
-async fn next_step(control: Option<&mut Control>) -> Step {
-    match control {
-        Some(c) => c.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_kube(kube: Option<&mut Controller>) -> Input {
-    match kube {
-        Some(k) => k.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn policy_changed(watcher: Option<&mut PolicyWatcher>) -> std::io::Result<()> {
-    match watcher {
-        Some(w) => w.changed().await,
-        None => std::future::pending().await,
     }
 }
 

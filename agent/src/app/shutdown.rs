@@ -24,6 +24,13 @@ pub enum Exit {
 /// admission), which then ends with the runtime.
 const ABORT_WAIT: Duration = Duration::from_secs(1);
 
+/// How long the listeners keep accepting after the pods are unenrolled. A connection the
+/// kernel redirected (or steered) just before sits in a listener's accept queue, and closing
+/// the listener resets it: seen once in ~800 connections of a client looping through a
+/// SIGTERM. After the unenrolment nothing new arrives, so this only lets the accept loops
+/// take what is already queued.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// Graceful drain. Stop redirecting first (new connections go direct; not on `Release`, where
 /// the successor accepts them on the same sockets), stop accepting (the accept loops end and
 /// close their listeners), give live connections up to `grace` to finish, reset (RST) the ones
@@ -40,6 +47,7 @@ pub async fn stop(
 ) {
     if exit == Exit::Stop {
         dp.unenrol_all();
+        tokio::time::sleep(SETTLE).await;
         for c in pods.cookies() {
             observer.pod_removed(c);
             info!(

@@ -29,18 +29,33 @@ pub struct Taken {
     pub pid: u32,
     pub handed: Handed,
     pub lock: PinDirLock,
+    /// The old agent's HTTP listeners (metrics, health), by address.
+    pub http: Vec<(std::net::SocketAddr, OwnedFd)>,
 }
 
-pub fn take_over(bpffs_dir: &Path) -> Result<Taken> {
+/// Take the running agent's sockets over. `Ok(None)` when no agent runs there (nothing
+/// listens on the control socket: none ever ran, or it died) and `required` is false.
+pub fn take_over(bpffs_dir: &Path, required: bool) -> Result<Option<Taken>> {
     let path = proto::control_path(bpffs_dir);
-    let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow!(
-            "--takeover: no running agent to take over with --bpffs-dir {} (nothing listens on {}): start without --takeover, or give the running agent's --bpffs-dir",
-            bpffs_dir.display(),
-            path.display()
-        ),
-        _ => anyhow!("--takeover: connect to {}: {e}", path.display()),
-    })?;
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            if !required {
+                return Ok(None);
+            }
+            bail!(
+                "--takeover: no running agent to take over with --bpffs-dir {} (nothing listens on {}): start without --takeover (or with --takeover=if-running), or give the running agent's --bpffs-dir",
+                bpffs_dir.display(),
+                path.display()
+            );
+        }
+        Err(e) => bail!("--takeover: connect to {}: {e}", path.display()),
+    };
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     // Only root may hand sockets to this agent: anything else is not a sockmesh agent.
     let uid = transport::peer_uid(&stream).context("--takeover: SO_PEERCRED")?;
@@ -53,18 +68,22 @@ pub fn take_over(bpffs_dir: &Path) -> Result<Taken> {
     let (pid, offered, lock) = ask(&stream).map_err(|e| anyhow!("--takeover: {e}"))?;
     let wanted: Vec<u64> = offered.iter().map(|(o, _)| o.netns_cookie).collect();
     let assigned = proto::assign(offered, &wanted).map_err(|e| anyhow!("--takeover: {e}"))?;
-    Ok(Taken {
+    Ok(Some(Taken {
         stream,
         pid,
         handed: Arc::new(Mutex::new(assigned.pods)),
         lock: PinDirLock::adopt(lock),
-    })
+        http: assigned.http,
+    }))
 }
 
 type Received = (u32, Vec<(Offered, OwnedFd)>, OwnedFd);
 
 fn ask(stream: &UnixStream) -> Result<Received, String> {
-    let req = proto::encode(&Request::Listeners { version: VERSION });
+    let req = proto::encode(&Request::Listeners {
+        version: VERSION,
+        http: true,
+    });
     transport::send(stream, &req, &[]).map_err(|e| format!("ask for listeners: {e}"))?;
     let mut offered = Vec::new();
     let pid = loop {

@@ -31,6 +31,11 @@ pub enum Kind {
     /// TCP listener on the pod's loopback (15006) that `sk_lookup` steers inbound
     /// connections to.
     Inbound,
+    /// The agent's own `/metrics` or `--health-addr` listener (netns cookie 0: the node's),
+    /// offered only to a successor that asks for it. On a node address with hostNetwork both
+    /// agents want the same port; passing the socket means the kubelet's probes are answered
+    /// by exactly one agent at a time, with no moment when nothing listens.
+    Http,
 }
 
 /// One socket an old agent hands over: which pod (by netns cookie, the same key the kernel
@@ -45,7 +50,13 @@ pub struct Offered {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Listeners { version: u32 },
+    Listeners {
+        version: u32,
+        /// Also hand over the HTTP listeners ([`Kind::Http`]). Absent from older agents'
+        /// requests (they are then not offered, and an older agent ignores the field).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        http: bool,
+    },
     Drain,
 }
 
@@ -131,6 +142,8 @@ pub struct Assignment<F> {
     /// Sockets of pods the new agent does not enrol: closed by the new agent (the old one
     /// keeps its own copy until it exits).
     pub unclaimed: Vec<(Offered, F)>,
+    /// The old agent's HTTP listeners, by address.
+    pub http: Vec<(SocketAddr, F)>,
 }
 
 /// Matches offered sockets (each with its fd `F`) to the pods the new agent enrols, by netns
@@ -141,6 +154,7 @@ pub fn assign<F>(offered: Vec<(Offered, F)>, wanted: &[u64]) -> Result<Assignmen
     let mut out = Assignment {
         pods: HashMap::new(),
         unclaimed: Vec::new(),
+        http: Vec::new(),
     };
     for (o, fd) in offered {
         if !seen.insert(o) {
@@ -148,6 +162,10 @@ pub fn assign<F>(offered: Vec<(Offered, F)>, wanted: &[u64]) -> Result<Assignmen
                 "the old agent offered {:?} {} of netns {} twice",
                 o.kind, o.addr, o.netns_cookie
             ));
+        }
+        if o.kind == Kind::Http {
+            out.http.push((o.addr, fd));
+            continue;
         }
         if !wanted.contains(&o.netns_cookie) {
             out.unclaimed.push((o, fd));
@@ -158,6 +176,7 @@ pub fn assign<F>(offered: Vec<(Offered, F)>, wanted: &[u64]) -> Result<Assignmen
             Kind::Outbound => &mut p.outbound,
             Kind::Dns => &mut p.dns,
             Kind::Inbound => &mut p.inbound,
+            Kind::Http => continue,
         };
         list.push((o.addr, fd));
     }

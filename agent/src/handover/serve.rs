@@ -108,8 +108,15 @@ impl Control {
         }
     }
 
-    /// Answer a successor on a blocking thread: the sockets, the lock, then wait for `Drain`.
-    pub fn answer(&mut self, stream: UnixStream, offers: Vec<(Offered, OwnedFd)>, lock: OwnedFd) {
+    /// Answer a successor on a blocking thread: the sockets (and the HTTP listeners in `http`
+    /// if it asks for them), the lock, then wait for `Drain`.
+    pub fn answer(
+        &mut self,
+        stream: UnixStream,
+        mut offers: Vec<(Offered, OwnedFd)>,
+        http: Vec<(Offered, OwnedFd)>,
+        lock: OwnedFd,
+    ) {
         let second = match stream.try_clone() {
             Ok(s) => s,
             Err(e) => {
@@ -117,7 +124,13 @@ impl Control {
                 return;
             }
         };
-        let task = tokio::task::spawn_blocking(move || exchange(&stream, &offers, &lock));
+        let task = tokio::task::spawn_blocking(move || {
+            let wants_http = ask(&stream)?;
+            if wants_http {
+                offers.extend(http);
+            }
+            exchange(&stream, &offers, &lock)
+        });
         self.busy = Some(Busy {
             task,
             stream: second,
@@ -151,15 +164,11 @@ impl Drop for Control {
     }
 }
 
-fn exchange(
-    stream: &UnixStream,
-    offers: &[(Offered, OwnedFd)],
-    lock: &OwnedFd,
-) -> Result<(), String> {
-    let fail = |e: io::Error| format!("handover: {e}");
-    let (body, _) = transport::recv(stream).map_err(fail)?;
+/// The successor's request: whether it asks for the HTTP listeners too.
+fn ask(stream: &UnixStream) -> Result<bool, String> {
+    let (body, _) = transport::recv(stream).map_err(|e| format!("handover: {e}"))?;
     match proto::decode::<Request>(&body)? {
-        Request::Listeners { version } if version == VERSION => {}
+        Request::Listeners { version, http } if version == VERSION => Ok(http),
         other => {
             let message = format!("expected listeners of version {VERSION}, got {other:?}");
             let _ = transport::send(
@@ -169,9 +178,17 @@ fn exchange(
                 }),
                 &[],
             );
-            return Err(message);
+            Err(message)
         }
     }
+}
+
+fn exchange(
+    stream: &UnixStream,
+    offers: &[(Offered, OwnedFd)],
+    lock: &OwnedFd,
+) -> Result<(), String> {
+    let fail = |e: io::Error| format!("handover: {e}");
     let list: Vec<Offered> = offers.iter().map(|(o, _)| *o).collect();
     let mut start = 0;
     for (chunk, last) in proto::chunks(&list, MAX_FDS) {

@@ -27,10 +27,30 @@ fn frames_round_trip_and_oversized_ones_are_refused() {
     let len = frame_len(bytes[..4].try_into().expect("header")).expect("len");
     assert_eq!(len, bytes.len() - 4);
     assert_eq!(decode::<Reply>(&bytes[4..]).expect("decode"), msg);
-    let r = encode(&Request::Listeners { version: VERSION });
+    let r = encode(&Request::Listeners {
+        version: VERSION,
+        http: false,
+    });
+    // What agents before the HTTP handover send and read: the field is left out, and a
+    // request without it asks for no HTTP listener.
     assert_eq!(
         String::from_utf8_lossy(&r[4..]),
         r#"{"op":"listeners","version":1}"#
+    );
+    assert_eq!(
+        decode::<Request>(&r[4..]).expect("decode"),
+        Request::Listeners {
+            version: VERSION,
+            http: false
+        }
+    );
+    let r = encode(&Request::Listeners {
+        version: VERSION,
+        http: true,
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&r[4..]),
+        r#"{"op":"listeners","version":1,"http":true}"#
     );
     assert!(frame_len(((MAX_FRAME + 1) as u32).to_be_bytes()).is_err());
     assert!(decode::<Request>(b"{\"op\":\"format_disk\"}").is_err());
@@ -62,6 +82,7 @@ fn assign_matches_by_netns_cookie_and_kind() {
         (offer(2, Kind::Outbound, "127.0.0.1:15001"), 'd'),
         (offer(1, Kind::Inbound, "10.0.0.5:8080"), 'e'),
         (offer(3, Kind::Outbound, "127.0.0.1:15001"), 'f'),
+        (offer(0, Kind::Http, "10.0.0.1:15090"), 'g'),
     ];
     let a = assign(offered, &[1, 2, 4]).expect("assign");
     let p1 = &a.pods[&1];
@@ -78,6 +99,8 @@ fn assign_matches_by_netns_cookie_and_kind() {
     // A pod only the old agent had: its socket is not the new agent's.
     assert_eq!(a.unclaimed.len(), 1);
     assert_eq!(a.unclaimed[0].1, 'f');
+    // The node's HTTP listener belongs to no pod: set apart, by address.
+    assert_eq!(a.http, vec![(addr("10.0.0.1:15090"), 'g')]);
 }
 
 #[test]

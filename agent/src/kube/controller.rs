@@ -126,6 +126,11 @@ impl Controller {
         }
     }
 
+    /// Whether both watches have listed everything once (pods of this node, namespaces).
+    pub fn synced(&self) -> bool {
+        self.synced == (true, true)
+    }
+
     /// Whether this controller enrolled pod `id` (a UID).
     pub fn owns(&self, id: &str) -> bool {
         self.enrolled.contains_key(id)
