@@ -22,6 +22,7 @@ extern crate std;
 /// (`SM_POD_REFUSED`).
 pub const SCHEMA_VERSION: u32 = 4;
 
+pub mod layout;
 pub mod peer;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.
