@@ -5,6 +5,7 @@ pub mod links;
 mod object;
 mod owned;
 pub mod preflight;
+pub mod rawmap;
 pub mod relay;
 pub mod sink;
 pub mod stats;

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod http;
 pub mod logging;
+pub mod maps;
 pub mod prom;
 pub mod table;
 pub mod view;
