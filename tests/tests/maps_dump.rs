@@ -1,6 +1,7 @@
-//! Every pinned map read with field names while real traffic flows: `sockmesh maps dump NAME
-//! --json` (the pinned maps carry no BTF, so `bpftool map dump` can only print hex; see README,
-//! "Reading the maps with other tools"). The figures are checked against what the test did.
+//! Every pinned map read with field names while real traffic flows, by the standard tool
+//! (`bpftool map dump pinned`: the maps carry BTF for their keys and values) and by `sockmesh
+//! maps dump NAME --json` (the same maps with counters and addresses decoded from the schema).
+//! The figures are checked against what the test did.
 mod common;
 mod operator_util;
 mod policy_util;
@@ -9,7 +10,46 @@ use std::time::{Duration, Instant};
 
 use operator_util::{setup, traffic, HELD, SMALL};
 use serde_json::Value;
+use sockmesh_common::{counter, peer::direction, peer::throttle_reason};
 use sockmesh_tests::Agent;
+
+/// `bpftool -j map <args> pinned PATH`, parsed.
+fn bpftool(args: &[&str], path: &std::path::Path) -> Value {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .arg("pinned")
+        .arg(path)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// What bpftool formatted from the map's BTF, entry by entry (`"formatted"`: there only when
+/// the map carries key and value types).
+fn bpftool_formatted(agent: &Agent, name: &str) -> Vec<Value> {
+    let dump = bpftool(&["map", "dump"], &agent.bpffs_dir().join(name));
+    dump.as_array()
+        .expect("an array")
+        .iter()
+        .map(|e| {
+            e.get("formatted")
+                .cloned()
+                .unwrap_or_else(|| panic!("{name}: bpftool shows no fields (no BTF): {e}"))
+        })
+        .collect()
+}
+
+/// A u64 in bpftool's formatted JSON.
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
 
 /// `sockmesh maps <args> --bpffs-dir DIR`: (success, stdout, stderr).
 fn maps(agent: &Agent, args: &[&str]) -> (bool, String, String) {
@@ -154,6 +194,71 @@ fn every_pinned_map_dumps_with_named_fields_and_real_values() {
         ag["value"]["counters"]["peer_state_write_failed"], 0,
         "{ag}"
     );
+
+    // The standard tool: every map with key and value types carries BTF, so bpftool prints
+    // its fields (counters as arrays: their names are the schema's, which `maps dump` adds).
+    for m in sockmesh_common::layout::maps::MAPS {
+        if m.kind == sockmesh_common::layout::MapKind::RingBuf {
+            continue;
+        }
+        let show = bpftool(&["map", "show"], &agent.bpffs_dir().join(m.name));
+        assert!(
+            show["btf_id"].as_u64() > Some(0),
+            "{}: no BTF: {show}",
+            m.name
+        );
+    }
+    let ip4 = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
+        _ => panic!("ipv4 only"),
+    };
+    let bt_peer_is = |k: &Value, a: std::net::SocketAddr| {
+        num(&k["netns_cookie"]) == cookie
+            && num(&k["direction"]) == u64::from(direction::OUTBOUND)
+            && num(&k["peer"]["addr"][0]) == u64::from(ip4(a))
+            && num(&k["peer"]["port"]) == u64::from(a.port().to_be())
+    };
+    let state = bpftool_formatted(agent, "SM_PEER_STATE");
+    let e = state
+        .iter()
+        .find(|e| bt_peer_is(&e["key"], s.echo_addr))
+        .unwrap_or_else(|| panic!("the echo peer in bpftool's SM_PEER_STATE: {state:?}"));
+    let v = &e["value"];
+    assert_eq!(num(&v["conns_active"]), 1, "{e}");
+    assert!(num(&v["bytes_out"]) >= (HELD + 2 * SMALL) as u64, "{e}");
+    assert!(num(&v["throttled"][throttle_reason::RATE]) >= 1, "{e}");
+    let e = state
+        .iter()
+        .find(|e| bt_peer_is(&e["key"], s.silent_addr))
+        .unwrap_or_else(|| panic!("the silent peer in bpftool's SM_PEER_STATE: {state:?}"));
+    assert_eq!(
+        num(&e["value"]["timeouts"][0]),
+        2,
+        "two connect timeouts: {e}"
+    );
+    // Per-CPU: one value per CPU, as bpftool shows any per-CPU map.
+    let stats = bpftool_formatted(agent, "SM_POD_STATS");
+    let e = stats
+        .iter()
+        .find(|e| num(&e["key"]) == cookie)
+        .unwrap_or_else(|| panic!("the pod in bpftool's SM_POD_STATS: {stats:?}"));
+    let cpus = e["values"].as_array().expect("per-CPU values");
+    let sum = |i: usize| -> u64 { cpus.iter().map(|c| num(&c["value"]["counters"][i])).sum() };
+    assert!(sum(counter::REDIRECT_TCP) >= 5, "{e}");
+    assert!(sum(counter::FAST_REJECT) >= 1, "{e}");
+    let meta = bpftool_formatted(agent, "SM_POD_META");
+    let e = meta
+        .iter()
+        .find(|e| num(&e["key"]) == cookie)
+        .expect("the pod in bpftool's SM_POD_META");
+    let name: Vec<u8> = e["value"]["name"]
+        .as_array()
+        .expect("name bytes")
+        .iter()
+        .map(|b| num(b) as u8)
+        .take_while(|b| *b != 0)
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&name), pod_name);
 
     // The text form names the same fields, in the layout's order.
     let (ok, text, err) = maps(agent, &["dump", "SM_PEER_STATE"]);

@@ -1,7 +1,8 @@
 //! `sockmesh maps list|dump`: any pinned map printed with field names, decoded with the
 //! layouts in `sockmesh_common::layout` (the one schema), per CPU where the map is per-CPU.
-//! It exists because the pinned maps carry no BTF, so `bpftool map dump` shows only hex (see
-//! README, "Reading the maps with other tools").
+//! `bpftool map dump` shows the same fields from the maps' BTF; this adds what BTF cannot say
+//! (counter names, addresses, directions, breaker states) and reads pins that have no BTF
+//! (left by an older agent).
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 

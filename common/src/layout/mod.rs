@@ -1,11 +1,13 @@
 //! Field-by-field descriptions of every pinned map's key and value, for readers that only have
 //! the bytes: `sockmesh maps list|dump` prints any pinned map with field names from these.
 //!
-//! Why this exists: the pinned maps carry no BTF (see README, "Reading the maps with other
-//! tools"), so `bpftool map dump` can only print hex. The descriptions are built from the
-//! `#[repr(C)]` types themselves (`offset_of!`, `size_of`), and a test checks that each one
-//! covers its type byte for byte, so a layout change that forgets its description fails the
-//! build's tests instead of printing wrong names.
+//! Why, when the maps carry BTF (so `bpftool map dump` shows their fields): BTF names struct
+//! fields but not what the schema knows beyond them: the names of the counters in each
+//! counter array, addresses and ports in network order, enum-like bytes (direction, breaker,
+//! last error). And maps pinned by an agent built before the maps carried BTF have none. The
+//! descriptions are built from the `#[repr(C)]` types themselves (`offset_of!`, `size_of`),
+//! and a test checks that each one covers its type byte for byte, so a layout change that
+//! forgets its description fails the tests instead of printing wrong names.
 use core::mem::size_of;
 
 use crate::{Cidr, PortRange, SockAddr};

@@ -59,6 +59,10 @@ pub fn setup() -> Scenario {
         "3",
         "--connect-timeout",
         "300ms",
+        // Adaptive throttling off: after one failed connect it would refuse the next one to
+        // the silent peer at random (p = 1/2), and this scenario wants two timeouts.
+        "--adaptive-k",
+        "off",
         // Two connect timeouts open the silent peer's breaker, long enough to be read.
         "--breaker-failures",
         "2",
