@@ -56,6 +56,8 @@ pub enum Command {
     Peers(crate::observe::cli::StatsArgs),
     /// One row per pod: name, enrolment, and its peers' figures summed.
     Pods(crate::observe::cli::StatsArgs),
+    /// Any pinned map with field names, from the schema (the maps carry no BTF for bpftool).
+    Maps(crate::observe::maps::MapsArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -44,6 +44,7 @@ pub fn main() -> ExitCode {
         Command::Stats(args) => observe::cli::run(Which::Stats, args),
         Command::Peers(args) => observe::cli::run(Which::Peers, args),
         Command::Pods(args) => observe::cli::run(Which::Pods, args),
+        Command::Maps(args) => observe::maps::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

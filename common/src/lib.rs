@@ -23,6 +23,7 @@ extern crate std;
 /// 5: peers' names as the agent resolved them (`SM_PEER_NAMES`: Service, workload, namespace).
 pub const SCHEMA_VERSION: u32 = 5;
 
+pub mod layout;
 pub mod peer;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.

@@ -1,7 +1,13 @@
 //! The maps, pinned by name under the agent's `--bpffs-dir`. Layouts live in `sockmesh-common`.
+//!
+//! Declared as BTF maps (`#[btf_map]`, the `.maps` section) so the kernel knows each one's key
+//! and value types and any tool can print their fields (`bpftool map dump pinned ...`).
+//! aya-ebpf 0.2's BTF maps cannot ask to be pinned: the agent pins each one by name
+//! (`datapath::pin_paths`). The ring buffer has no key or value and stays a classic map.
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap},
+    macros::{btf_map, map},
+    maps::RingBuf,
 };
 use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerNames, PeerState, PodMeta, PodRefused,
@@ -12,47 +18,54 @@ use sockmesh_common::{
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map that allocates entries as they are inserted.
-const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_PREALLOC: usize = 1;
 
-#[map(name = "SM_CONFIG")]
-pub static CONFIG: Array<GlobalConfig> = Array::pinned(1, 0);
+#[btf_map(name = "SM_CONFIG")]
+pub static CONFIG: Array<GlobalConfig, 1> = Array::new();
 
 /// Enrolled pods by network-namespace cookie.
-#[map(name = "SM_PODS")]
-pub static PODS: HashMap<u64, PodConfig> = HashMap::pinned(map_sizes::PODS, 0);
+#[btf_map(name = "SM_PODS")]
+pub static PODS: HashMap<u64, PodConfig, { map_sizes::PODS as usize }> = HashMap::new();
 
 /// The agent's own sockets by socket cookie, registered by the agent before it uses them
 /// and deleted by `sock_release`: the one thing that exempts a socket from capture. A plain
 /// hash (not LRU), so nothing a pod does can evict an entry; written only by the agent.
-#[map(name = "SM_AGENT_SOCKS")]
-pub static AGENT_SOCKETS: HashMap<u64, AgentSocket> =
-    HashMap::pinned(map_sizes::AGENT_SOCKETS, BPF_F_NO_PREALLOC);
+#[btf_map(name = "SM_AGENT_SOCKS")]
+pub static AGENT_SOCKETS: HashMap<
+    u64,
+    AgentSocket,
+    { map_sizes::AGENT_SOCKETS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
-#[map(name = "SM_POD_STATS")]
-pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_sizes::PODS, 0);
+#[btf_map(name = "SM_POD_STATS")]
+pub static POD_STATS: PerCpuHashMap<u64, PodStats, { map_sizes::PODS as usize }> =
+    PerCpuHashMap::new();
 
 /// What the programs remember per socket (the app's side), by socket cookie.
-#[map(name = "SM_SOCKETS")]
-pub static SOCKETS: LruHashMap<u64, SocketEntry> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
+#[btf_map(name = "SM_SOCKETS")]
+pub static SOCKETS: LruHashMap<u64, SocketEntry, { map_sizes::ORIGINS as usize }> =
+    LruHashMap::new();
 
 /// Original destination by (netns, app addr, listener addr): what SO_ORIGINAL_DST answers.
-#[map(name = "SM_ORIG_TUPLE")]
-pub static ORIGIN_BY_TUPLE: LruHashMap<TupleKey, SockAddr> =
-    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+#[btf_map(name = "SM_ORIG_TUPLE")]
+pub static ORIGIN_BY_TUPLE: LruHashMap<TupleKey, SockAddr, { map_sizes::ORIGINS as usize }> =
+    LruHashMap::new();
 
 /// Real client of an inbound connection by (netns, agent addr, app addr); written by the agent.
-#[map(name = "SM_IN_PEERS")]
-pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr> =
-    LruHashMap::pinned(map_sizes::ORIGINS, 0);
+#[btf_map(name = "SM_IN_PEERS")]
+pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr, { map_sizes::ORIGINS as usize }> =
+    LruHashMap::new();
 
 /// Original DNS server by (netns, UDP source port).
-#[map(name = "SM_DNS_ORIG")]
-pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr> = LruHashMap::pinned(map_sizes::ORIGINS, 0);
+#[btf_map(name = "SM_DNS_ORIG")]
+pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr, { map_sizes::ORIGINS as usize }> =
+    LruHashMap::new();
 
 /// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers.
-#[map(name = "SM_IN_BINDS")]
-pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue> =
-    LruHashMap::pinned(map_sizes::INBOUND_BINDS, 0);
+#[btf_map(name = "SM_IN_BINDS")]
+pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue, { map_sizes::INBOUND_BINDS as usize }> =
+    LruHashMap::new();
 
 /// Bind/unbind events for the agent.
 #[map(name = "SM_EVENTS")]
@@ -61,35 +74,40 @@ pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
 /// Fast-reject verdicts by (pod, peer), written by the agent when a peer's breaker is open or
 /// its connection-rate bucket is empty: connect() to the peer fails in the kernel with
 /// ECONNREFUSED until the verdict expires.
-#[map(name = "SM_VERDICTS")]
-pub static VERDICTS: LruHashMap<VerdictKey, Verdict> = LruHashMap::pinned(map_sizes::VERDICTS, 0);
+#[btf_map(name = "SM_VERDICTS")]
+pub static VERDICTS: LruHashMap<VerdictKey, Verdict, { map_sizes::VERDICTS as usize }> =
+    LruHashMap::new();
 
 /// Kernel counters per (pod, direction, peer); LRU so a pod talking to many peers evicts the
 /// stalest instead of failing the hook.
-#[map(name = "SM_PEER_STATS")]
-pub static PEER_STATS: LruPerCpuHashMap<PeerKey, PeerKernelStats> =
-    LruPerCpuHashMap::pinned(peer::map_sizes::PEERS, 0);
+#[btf_map(name = "SM_PEER_STATS")]
+pub static PEER_STATS: LruPerCpuHashMap<
+    PeerKey,
+    PeerKernelStats,
+    { peer::map_sizes::PEERS as usize },
+> = LruPerCpuHashMap::new();
 
 /// The agent's per-peer state, written back for readers (the programs never touch it; it is
 /// declared here so it is created and pinned with the others, in one schema).
-#[map(name = "SM_PEER_STATE")]
-pub static PEER_STATE: LruHashMap<PeerKey, PeerState> =
-    LruHashMap::pinned(peer::map_sizes::PEERS, 0);
+#[btf_map(name = "SM_PEER_STATE")]
+pub static PEER_STATE: LruHashMap<PeerKey, PeerState, { peer::map_sizes::PEERS as usize }> =
+    LruHashMap::new();
 
 /// Pod names and enrolment times, written by the agent.
-#[map(name = "SM_POD_META")]
-pub static POD_META: LruHashMap<u64, PodMeta> = LruHashMap::pinned(peer::map_sizes::POD_META, 0);
+#[btf_map(name = "SM_POD_META")]
+pub static POD_META: LruHashMap<u64, PodMeta, { peer::map_sizes::POD_META as usize }> =
+    LruHashMap::new();
 
 /// Who each peer is (Service, workload, namespace), written by the agent.
-#[map(name = "SM_PEER_NAMES")]
-pub static PEER_NAMES: LruHashMap<PeerKey, PeerNames> =
-    LruHashMap::pinned(peer::map_sizes::PEERS, 0);
+#[btf_map(name = "SM_PEER_NAMES")]
+pub static PEER_NAMES: LruHashMap<PeerKey, PeerNames, { peer::map_sizes::PEERS as usize }> =
+    LruHashMap::new();
 
 /// Agent-wide counters, written by the agent.
-#[map(name = "SM_AGENT_STATS")]
-pub static AGENT_STATS: Array<AgentStats> = Array::pinned(1, 0);
+#[btf_map(name = "SM_AGENT_STATS")]
+pub static AGENT_STATS: Array<AgentStats, 1> = Array::new();
 
 /// Per-pod refusals of the agent's caps and shares, written by the agent.
-#[map(name = "SM_POD_REFUSED")]
-pub static POD_REFUSED: LruHashMap<u64, PodRefused> =
-    LruHashMap::pinned(peer::map_sizes::POD_META, 0);
+#[btf_map(name = "SM_POD_REFUSED")]
+pub static POD_REFUSED: LruHashMap<u64, PodRefused, { peer::map_sizes::POD_META as usize }> =
+    LruHashMap::new();

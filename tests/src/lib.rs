@@ -39,6 +39,7 @@ pub mod pod;
 pub mod process;
 pub mod procnet;
 pub mod prom;
+pub mod promserver;
 pub mod rawpkt;
 pub mod runc;
 pub mod sockaddr;

@@ -156,6 +156,15 @@ fn wait_held(agent: &Agent, n: u64) -> u64 {
 
 /// Set an agent's soft open-file limit from outside (root may lower another root process's
 /// limit, and raise it again up to the hard limit).
+/// The lowest fd number the process has free: the next fd it opens gets this one.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap_or(0)
+}
+
 fn set_soft_nofile(pid: u32, n: u64) {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -194,8 +203,16 @@ fn out_of_fds_the_accept_loops_back_off_without_spinning() {
     let (agent, _) = start_agent(&c, &[]);
     assert!(common::redirected(&c.victim, c.server.addr4(8080)));
     wait_held(&agent, 0);
-    // Below what it holds: not one fd more, every accept fails with EMFILE.
-    set_soft_nofile(agent.pid(), fds(&agent) as u64 - 10);
+    // Not one fd more: RLIMIT_NOFILE bounds fd *numbers*, not how many are open, so a limit
+    // under the count still lets the kernel reuse holes below it (fds the agent closed while
+    // loading and enrolling); the lowest free number as the limit leaves none, so every
+    // accept fails with EMFILE until a connection ends.
+    let free = lowest_free_fd(agent.pid());
+    eprintln!(
+        "[shares] agent holds {} fds, lowest free fd {free}",
+        fds(&agent)
+    );
+    set_soft_nofile(agent.pid(), free);
 
     let mut attack = Attack::start(&c.hostile, &["hold", &sink.to_string(), "200"]);
     let r = attack.report(Duration::from_secs(60));

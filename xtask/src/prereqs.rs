@@ -33,6 +33,10 @@ const PACKAGES: &[(&str, &[&str])] = &[
     ("socat", &["socat"]),
     ("iptables", &["iptables"]),
     ("procps", &["ps", "sysctl"]),
+    // The dashboard test (tests/tests/dashboard.rs) evaluates every panel's query in a real
+    // Prometheus it starts on loopback. Debian's package also enables a system service where
+    // systemd runs; the tests never use that one.
+    ("prometheus", &["prometheus"]),
     // The container test (tests/tests/container.rs): podman builds the image from the
     // Dockerfile, runc runs it (podman cannot here: it always sets rlimits, which this kind of
     // machine forbids), mmdebstrap makes the Debian base image with no registry, strip makes

@@ -5,6 +5,7 @@ pub mod links;
 mod object;
 mod owned;
 pub mod preflight;
+pub mod rawmap;
 pub mod relay;
 pub mod sink;
 pub mod stats;
@@ -21,7 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::Program,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use sockmesh_common::{
     config_flags, map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats,
@@ -139,8 +140,7 @@ impl Datapath {
         } else {
             0
         };
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
+        let mut ebpf = object::loader(dir)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(crate::EBPF_OBJECT)
             .context("load the kernel programs")?;

@@ -23,14 +23,17 @@ use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, SockMap},
     programs::SkLookup,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use aya_obj::generated::bpf_attach_type as at;
 use sockmesh_common::{
     map_names, program_names, socket_kind, steer, BindKey, BindValue, SocketEntry,
 };
 
-use super::{links::Link, object::take};
+use super::{
+    links::Link,
+    object::{loader, take},
+};
 
 /// A port an app of a pod listens on with a wildcard bind (host order), and its family.
 pub type BoundPort = (u16, u16);
@@ -75,8 +78,7 @@ impl Steering {
         listeners: &[BorrowedFd<'_>],
     ) -> Result<()> {
         self.detach(cookie);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&self.dir)
+        let mut ebpf = loader(&self.dir)
             .override_global(steer::POD_NETNS_COOKIE, &cookie, true)
             .load(crate::STEER_OBJECT)
             .context("load the inbound steering program")?;

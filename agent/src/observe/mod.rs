@@ -5,6 +5,7 @@ pub mod cli;
 pub mod group;
 pub mod http;
 pub mod logging;
+pub mod maps;
 pub mod prom;
 pub mod table;
 pub mod view;
