@@ -184,7 +184,11 @@ fn every_pinned_map_dumps_with_named_fields_and_real_values() {
         e["value"]["pid"] == agent.pid()
     });
     let cfg = entry_until(agent, "SM_CONFIG", |e| e["key"]["index"] == 0);
-    assert_eq!(cfg["value"]["schema_version"], 4, "{cfg}");
+    assert_eq!(
+        cfg["value"]["schema_version"],
+        sockmesh_common::SCHEMA_VERSION,
+        "{cfg}"
+    );
     assert_eq!(cfg["value"]["outbound_port"], 15001, "{cfg}");
     assert!(cfg["value"]["heartbeat_ns"].as_u64() > Some(0), "{cfg}");
     let ag = entry_until(agent, "SM_AGENT_STATS", |e| {
