@@ -57,7 +57,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Connects `n` sockets (2 s each) and holds every one that connected until stdin closes.
+/// Connects `n` sockets (2 s each) and holds every one that connected until stdin closes;
+/// then reports how many are still alive, and how many the other end closed or reset.
 fn hold(dst: SocketAddr, n: usize) -> Result<serde_json::Value> {
     let mut held = Vec::with_capacity(n);
     let (mut failed, mut first_error) = (0u64, None);
@@ -76,8 +77,20 @@ fn hold(dst: SocketAddr, n: usize) -> Result<serde_json::Value> {
     println!("{v}");
     // Held until the test closes our stdin (or kills us).
     let _ = std::io::stdin().read(&mut [0u8; 1]);
+    // What became of them: nothing was ever sent, so a live connection has nothing to read
+    // (WouldBlock); one the other end closed reads EOF, one it reset fails.
+    let (mut alive, mut closed, mut reset) = (0u64, 0u64, 0u64);
+    for s in &held {
+        let _ = s.set_nonblocking(true);
+        match s.peek(&mut [0u8; 1]) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => alive += 1,
+            Ok(0) => closed += 1,
+            Ok(_) => alive += 1,
+            Err(_) => reset += 1,
+        }
+    }
     drop(held);
-    Ok(serde_json::json!({ "released": true }))
+    Ok(serde_json::json!({ "released": true, "alive": alive, "closed": closed, "reset": reset }))
 }
 
 /// A minimal recursive A query with id `id`.

@@ -250,6 +250,19 @@ pub fn fds(agent: &Agent) -> usize {
         .count()
 }
 
+/// The `n` lowest descriptor numbers the agent has free. `RLIMIT_NOFILE` bounds descriptor
+/// *numbers*, not how many are open: a process whose table has holes (closed descriptors
+/// below its highest open one) gets new descriptors in them even with its limit below its
+/// open count. A soft limit at the k-th of these leaves it exactly k.
+pub fn free_fds(agent: &Agent, n: usize) -> Vec<u64> {
+    let open: std::collections::BTreeSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+            .expect("fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    (0..).filter(|fd| !open.contains(fd)).take(n).collect()
+}
+
 /// CPU time (user + system) the agent has used so far.
 pub fn cpu_time(agent: &Agent) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).expect("stat");
