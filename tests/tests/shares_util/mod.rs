@@ -3,6 +3,9 @@
 //! one, and the agent's per-pod refusal counters.
 #![allow(dead_code)]
 
+mod cast;
+pub use cast::*;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{ChildStdin, Stdio};
