@@ -7,7 +7,7 @@ mod owned;
 pub mod preflight;
 pub mod relay;
 pub mod sink;
-mod sockstore;
+pub mod sockstore;
 pub mod stats;
 pub mod steer;
 pub mod verdicts;

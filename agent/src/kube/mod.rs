@@ -9,6 +9,9 @@ pub mod controller;
 pub mod decide;
 pub mod report;
 
+#[cfg(test)]
+mod hostile_tests;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
