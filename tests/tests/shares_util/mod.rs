@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 mod cast;
+// Not every test file that includes these helpers uses the cast.
+#[allow(unused_imports)]
 pub use cast::*;
 
 use std::io::{BufRead, BufReader, Read, Write};
