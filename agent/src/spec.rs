@@ -6,6 +6,28 @@ use sockmesh_common::{
     MAX_EXCLUDED_PORTS,
 };
 
+/// A value from the outside as an error message shows it: control characters (a newline in a
+/// pod annotation, say) escaped, so an error stays one line in logs and Events, and at most
+/// [`SHOWN_MAX`] characters of it (annotation values may be 256 KiB).
+pub fn shown(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == SHOWN_MAX {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How many characters of an outside value an error message shows.
+pub const SHOWN_MAX: usize = 64;
+
 /// An inclusive port range, e.g. `22` or `8000-8100`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRangeSpec {
@@ -17,7 +39,7 @@ impl PortRangeSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let port = |p: &str| -> Result<u16, String> {
             match p.trim().parse::<u16>() {
-                Ok(0) | Err(_) => Err(format!("'{p}' is not a port (1-65535)")),
+                Ok(0) | Err(_) => Err(format!("'{}' is not a port (1-65535)", shown(p))),
                 Ok(n) => Ok(n),
             }
         };
@@ -26,7 +48,10 @@ impl PortRangeSpec {
             None => (port(s)?, port(s)?),
         };
         if lo > hi {
-            return Err(format!("port range '{s}' is backwards: write {hi}-{lo}"));
+            return Err(format!(
+                "port range '{}' is backwards: write {hi}-{lo}",
+                shown(s)
+            ));
         }
         Ok(PortRangeSpec { lo, hi })
     }
@@ -53,9 +78,12 @@ impl CidrSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("'{s}' is not a CIDR: use e.g. 10.0.0.0/8 or fd00::/8"))?;
+        let addr: IpAddr = a.parse().map_err(|_| {
+            format!(
+                "'{}' is not a CIDR: use e.g. 10.0.0.0/8 or fd00::/8",
+                shown(s)
+            )
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
@@ -63,7 +91,7 @@ impl CidrSpec {
             p.parse::<u8>()
                 .ok()
                 .filter(|&n| n <= max)
-                .ok_or_else(|| format!("'{s}': the prefix length must be 0-{max}"))?
+                .ok_or_else(|| format!("'{}': the prefix length must be 0-{max}", shown(s)))?
         };
         Ok(CidrSpec { addr, prefix })
     }
@@ -149,7 +177,10 @@ impl PodSpec {
         };
         for opt in parts {
             let (k, v) = opt.split_once('=').ok_or_else(|| {
-                format!("pod option '{opt}' needs a value, e.g. exclude-ports=22")
+                format!(
+                    "pod option '{}' needs a value, e.g. exclude-ports=22",
+                    shown(opt)
+                )
             })?;
             // Values are ';'-separated so that ',' can separate options.
             let items = || v.split(';').filter(|p| !p.trim().is_empty());
@@ -171,7 +202,8 @@ impl PodSpec {
                 }
                 other => {
                     return Err(format!(
-                        "unknown pod option '{other}': use exclude-ports, exclude-cidrs or exclude-inbound-ports"
+                        "unknown pod option '{}': use exclude-ports, exclude-cidrs or exclude-inbound-ports",
+                        shown(other)
                     ))
                 }
             }

@@ -21,17 +21,29 @@ extern crate std;
 /// `inbound_steered` counter), and per-pod refusals of the agent's caps and shares
 /// (`SM_POD_REFUSED`).
 /// 5: peers' names as the agent resolved them (`SM_PEER_NAMES`: Service, workload, namespace).
-pub const SCHEMA_VERSION: u32 = 5;
+/// 6: per-socket state in socket-local storage (`SM_SOCK_STORE` replaces `SM_SOCKETS`; binds
+/// found at enrolment in `SM_FOUND_BINDS`), per-pod quotas on the tuple-keyed origin maps
+/// (`SM_POD_QUOTA`, `GlobalConfig::pod_*_quota`, the `origin_quota` and `dns_quota`
+/// counters); `SM_ORIG_TUPLE` and `SM_DNS_ORIG` are plain hashes, no longer LRU.
+pub const SCHEMA_VERSION: u32 = 6;
 
 pub mod layout;
 pub mod peer;
+pub mod quota;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.
 pub mod map_names {
     pub const CONFIG: &str = "SM_CONFIG";
     pub const PODS: &str = "SM_PODS";
     pub const POD_STATS: &str = "SM_POD_STATS";
-    pub const SOCKETS: &str = "SM_SOCKETS";
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) of [`crate::SocketEntry`]: freed
+    /// with its socket, so no pod can evict another's (see [`crate::quota`]).
+    pub const SOCK_STORE: &str = "SM_SOCK_STORE";
+    /// Binds the agent recorded for sockets already listening at enrolment (socket cookie ->
+    /// [`crate::SocketEntry`]): the agent cannot reach such a socket's storage.
+    pub const FOUND_BINDS: &str = "SM_FOUND_BINDS";
+    /// Per-pod live entries of the tuple-keyed maps, see [`crate::quota::PodQuota`].
+    pub const POD_QUOTA: &str = "SM_POD_QUOTA";
     pub const ORIGIN_BY_TUPLE: &str = "SM_ORIG_TUPLE";
     pub const INBOUND_PEERS: &str = "SM_IN_PEERS";
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
@@ -41,11 +53,13 @@ pub mod map_names {
     pub const VERDICTS: &str = "SM_VERDICTS";
     /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
     pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         PODS,
         POD_STATS,
-        SOCKETS,
+        SOCK_STORE,
+        FOUND_BINDS,
+        POD_QUOTA,
         ORIGIN_BY_TUPLE,
         INBOUND_PEERS,
         DNS_ORIGINS,
@@ -133,8 +147,16 @@ pub mod program_names {
 /// Map sizes. LRU maps evict the oldest entry when full instead of failing the hook.
 pub mod map_sizes {
     pub const PODS: u32 = 4096;
-    /// One entry per live redirected socket (TCP origin or UDP DNS origin).
+    /// `SM_IN_PEERS`: one entry per live inbound connection (written by the agent, which
+    /// caps them per pod).
     pub const ORIGINS: u32 = 65536;
+    /// `SM_ORIG_TUPLE`: one entry per live redirected connection; a plain hash, filled only
+    /// as far as the pods' quotas let it (see [`crate::quota`]).
+    pub const ORIG_TUPLES: u32 = 262_144;
+    /// `SM_DNS_ORIG`: one entry per live UDP socket that sent DNS; quotas as above.
+    pub const DNS_ORIGINS: u32 = 65536;
+    /// `SM_FOUND_BINDS`: as many as `SM_IN_BINDS` holds.
+    pub const FOUND_BINDS: u32 = INBOUND_BINDS;
     pub const INBOUND_BINDS: u32 = 16384;
     pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -204,6 +226,10 @@ pub struct GlobalConfig {
     /// Programs stop capturing (new connections go direct, counted `bypass_stale`) once the
     /// heartbeat is older than this; 0 never fails open.
     pub fail_open_after_ns: u64,
+    /// Each pod's quota of `SM_ORIG_TUPLE` entries (`--pod-conn-origins`); 0: none.
+    pub pod_origin_quota: u32,
+    /// Each pod's quota of `SM_DNS_ORIG` entries (`--pod-dns-origins`); 0: none.
+    pub pod_dns_quota: u32,
 }
 
 impl GlobalConfig {
@@ -337,8 +363,14 @@ pub mod counter {
     /// An inbound connection (its SYN) to a captured port handed to the agent's inbound
     /// listener by `sk_lookup`.
     pub const INBOUND_STEERED: usize = 13;
+    /// A connection's origin not stored: its pod had its quota of `SM_ORIG_TUPLE` entries
+    /// (`--pod-conn-origins`); the agent finds no origin and resets the connection.
+    pub const ORIGIN_QUOTA: usize = 14;
+    /// A DNS connect()/sendto() refused (EPERM): its pod had its quota of `SM_DNS_ORIG`
+    /// entries (`--pod-dns-origins`).
+    pub const DNS_QUOTA: usize = 15;
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 16] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -353,7 +385,12 @@ pub mod counter {
         "bypass_stale",
         "raw_denied",
         "inbound_steered",
+        "origin_quota",
+        "dns_quota",
     ];
+    /// The kernel's refusals of a pod's quotas: shown with the agent's (`sockmesh pods`
+    /// REFUSED, `sockmesh_pod_refused_total`).
+    pub const REFUSALS: [usize; 2] = [ORIGIN_QUOTA, DNS_QUOTA];
 }
 
 /// `SM_POD_STATS[netns cookie]` (per-CPU): the agent creates the entry at enrolment, the
@@ -374,9 +411,10 @@ pub mod socket_kind {
     pub const BIND: u16 = 3;
 }
 
-/// `SM_SOCKETS[socket cookie]`: what the programs remember about one of a pod's sockets, so
-/// later hooks (getpeername, sock_ops) can use it and sock_release can undo it. sock_release
-/// cannot read a socket's port, so the port its other entries are keyed by is kept here.
+/// `SM_SOCK_STORE` (the socket's own storage): what the programs remember about one of a
+/// pod's sockets, so later hooks (getpeername, sock_ops, recvmsg) can use it and sock_release
+/// can undo it. sock_release cannot read a socket's port, so the port its other entries are
+/// keyed by is kept here. Also the value of `SM_FOUND_BINDS[socket cookie]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketEntry {

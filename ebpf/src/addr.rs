@@ -44,6 +44,12 @@ impl Sock {
         Sock(unsafe { (*ctx.sockopt).__bindgen_anon_1.sk })
     }
 
+    /// The socket as the storage helpers take it (`SM_SOCK_STORE`).
+    #[inline(always)]
+    pub fn ptr(self) -> *mut aya_ebpf::cty::c_void {
+        self.0 as *mut aya_ebpf::cty::c_void
+    }
+
     /// Never true for a context's socket (PTR_TO_SOCKET is not nullable); the callers that
     /// checked it before this type existed still do.
     #[inline(always)]

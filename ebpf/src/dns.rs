@@ -11,14 +11,15 @@ use core::mem::size_of;
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    socket_kind, DnsKey, SockAddr, SocketEntry, AF_INET, AF_INET6,
+    socket_kind, DnsKey, GlobalConfig, SockAddr, SocketEntry, AF_INET, AF_INET6,
 };
 
 use crate::{
     addr::{is_loopback, redirect_to_loopback, sock_type, user_addr, write_user_addr, Sock},
     capture::{capture, outbound_target, Captured, Target},
-    maps::{DNS_ORIGINS, SOCKETS},
-    util::{count, count_peer, pod_for, socket_cookie},
+    maps::DNS_ORIGINS,
+    store::{insert_counted, remove_counted, Quota, Stored, SOCK_STORE},
+    util::{count, count_peer, pod_for},
 };
 
 /// The kernel's default ephemeral range (net.ipv4.ip_local_port_range).
@@ -56,16 +57,17 @@ fn dns_key(netns: u64, port_be: u16, family: u16) -> DnsKey {
 
 /// connect() on UDP: the kernel picks the source port only after this hook, so bind one now
 /// (a random ephemeral port on the wildcard address, as autobind would) and remember the
-/// server under it. Returns that port (network order), or None if the socket must be left
-/// alone.
+/// server under it. Returns that port (network order); `Err(OverQuota)` if the pod holds its
+/// quota of DNS origins (refuse the connect), another `Err` if the socket must be left alone.
 #[inline(always)]
 pub fn remember_connected(
     ctx: &SockAddrContext,
     sk: Sock,
     v6: bool,
     netns: u64,
+    cfg: &GlobalConfig,
     dst: &SockAddr,
-) -> Option<u16> {
+) -> Result<u16, Stored> {
     let mut port = sk.src_port();
     let mut tries = 0;
     while port == 0 && tries < 4 {
@@ -101,63 +103,78 @@ pub fn remember_connected(
             port = candidate;
         }
     }
-    if port == 0 || !remember(netns, port, dst) {
-        return None;
+    if port == 0 {
+        return Err(Stored::Full);
     }
-    Some(port.to_be())
+    match remember(netns, cfg, port, dst) {
+        Stored::Yes => Ok(port.to_be()),
+        other => Err(other),
+    }
 }
 
+/// The server of the pod's DNS socket bound to `port` (host order), against the pod's quota
+/// (a socket sending again only refreshes its entry).
 #[inline(always)]
-fn remember(netns: u64, port: u16, dst: &SockAddr) -> bool {
-    if DNS_ORIGINS
-        .insert(&dns_key(netns, port.to_be(), dst.family), dst, 0)
-        .is_err()
-    {
-        count(netns, counter::MAP_FULL);
-        return false;
-    }
-    true
+fn remember(netns: u64, cfg: &GlobalConfig, port: u16, dst: &SockAddr) -> Stored {
+    insert_counted(
+        &DNS_ORIGINS,
+        &dns_key(netns, port.to_be(), dst.family),
+        dst,
+        netns,
+        Quota::Dns,
+        cfg.pod_dns_quota,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sm_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sendmsg(&ctx, false);
-    1
+    sendmsg(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sm_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sendmsg(&ctx, true);
-    1
+    sendmsg(&ctx, true)
 }
 
 /// sendto() on an unconnected UDP socket (already autobound by the kernel at this point).
+/// 1 lets it proceed (possibly rewritten); 0 fails it (EPERM): the pod holds its quota of
+/// DNS origins.
 #[inline(always)]
-fn sendmsg(ctx: &SockAddrContext, v6: bool) {
+fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let ty = sock_type(ctx);
     let dst = user_addr(ctx, v6);
     // Only DNS: the sendmsg hooks leave every other datagram alone.
     let Some(target @ Target::Dns(_)) = outbound_target(ty, &dst) else {
-        return;
+        return 1;
     };
     let Some(Captured { netns, cfg, sk }) = capture(ctx, target) else {
-        return;
+        return 1;
     };
     let port = sk.src_port();
-    if port == 0 || !remember(netns, port, &dst) {
-        return;
+    if port == 0 {
+        return 1;
     }
-    let cookie = socket_cookie(ctx);
+    match remember(netns, cfg, port, &dst) {
+        Stored::Yes => {}
+        Stored::OverQuota => return 0,
+        Stored::Full => return 1,
+    }
     let entry = SocketEntry {
         origin: dst,
         key_port: port.to_be(),
         kind: socket_kind::DNS,
         ..Default::default()
     };
-    let _ = SOCKETS.insert(&cookie, &entry, 0);
+    if !SOCK_STORE.set(sk.ptr(), &entry) {
+        // Without its entry the socket's release could not forget the origin: go direct.
+        forget(netns, &entry);
+        count(netns, counter::MAP_FULL);
+        return 1;
+    }
     redirect_to_loopback(ctx, v6, dst.family, cfg.dns_port);
     count(netns, counter::REDIRECT_DNS);
     count_peer(netns, direction::OUTBOUND, &dst, peer_counter::REDIRECT_DNS);
+    1
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -185,9 +202,8 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) {
     }
     let port = sk.src_port().to_be();
     // SAFETY: the value stays mapped while the program runs and `SockAddr` is plain integers,
-    // valid for any bytes; it is only copied into the context. Were the LRU entry evicted and
-    // its element reused by another socket's insert meanwhile, this one reply could show that
-    // socket's server; nothing outside the map is read.
+    // valid for any bytes; it is only copied into the context. The map allocates per insert,
+    // so the element is not reused while this program holds it; no pod can evict it.
     if let Some(origin) = unsafe { DNS_ORIGINS.get(&dns_key(netns, port, src.family)) } {
         if write_user_addr(ctx, v6, origin) {
             count(netns, counter::PEER_RESTORED);
@@ -198,5 +214,10 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) {
 /// Forget a released UDP socket's DNS origin (called from sock_release).
 #[inline(always)]
 pub fn forget(netns: u64, entry: &SocketEntry) {
-    let _ = DNS_ORIGINS.remove(&dns_key(netns, entry.key_port, entry.origin.family));
+    remove_counted(
+        &DNS_ORIGINS,
+        &dns_key(netns, entry.key_port, entry.origin.family),
+        netns,
+        Quota::Dns,
+    );
 }

@@ -16,7 +16,8 @@ use crate::{
     addr::{read_ip6, sock_type},
     capture::{capture, Captured, Target},
     dns,
-    maps::{AGENT_SOCKETS, EVENTS, INBOUND_BINDS, SOCKETS},
+    maps::{AGENT_SOCKETS, EVENTS, FOUND_BINDS, INBOUND_BINDS},
+    store::SOCK_STORE,
     util::{count, is_agent_socket, netns_cookie, socket_cookie, BPF_NOEXIST, SOCK_STREAM},
 };
 
@@ -59,7 +60,7 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     if !wildcard {
         return;
     }
-    let Some(Captured { netns, .. }) = capture(ctx, Target::Bind(port)) else {
+    let Some(Captured { netns, sk, .. }) = capture(ctx, Target::Bind(port)) else {
         return;
     };
     // The bind itself is left alone: the app keeps its wildcard address. Recording the port
@@ -96,7 +97,7 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
             return;
         }
     }
-    if SOCKETS.insert(&cookie, &entry, 0).is_err() {
+    if !SOCK_STORE.set(sk.ptr(), &entry) {
         // Without its socket entry the release could not forget the bind: do not keep it.
         let _ = INBOUND_BINDS.remove(&key);
         count(netns, counter::MAP_FULL);
@@ -122,7 +123,8 @@ fn send_event(netns: u64, kind: u32, family: u16, port: u16) {
 
 /// Socket release: drop what the programs kept for this socket, and tell the agent when the
 /// socket holding a captured bind goes away (its port is then no longer steered). (This hook
-/// cannot read the socket's addresses: everything needed is in its `SM_SOCKETS` entry.)
+/// cannot read the socket's addresses: everything needed is in its storage, or, for a bind
+/// the agent recorded at enrolment, in `SM_FOUND_BINDS`.)
 ///
 /// Whether the pod is still enrolled does not matter: a socket released while no agent runs,
 /// or after its pod was removed, must not leave its pod's port recorded as bound (a new agent
@@ -138,16 +140,23 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
         return 1;
     }
     let netns = netns_cookie(&ctx);
-    // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
-    // integers, valid for any bytes. It is this socket's own entry (keyed by its cookie), and
-    // release is the socket's last hook, so none of its hooks rewrites it meanwhile; were the
-    // LRU entry evicted and its element reused by another socket's insert, the cleanup below
-    // could target that socket's keys (the bind is checked against its owner's cookie first).
-    let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
-        return 1;
+    // The socket's own storage (freed with it after this hook), else what the agent recorded
+    // for it at enrolment.
+    let entry = match SOCK_STORE.get(ctx.sock as *mut _) {
+        Some(e) => e,
+        None => {
+            // SAFETY: the value stays mapped while the program runs and `SocketEntry` is
+            // plain integers, valid for any bytes; copied out at once. Only the agent writes
+            // this map, and this socket's entry only before its release.
+            let Some(found) = (unsafe { FOUND_BINDS.get(&cookie) }).copied() else {
+                return 1;
+            };
+            let _ = FOUND_BINDS.remove(&cookie);
+            found
+        }
     };
     match entry.kind {
-        socket_kind::DNS => dns::forget(netns, entry),
+        socket_kind::DNS => dns::forget(netns, &entry),
         socket_kind::BIND => {
             let key = BindKey {
                 netns_cookie: netns,
@@ -167,6 +176,5 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
         }
         _ => {}
     }
-    let _ = SOCKETS.remove(&cookie);
     1
 }

@@ -5,6 +5,9 @@
 //! enrolled pod's network namespace and built as an object of its own (`bin/steer.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The atomic add of `store.rs` (core has no atomic read-modify-write for this target).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Every `unsafe` block says why it is sound (checked by `cargo +nightly clippy --target
 // bpfel-unknown-none`; a host clippy compiles none of the programs).
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -25,6 +28,8 @@ mod outbound;
 mod raw;
 #[cfg(target_arch = "bpf")]
 mod relay;
+#[cfg(target_arch = "bpf")]
+mod store;
 #[cfg(target_arch = "bpf")]
 mod util;
 

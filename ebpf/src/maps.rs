@@ -13,8 +13,8 @@ use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerNames, PeerState, PodMeta, PodRefused,
 };
 use sockmesh_common::{
-    map_sizes, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
-    SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
+    map_sizes, quota::PodQuota, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig,
+    PodStats, SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map that allocates entries as they are inserted.
@@ -42,25 +42,50 @@ pub static AGENT_SOCKETS: HashMap<
 pub static POD_STATS: PerCpuHashMap<u64, PodStats, { map_sizes::PODS as usize }> =
     PerCpuHashMap::new();
 
-/// What the programs remember per socket (the app's side), by socket cookie.
-#[btf_map(name = "SM_SOCKETS")]
-pub static SOCKETS: LruHashMap<u64, SocketEntry, { map_sizes::ORIGINS as usize }> =
-    LruHashMap::new();
+// What the programs remember per socket lives in the socket's own storage: `store.rs`.
+
+/// Binds the agent recorded for sockets already listening when their pod was enrolled, by
+/// socket cookie (the agent cannot write another process's socket storage); sock_release
+/// forgets them. Written only by the agent, deleted by sock_release.
+#[btf_map(name = "SM_FOUND_BINDS")]
+pub static FOUND_BINDS: HashMap<
+    u64,
+    SocketEntry,
+    { map_sizes::FOUND_BINDS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+/// Each pod's live entries in the two tuple-keyed maps below, against its quotas
+/// (`sockmesh_common::quota`); created by the agent at enrolment.
+#[btf_map(name = "SM_POD_QUOTA")]
+pub static POD_QUOTA: HashMap<u64, PodQuota, { map_sizes::PODS as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// Original destination by (netns, app addr, listener addr): what SO_ORIGINAL_DST answers.
+/// A plain hash, not LRU: no pod's entries can be evicted for another's; each pod holds at
+/// most its quota.
 #[btf_map(name = "SM_ORIG_TUPLE")]
-pub static ORIGIN_BY_TUPLE: LruHashMap<TupleKey, SockAddr, { map_sizes::ORIGINS as usize }> =
-    LruHashMap::new();
+pub static ORIGIN_BY_TUPLE: HashMap<
+    TupleKey,
+    SockAddr,
+    { map_sizes::ORIG_TUPLES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Real client of an inbound connection by (netns, agent addr, app addr); written by the agent.
 #[btf_map(name = "SM_IN_PEERS")]
 pub static INBOUND_PEERS: LruHashMap<TupleKey, SockAddr, { map_sizes::ORIGINS as usize }> =
     LruHashMap::new();
 
-/// Original DNS server by (netns, UDP source port).
+/// Original DNS server by (netns, UDP source port). A plain hash with per-pod quotas, like
+/// `SM_ORIG_TUPLE`.
 #[btf_map(name = "SM_DNS_ORIG")]
-pub static DNS_ORIGINS: LruHashMap<DnsKey, SockAddr, { map_sizes::ORIGINS as usize }> =
-    LruHashMap::new();
+pub static DNS_ORIGINS: HashMap<
+    DnsKey,
+    SockAddr,
+    { map_sizes::DNS_ORIGINS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers.
 #[btf_map(name = "SM_IN_BINDS")]

@@ -24,8 +24,9 @@ use crate::{
     },
     capture::{capture, outbound_target, Captured, Target},
     dns,
-    maps::{INBOUND_PEERS, ORIGIN_BY_TUPLE, SOCKETS, VERDICTS},
-    util::{count, count_peer, netns_cookie, now_ns, pod_for, socket_cookie},
+    maps::{CONFIG, INBOUND_PEERS, ORIGIN_BY_TUPLE, VERDICTS},
+    store::{insert_counted, remove_counted, Quota, Stored, SOCK_STORE},
+    util::{count, count_peer, netns_cookie, now_ns, pod_for},
 };
 
 const SOL_IP: i32 = 0;
@@ -88,15 +89,19 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !tcp {
         // A DNS client's reply is matched by its source port, which connect() on UDP only
         // picks after this hook: pick one now.
-        let Some(port_be) = dns::remember_connected(ctx, sk, v6, netns, &dst) else {
-            return 1;
-        };
+        match dns::remember_connected(ctx, sk, v6, netns, cfg, &dst) {
+            Ok(port_be) => entry.key_port = port_be,
+            // The pod holds its quota of DNS origins: its connect() fails (EPERM).
+            Err(Stored::OverQuota) => return 0,
+            Err(_) => return 1,
+        }
         entry.kind = socket_kind::DNS;
-        entry.key_port = port_be;
     }
-    let cookie = socket_cookie(ctx);
-    if SOCKETS.insert(&cookie, &entry, 0).is_err() {
+    if !SOCK_STORE.set(sk.ptr(), &entry) {
         // Never redirect what could not be remembered: the proxy could not forward it.
+        if !tcp {
+            dns::forget(netns, &entry);
+        }
         count(netns, counter::MAP_FULL);
         return 1;
     }
@@ -171,21 +176,34 @@ fn app_tuple(ctx: &SockOpsContext) -> TupleKey {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
-    let cookie = socket_cookie(ctx);
-    // SAFETY: the value stays mapped while the program runs and `SocketEntry` is plain
-    // integers, valid for any bytes; `kind` is read and `origin` copied into the tuple map.
-    // This socket's entry is written by its connect, which has returned; were the LRU entry
-    // evicted and its element reused by another socket's insert meanwhile, this connection's
-    // tuple could get that socket's origin; nothing outside the map is read.
-    let Some(entry) = (unsafe { SOCKETS.get(&cookie) }) else {
+    // SAFETY: `ctx.ops` is the context pointer the kernel passed to this sock_ops program;
+    // `sk` is a readable 8-byte field (the verifier types it a possibly-null socket, checked
+    // below before any helper sees it).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // Written by this socket's connect, which has returned; the socket's own storage, which
+    // no other socket's insert can evict or reuse.
+    let Some(entry) = SOCK_STORE.get(sk as *mut _) else {
         return;
     };
     if entry.kind != socket_kind::TCP_REDIRECT {
         return;
     }
     let key = app_tuple(ctx);
-    if ORIGIN_BY_TUPLE.insert(&key, &entry.origin, 0).is_err() {
-        count(key.netns_cookie, counter::MAP_FULL);
+    let quota = CONFIG.get(0).map_or(0, |c| c.pod_origin_quota);
+    // At its quota (or the map full), the pod's connection keeps no origin: the proxy finds
+    // none and resets it. Counted against the pod (`origin_quota`) or as `map_full`.
+    let stored = insert_counted(
+        &ORIGIN_BY_TUPLE,
+        &key,
+        &entry.origin,
+        key.netns_cookie,
+        Quota::Origins,
+        quota,
+    );
+    if stored != Stored::Yes {
         return;
     }
     // Ask for state changes so the tuple entry goes when the connection closes.
@@ -194,7 +212,8 @@ fn on_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    let _ = ORIGIN_BY_TUPLE.remove(&app_tuple(ctx));
+    let key = app_tuple(ctx);
+    remove_counted(&ORIGIN_BY_TUPLE, &key, key.netns_cookie, Quota::Origins);
 }
 
 /// SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the agent's accepted socket, answered like
@@ -222,8 +241,8 @@ pub fn sm_getsockopt(ctx: SockoptContext) -> i32 {
     };
     // SAFETY: the value stays mapped while the program runs and `SockAddr` is plain
     // integers, valid for any bytes; it is only copied into optval. The entry goes when the
-    // app's connection closes (sock_ops); racing that, or an LRU eviction whose element is
-    // reused at once, the answer could be another connection's origin, never memory outside.
+    // app's connection closes (sock_ops); the map allocates per insert, so an element is not
+    // reused while this program holds it, and no pod can evict another's entry.
     let Some(origin) = (unsafe { ORIGIN_BY_TUPLE.get(&key) }) else {
         count(netns, counter::ORIGIN_MISS);
         return 1;
@@ -309,11 +328,9 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
     }
     let port = u16::from_be(peer.port);
     if port == cfg.outbound_port || port == cfg.dns_port {
-        let cookie = socket_cookie(ctx);
-        // SAFETY: mapped while the program runs, plain integers, only copied into the
-        // context; this socket's entry is written by its own connect or bind, done before any
-        // getpeername. An LRU element reused meanwhile could show another socket's origin.
-        if let Some(entry) = unsafe { SOCKETS.get(&cookie) } {
+        // The socket's own storage, written by its own connect or bind before any
+        // getpeername.
+        if let Some(entry) = SOCK_STORE.get(sk.ptr()) {
             if entry.kind != socket_kind::BIND && write_user_addr(ctx, v6, &entry.origin) {
                 count(netns, counter::PEER_RESTORED);
             }

@@ -28,7 +28,8 @@ pub fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
-/// The socket cookie of the running program's socket: the key of `SM_SOCKETS`.
+/// The socket cookie of the running program's socket: the key of `SM_AGENT_SOCKS` and
+/// `SM_FOUND_BINDS`.
 #[inline(always)]
 pub fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
     // SAFETY: as in `netns_cookie`: the kernel's own context pointer, for program types

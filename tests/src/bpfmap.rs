@@ -9,6 +9,7 @@ use std::path::Path;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 
@@ -90,7 +91,8 @@ impl PinnedMap {
         Ok(())
     }
 
-    /// `BPF_ANY` update: creates or replaces (an LRU map evicts to make room).
+    /// `BPF_ANY` update: creates or replaces (an LRU map evicts to make room; a full plain
+    /// hash refuses with E2BIG).
     pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
         self.check(key, value)?;
         let attr = Attr::new()
@@ -98,6 +100,15 @@ impl PinnedMap {
             .u64_at(8, key.as_ptr() as u64)
             .u64_at(16, value.as_ptr() as u64);
         bpf(BPF_MAP_UPDATE_ELEM, attr).map(|_| ())
+    }
+
+    /// Deletes `key` (an error if it is not there).
+    pub fn delete(&self, key: &[u8]) -> io::Result<()> {
+        self.check(key, &vec![0u8; self.value_size])?;
+        let attr = Attr::new()
+            .u32_at(0, self.fd.as_raw_fd() as u32)
+            .u64_at(8, key.as_ptr() as u64);
+        bpf(BPF_MAP_DELETE_ELEM, attr).map(|_| ())
     }
 
     /// Whether `key` is in the map.

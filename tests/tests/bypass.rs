@@ -4,14 +4,20 @@
 //! mark since Linux 5.17) and no CAP_NET_ADMIN. A victim pod on the same agent keeps working,
 //! and the agent's own upstream connections still go straight out (no loops).
 mod common;
+mod shares_util;
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{counter, T};
+use shares_util::{connect_probes, dns_probes, dns_responder, report_and_check};
 use socket2::{Domain, Socket, Type};
 use sockmesh_tests::caps::{self, NET_ADMIN, NET_RAW};
 use sockmesh_tests::*;
+
+/// Victim probes per series (as in the fair-share attacks).
+const PROBES: usize = 200;
 
 /// The agent's default `--mark`: what a hostile pod would copy from the README.
 const AGENT_MARK: u32 = 0x534d;
@@ -152,6 +158,12 @@ fn a_forged_mark_is_captured_and_policed_and_the_victim_keeps_working() {
     .expect("agent");
     agent.wait_ready().expect("ready");
     let dst4 = server_pod.addr4(8080);
+    let dns = server_pod.addr4(53);
+    let _responder = dns_responder(&server_pod, dns);
+    let quiet = connect_probes(&victim, dst4, PROBES);
+    let quiet_dns = dns_probes(&victim, dns, PROBES);
+    // The server's record of accepted connections starts after the victim's baseline.
+    let _ = server.drain_accepted();
 
     // The agent's own mark, then others: the mark never decides.
     let first = forged_connect(&hostile, AGENT_MARK, dst4);
@@ -204,7 +216,44 @@ fn a_forged_mark_is_captured_and_policed_and_the_victim_keeps_working() {
         assert!(c.local.ip().is_loopback(), "captured");
         assert_eq!(c.peer, dst4);
     }
-    assert_eq!(counter(&agent, &victim, "redirect_tcp"), 5);
+    let victim_redirects = counter(&agent, &victim, "redirect_tcp");
+    assert_eq!(victim_redirects, 5 + PROBES as u64);
+    assert_eq!(counter(&agent, &victim, "fast_reject"), 0);
+
+    // The victim under a sustained forgery: the hostile pod connects with the agent's mark as
+    // fast as it can (refused in the kernel, every one) while the victim is probed.
+    let stop = AtomicBool::new(false);
+    let forged = AtomicU64::new(0);
+    let (attacked, attacked_dns) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let o = forged_connect(&hostile, AGENT_MARK, dst4);
+                assert_eq!(o.letter(), 'K', "{o:?}");
+                forged.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let r = (
+            connect_probes(&victim, dst4, PROBES),
+            dns_probes(&victim, dns, PROBES),
+        );
+        stop.store(true, Ordering::Relaxed);
+        r
+    });
+    eprintln!(
+        "[bypass] {} forged-mark connects during the victim's probes",
+        forged.load(Ordering::Relaxed)
+    );
+    report_and_check("connect+echo, forged-mark connects", &quiet, &attacked);
+    report_and_check("dns query, forged-mark connects", &quiet_dns, &attacked_dns);
+    assert!(
+        forged.load(Ordering::Relaxed) > 0,
+        "the attack ran beside the probes"
+    );
+    assert_eq!(
+        counter(&agent, &victim, "redirect_tcp"),
+        victim_redirects + PROBES as u64,
+        "every victim probe was captured (policed)"
+    );
     assert_eq!(counter(&agent, &victim, "fast_reject"), 0);
     assert!(agent.is_running());
 }

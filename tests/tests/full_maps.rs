@@ -1,8 +1,11 @@
-//! Full maps evict and count, never crash: another tool on the node (here the test, through
-//! the pinned maps) fills SM_SOCKETS and SM_ORIG_TUPLE, the two maps every redirected
-//! connection writes, with twice their capacity of junk. Both are LRU maps, so the programs'
-//! inserts evict the stalest junk instead of failing: mesh connections keep being captured and
-//! answered, and the counters say exactly that (map_full and origin_miss stay 0).
+//! Full maps refuse and count, never crash, and never evict a pod's entry for anything else.
+//! What the programs remember per socket is in the socket's own storage (`SM_SOCK_STORE`),
+//! which nothing outside a socket can fill. The map SO_ORIGINAL_DST answers from
+//! (`SM_ORIG_TUPLE`) is a plain hash that pods fill only up to their quotas; here another
+//! tool on the node (the test, through the pin) fills it to capacity with junk. A mesh
+//! connection then keeps no origin: it is counted (`map_full`), the proxy finds no origin
+//! and resets it (no connection goes anywhere unpoliced), the agent keeps running, and once
+//! the junk is gone connections are captured and answered again.
 mod common;
 
 use std::path::Path;
@@ -12,17 +15,7 @@ use sockmesh_common::{map_names, map_sizes, SockAddr, SocketEntry, TupleKey};
 use sockmesh_tests::bpfmap::{bytes_of, PinnedMap};
 use sockmesh_tests::*;
 
-/// Junk per map: twice what it holds, so every slot has been overwritten at least once.
-const JUNK: u64 = 2 * map_sizes::ORIGINS as u64;
-/// Connections pushed through the mesh once the maps are full of junk.
-const CONNECTIONS: u64 = 50;
-
-/// Socket cookies count up from 1; nothing real reaches the top bit.
-fn junk_cookie(i: u64) -> u64 {
-    1 << 63 | i
-}
-
-/// A namespace cookie no pod has (cookies count up from 1 too).
+/// A namespace cookie no pod has (cookies count up from 1).
 const JUNK_NETNS: u64 = u64::MAX - 7;
 
 fn junk_tuple(i: u64) -> TupleKey {
@@ -42,88 +35,79 @@ fn open<K, V>(dir: &Path, name: &str) -> PinnedMap {
     .unwrap_or_else(|e| panic!("open pinned {name}: {e}"))
 }
 
-/// How many keys of `map` are junk (per `is_junk`), and how many there are in all.
-fn census(map: &PinnedMap, is_junk: impl Fn(&[u8]) -> bool) -> (usize, usize) {
-    let keys = map
-        .keys(2 * map_sizes::ORIGINS as usize)
-        .expect("walk the map");
-    let junk = keys.iter().filter(|k| is_junk(k)).count();
-    (junk, keys.len())
+fn counters(agent: &Agent, pod: &Pod) -> Vec<u64> {
+    ["redirect_tcp", "origin_hit", "origin_miss", "map_full"]
+        .iter()
+        .map(|c| counter(agent, pod, c))
+        .collect()
 }
 
 #[test]
-fn full_origin_maps_evict_junk_and_mesh_connections_keep_working() {
+fn a_full_origin_map_refuses_and_counts_and_recovers_once_emptied() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(ECHO_PORT);
     assert!(common::redirected(&client, dst), "captured before the fill");
-
     let dir = agent.bpffs_dir();
-    let sockets = open::<u64, SocketEntry>(dir, map_names::SOCKETS);
-    let tuples = open::<TupleKey, SockAddr>(dir, map_names::ORIGIN_BY_TUPLE);
-    let junk_entry = SocketEntry::default();
-    let junk_origin = SockAddr::v4(u32::to_be(0x0a00_0001), 9u16.to_be());
-    for i in 0..JUNK {
-        // An LRU map takes every update, evicting when full: none may fail.
-        sockets
-            .update(bytes_of(&junk_cookie(i)), bytes_of(&junk_entry))
-            .unwrap_or_else(|e| panic!("junk socket {i}: {e}"));
-        tuples
-            .update(bytes_of(&junk_tuple(i)), bytes_of(&junk_origin))
-            .unwrap_or_else(|e| panic!("junk tuple {i}: {e}"));
-    }
-    let is_junk_socket = |k: &[u8]| k[7] & 0x80 != 0;
-    let is_junk_tuple = |k: &[u8]| k[..8] == JUNK_NETNS.to_ne_bytes();
-    let cap = map_sizes::ORIGINS as usize;
-    for (name, map, is_junk) in [
-        (
-            "SM_SOCKETS",
-            &sockets,
-            &is_junk_socket as &dyn Fn(&[u8]) -> bool,
-        ),
-        ("SM_ORIG_TUPLE", &tuples, &is_junk_tuple),
-    ] {
-        let (junk, all) = census(map, is_junk);
-        eprintln!("[full_maps] {name}: {junk} junk of {all} entries (capacity {cap})");
-        assert!(all <= cap, "{name} holds {all} > {cap}");
-        // LRU eviction frees a batch at a time, so "full" is close to, not exactly, capacity.
-        assert!(
-            junk >= cap * 3 / 4,
-            "{name} is full of junk: {junk} of {cap}"
-        );
-    }
 
-    let before: Vec<u64> = ["redirect_tcp", "origin_hit", "origin_miss", "map_full"]
-        .iter()
-        .map(|c| counter(&agent, &client, c))
-        .collect();
-    // Each connection needs a fresh SM_SOCKETS entry (connect4) and SM_ORIG_TUPLE entry
-    // (sock_ops), then the proxy's SO_ORIGINAL_DST finds it (getsockopt), or the echo fails.
-    for i in 0..CONNECTIONS {
-        let mut c = tcp_connect(&client, dst, T).unwrap_or_else(|e| panic!("connect {i}: {e}"));
-        assert!(c.local.ip().is_loopback(), "connection {i} captured");
-        tcp_echo_roundtrip(&mut c.stream, format!("full {i}").as_bytes())
-            .unwrap_or_else(|e| panic!("echo {i} through the mesh: {e:#}"));
-    }
-    let after: Vec<u64> = ["redirect_tcp", "origin_hit", "origin_miss", "map_full"]
-        .iter()
-        .map(|c| counter(&agent, &client, c))
-        .collect();
+    // Socket-local storage has no keys an outsider could use: its key is a descriptor of
+    // the caller's own socket.
+    let store = open::<u32, SocketEntry>(dir, map_names::SOCK_STORE);
+    let e = store
+        .update(bytes_of(&999_999u32), bytes_of(&SocketEntry::default()))
+        .expect_err("no such socket");
+    assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+
+    // Fill SM_ORIG_TUPLE: a plain hash takes junk until it holds its capacity, then refuses
+    // (nothing is evicted).
+    let tuples = open::<TupleKey, SockAddr>(dir, map_names::ORIGIN_BY_TUPLE);
+    let junk_origin = SockAddr::v4(u32::to_be(0x0a00_0001), 9u16.to_be());
+    let cap = u64::from(map_sizes::ORIG_TUPLES);
+    let mut filled = 0;
+    let refused = loop {
+        match tuples.update(bytes_of(&junk_tuple(filled)), bytes_of(&junk_origin)) {
+            Ok(()) => filled += 1,
+            Err(e) => break e,
+        }
+        assert!(filled <= cap, "more than the capacity went in");
+    };
+    eprintln!("[full_maps] SM_ORIG_TUPLE: {filled} junk entries (capacity {cap}), then: {refused}");
+    assert_eq!(refused.raw_os_error(), Some(libc::E2BIG), "{refused}");
+    assert!(filled >= cap - 16, "full: {filled} of {cap}");
+
+    // A mesh connection now: redirected (its origin is in its own storage), but its tuple
+    // has no room, so the proxy finds no origin and resets it.
+    let before = counters(&agent, &client);
+    let failed = match tcp_connect(&client, dst, T) {
+        Ok(mut c) => tcp_echo_roundtrip(&mut c.stream, b"no room").is_err(),
+        Err(_) => true,
+    };
+    assert!(failed, "a connection with no origin is never forwarded");
+    // The reset follows the proxy's SO_ORIGINAL_DST: every count is in by now.
+    let after = counters(&agent, &client);
     let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert_eq!(
         delta,
-        vec![CONNECTIONS, CONNECTIONS, 0, 0],
-        "redirect_tcp, origin_hit, origin_miss, map_full over {CONNECTIONS} connections: \
-         every insert evicted junk, none was refused"
+        vec![1, 0, 1, 1],
+        "redirect_tcp, origin_hit, origin_miss, map_full: one refused, counted"
     );
-    // Junk was what made room: fewer junk entries now, the maps still within capacity.
-    let (junk, all) = census(&sockets, is_junk_socket);
-    assert!(all <= cap, "SM_SOCKETS holds {all} > {cap}");
-    assert!(junk < cap, "junk was evicted: {junk}");
     assert!(agent.is_running(), "the agent did not crash");
-    assert!(
-        common::redirected(&client, dst),
-        "still captured at the end"
-    );
+
+    // Emptied, the map takes mesh connections again.
+    for i in 0..filled {
+        tuples
+            .delete(bytes_of(&junk_tuple(i)))
+            .expect("delete junk");
+    }
+    let before = counters(&agent, &client);
+    for i in 0..20 {
+        let mut c = tcp_connect(&client, dst, T).unwrap_or_else(|e| panic!("connect {i}: {e}"));
+        assert!(c.local.ip().is_loopback(), "connection {i} captured");
+        tcp_echo_roundtrip(&mut c.stream, format!("again {i}").as_bytes())
+            .unwrap_or_else(|e| panic!("echo {i} through the mesh: {e:#}"));
+    }
+    let after = counters(&agent, &client);
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, vec![20, 20, 0, 0], "captured and answered again");
 }

@@ -4,10 +4,13 @@ mod common;
 mod policy_util;
 
 use std::io::{Read, Write};
+use std::mem::size_of;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use policy_util::{conn_fds, map_len, wait_until, T};
+use sockmesh_common::{map_names, quota::PodQuota};
+use sockmesh_tests::bpfmap::{bytes_of, PinnedMap};
 use sockmesh_tests::*;
 
 /// A peer that drops SYNs: the agent gives up after the connect timeout and resets the
@@ -44,13 +47,28 @@ fn connect_timeout_resets_the_client() {
     );
 }
 
-/// The agent's footprint that a connection adds: its fds, and its entries in the pinned
-/// maps that link a redirected socket to its original destination.
-fn footprint(agent: &Agent) -> (usize, usize, usize) {
+/// The agent's footprint that a connection adds: its fds, the client pod's count of live
+/// origins (`SM_POD_QUOTA`, what its quota is checked against) and the entries of the pinned
+/// map that links a redirected connection to its original destination. (What the programs
+/// keep per socket is in the socket's own storage and goes with it.)
+fn footprint(agent: &Agent, pod: &Pod) -> (usize, usize, usize) {
+    let quota = PinnedMap::open(
+        &agent.bpffs_dir().join(map_names::POD_QUOTA),
+        size_of::<u64>(),
+        size_of::<PodQuota>(),
+    )
+    .expect("open SM_POD_QUOTA");
+    let cookie = pod.netns_cookie().expect("cookie");
+    let live = quota
+        .get(bytes_of(&cookie))
+        .expect("read SM_POD_QUOTA")
+        .map_or(0, |v| {
+            i64::from_ne_bytes(v[..8].try_into().expect("8 bytes"))
+        });
     (
         conn_fds(agent),
-        map_len(agent, "SM_SOCKETS"),
-        map_len(agent, "SM_ORIG_TUPLE"),
+        usize::try_from(live).expect("never below zero here"),
+        map_len(agent, map_names::ORIGIN_BY_TUPLE),
     )
 }
 
@@ -79,12 +97,12 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
     warm_up.read_exact(&mut [0u8; 1]).expect("read");
     assert_eq!(warm.stream.read(&mut [0u8; 1]).expect("EOF"), 0);
     drop((warm, warm_up));
-    let before = footprint(&agent);
+    let before = footprint(&agent, &client);
     wait_until("the warm-up connection to be gone", T, || {
-        let now = footprint(&agent);
+        let now = footprint(&agent, &client);
         now.1 == 0 && now.2 == 0
     });
-    let baseline = footprint(&agent);
+    let baseline = footprint(&agent, &client);
     eprintln!("footprint before the warm-up closed {before:?}, baseline {baseline:?}");
 
     let started = Instant::now();
@@ -100,10 +118,10 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
         upstreams.push(s);
     }
     // While they are open, the footprint is there to see (so the check below is not vacuous).
-    let open = footprint(&agent);
+    let open = footprint(&agent, &client);
     assert!(
-        open.0 >= baseline.0 + 2 * BURST && open.2 >= BURST,
-        "40 open connections should show in the agent's fds and SM_ORIG_TUPLE: {open:?} vs {baseline:?}"
+        open.0 >= baseline.0 + 2 * BURST && open.1 >= BURST && open.2 >= BURST,
+        "40 open connections should show in the agent's fds, the pod's origin count and SM_ORIG_TUPLE: {open:?} vs {baseline:?}"
     );
     // Both sides see a clean EOF, none before the idle timeout.
     for c in &mut clients {
@@ -119,7 +137,7 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
     wait_until(
         "the agent's fds and map entries to return to the baseline",
         T,
-        || footprint(&agent) == baseline,
+        || footprint(&agent, &client) == baseline,
     );
 }
 

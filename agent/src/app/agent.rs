@@ -175,6 +175,8 @@ impl Agent {
                 kernel_log: args.kernel_log,
                 fail_open_after: args.fail_open_after.0,
                 kernel_relay: args.kernel_relay,
+                pod_origin_quota: args.shares.pod_conn_origins,
+                pod_dns_quota: args.shares.pod_dns_origins,
             },
             handed_lock,
         )?;
@@ -308,6 +310,7 @@ impl Agent {
                 "nofile": nofile, "max_conns": shares.conns.global, "pod_max_conns": shares.conns.per_pod,
                 "pod_max_queued": shares.pod_max_queued, "max_dns_inflight": shares.dns.global,
                 "pod_dns_inflight": shares.dns.per_pod,
+                "pod_conn_origins": args.shares.pod_conn_origins, "pod_dns_origins": args.shares.pod_dns_origins,
             },
         }));
         let ids_seen = policy.identities().generation();

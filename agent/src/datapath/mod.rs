@@ -8,6 +8,7 @@ pub mod preflight;
 pub mod rawmap;
 pub mod relay;
 pub mod sink;
+pub mod sockstore;
 pub mod stats;
 pub mod steer;
 pub mod verdicts;
@@ -25,8 +26,8 @@ use aya::{
     Ebpf,
 };
 use sockmesh_common::{
-    config_flags, map_names, program_names as prog, DnsKey, GlobalConfig, PodConfig, PodStats,
-    SockAddr, TupleKey, SCHEMA_VERSION,
+    config_flags, map_names, program_names as prog, quota::PodQuota, DnsKey, GlobalConfig,
+    PodConfig, PodStats, SockAddr, TupleKey, SCHEMA_VERSION,
 };
 use tracing::{info, warn};
 
@@ -69,6 +70,9 @@ pub struct DatapathOptions<'a> {
     pub fail_open_after: Option<std::time::Duration>,
     /// Attach the in-kernel relay (sockhash + stream verdict) for unshaped connections.
     pub kernel_relay: relay::Mode,
+    /// Each pod's quota of `SM_ORIG_TUPLE` and `SM_DNS_ORIG` entries (0: none).
+    pub pod_origin_quota: u32,
+    pub pod_dns_quota: u32,
 }
 
 /// Maps the proxies use while running.
@@ -90,6 +94,8 @@ pub struct Datapath {
     steering: steer::Steering,
     pods: HashMap<MapData, u64, PodConfig>,
     stats: PerCpuHashMap<MapData, u64, PodStats>,
+    /// Each pod's live entries against its quotas (`SM_POD_QUOTA`).
+    quotas: HashMap<MapData, u64, PodQuota>,
     pub maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
     /// The observability maps the agent writes (taken by the app at start).
@@ -140,6 +146,8 @@ impl Datapath {
         } else {
             0
         };
+        // Before the object: its definition of this map takes the pinned one (see sockstore).
+        sockstore::ensure_pinned(dir)?;
         let mut ebpf = object::loader(dir)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(crate::EBPF_OBJECT)
@@ -177,6 +185,8 @@ impl Datapath {
             _pad2: 0,
             heartbeat_ns: 0,
             fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
+            pod_origin_quota: opts.pod_origin_quota,
+            pod_dns_quota: opts.pod_dns_quota,
         };
         // Fresh from the first write, so pods are captured while the task gets going.
         let heartbeat = heartbeat::Heartbeat::new(config, gc)?;
@@ -215,6 +225,7 @@ impl Datapath {
 
         let steering = steer::Steering::new(&mut ebpf, dir)?;
         let stats = take(&mut ebpf, map_names::POD_STATS)?;
+        let quotas = take(&mut ebpf, map_names::POD_QUOTA)?;
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
@@ -232,6 +243,7 @@ impl Datapath {
             steering,
             pods,
             stats,
+            quotas,
             maps,
             events,
             sink,
@@ -286,6 +298,13 @@ impl Datapath {
                 .insert(netns_cookie, zeros, 0)
                 .context("create the pod's counters")?;
         }
+        // Its count of live entries against its quotas: kept if there (a re-enrolment or a
+        // restart on the same pins), since the entries it counts are still there too.
+        if self.quotas.get(&netns_cookie, 0).is_err() {
+            self.quotas
+                .insert(netns_cookie, PodQuota::default(), 0)
+                .context("create the pod's quota counts")?;
+        }
         self.pods
             .insert(netns_cookie, cfg, 0)
             .context("enrol pod in SM_PODS")?;
@@ -302,6 +321,7 @@ impl Datapath {
     /// is bounded. (At shutdown they stay, for `sockmesh stats` after the agent is gone.)
     pub fn forget_pod(&mut self, netns_cookie: u64) {
         let _ = self.stats.remove(&netns_cookie);
+        let _ = self.quotas.remove(&netns_cookie);
     }
 
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {

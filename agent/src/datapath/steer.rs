@@ -52,7 +52,9 @@ pub struct Steering {
     /// The pin directory, where the instances find the maps they share with the main object.
     dir: PathBuf,
     binds: BpfHashMap<MapData, BindKey, BindValue>,
-    /// Where the bind hook marks a socket as holding a bind, so its release forgets it.
+    /// Where the agent marks a socket found holding a bind at enrolment, so its release
+    /// forgets it (the bind hook marks the sockets it sees in their own storage, which the
+    /// agent cannot write for another process's socket).
     sockets: BpfHashMap<MapData, u64, SocketEntry>,
     pods: HashMap<u64, Instance>,
 }
@@ -63,7 +65,7 @@ impl Steering {
         Ok(Steering {
             dir: dir.to_path_buf(),
             binds: take(main, map_names::INBOUND_BINDS)?,
-            sockets: take(main, map_names::SOCKETS)?,
+            sockets: take(main, map_names::FOUND_BINDS)?,
             pods: HashMap::new(),
         })
     }

@@ -16,4 +16,6 @@ use std::{
 pub type Handed = Arc<Mutex<HashMap<u64, proto::PodSockets<OwnedFd>>>>;
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;

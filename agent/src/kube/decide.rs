@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use sockmesh_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
-use crate::spec::{CidrSpec, PortRangeSpec};
+use crate::spec::{shown, CidrSpec, PortRangeSpec};
 
 pub const MESH: &str = "sockmesh.io/mesh";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "sockmesh.io/exclude-outbound-ports";
@@ -86,7 +86,8 @@ pub fn decide(
             problems.push(Problem {
                 key: MESH,
                 message: format!(
-                    "'{other}' is not enabled or disabled; the namespace label decides"
+                    "'{}' is not enabled or disabled; the namespace label decides",
+                    shown(other)
                 ),
             });
             None
@@ -136,8 +137,9 @@ fn options(ann: &BTreeMap<String, String>) -> Result<PodOptions, Problem> {
                 return Err(Problem {
                     key: POLICY_PROFILE,
                     message: format!(
-                        "'{p}' is not a profile name (lower-case letters, digits, '-', '.', at most 63)"
-                    ),
+                    "'{}' is not a profile name (lower-case letters, digits, '-', '.', at most 63)",
+                    shown(p)
+                ),
                 })
             }
         },

@@ -13,6 +13,9 @@ pub mod identity;
 pub mod owners;
 pub mod report;
 
+#[cfg(test)]
+mod hostile_tests;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

@@ -6,13 +6,13 @@ use anyhow::Result;
 use clap::Args;
 use sockmesh_common::{
     counter,
-    peer::{agent_counter, pod_refusal, throttle_reason, timeout_kind},
+    peer::{agent_counter, throttle_reason, timeout_kind},
 };
 
 use super::{
     group::{group, parse_by, By},
     table::{render, Cols},
-    view::{peer_rows, pod_rows, PeerRow, PodRow, Snapshot},
+    view::{peer_rows, pod_rows, refusal_names, PeerRow, PodRow, Snapshot},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,7 +319,7 @@ fn totals(pods: &[PodRow], peers: &[PeerRow]) -> Totals {
         bytes_out: peers.iter().map(|r| r.bytes_out).sum(),
         bytes_in: peers.iter().map(|r| r.bytes_in).sum(),
         connect_failures: peers.iter().map(|r| r.connect_failures).sum(),
-        refused: sum(&pod_refusal::NAMES, &|i| {
+        refused: sum(&refusal_names(), &|i| {
             pods.iter()
                 .map(|p| p.refused.get(i).map_or(0, |c| c.1))
                 .sum()

@@ -114,7 +114,7 @@ pub fn list(dir: &Path, json: bool) -> Result<String> {
     let mut rows = Vec::new();
     for m in maps::MAPS {
         let path = dir.join(m.name);
-        let count = if m.kind == MapKind::RingBuf || !path.exists() {
+        let count = if !m.kind.listable() || !path.exists() {
             None
         } else {
             Some(entries(&open(dir, m)?, m)?.len())
@@ -167,6 +167,13 @@ pub fn dump(dir: &Path, name: &str, json: bool) -> Result<String> {
         bail!(
             "{name} is a ring buffer: a stream of events the agent consumes, with no entries \
              to dump (`sockmesh maps list` shows the maps that have them)"
+        );
+    }
+    if layout.kind == MapKind::SkStorage {
+        bail!(
+            "{name} is socket-local storage: each entry lives in its socket and goes with it, \
+             so it cannot be listed from outside (`sockmesh peers` and `pods` show what the \
+             programs did with it)"
         );
     }
     check_schema(dir)?;

@@ -124,10 +124,14 @@ fn kernel_events_and_readiness_are_exported() {
         .iter()
         .filter(|(n, _, _)| n == "sockmesh_pod_refused_total")
         .collect();
+    // The agent's kinds and the kernel's quotas.
     assert_eq!(
         refused.len(),
-        sockmesh_common::peer::pod_refusal::NAMES.len()
+        sockmesh_common::peer::pod_refusal::NAMES.len() + sockmesh_common::counter::REFUSALS.len()
     );
+    assert!(refused
+        .iter()
+        .any(|(_, l, _)| l.contains("reason=\"dns_quota\"")));
     assert!(refused
         .iter()
         .any(|(_, l, v)| l.contains("reason=\"conn_pod_cap\"") && *v == 3.0));

@@ -206,7 +206,8 @@ pub struct PodRow {
     pub breakers_open: u64,
     #[serde(serialize_with = "as_object")]
     pub counters: Named,
-    /// What the agent's per-pod caps and shares refused or held back, by kind.
+    /// What the agent's per-pod caps and shares, and the kernel's quotas, refused or held
+    /// back, by kind.
     #[serde(serialize_with = "as_object")]
     pub refused: Named,
 }
@@ -215,6 +216,22 @@ impl PodRow {
     pub fn refused_total(&self) -> u64 {
         self.refused.iter().map(|(_, n)| n).sum()
     }
+}
+
+/// Every kind of refusal a pod row shows: the agent's (`SM_POD_REFUSED`), then the kernel's
+/// quotas (counted in `SM_POD_STATS`).
+pub fn refusal_names() -> Vec<&'static str> {
+    let kernel = counter::REFUSALS.iter().map(|&i| counter::NAMES[i]);
+    pod_refusal::NAMES.iter().copied().chain(kernel).collect()
+}
+
+/// A pod's refusals, in the order of [`refusal_names`].
+fn refused(agent: &[u64], kernel: &[u64]) -> Named {
+    let mut out = named(&pod_refusal::NAMES, agent);
+    for &i in &counter::REFUSALS {
+        out.push((counter::NAMES[i], kernel.get(i).copied().unwrap_or(0)));
+    }
+    out
 }
 
 pub fn pod_rows(snap: &Snapshot, peers: &[PeerRow]) -> Vec<PodRow> {
@@ -238,7 +255,7 @@ pub fn pod_rows(snap: &Snapshot, peers: &[PeerRow]) -> Vec<PodRow> {
                 connect_failures: 0,
                 breakers_open: 0,
                 counters: named(&counter::NAMES, &p.counters),
-                refused: named(&pod_refusal::NAMES, &p.refused),
+                refused: refused(&p.refused, &p.counters),
             };
             for r in mine {
                 row.peers += 1;

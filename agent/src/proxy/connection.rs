@@ -9,6 +9,7 @@ use tracing::{debug, info};
 use sockmesh_common::peer::pod_refusal;
 
 use super::{
+    accept::FdBackoff,
     loopback,
     relay::{self, Limits},
     shares::Slot,
@@ -51,9 +52,13 @@ pub async fn proxy(
         }
     };
     let local = on_bound.map(|_| SocketAddr::new(loopback(dst.is_ipv6()), 0));
+    let Some(sock) = upstream_socket(pod, shared, dst, local).await else {
+        relay::reset(&client);
+        return;
+    };
     let started = tokio::time::Instant::now();
     let upstream = async {
-        let sock = socket_in_pod(pod, shared, dst, local).await?;
+        let sock = sock?;
         // Only inbound asks: getsockname is a syscall on every outbound connection otherwise.
         if let Some(f) = on_bound {
             if let Ok(addr) = sock.local_addr() {
@@ -63,15 +68,6 @@ pub async fn proxy(
         connect_socket(sock, dst, permit.timeouts.connect).await
     }
     .await;
-    if let Err(e) = &upstream {
-        if out_of_fds(e) {
-            // The agent's own shortage, not the peer's failure: no breaker or throttle input.
-            pod.refusals.count(pod_refusal::ACCEPT_BACKOFF);
-            debug!(pod = %pod.name, %dst, error = %e, "no socket for the upstream connect; resetting client");
-            relay::reset(&client);
-            return;
-        }
-    }
     let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
     if let Some(BreakerTransition::Closed) = shared.admission.connect_result(&key, &result) {
         info!(event = "breaker_closed", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker closed");
@@ -103,6 +99,36 @@ pub async fn proxy(
     let r = super::drain::relay_until(client, upstream, limits, bytes.clone(), &shared.abort).await;
     shared.recorder.ended(&key, &r, Some(&bytes));
     debug!(pod = %pod.name, peer = %key.peer, sent = r.a_to_b, received = r.b_to_a, end = ?r.end, "connection closed");
+}
+
+/// The upstream socket, once there is a file descriptor for it: out of descriptors, the
+/// connection (accepted into the last free one) waits for one as the accept loops do
+/// ([`FdBackoff`]) instead of being reset, so a connection that waited in the backlog through
+/// a shortage is served once it ends. The shortage is the agent's, not the peer's: it is
+/// counted against the pod (`accept_backoff`, once per connection that waited) and is neither
+/// a breaker input nor part of the connect latency. `None` at the drain deadline. Other
+/// errors are the upstream connect's failure, as before.
+async fn upstream_socket(
+    pod: &PodCtx,
+    shared: &Shared,
+    dst: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Option<std::io::Result<TcpSocket>> {
+    let mut backoff = FdBackoff::new();
+    loop {
+        match socket_in_pod(pod, shared, dst, local).await {
+            Err(e) if out_of_fds(&e) => {
+                if backoff.first() {
+                    pod.refusals.count(pod_refusal::ACCEPT_BACKOFF);
+                    debug!(pod = %pod.name, %dst, error = %e, "no socket for the upstream connect; waiting for one");
+                }
+                if !backoff.wait(shared, &shared.abort).await {
+                    return None;
+                }
+            }
+            r => return Some(r),
+        }
+    }
 }
 
 /// A marked TCP socket of the pod's namespace, optionally bound to `local` (bind works on

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use sockmesh_common::peer::pod_refusal;
+use sockmesh_common::{map_sizes, peer::pod_refusal, quota};
 use tokio::sync::Notify;
 
 use crate::{
@@ -71,6 +71,36 @@ pub struct ShareArgs {
     #[arg(long, env = "SOCKMESH_POD_BIND_EVENTS", value_name = "RATE|off",
           default_value = "20/s", value_parser = rate)]
     pub pod_bind_events: OrOff<Rate>,
+    /// Redirected connections of one pod whose original destination the kernel keeps at
+    /// once (its entries in `SM_ORIG_TUPLE`, from the handshake to the close); past it a new
+    /// connection of the pod keeps none and the agent resets it (counted `origin_quota`).
+    /// The default times 110 pods fits in the map, so no pod can take another's entries.
+    #[arg(long, env = "SOCKMESH_POD_CONN_ORIGINS", value_name = "COUNT",
+          default_value_t = quota::defaults::ORIGINS, value_parser = origin_quota)]
+    pub pod_conn_origins: u32,
+    /// UDP sockets of one pod with a DNS server the kernel remembers at once (its entries in
+    /// `SM_DNS_ORIG`, from the first query to the socket's close); past it the pod's
+    /// connect()/sendto() to port 53 on a new socket fails with EPERM (counted `dns_quota`).
+    #[arg(long, env = "SOCKMESH_POD_DNS_ORIGINS", value_name = "COUNT",
+          default_value_t = quota::defaults::DNS, value_parser = dns_quota)]
+    pub pod_dns_origins: u32,
+}
+
+/// A quota of at most what the map holds (more would promise entries it cannot give).
+fn quota_within(s: &str, map: u32) -> Result<u32, String> {
+    let n = parse_count(s, 1).map_err(|e| e.to_string())?;
+    if n > map {
+        return Err(format!("{n} is more than the map holds ({map})"));
+    }
+    Ok(n)
+}
+
+fn origin_quota(s: &str) -> Result<u32, String> {
+    quota_within(s, map_sizes::ORIG_TUPLES)
+}
+
+fn dns_quota(s: &str) -> Result<u32, String> {
+    quota_within(s, map_sizes::DNS_ORIGINS)
 }
 
 fn count(s: &str) -> Result<u32, String> {

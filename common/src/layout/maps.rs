@@ -9,8 +9,9 @@ use crate::peer::{
     PodMeta, PodRefused, IDENT_LEN, POD_NAME_LEN, SERVICE_LEN,
 };
 use crate::{
-    counter, map_names, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
-    SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
+    counter, map_names, quota::PodQuota, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig,
+    PodConfig, PodStats, SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey, MAX_EXCLUDED_CIDRS,
+    MAX_EXCLUDED_PORTS,
 };
 
 fn socket_kind_name(v: u64) -> &'static str {
@@ -47,6 +48,15 @@ const FAMILY: Kind = Kind::Named {
 const NETNS_KEY: (usize, &[Field]) = (8, &[f("netns_cookie", 0, Kind::U64)]);
 const SOCKET_KEY: (usize, &[Field]) = (8, &[f("socket_cookie", 0, Kind::U64)]);
 const INDEX_KEY: (usize, &[Field]) = (4, &[f("index", 0, Kind::U32)]);
+/// Socket-local storage is keyed by a socket's fd (4 bytes) from userspace.
+const SOCK_STORE_KEY: (usize, &[Field]) = (4, &[f("socket_fd", 0, Kind::U32)]);
+const POD_QUOTA_VALUE: (usize, &[Field]) = (
+    size_of::<PodQuota>(),
+    &[
+        f("origins", offset_of!(PodQuota, origins), Kind::U64),
+        f("dns", offset_of!(PodQuota, dns), Kind::U64),
+    ],
+);
 
 const PEER_KEY: (usize, &[Field]) = (
     size_of::<PeerKey>(),
@@ -123,6 +133,16 @@ const CONFIG_VALUE: (usize, &[Field]) = (
             "fail_open_after_ns",
             offset_of!(GlobalConfig, fail_open_after_ns),
             Kind::U64,
+        ),
+        f(
+            "pod_origin_quota",
+            offset_of!(GlobalConfig, pod_origin_quota),
+            Kind::U32,
+        ),
+        f(
+            "pod_dns_quota",
+            offset_of!(GlobalConfig, pod_dns_quota),
+            Kind::U32,
         ),
     ],
 );
@@ -437,15 +457,29 @@ pub const MAPS: &[MapLayout] = &[
         POD_STATS_VALUE,
     ),
     map(
-        map_names::SOCKETS,
-        MapKind::LruHash,
-        "what the programs remember per socket",
+        map_names::SOCK_STORE,
+        MapKind::SkStorage,
+        "what the programs remember per socket, in the socket",
+        SOCK_STORE_KEY,
+        SOCKET_ENTRY_VALUE,
+    ),
+    map(
+        map_names::FOUND_BINDS,
+        MapKind::Hash,
+        "binds found listening at enrolment, by socket cookie",
         SOCKET_KEY,
         SOCKET_ENTRY_VALUE,
     ),
     map(
+        map_names::POD_QUOTA,
+        MapKind::Hash,
+        "each pod's live entries of the origin maps, against its quotas",
+        NETNS_KEY,
+        POD_QUOTA_VALUE,
+    ),
+    map(
         map_names::ORIGIN_BY_TUPLE,
-        MapKind::LruHash,
+        MapKind::Hash,
         "original destination per proxied connection",
         TUPLE_KEY,
         ORIGIN_VALUE,
@@ -459,7 +493,7 @@ pub const MAPS: &[MapLayout] = &[
     ),
     map(
         map_names::DNS_ORIGINS,
-        MapKind::LruHash,
+        MapKind::Hash,
         "original DNS server per pod UDP socket",
         DNS_KEY,
         SERVER_VALUE,

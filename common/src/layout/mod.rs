@@ -91,6 +91,8 @@ pub enum MapKind {
     LruHash,
     LruPerCpuHash,
     RingBuf,
+    /// Socket-local storage: entries live in the sockets and cannot be listed from outside.
+    SkStorage,
 }
 
 impl MapKind {
@@ -102,7 +104,13 @@ impl MapKind {
             MapKind::LruHash => 9,
             MapKind::LruPerCpuHash => 10,
             MapKind::RingBuf => 27,
+            MapKind::SkStorage => 24,
         }
+    }
+    /// Whether userspace can walk its entries (a ring buffer has none; socket storage keys
+    /// are sockets, reachable only through them).
+    pub const fn listable(self) -> bool {
+        !matches!(self, MapKind::RingBuf | MapKind::SkStorage)
     }
     pub const fn per_cpu(self) -> bool {
         matches!(self, MapKind::PerCpuHash | MapKind::LruPerCpuHash)
@@ -115,6 +123,7 @@ impl MapKind {
             MapKind::LruHash => "lru_hash",
             MapKind::LruPerCpuHash => "lru_percpu_hash",
             MapKind::RingBuf => "ringbuf",
+            MapKind::SkStorage => "sk_storage",
         }
     }
 }

@@ -51,13 +51,20 @@ fn main() -> Result<()> {
             arg(&args, 4, "SECS")?,
         )?,
         Some("peers") => peers(arg(&args, 2, "THREADS")?, &args[3..])?,
-        _ => bail!("usage: smt-attack hold|dns|binds|peers ..."),
+        Some("socks") => socks(
+            &args[2],
+            arg(&args, 3, "DST")?,
+            arg(&args, 4, "N")?,
+            arg(&args, 5, "FIRST_PORT")?,
+        )?,
+        _ => bail!("usage: smt-attack hold|dns|binds|peers|socks ..."),
     };
     println!("{out}");
     Ok(())
 }
 
-/// Connects `n` sockets (2 s each) and holds every one that connected until stdin closes.
+/// Connects `n` sockets (2 s each) and holds every one that connected until stdin closes;
+/// then reports how many are still alive, and how many the other end closed or reset.
 fn hold(dst: SocketAddr, n: usize) -> Result<serde_json::Value> {
     let mut held = Vec::with_capacity(n);
     let (mut failed, mut first_error) = (0u64, None);
@@ -75,6 +82,80 @@ fn hold(dst: SocketAddr, n: usize) -> Result<serde_json::Value> {
     });
     println!("{v}");
     // Held until the test closes our stdin (or kills us).
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+    // What became of them: nothing was ever sent, so a live connection has nothing to read
+    // (WouldBlock); one the other end closed reads EOF, one it reset fails.
+    let (mut alive, mut closed, mut reset) = (0u64, 0u64, 0u64);
+    for s in &held {
+        let _ = s.set_nonblocking(true);
+        match s.peek(&mut [0u8; 1]) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => alive += 1,
+            Ok(0) => closed += 1,
+            Ok(_) => alive += 1,
+            Err(_) => reset += 1,
+        }
+    }
+    drop(held);
+    Ok(serde_json::json!({ "released": true, "alive": alive, "closed": closed, "reset": reset }))
+}
+
+/// Makes `n` sockets of `kind` and holds them until stdin closes: `tcp`, each a non-blocking
+/// connect() to `dst` (each one the programs remember, redirected to the agent); `udp`, each
+/// bound to the next port from `first_port` (autobind would scan a nearly full ephemeral
+/// range of 28k ports for each one) and one DNS query sent to `dst` (each one a DNS origin
+/// the kernel keeps until the socket closes). Reports how many were made, and how many
+/// connect()/sendto() calls failed, by error (EPERM: the pod's quota).
+fn socks(kind: &str, dst: SocketAddr, n: usize, first_port: u16) -> Result<serde_json::Value> {
+    let any = if dst.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    let domain = Domain::for_address(dst);
+    let mut held = Vec::with_capacity(n);
+    let (mut ok, mut eperm, mut other, mut first_error) = (0u64, 0u64, 0u64, None);
+    for i in 0..n {
+        let r = match kind {
+            "tcp" => {
+                let s = Socket::new(domain, Type::STREAM, None)?;
+                s.set_nonblocking(true)?;
+                let r = match s.connect(&dst.into()) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(()),
+                    r => r,
+                };
+                held.push(s);
+                r
+            }
+            "udp" => {
+                let s = Socket::new(domain, Type::DGRAM, None)?;
+                let port = first_port
+                    .checked_add(i as u16)
+                    .context("socks: FIRST_PORT + N is past 65535")?;
+                if dst.is_ipv6() {
+                    // Not dual-stack: the IPv4 processes bind the same port numbers.
+                    s.set_only_v6(true)?;
+                }
+                let r = s
+                    .bind(&SocketAddr::new(any, port).into())
+                    .and_then(|()| s.send_to(&query(i as u16), &dst.into()).map(|_| ()));
+                held.push(s);
+                r
+            }
+            _ => bail!("socks: tcp or udp, not {kind:?}"),
+        };
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(e) => {
+                other += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let v = serde_json::json!({
+        "made": held.len(), "ok": ok, "eperm": eperm, "other": other, "first_error": first_error,
+    });
+    println!("{v}");
     let _ = std::io::stdin().read(&mut [0u8; 1]);
     drop(held);
     Ok(serde_json::json!({ "released": true }))

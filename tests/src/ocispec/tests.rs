@@ -60,7 +60,7 @@ fn the_shipped_manifest_becomes_this_spec() {
     assert_eq!(args[0], "/usr/local/bin/sockmesh");
     assert_eq!(args.len(), 1 + c.args.as_ref().unwrap().len());
     assert!(
-        args.contains(&"--metrics-addr=127.100.1.2:15090"),
+        args.contains(&"--health-addr=127.100.1.2:15090"),
         "{args:?}"
     );
     let env = strings(&p["env"]);

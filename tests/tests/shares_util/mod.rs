@@ -3,6 +3,11 @@
 //! one, and the agent's per-pod refusal counters.
 #![allow(dead_code)]
 
+mod cast;
+// Not every test file that includes these helpers uses the cast.
+#[allow(unused_imports)]
+pub use cast::*;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{ChildStdin, Stdio};
@@ -248,6 +253,19 @@ pub fn fds(agent: &Agent) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
         .expect("fds")
         .count()
+}
+
+/// The `n` lowest descriptor numbers the agent has free. `RLIMIT_NOFILE` bounds descriptor
+/// *numbers*, not how many are open: a process whose table has holes (closed descriptors
+/// below its highest open one) gets new descriptors in them even with its limit below its
+/// open count. A soft limit at the k-th of these leaves it exactly k.
+pub fn free_fds(agent: &Agent, n: usize) -> Vec<u64> {
+    let open: std::collections::BTreeSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+            .expect("fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    (0..).filter(|fd| !open.contains(fd)).take(n).collect()
 }
 
 /// CPU time (user + system) the agent has used so far.

@@ -87,6 +87,8 @@ fn load_maps(mode: Mode) -> RelayMaps {
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).expect("pin dir (bpffs mounted, root)");
+    // The object takes the socket storage the agent makes (see datapath::sockstore).
+    crate::datapath::sockstore::ensure_pinned(&dir).expect("socket storage");
     let loaded = aya::EbpfLoader::new()
         .default_map_pin_directory(&dir)
         .load(crate::EBPF_OBJECT);
