@@ -146,9 +146,11 @@ proptest! {
             Ok(a) => {
                 prop_assert_eq!(unique, n, "a duplicate was accepted");
                 let placed: usize = a.pods.values().map(|p| p.outbound.len() + p.dns.len() + p.inbound.len()).sum();
-                prop_assert_eq!(placed + a.unclaimed.len(), n);
+                // HTTP listeners are the node's, set apart from every pod's.
+                prop_assert_eq!(placed + a.unclaimed.len() + a.http.len(), n);
                 prop_assert!(a.pods.keys().all(|k| wanted.contains(k)));
                 prop_assert!(a.unclaimed.iter().all(|(o, _)| !wanted.contains(&o.netns_cookie)));
+                prop_assert!(a.unclaimed.iter().all(|(o, _)| o.kind != Kind::Http));
             }
             Err(e) => {
                 prop_assert!(unique < n, "refused without a duplicate: {e}");
