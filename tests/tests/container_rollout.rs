@@ -19,7 +19,7 @@ use sockmesh_tests::daemonset::{build_image, DaemonSetPod};
 use sockmesh_tests::kubepod::KubePod;
 use sockmesh_tests::manifest::{repo_manifest_path, Manifest};
 use sockmesh_tests::node::Node;
-use sockmesh_tests::prom::{http_get, scrape, scrape_until, Sample};
+use sockmesh_tests::prom::http_get;
 use sockmesh_tests::*;
 
 const MESH: &str = "sockmesh.io/mesh";
@@ -28,13 +28,16 @@ const PORT: u16 = 8080;
 /// Connections counted in each phase of each loop.
 const PHASE: usize = 20;
 
-/// Inbound connections to `pod` in a /metrics scrape (every peer summed).
-fn inbound_total(samples: &[Sample], pod: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == "sockmesh_peer_connections_total")
-        .filter(|s| s.label("pod") == Some(pod) && s.label("direction") == Some("inbound"))
-        .map(|s| s.value)
+/// Inbound connections to `pod` the agent counted, from the pinned maps `sockmesh peers` reads
+/// (the node address serves only the probes: /metrics is off in the shipped DaemonSet).
+fn inbound_total(agent: &Agent, pod: &str) -> u64 {
+    let peers = agent.read_json("peers", &[]).expect("sockmesh peers");
+    peers["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["pod"] == pod && r["direction"] == "inbound")
+        .filter_map(|r| r["conns_total"].as_u64())
         .sum()
 }
 
@@ -204,12 +207,17 @@ fn a_rollout_hands_over_with_no_connection_refused_or_reset() {
         common::redirected(&client.pod, out_dst),
         "outbound captured"
     );
-    let before = inbound_total(&scrape(probe).expect("scrape"), "shop/web");
+    let before = inbound_total(agent, "shop/web");
     let mut conn = tcp_connect(&outsider.pod, in_dst, T).expect("connect in");
     tcp_echo_roundtrip(&mut conn.stream, b"after").expect("echo through the new agent");
     drop(conn);
-    let samples = scrape_until(probe, |s| inbound_total(s, "shop/web") > before);
-    let after = inbound_total(&samples, "shop/web");
+    // Counted once the agent flushes (every second): wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut after = inbound_total(agent, "shop/web");
+    while after <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = inbound_total(agent, "shop/web");
+    }
     assert!(
         after > before,
         "the new agent proxies inbound: {before} -> {after}"
