@@ -20,8 +20,12 @@ extern crate std;
 /// 4: inbound steering by `sk_lookup` (`steer::*` maps, `GlobalConfig::inbound_port`, the
 /// `inbound_steered` counter), and per-pod refusals of the agent's caps and shares
 /// (`SM_POD_REFUSED`).
-pub const SCHEMA_VERSION: u32 = 4;
+/// 5: the kernel fast path: `SM_VERDICTS` values carry a peer's tier and its kernel policy
+/// ([`fast::Verdict`]), `SocketEntry::started_ns`, more per-peer kernel counters, the tier
+/// in `PeerState`.
+pub const SCHEMA_VERSION: u32 = 5;
 
+pub mod fast;
 pub mod peer;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.
@@ -35,7 +39,8 @@ pub mod map_names {
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
     pub const INBOUND_BINDS: &str = "SM_IN_BINDS";
     pub const EVENTS: &str = "SM_EVENTS";
-    /// Fast-reject verdicts (breaker open or rate bucket empty), see [`crate::VerdictKey`].
+    /// Fast-reject verdicts (breaker open or rate bucket empty) and the kernel tier's
+    /// entries, see [`crate::fast::VerdictKey`].
     pub const VERDICTS: &str = "SM_VERDICTS";
     /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
     pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
@@ -370,6 +375,9 @@ pub mod socket_kind {
     pub const DNS: u16 = 2;
     /// A socket holding an explicit wildcard TCP bind of its pod (an inbound capture).
     pub const BIND: u16 = 3;
+    /// A TCP connect() the kernel policed and let go direct (the peer is on the kernel
+    /// tier, see [`crate::fast`]); `origin` is the peer.
+    pub const FAST: u16 = 4;
 }
 
 /// `SM_SOCKETS[socket cookie]`: what the programs remember about one of a pod's sockets, so
@@ -386,6 +394,15 @@ pub struct SocketEntry {
     /// BIND: the family of the listening socket.
     pub family: u16,
     pub _pad: u16,
+    /// FAST: 1 once the handshake completed (its end is then the sock_ops close, after the
+    /// app's close(), with the bytes it moved).
+    pub established: u32,
+    /// FAST: when connect() let it go direct (CLOCK_MONOTONIC ns), so a failed handshake can
+    /// be told a timeout (it lasted the connect timeout) from a refusal.
+    pub started_ns: u64,
+    /// FAST: the `Verdict::epoch_ns` of the entry that counted this socket in `active`, so
+    /// its end is only subtracted from that entry (not from one written after a reload).
+    pub epoch_ns: u64,
 }
 
 /// Key of the maps that link the two ends of a connection over the pod's loopback:
@@ -426,26 +443,6 @@ pub struct BindKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindValue {
     pub socket_cookie: u64,
-}
-
-/// Key of `SM_VERDICTS`: a pod's outbound peer under a fast-reject verdict, which the agent
-/// writes when the peer's breaker is open or its connection-rate bucket is empty; while it
-/// holds, the kernel refuses connect() to the peer at once (ECONNREFUSED).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
-    pub netns_cookie: u64,
-    pub peer: SockAddr,
-    pub _pad: u32,
-}
-
-/// Value of `SM_VERDICTS`: the fast-reject verdict (breaker open or rate bucket empty) holds
-/// until this CLOCK_MONOTONIC time (`bpf_ktime_get_ns`); it expires by itself, no agent needed
-/// to lift it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Verdict {
-    pub until_ns: u64,
 }
 
 /// Event kinds sent to the agent over `SM_EVENTS`.
@@ -518,8 +515,6 @@ mod user {
     unsafe impl aya::Pod for BindValue {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SocketEntry {}
-    unsafe impl aya::Pod for VerdictKey {}
-    unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for AgentSocket {}
     unsafe impl aya::Pod for super::relay::RelayPeer {}
 }

@@ -148,6 +148,13 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
     };
     match entry.kind {
         socket_kind::DNS => dns::forget(netns, entry),
+        // Released without a close the sock_ops program saw (its handshake never started):
+        // give its slot back.
+        socket_kind::FAST => {
+            crate::fast::on_end(&ctx, None, (0, 0));
+            // An established one keeps its entry for the sock_ops close (see `on_end`).
+            return 1;
+        }
         socket_kind::BIND => {
             let key = BindKey {
                 netns_cookie: netns,

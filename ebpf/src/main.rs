@@ -5,6 +5,9 @@
 //! enrolled pod's network namespace and built as an object of its own (`bin/steer.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The kernel tier's shared counters and rate bucket need atomic fetch-and-add and
+// compare-and-swap on map memory, written as BPF instructions (see `fast.rs`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 // Every `unsafe` block says why it is sound (checked by `cargo +nightly clippy --target
 // bpfel-unknown-none`; a host clippy compiles none of the programs).
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -15,6 +18,8 @@ mod addr;
 mod capture;
 #[cfg(target_arch = "bpf")]
 mod dns;
+#[cfg(target_arch = "bpf")]
+mod fast;
 #[cfg(target_arch = "bpf")]
 mod inbound;
 #[cfg(target_arch = "bpf")]

@@ -3,12 +3,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuHashMap, RingBuf},
 };
+use sockmesh_common::fast::{Verdict, VerdictKey};
 use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerState, PodMeta, PodRefused,
 };
 use sockmesh_common::{
     map_sizes, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig, PodStats,
-    SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
+    SockAddr, SocketEntry, TupleKey,
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map that allocates entries as they are inserted.

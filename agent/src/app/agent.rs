@@ -21,7 +21,7 @@ use super::{
     takeover,
 };
 use crate::{
-    admission::{Admission, ProxyClock},
+    admission::ProxyClock,
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
@@ -43,13 +43,13 @@ use crate::{
     },
     policy::{
         bind_queue::{BindQueue, Pushed},
-        Clock, Direction, PeerKey, PeerTable,
+        Clock, Direction,
     },
     proxy::{
         shares::{ShareConfig, Shares},
         ProxyConfig, Shared,
     },
-    rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
+    rules::{PolicyHandle, PolicyWatcher},
     sys::clock::unix_ms,
     telemetry::{flush::Observer, recorder::Recorder},
 };
@@ -170,7 +170,7 @@ impl Agent {
             peer::map_sizes::PEERS as usize,
             Box::new(unix_ms),
         ));
-        let admission = admission(&dp, &args.policy, &policy);
+        let admission = super::engine::admission(&dp, &args.policy, &policy, args.fast_path);
         let observer = Arc::new(Observer::new(recorder.clone(), admission.clone(), sink));
         let shared = Shared {
             cfg: Arc::new(ProxyConfig {
@@ -298,7 +298,10 @@ impl Agent {
                 _ = sig.int.recv() => { info!("SIGINT: shutting down"); return Exit::Stop; }
                 evs = next_events(self.ring.as_mut()), if !handing_over => self.on_bind_events(evs),
                 ev = next_bind(&mut self.binds, clock), if !handing_over => self.pods.on_event(ev),
-                _ = reconcile.tick(), if !handing_over => self.pods.reconcile(&self.dp),
+                _ = reconcile.tick(), if !handing_over => {
+                    self.pods.reconcile(&self.dp);
+                    self.kernel_breakers();
+                }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {
                         // The successor's snapshot of the listeners must include every bind
@@ -312,6 +315,20 @@ impl Agent {
                 _ = sig.hup.recv() => self.reload("SIGHUP"),
                 _ = sig.usr1.recv() => self.status(),
                 r = policy_changed(self.watcher.as_mut()) => self.on_policy_file(r),
+            }
+        }
+    }
+
+    /// Breakers the kernel tier opened since the last look: the proxy takes the peers back
+    /// with their breakers open, and probes half-open when the open period ends.
+    fn kernel_breakers(&self) {
+        for (netns, peer, until) in self.dp.maps.verdicts.take_kernel_opened() {
+            let key = self.shared.admission.kernel_opened_breaker(
+                |k| k.netns_cookie == netns && k.peer == peer && k.direction == Direction::Outbound,
+                until,
+            );
+            if let Some(key) = key {
+                self.shared.recorder.touched(&key);
             }
         }
     }
@@ -531,23 +548,4 @@ async fn policy_changed(watcher: Option<&mut PolicyWatcher>) -> std::io::Result<
         Some(w) => w.changed().await,
         None => std::future::pending().await,
     }
-}
-
-/// The policy engine behind every proxied connection; an open breaker or an empty rate
-/// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
-fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
-    let table = PeerTable::new(args.table_config(), policy.current().source());
-    let maps = dp.maps.clone();
-    Admission::new(
-        table,
-        Box::new(move |key: &PeerKey, until_ns: Option<u64>| {
-            // Only outbound connect()s pass through the kernel hook that reads verdicts.
-            if key.direction == Direction::Outbound {
-                match until_ns {
-                    Some(t) => maps.verdicts.refuse(key.netns_cookie, key.peer, t),
-                    None => maps.verdicts.lift(key.netns_cookie, key.peer),
-                }
-            }
-        }),
-    )
 }

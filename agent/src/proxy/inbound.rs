@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Mutex};
 
 use sockmesh_common::{SockAddr, TupleKey};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{accept, connection, loopback, relay, shares::Slot, PodCtx, Shared};
 use crate::{

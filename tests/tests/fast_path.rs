@@ -1,0 +1,263 @@
+//! The kernel fast path (`--fast-path auto`): a peer whose policy the kernel can enforce is
+//! handed over after its first proxied connection; later connect()s to it are policed in
+//! `connect4/6` and go direct, counted in the same per-peer schema.
+mod common;
+mod policy_util;
+
+use std::time::{Duration, Instant};
+
+use common::{counter, peer_row, peers_until, redirected, ECHO_PORT};
+use policy_util::{attempt, wait_until, Outcome, T};
+use serde_json::Value;
+use sockmesh_tests::*;
+
+/// What every fast-path agent here runs with: the two default knobs the kernel does not
+/// enforce yet (the idle timeout, adaptive throttling) off, so the peer is eligible.
+const ELIGIBLE: [&str; 6] = [
+    "--fast-path",
+    "auto",
+    "--idle-timeout",
+    "off",
+    "--adaptive-k",
+    "off",
+];
+
+fn start(client: &Pod, extra: &[&str]) -> Agent {
+    let spec = pod_spec(client, "");
+    let mut args = vec!["--pod", spec.as_str()];
+    args.extend_from_slice(&ELIGIBLE);
+    args.extend_from_slice(extra);
+    let agent = Agent::start(args).expect("agent");
+    agent.wait_ready().expect("ready");
+    agent
+}
+
+fn tier_of(agent: &Agent, peer: &str) -> Value {
+    peers_until(agent, &[], |v| {
+        common::find_peer(v, peer).is_some_and(|r| r["tier"] == "kernel")
+    })
+}
+
+/// The first connection is proxied (and resolves the peer's policy), every later one goes
+/// direct: the app's socket is bound to the pod's own address, not the loopback listener,
+/// the pod's `redirect_tcp` does not move, and `sockmesh peers` says `kernel` and counts
+/// the direct connections as connections of the peer, with their bytes.
+#[test]
+fn after_the_first_proxied_connection_a_peer_goes_direct() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(&client, &[]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    assert!(redirected(&client, dst), "the first connection is proxied");
+    let peers = tier_of(&agent, &dst.to_string());
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["tier"], "kernel", "{row}");
+    assert_eq!(counter(&agent, &client, "redirect_tcp"), 1);
+    for _ in 0..3 {
+        assert!(!redirected(&client, dst), "went direct");
+    }
+    assert_eq!(
+        counter(&agent, &client, "redirect_tcp"),
+        1,
+        "no redirect after the handover"
+    );
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string())
+            .is_some_and(|r| r["conns_total"] == 4 && r["direct"] == 3 && r["conns_active"] == 0)
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["conns_total"], 4, "{row}");
+    assert_eq!(row["direct"], 3, "{row}");
+    assert_eq!(row["conns_active"], 0, "{row}");
+    assert!(row["bytes_out"].as_u64() >= Some(16), "{row}");
+    assert!(row["bytes_in"].as_u64() >= Some(16), "{row}");
+}
+
+/// `--fast-path off` (the default), or a policy with a knob the kernel cannot enforce (here
+/// the default idle timeout): the peer stays on the proxy, and `peers` says why.
+#[test]
+fn a_peer_stays_on_the_proxy_when_the_fast_path_is_off_or_its_policy_needs_the_proxy() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let dst = server_pod.addr4(ECHO_PORT);
+    for (args, reason) in [
+        (
+            vec!["--idle-timeout", "off", "--adaptive-k", "off"],
+            "fast_path_off",
+        ),
+        (
+            vec!["--fast-path", "auto", "--adaptive-k", "off"],
+            "idle_timeout",
+        ),
+    ] {
+        let spec = pod_spec(&client, "");
+        let mut all = vec!["--pod", spec.as_str()];
+        all.extend(args);
+        let mut agent = Agent::start(all).expect("agent");
+        agent.wait_ready().expect("ready");
+        for _ in 0..3 {
+            assert!(redirected(&client, dst), "every connection proxied");
+        }
+        let peers = peers_until(&agent, &[], |v| {
+            common::find_peer(v, &dst.to_string()).is_some_and(|r| r["tier_reason"] == reason)
+        });
+        let row = peer_row(&peers, &dst.to_string());
+        assert_eq!(row["tier"], "proxy", "{row}");
+        assert_eq!(row["tier_reason"], reason, "{row}");
+        agent.stop().expect("stop");
+    }
+}
+
+/// Rate 2/s, burst 3, on the kernel tier: the proxied first connection took one token, the
+/// kernel continues the same bucket (two left), then refuses at connect() (ECONNREFUSED,
+/// counted `throttled.rate`) until the next token is due 500 ms after the burst began.
+/// The proxy tier (policy_limits.rs) shows "AAARK": its fourth attempt is reset after the
+/// handshake; the kernel refuses that one at connect() already ("AAAKK").
+#[test]
+fn the_kernel_tier_continues_the_rate_bucket_and_refuses_at_connect() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(
+        &client,
+        &["--peer-conn-rate", "2/s", "--peer-conn-burst", "3"],
+    );
+    let dst = server_pod.addr4(ECHO_PORT);
+    let started = Instant::now();
+    let seen: String = (0..5).map(|_| attempt(&client, dst).letter()).collect();
+    assert_eq!(
+        seen, "AAAKK",
+        "a burst of 3 in all, then refused in the kernel"
+    );
+    assert_eq!(counter(&agent, &client, "redirect_tcp"), 1);
+    let mut next = None;
+    wait_until("the next token", T, || match attempt(&client, dst) {
+        Outcome::KernelRefused => false,
+        other => {
+            next = Some((other.letter(), started.elapsed()));
+            true
+        }
+    });
+    let (letter, at) = next.expect("an outcome");
+    assert_eq!(letter, 'A');
+    assert!(at >= Duration::from_millis(495), "admitted after {at:?}");
+    assert_eq!(
+        attempt(&client, dst).letter(),
+        'K',
+        "one token, one connection"
+    );
+    // Every refused connect() counts (the wait above polled while the bucket was empty).
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string()).is_some_and(|r| {
+            r["throttled"]["rate"].as_u64() >= Some(3) && r["direct"] == 3 && r["tier"] == "kernel"
+        })
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
+    assert_eq!(row["direct"], 3, "{row}");
+    assert_eq!(row["tier"], "kernel", "{row}");
+}
+
+/// At most 2 connections, no queue: the kernel counts live direct connections from
+/// connect() to their close (sock_ops) and refuses the third at connect(); a slot freed by a
+/// close admits the next at once. (The proxy tier resets the third after its handshake.)
+#[test]
+fn the_kernel_tier_caps_live_connections_without_a_queue() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(&client, &["--peer-max-conns", "2", "--peer-max-queue", "0"]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    // The handover waits for the peer's proxied connections to end: the kernel counts from 0.
+    drop(attempt(&client, dst).admitted());
+    tier_of(&agent, &dst.to_string());
+    let a = attempt(&client, dst).admitted();
+    let b = attempt(&client, dst).admitted();
+    assert!(!a.local.ip().is_loopback() && !b.local.ip().is_loopback());
+    assert_eq!(attempt(&client, dst).letter(), 'K', "the third is refused");
+    drop(a);
+    let mut c = None;
+    wait_until("a slot freed by the close", T, || {
+        match attempt(&client, dst) {
+            Outcome::Admitted(x) => {
+                c = Some(x);
+                true
+            }
+            _ => false,
+        }
+    });
+    assert_eq!(attempt(&client, dst).letter(), 'K', "two live again");
+    drop((b, c));
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string()).is_some_and(|r| {
+            r["conns_active"] == 0 && r["throttled"]["concurrency"].as_u64() >= Some(2)
+        })
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["conns_active"], 0, "{row}");
+}
+
+/// A peer that stops answering SYNs after the handover: connect() fails with ETIMEDOUT
+/// within 10 % of the 1 s connect timeout (the kernel's own SYN retries would take over two
+/// minutes), counted as a connect timeout; two in a row open the breaker in the kernel, so
+/// the next connect() is refused at once, and the peer is handed back to the proxy, whose
+/// breaker is open until the same moment.
+#[test]
+fn the_kernel_tier_times_out_connects_and_opens_the_breaker() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(
+        &client,
+        &[
+            "--connect-timeout",
+            "1s",
+            "--breaker-failures",
+            "2",
+            "--breaker-open",
+            "30s",
+        ],
+    );
+    let dst = server_pod.addr4(ECHO_PORT);
+    drop(attempt(&client, dst).admitted());
+    tier_of(&agent, &dst.to_string());
+    server_pod
+        .exec(&[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP",
+        ])
+        .expect("iptables in the server pod");
+    for _ in 0..2 {
+        let started = Instant::now();
+        let err = tcp_connect(&client, dst, Duration::from_secs(10)).expect_err("timed out");
+        let took = started.elapsed();
+        assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+        assert!(
+            took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
+            "connect() failed after {took:?}, not within 10% of 1 s"
+        );
+    }
+    let started = Instant::now();
+    let err = tcp_connect(&client, dst, T).expect_err("breaker open");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string())
+            .is_some_and(|r| r["breaker"] == "open" && r["tier_reason"] == "breaker_opened")
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["timeouts"]["connect"], 2, "{row}");
+    assert_eq!(row["connect_failures"], 2, "{row}");
+    assert_eq!(row["breaker"], "open", "{row}");
+    assert_eq!(row["tier"], "proxy", "{row}");
+    // Still refused in the kernel once the agent took the breaker over.
+    assert_eq!(attempt(&client, dst).letter(), 'K');
+}
+
+/// A reload hands every peer back to the proxy (its policy may have changed); the next
+/// proxied connection decides again.
+#[test]
+fn a_policy_reload_takes_peers_off_the_kernel_tier() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(&client, &[]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    assert!(redirected(&client, dst));
+    tier_of(&agent, &dst.to_string());
+    assert!(!redirected(&client, dst));
+    agent.signal(libc::SIGHUP).expect("SIGHUP");
+    wait_until("the reload to demote the peer", T, || {
+        redirected(&client, dst)
+    });
+    assert!(!redirected(&client, dst), "handed over again");
+}
