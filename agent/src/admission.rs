@@ -358,7 +358,7 @@ impl<K: PeerId> Admission<K> {
             Ok(_) if !h.breaker_closed => Tier::proxy(tier_reason::BREAKER),
             Ok(p) if p.max_conns != 0 && h.active > 0 => Tier::proxy(tier_reason::HANDOVER_PENDING),
             Ok(p) => {
-                let entry = kernel_entry(&p, self.clock.kernel_ns(now), h.rate_level);
+                let entry = kernel_entry(&p, self.clock.kernel_ns(now), h.rate_level, h.window);
                 match (k.promote)(key, &entry) {
                     Ok(()) => {
                         debug!(peer = ?key, "peer handed over to the kernel tier");

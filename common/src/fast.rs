@@ -69,7 +69,41 @@ pub struct Verdict {
     pub epoch_ns: u64,
     /// The bucket as GCRA state (kernel, compare-and-swap): see [`gcra_take`].
     pub rate_tat: u64,
-    pub _spare: u64,
+    /// Adaptive throttling: K in thousandths (0: off), and the width of one window bucket
+    /// (the window / [`ADAPTIVE_BUCKETS`]), ns.
+    pub adaptive_k_milli: u64,
+    pub adaptive_bucket_ns: u64,
+    /// The window, as the proxy keeps it: a ring of buckets tagged with their absolute
+    /// bucket number (`now / adaptive_bucket_ns`); stale ones are ignored on read and reset on
+    /// write (kernel, atomics).
+    pub window: [WindowBucket; ADAPTIVE_BUCKETS],
+}
+
+/// Buckets in the adaptive-throttling window: the proxy's `policy::adaptive::BUCKETS`.
+pub const ADAPTIVE_BUCKETS: usize = 12;
+
+/// One bucket of the adaptive-throttling window: requests (connects that finished either way,
+/// and attempts the throttle refused) and accepts (connects that succeeded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowBucket {
+    pub epoch: u64,
+    pub requests: u64,
+    pub accepts: u64,
+}
+
+/// Adaptive throttling's reject probability, `max(0, (requests - K * accepts) / (requests + 1))`,
+/// as the fraction `num / den` in integers (K in thousandths), for a kernel without floats:
+/// an attempt is refused iff a uniform draw below `den` is below `num`. A test in the agent
+/// checks the fraction against the proxy's `AdaptiveThrottle::reject_probability`.
+#[inline(always)]
+pub fn adaptive_fraction(requests: u64, accepts: u64, k_milli: u64) -> (u64, u64) {
+    let allowance = sat_mul(k_milli, accepts);
+    let scaled = sat_mul(requests, 1000);
+    (
+        scaled.saturating_sub(allowance),
+        sat_mul(requests.saturating_add(1), 1000),
+    )
 }
 
 /// The largest reduced `rate_tokens` the kernel tier takes: `elapsed_ns * tokens` must fit a

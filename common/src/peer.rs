@@ -88,9 +88,11 @@ pub mod peer_counter {
     /// Kernel tier: times the kernel opened the peer's breaker (and handed it back to the
     /// proxy).
     pub const BREAKER_OPENED: usize = 12;
+    /// Kernel tier: connect() refused by adaptive throttling.
+    pub const THROTTLED_ADAPTIVE: usize = 13;
     /// Slots in the value (spares): new counters fit without a layout change.
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 13] = [
+    pub const NAMES: [&str; 14] = [
         "redirect",
         "fast_reject",
         "redirect_dns",
@@ -104,6 +106,7 @@ pub mod peer_counter {
         "connect_failures",
         "connect_timeouts",
         "breaker_opened",
+        "throttled_adaptive",
     ];
 }
 

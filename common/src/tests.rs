@@ -16,7 +16,10 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<SocketEntry>(), 48);
     assert_eq!(size_of::<super::relay::RelayPeer>(), 16);
     assert_eq!(size_of::<VerdictKey>(), 32);
-    assert_eq!(size_of::<Verdict>(), 8 * 13);
+    assert_eq!(
+        size_of::<Verdict>(),
+        8 * 14 + 24 * super::fast::ADAPTIVE_BUCKETS
+    );
     assert_eq!(size_of::<AgentSocket>(), 8);
     assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
 }

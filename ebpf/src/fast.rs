@@ -9,7 +9,7 @@
 //! BTF, which this toolchain cannot emit (see AYA-NOTES).
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_SYN_SENT},
-    helpers::bpf_setsockopt,
+    helpers::{bpf_get_prandom_u32, bpf_setsockopt},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
@@ -17,7 +17,7 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
-    fast::{gcra_take, tier, Verdict, VerdictKey},
+    fast::{adaptive_fraction, gcra_take, tier, Verdict, VerdictKey, ADAPTIVE_BUCKETS},
     peer::{direction, peer_counter},
     socket_kind, SockAddr, SocketEntry,
 };
@@ -76,6 +76,14 @@ unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
         );
     }
     old
+}
+
+/// `x`, as a value the compiler cannot reason about (a register move it cannot see through).
+#[inline(always)]
+fn opaque(mut x: u64) -> u64 {
+    // SAFETY: one register-to-itself move: reads and writes nothing but the register.
+    unsafe { asm!("{x} = {x}", x = inout(reg) x, options(nomem, nostack, preserves_flags)) };
+    x
 }
 
 /// Compare-and-swap on a u64 of a map value (BPF_CMPXCHG): stores `new` iff it holds `old`.
@@ -145,6 +153,15 @@ unsafe fn kernel_tier(
     // SAFETY: `v` is live map memory (the caller's promise); reads are of plain integers,
     // and `active`/`rate_tat` change only through atomics.
     unsafe {
+        // The proxy's order: breaker (the verdict above), adaptive throttling, rate,
+        // concurrency.
+        if adaptive_refuses(v, now) {
+            window_add(v, now, 1, 0);
+            // While the breaker is closed (always, on this tier) a throttled attempt counts
+            // toward it, as on the proxy.
+            breaker_failure(netns, dst, v, now);
+            return refuse(netns, dst, peer_counter::THROTTLED_ADAPTIVE);
+        }
         let max = read_volatile(&(*v).max_conns);
         // The slot first, then the token: a connect refused for one keeps the other, as the
         // proxy refunds the token of an attempt the concurrency stage refused.
@@ -298,6 +315,7 @@ pub fn on_established(ctx: &SockOpsContext) -> bool {
         unsafe {
             if read_volatile(&(*v).epoch_ns) == entry.epoch_ns {
                 write_volatile(&raw mut (*v).failures, 0);
+                window_add(v, now_ns(), 1, 1);
             }
             if read_volatile(&(*v).connect_timeout_ms) != 0 {
                 set_user_timeout(ctx.as_ptr(), 0);
@@ -371,6 +389,20 @@ pub fn on_end<C: EbpfContext>(ctx: &C, old: Option<u32>, bytes: (u64, u64)) {
                 peer_counter::CONNECT_TIMEOUTS,
             );
         }
+        window_add(v, now, 1, 0);
+        breaker_failure(netns, peer, v, now);
+    }
+}
+
+/// One more connect failure (or throttled attempt) in a row; at the threshold the kernel
+/// opens the breaker and hands the peer back to the proxy.
+///
+/// # Safety
+/// `v` points at a live `SM_VERDICTS` value.
+#[inline(always)]
+unsafe fn breaker_failure(netns: u64, peer: &SockAddr, v: *mut Verdict, now: u64) {
+    // SAFETY: the caller's promise; aligned u64 fields, changed with atomics or plain stores.
+    unsafe {
         let threshold = u64::from(read_volatile(&(*v).breaker_failures));
         let failures = fetch_add(&raw mut (*v).failures, 1) + 1;
         // `==`: exactly one failure opens it, however many race past the threshold.
@@ -387,6 +419,76 @@ pub fn on_end<C: EbpfContext>(ctx: &C, old: Option<u32>, bytes: (u64, u64)) {
                 peer,
                 peer_counter::BREAKER_OPENED,
             );
+        }
+    }
+}
+
+/// Whether adaptive throttling refuses this attempt: the proxy's formula over the same
+/// window, drawn with `bpf_get_prandom_u32`.
+///
+/// # Safety
+/// `v` points at a live `SM_VERDICTS` value.
+#[inline(always)]
+unsafe fn adaptive_refuses(v: *mut Verdict, now: u64) -> bool {
+    // SAFETY: the caller's promise; plain integer reads (a bucket being reset meanwhile is
+    // read half old, half new: one draw against slightly off totals).
+    unsafe {
+        let k = read_volatile(&(*v).adaptive_k_milli);
+        let width = read_volatile(&(*v).adaptive_bucket_ns);
+        if k == 0 || width == 0 {
+            return false;
+        }
+        let current = now / width;
+        let (mut requests, mut accepts) = (0u64, 0u64);
+        for i in 0..ADAPTIVE_BUCKETS {
+            let b = &raw const (*v).window[i];
+            let epoch = read_volatile(&(*b).epoch);
+            if epoch <= current && current - epoch < ADAPTIVE_BUCKETS as u64 {
+                requests = requests.saturating_add(read_volatile(&(*b).requests));
+                accepts = accepts.saturating_add(read_volatile(&(*b).accepts));
+            }
+        }
+        let (num, den) = adaptive_fraction(requests, accepts, k);
+        // `checked_rem`: `den` is never 0, but a panic path the compiler keeps would not load.
+        num != 0
+            && u64::from(bpf_get_prandom_u32())
+                .checked_rem(den)
+                .is_some_and(|draw| draw < num)
+    }
+}
+
+/// Adds to the current bucket of the adaptive window (resetting it first if it is stale).
+///
+/// # Safety
+/// `v` points at a live `SM_VERDICTS` value.
+#[inline(always)]
+pub unsafe fn window_add(v: *mut Verdict, now: u64, requests: u64, accepts: u64) {
+    // SAFETY: the caller's promise; aligned u64 fields. The reset is claimed by one CPU with
+    // a compare-and-swap of the epoch; an add racing the claimant's zeroing may be lost (a
+    // count, never memory).
+    unsafe {
+        let width = read_volatile(&(*v).adaptive_bucket_ns);
+        if read_volatile(&(*v).adaptive_k_milli) == 0 || width == 0 {
+            return;
+        }
+        let epoch = now / width;
+        // Hidden from LLVM, so the bounds check below survives for the verifier, which does
+        // not derive a range from `%`.
+        let idx = opaque(epoch % ADAPTIVE_BUCKETS as u64) as usize;
+        if idx >= ADAPTIVE_BUCKETS {
+            return;
+        }
+        let b = &raw mut (*v).window[idx];
+        let seen = read_volatile(&(*b).epoch);
+        if seen < epoch && compare_swap(&raw mut (*b).epoch, seen, epoch) {
+            write_volatile(&raw mut (*b).requests, 0);
+            write_volatile(&raw mut (*b).accepts, 0);
+        }
+        if requests != 0 {
+            fetch_add(&raw mut (*b).requests, requests);
+        }
+        if accepts != 0 {
+            fetch_add(&raw mut (*b).accepts, accepts);
         }
     }
 }

@@ -11,16 +11,9 @@ use policy_util::{attempt, wait_until, Outcome, T};
 use serde_json::Value;
 use sockmesh_tests::*;
 
-/// What every fast-path agent here runs with: the two default knobs the kernel does not
-/// enforce yet (the idle timeout, adaptive throttling) off, so the peer is eligible.
-const ELIGIBLE: [&str; 6] = [
-    "--fast-path",
-    "auto",
-    "--idle-timeout",
-    "off",
-    "--adaptive-k",
-    "off",
-];
+/// What every fast-path agent here runs with: the default policy but for the one knob the
+/// kernel tier does not enforce yet (the idle timeout), so the peer is eligible.
+const ELIGIBLE: [&str; 4] = ["--fast-path", "auto", "--idle-timeout", "off"];
 
 fn start(client: &Pod, extra: &[&str]) -> Agent {
     let spec = pod_spec(client, "");
@@ -260,4 +253,41 @@ fn a_policy_reload_takes_peers_off_the_kernel_tier() {
         redirected(&client, dst)
     });
     assert!(!redirected(&client, dst), "handed over again");
+}
+
+/// Adaptive throttling on the kernel tier, K = 1, breaker off: once the peer refuses every
+/// connection (its server gone), the kernel refuses a growing share of connect()s itself with
+/// the proxy's probability (requests - K * accepts) / (requests + 1), counted
+/// `throttled.adaptive`; every attempt it let through failed at the peer.
+#[test]
+fn the_kernel_tier_throttles_adaptively_when_the_peer_fails() {
+    let (_cluster, client, server_pod, echo) = common::client_and_echo_server();
+    let agent = start(&client, &["--adaptive-k", "1", "--breaker-failures", "off"]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    assert!(redirected(&client, dst));
+    tier_of(&agent, &dst.to_string());
+    drop(echo);
+    let attempts = 60;
+    for _ in 0..attempts {
+        let err = tcp_connect(&client, dst, T).expect_err("nothing listens");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string()).is_some_and(|r| {
+            let a = r["throttled"]["adaptive"].as_u64().unwrap_or(0);
+            let f = r["connect_failures"].as_u64().unwrap_or(0);
+            a + f == attempts
+        })
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    let throttled = row["throttled"]["adaptive"].as_u64().unwrap_or(0);
+    // With p = (r - 1) / (r + 1) after r requests, the expected number refused out of 60 is
+    // about 50; 20 is far in the tail for a working throttle, 0 means none.
+    assert!(throttled >= 20, "{row}");
+    assert_eq!(
+        throttled + row["connect_failures"].as_u64().unwrap_or(0),
+        attempts,
+        "{row}"
+    );
+    assert_eq!(row["tier"], "kernel", "{row}");
 }

@@ -197,6 +197,8 @@ pub fn with_kernel_tier(
         s.throttled[throttle_reason::RATE].wrapping_add(k[peer_counter::THROTTLED_RATE]);
     s.throttled[throttle_reason::CONCURRENCY] = s.throttled[throttle_reason::CONCURRENCY]
         .wrapping_add(k[peer_counter::THROTTLED_CONCURRENCY]);
+    s.throttled[throttle_reason::ADAPTIVE] =
+        s.throttled[throttle_reason::ADAPTIVE].wrapping_add(k[peer_counter::THROTTLED_ADAPTIVE]);
     s.connect_failures = s
         .connect_failures
         .wrapping_add(k[peer_counter::CONNECT_FAILURES]);

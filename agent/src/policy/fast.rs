@@ -4,11 +4,14 @@
 //!
 //! A peer goes to the kernel tier only when **every** knob its policy sets is one the kernel
 //! enforces with the proxy's semantics: the connect timeout, the connection rate (the same
-//! bucket, `gcra_take`), a concurrency cap without a queue, and the breaker's opening (the
-//! kernel then hands the peer back to the proxy, which owns the half-open ramp). Bandwidth
-//! shaping, a queue, a lifetime, an idle timeout and adaptive throttling keep it on the proxy.
+//! bucket, `gcra_take`), a concurrency cap without a queue, adaptive throttling (the same
+//! formula over the same window, `adaptive_fraction`) and the breaker's opening (the kernel
+//! then hands the peer back to the proxy, which owns the half-open ramp). Bandwidth shaping, a
+//! queue, a lifetime and an idle timeout keep it on the proxy.
 
-use sockmesh_common::fast::{gcra_tat_for_level, tier, Verdict, MAX_KERNEL_RATE_TOKENS};
+use sockmesh_common::fast::{
+    gcra_tat_for_level, tier, Verdict, WindowBucket, ADAPTIVE_BUCKETS, MAX_KERNEL_RATE_TOKENS,
+};
 use sockmesh_common::peer::tier_reason;
 
 use super::clock::duration_to_nanos;
@@ -44,6 +47,8 @@ pub struct KernelPolicy {
     pub rate: Option<(u64, u64, u64)>,
     /// (failures in a row, open for ns).
     pub breaker: Option<(u32, u64)>,
+    /// (K in thousandths, window bucket width ns).
+    pub adaptive: Option<(u64, u64)>,
 }
 
 /// `policy` in the kernel's terms, or the `tier_reason` that keeps it on the proxy.
@@ -57,9 +62,23 @@ pub fn kernel_policy(policy: &PeerPolicy) -> Result<KernelPolicy, u8> {
     if policy.timeouts.idle.is_some() {
         return Err(tier_reason::IDLE_TIMEOUT);
     }
-    if policy.adaptive.is_some() {
-        return Err(tier_reason::ADAPTIVE);
-    }
+    let adaptive = match policy.adaptive {
+        None => None,
+        Some(a) => {
+            let k = a.effective_k();
+            let milli = k * 1000.0;
+            if k.is_infinite() {
+                // +inf disables throttling (the proxy never rejects).
+                None
+            } else if milli.fract() != 0.0 || milli > u32::MAX as f64 {
+                // K must be exact in thousandths for the kernel's integer formula.
+                return Err(tier_reason::ADAPTIVE);
+            } else {
+                let width = (duration_to_nanos(a.window) / ADAPTIVE_BUCKETS as u64).max(1);
+                Some((milli as u64, width))
+            }
+        }
+    };
     let max_conns = match policy.concurrency {
         Some(c) if c.max_queue > 0 => return Err(tier_reason::QUEUE),
         Some(c) => u64::from(c.max_concurrent.max(1)),
@@ -94,17 +113,21 @@ pub fn kernel_policy(policy: &PeerPolicy) -> Result<KernelPolicy, u8> {
         max_conns,
         rate,
         breaker,
+        adaptive,
     })
 }
 
 /// The kernel entry for `policy`, written at `epoch_ns` (CLOCK_MONOTONIC, now): the rate
 /// bucket continues from `rate_tokens_left`, what the proxy's bucket holds at that moment in
 /// whole tokens and a fraction (`units` of `1/per` token, the proxy's token-ns), so a peer
-/// never gets a second burst by changing tier.
+/// never gets a second burst by changing tier. `window` is the proxy's adaptive-throttling
+/// (requests, accepts) in its window at that moment: they continue in the kernel's current
+/// bucket.
 pub fn kernel_entry(
     policy: &KernelPolicy,
     epoch_ns: u64,
     rate_level: Option<RateLevel>,
+    window: Option<(u64, u64)>,
 ) -> Verdict {
     let mut v = Verdict {
         tier: tier::KERNEL,
@@ -116,6 +139,17 @@ pub fn kernel_entry(
     if let Some((failures, open_ns)) = policy.breaker {
         v.breaker_failures = failures;
         v.breaker_open_ns = open_ns;
+    }
+    if let Some((k_milli, width)) = policy.adaptive {
+        v.adaptive_k_milli = k_milli;
+        v.adaptive_bucket_ns = width;
+        let (requests, accepts) = window.unwrap_or_default();
+        let current = epoch_ns / width;
+        v.window[(current % ADAPTIVE_BUCKETS as u64) as usize] = WindowBucket {
+            epoch: current,
+            requests,
+            accepts,
+        };
     }
     if let Some((tokens, per, burst)) = policy.rate {
         // The proxy's level is in its own units (token-ns at its unreduced rate); scale it to
@@ -151,13 +185,14 @@ fn lowest_terms(a: u64, b: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::adaptive::{AdaptiveConfig, AdaptiveThrottle};
     use crate::policy::breaker::BreakerConfig;
     use crate::policy::clock::Nanos;
     use crate::policy::concurrency::ConcurrencyConfig;
     use crate::policy::peer_policy::RateLimit;
     use crate::policy::token_bucket::{Rate, TokenBucket};
     use crate::policy::Timeouts;
-    use sockmesh_common::fast::gcra_take;
+    use sockmesh_common::fast::{adaptive_fraction, gcra_take};
     use std::time::Duration;
 
     fn fast_policy() -> PeerPolicy {
@@ -166,7 +201,6 @@ mod tests {
                 idle: None,
                 ..Timeouts::default()
             },
-            adaptive: None,
             ..PeerPolicy::default()
         }
     }
@@ -178,8 +212,52 @@ mod tests {
             Err(tier_reason::IDLE_TIMEOUT)
         );
         let mut p = fast_policy();
-        p.adaptive = PeerPolicy::default().adaptive;
+        let k = kernel_policy(&p).expect("kernel tier").adaptive;
+        assert_eq!(
+            k,
+            Some((2000, 10_000_000_000)),
+            "K=2 over 2 min, 12 buckets"
+        );
+        p.adaptive = Some(AdaptiveConfig {
+            k: 1.0 / 3.0,
+            ..AdaptiveConfig::default()
+        });
+        assert_eq!(
+            kernel_policy(&p).map(|k| k.adaptive),
+            Ok(Some((1000, 10_000_000_000))),
+            "K<1 reads as 1"
+        );
+        p.adaptive = Some(AdaptiveConfig {
+            k: 2.0005,
+            ..AdaptiveConfig::default()
+        });
         assert_eq!(kernel_policy(&p), Err(tier_reason::ADAPTIVE));
+    }
+
+    /// The kernel's reject probability (`adaptive_fraction`, what connect4/6 draws against)
+    /// is the proxy's (`AdaptiveThrottle::reject_probability`) for the same window.
+    #[test]
+    fn the_kernel_adaptive_formula_is_the_proxys() {
+        for k in [1.0, 1.5, 2.0, 3.25, 10.0] {
+            for requests in 0..60u64 {
+                for accepts in 0..=requests.min(30) {
+                    let mut t = AdaptiveThrottle::new(AdaptiveConfig {
+                        k,
+                        ..AdaptiveConfig::default()
+                    });
+                    for i in 0..requests {
+                        t.on_result(Nanos(1), i < accepts);
+                    }
+                    let p = t.reject_probability(Nanos(1));
+                    let (num, den) = adaptive_fraction(requests, accepts, (k * 1000.0) as u64);
+                    let q = num as f64 / den as f64;
+                    assert!(
+                        (p - q).abs() < 1e-12,
+                        "K={k} {requests}/{accepts}: {p} vs {num}/{den}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -260,7 +338,7 @@ mod tests {
                                 units: twin.level_units(Nanos(now)),
                                 tokens,
                             };
-                            entry = Some(kernel_entry(&kp, now, Some(level)));
+                            entry = Some(kernel_entry(&kp, now, Some(level), None));
                         }
                         let expect = proxy.try_take(Nanos(now), 1).is_ok();
                         let got = match entry.as_mut() {

@@ -124,6 +124,8 @@ pub struct Handoff {
     pub active: u32,
     pub breaker_closed: bool,
     pub rate_level: Option<RateLevel>,
+    /// Adaptive throttling's (requests, accepts) in its window.
+    pub window: Option<(u64, u64)>,
     /// The tier the owner last put it on (under the current policy).
     pub tier: Tier,
 }
@@ -318,6 +320,7 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
                 units: r.level_units(now),
                 tokens: r.rate().tokens(),
             }),
+            window: s.adaptive.as_ref().map(|a| a.totals(now)),
             tier: e.tier,
         })
     }
