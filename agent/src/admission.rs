@@ -84,6 +84,9 @@ pub type OnPromote<K> = Box<dyn Fn(&K, &Verdict) -> Result<(), u8> + Send + Sync
 pub struct KernelTier<K> {
     /// `--fast-path auto`: hand peers over when their policy allows; `off`: never.
     pub auto: bool,
+    /// Whether the agent can close idle direct connections (sock_diag destroy): without it,
+    /// a peer with an idle timeout stays on the proxy.
+    pub idle_sweep: bool,
     /// Writes the kernel entry for a peer; `Err(tier_reason)` keeps it on the proxy
     /// (inbound peers, a map that refused the entry).
     pub promote: OnPromote<K>,
@@ -352,7 +355,7 @@ impl<K: PeerId> Admission<K> {
             // holds the live state, which a second write would reset.
             return;
         }
-        let tier = match kernel_policy(&h.policy) {
+        let tier = match kernel_policy(&h.policy, k.idle_sweep) {
             _ if !k.auto => Tier::proxy(tier_reason::FAST_PATH_OFF),
             Err(reason) => Tier::proxy(reason),
             Ok(_) if !h.breaker_closed => Tier::proxy(tier_reason::BREAKER),

@@ -73,6 +73,9 @@ pub struct Verdict {
     /// (the window / [`ADAPTIVE_BUCKETS`]), ns.
     pub adaptive_k_milli: u64,
     pub adaptive_bucket_ns: u64,
+    /// Idle timeout in ms (0: off). Not read by the programs: the agent closes direct
+    /// connections idle this long from outside (sock_diag SOCK_DESTROY).
+    pub idle_timeout_ms: u64,
     /// The window, as the proxy keeps it: a ring of buckets tagged with their absolute
     /// bucket number (`now / adaptive_bucket_ns`); stale ones are ignored on read and reset on
     /// write (kernel, atomics).

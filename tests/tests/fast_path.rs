@@ -11,9 +11,9 @@ use policy_util::{attempt, wait_until, Outcome, T};
 use serde_json::Value;
 use sockmesh_tests::*;
 
-/// What every fast-path agent here runs with: the default policy but for the one knob the
-/// kernel tier does not enforce yet (the idle timeout), so the peer is eligible.
-const ELIGIBLE: [&str; 4] = ["--fast-path", "auto", "--idle-timeout", "off"];
+/// What every fast-path agent here runs with: the default policy (connect and idle timeouts,
+/// breaker, adaptive throttling), all of which the kernel tier enforces.
+const ELIGIBLE: [&str; 2] = ["--fast-path", "auto"];
 
 fn start(client: &Pod, extra: &[&str]) -> Agent {
     let spec = pod_spec(client, "");
@@ -65,20 +65,21 @@ fn after_the_first_proxied_connection_a_peer_goes_direct() {
     assert!(row["bytes_in"].as_u64() >= Some(16), "{row}");
 }
 
-/// `--fast-path off` (the default), or a policy with a knob the kernel cannot enforce (here
-/// the default idle timeout): the peer stays on the proxy, and `peers` says why.
+/// `--fast-path off` (the default), or a policy with a knob the kernel cannot enforce (a
+/// lifetime, a queue): the peer stays on the proxy, and `peers` says why.
 #[test]
 fn a_peer_stays_on_the_proxy_when_the_fast_path_is_off_or_its_policy_needs_the_proxy() {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let dst = server_pod.addr4(ECHO_PORT);
     for (args, reason) in [
+        (vec![], "fast_path_off"),
         (
-            vec!["--idle-timeout", "off", "--adaptive-k", "off"],
-            "fast_path_off",
+            vec!["--fast-path", "auto", "--max-conn-lifetime", "1h"],
+            "lifetime",
         ),
         (
-            vec!["--fast-path", "auto", "--adaptive-k", "off"],
-            "idle_timeout",
+            vec!["--fast-path", "auto", "--peer-max-conns", "5"],
+            "queue",
         ),
     ] {
         let spec = pod_spec(&client, "");
@@ -185,7 +186,7 @@ fn the_kernel_tier_caps_live_connections_without_a_queue() {
 }
 
 /// A peer that stops answering SYNs after the handover: connect() fails with ETIMEDOUT
-/// within 10 % of the 1 s connect timeout (the kernel's own SYN retries would take over two
+/// within 10 % of the 2 s connect timeout (the kernel's own SYN retries would take over two
 /// minutes), counted as a connect timeout; two in a row open the breaker in the kernel, so
 /// the next connect() is refused at once, and the peer is handed back to the proxy, whose
 /// breaker is open until the same moment.
@@ -196,7 +197,7 @@ fn the_kernel_tier_times_out_connects_and_opens_the_breaker() {
         &client,
         &[
             "--connect-timeout",
-            "1s",
+            "2s",
             "--breaker-failures",
             "2",
             "--breaker-open",
@@ -217,8 +218,8 @@ fn the_kernel_tier_times_out_connects_and_opens_the_breaker() {
         let took = started.elapsed();
         assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
         assert!(
-            took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
-            "connect() failed after {took:?}, not within 10% of 1 s"
+            took >= Duration::from_millis(1800) && took <= Duration::from_millis(2200),
+            "connect() failed after {took:?}, not within 10% of 2 s"
         );
     }
     let started = Instant::now();
@@ -290,4 +291,36 @@ fn the_kernel_tier_throttles_adaptively_when_the_peer_fails() {
         "{row}"
     );
     assert_eq!(row["tier"], "kernel", "{row}");
+}
+
+/// The idle timeout of a direct connection, which the agent does not own: its sweep (every
+/// second) finds it idle through sock_diag and destroys it, so the app's blocked read fails
+/// (ECONNABORTED) between the timeout and a sweep later, and `peers` counts an idle timeout.
+/// (The proxy tier closes both sides with a FIN instead; see README, "Two tiers".)
+#[test]
+fn the_agent_closes_idle_direct_connections_from_outside() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(&client, &["--idle-timeout", "2s"]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    drop(attempt(&client, dst).admitted());
+    tier_of(&agent, &dst.to_string());
+    let mut c = attempt(&client, dst).admitted();
+    assert!(!c.local.ip().is_loopback(), "direct");
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let idle_from = Instant::now();
+    let mut b = [0u8; 1];
+    let err = std::io::Read::read(&mut c.stream, &mut b).expect_err("closed by the agent");
+    let after = idle_from.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+    assert!(
+        after >= Duration::from_millis(1900) && after < Duration::from_millis(3600),
+        "closed after {after:?} idle (timeout 2 s, sweep every 1 s)"
+    );
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string()).is_some_and(|r| r["timeouts"]["idle"] == 1)
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["timeouts"]["idle"], 1, "{row}");
 }

@@ -301,6 +301,7 @@ impl Agent {
                 _ = reconcile.tick(), if !handing_over => {
                     self.pods.reconcile(&self.dp);
                     self.kernel_breakers();
+                    self.pods.sweep_idle();
                 }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {

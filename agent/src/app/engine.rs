@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use sockmesh_common::peer;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     admission::{Admission, KernelTier},
@@ -31,8 +31,15 @@ pub fn admission(
         );
     }
     let (maps, promote_maps, demote_maps) = (dp.maps.clone(), dp.maps.clone(), dp.maps.clone());
+    let auto = fast_path == crate::cli::FastPath::Auto;
+    // Probed once: without it, peers with an idle timeout stay on the proxy tier.
+    let idle_sweep = auto && crate::sys::sockdiag_idle::destroy_supported();
+    if auto && !idle_sweep {
+        warn!("this kernel cannot destroy sockets from outside (CONFIG_INET_DIAG_DESTROY): peers with an idle timeout stay on the proxy tier");
+    }
     let kernel = KernelTier {
-        auto: fast_path == crate::cli::FastPath::Auto,
+        auto,
+        idle_sweep,
         promote: Box::new(move |key: &PeerKey, entry| {
             if key.direction != Direction::Outbound {
                 return Err(peer::tier_reason::INBOUND);

@@ -8,12 +8,12 @@
 //! to the kernel, which polices its connect()s and lets them go direct. The agent writes such
 //! an entry once and afterwards only deletes it: the kernel changes its counters in place, and
 //! a rewrite from here would lose them.
-use std::{net::SocketAddr, sync::Mutex};
+use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use sockmesh_common::{
     fast::{tier, Verdict, VerdictKey},
-    SockAddr,
+    socket_kind, SockAddr, SocketEntry,
 };
 use tracing::warn;
 
@@ -21,13 +21,43 @@ use crate::sys::lock::lock;
 
 pub struct Verdicts {
     map: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
+    /// `SM_SOCKETS`, read only: which sockets connect() let go direct.
+    sockets: HashMap<MapData, u64, SocketEntry>,
 }
 
 impl Verdicts {
-    pub fn new(map: HashMap<MapData, VerdictKey, Verdict>) -> Verdicts {
+    pub fn new(
+        map: HashMap<MapData, VerdictKey, Verdict>,
+        sockets: HashMap<MapData, u64, SocketEntry>,
+    ) -> Verdicts {
         Verdicts {
             map: Mutex::new(map),
+            sockets,
         }
+    }
+
+    /// Kernel-tier peers with an idle timeout: (pod, peer) -> the timeout.
+    pub fn idle_timeouts(&self) -> std::collections::HashMap<(u64, SocketAddr), Duration> {
+        lock(&self.map)
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.tier == tier::KERNEL && v.idle_timeout_ms != 0)
+            .filter_map(|(k, v)| {
+                let peer = k.peer.to_std()?;
+                Some((
+                    (k.netns_cookie, peer),
+                    Duration::from_millis(v.idle_timeout_ms),
+                ))
+            })
+            .collect()
+    }
+
+    /// Whether the socket with this cookie is a pod's connection the kernel tier let go
+    /// direct (never one of the agent's own, which the programs do not capture).
+    pub fn is_direct(&self, cookie: u64) -> bool {
+        self.sockets
+            .get(&cookie, 0)
+            .is_ok_and(|e| e.kind == socket_kind::FAST)
     }
 
     /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).

@@ -49,19 +49,25 @@ pub struct KernelPolicy {
     pub breaker: Option<(u32, u64)>,
     /// (K in thousandths, window bucket width ns).
     pub adaptive: Option<(u64, u64)>,
+    /// Idle timeout, ms (0: off), enforced by the agent's sweep (sock_diag destroy).
+    pub idle_timeout_ms: u64,
 }
 
 /// `policy` in the kernel's terms, or the `tier_reason` that keeps it on the proxy.
-pub fn kernel_policy(policy: &PeerPolicy) -> Result<KernelPolicy, u8> {
+/// `idle_sweep`: whether this kernel lets the agent close idle connections it does not own
+/// (sock_diag destroy); without it a peer with an idle timeout stays on the proxy.
+pub fn kernel_policy(policy: &PeerPolicy, idle_sweep: bool) -> Result<KernelPolicy, u8> {
     if policy.bandwidth.is_some() {
         return Err(tier_reason::BANDWIDTH);
     }
     if policy.timeouts.max_lifetime.is_some() {
         return Err(tier_reason::LIFETIME);
     }
-    if policy.timeouts.idle.is_some() {
-        return Err(tier_reason::IDLE_TIMEOUT);
-    }
+    let idle_timeout_ms = match policy.timeouts.idle {
+        Some(_) if !idle_sweep => return Err(tier_reason::IDLE_TIMEOUT),
+        Some(t) => u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1),
+        None => 0,
+    };
     let adaptive = match policy.adaptive {
         None => None,
         Some(a) => {
@@ -114,6 +120,7 @@ pub fn kernel_policy(policy: &PeerPolicy) -> Result<KernelPolicy, u8> {
         rate,
         breaker,
         adaptive,
+        idle_timeout_ms,
     })
 }
 
@@ -131,6 +138,7 @@ pub fn kernel_entry(
 ) -> Verdict {
     let mut v = Verdict {
         tier: tier::KERNEL,
+        idle_timeout_ms: policy.idle_timeout_ms,
         connect_timeout_ms: policy.connect_timeout_ms,
         max_conns: policy.max_conns,
         epoch_ns,
@@ -206,13 +214,15 @@ mod tests {
     }
 
     #[test]
-    fn the_default_policy_stays_on_the_proxy_for_its_idle_timeout() {
+    fn the_default_policy_needs_the_idle_sweep() {
         assert_eq!(
-            kernel_policy(&PeerPolicy::default()),
+            kernel_policy(&PeerPolicy::default(), false),
             Err(tier_reason::IDLE_TIMEOUT)
         );
+        let k = kernel_policy(&PeerPolicy::default(), true).expect("kernel tier");
+        assert_eq!(k.idle_timeout_ms, 3_600_000);
         let mut p = fast_policy();
-        let k = kernel_policy(&p).expect("kernel tier").adaptive;
+        let k = kernel_policy(&p, false).expect("kernel tier").adaptive;
         assert_eq!(
             k,
             Some((2000, 10_000_000_000)),
@@ -223,7 +233,7 @@ mod tests {
             ..AdaptiveConfig::default()
         });
         assert_eq!(
-            kernel_policy(&p).map(|k| k.adaptive),
+            kernel_policy(&p, false).map(|k| k.adaptive),
             Ok(Some((1000, 10_000_000_000))),
             "K<1 reads as 1"
         );
@@ -231,7 +241,7 @@ mod tests {
             k: 2.0005,
             ..AdaptiveConfig::default()
         });
-        assert_eq!(kernel_policy(&p), Err(tier_reason::ADAPTIVE));
+        assert_eq!(kernel_policy(&p, false), Err(tier_reason::ADAPTIVE));
     }
 
     /// The kernel's reject probability (`adaptive_fraction`, what connect4/6 draws against)
@@ -267,19 +277,19 @@ mod tests {
             max_concurrent: 3,
             ..ConcurrencyConfig::default()
         });
-        assert_eq!(kernel_policy(&p), Err(tier_reason::QUEUE));
+        assert_eq!(kernel_policy(&p, false), Err(tier_reason::QUEUE));
         p.concurrency = Some(ConcurrencyConfig {
             max_concurrent: 3,
             max_queue: 0,
             ..ConcurrencyConfig::default()
         });
-        assert_eq!(kernel_policy(&p).map(|k| k.max_conns), Ok(3));
+        assert_eq!(kernel_policy(&p, false).map(|k| k.max_conns), Ok(3));
         let rate = Rate::new(97, Duration::from_secs(7)).expect("rate");
         p.conn_rate = Some(RateLimit { rate, burst: 1 });
-        assert_eq!(kernel_policy(&p), Err(tier_reason::RATE_INEXACT));
+        assert_eq!(kernel_policy(&p, false), Err(tier_reason::RATE_INEXACT));
         p.conn_rate = None;
         p.timeouts.max_lifetime = Some(Duration::from_secs(1));
-        assert_eq!(kernel_policy(&p), Err(tier_reason::LIFETIME));
+        assert_eq!(kernel_policy(&p, false), Err(tier_reason::LIFETIME));
     }
 
     #[test]
@@ -293,7 +303,7 @@ mod tests {
         });
         let rate = Rate::new(100, Duration::from_secs(1)).expect("rate");
         p.conn_rate = Some(RateLimit { rate, burst: 5 });
-        let k = kernel_policy(&p).expect("kernel tier");
+        let k = kernel_policy(&p, false).expect("kernel tier");
         assert_eq!(k.connect_timeout_ms, 2);
         assert_eq!(k.breaker, Some((3, 2_000_000_000)));
         assert_eq!(k.rate, Some((1, 10_000_000, 5)));
@@ -320,10 +330,13 @@ mod tests {
         for (tokens, per) in rates {
             for burst in [1u64, 2, 5, 100] {
                 let rate = Rate::new(tokens, Duration::from_nanos(per)).expect("rate");
-                let kp = kernel_policy(&PeerPolicy {
-                    conn_rate: Some(RateLimit { rate, burst }),
-                    ..fast_policy()
-                })
+                let kp = kernel_policy(
+                    &PeerPolicy {
+                        conn_rate: Some(RateLimit { rate, burst }),
+                        ..fast_policy()
+                    },
+                    false,
+                )
                 .expect("kernel tier");
                 let (kt, kper, kburst) = kp.rate.expect("rate");
                 for handover_at in [0usize, 1, 3, 17, 60] {

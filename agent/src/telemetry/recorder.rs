@@ -241,6 +241,14 @@ impl Recorder {
         obs.dirty = true;
     }
 
+    /// The agent closed a kernel-tier (direct) connection to the peer at its idle timeout.
+    pub fn kernel_idle_closed(&self, key: &PeerKey) {
+        self.with(key, |o, now| {
+            o.pending.timeouts[timeout_kind::IDLE] += 1;
+            o.error(peer_error::IDLE_TIMEOUT, now);
+        });
+    }
+
     /// Something of the peer changed outside the proxy (the kernel tier opened its breaker):
     /// flush it with the next batch.
     pub fn touched(&self, key: &PeerKey) {

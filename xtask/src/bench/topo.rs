@@ -37,11 +37,6 @@ pub const HTTP_PORT: u16 = 80;
 /// The agent's default outbound port and SO_MARK (what the iptables rule uses).
 const OUTBOUND_PORT: u16 = 15001;
 const AGENT_MARK: &str = "0x534d";
-/// The policy of `sockmesh` and `sockmesh-proxy` (the same for both, so the fast path is the
-/// one difference): the defaults but for the two knobs the kernel tier does not enforce yet
-/// (idle timeout, adaptive throttling), which would keep every peer on the proxy. The
-/// connect timeout (3 s) and the breaker (5 failures, 15 s) stay on.
-pub const BENCH_POLICY: [&str; 4] = ["--idle-timeout", "off", "--adaptive-k", "off"];
 
 /// Fields drop in declaration order: processes before the pins and namespaces they use.
 pub struct Topology {
@@ -196,7 +191,9 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
             .stderr(fs::File::create(tmp.join("agent-splice.log"))?),
         false,
     )?;
-    // The proxy tier alone (`--fast-path off`), with the main agent's policy and pins of its own.
+    // The proxy tier alone (`--fast-path off`), with pins of its own. Both agents run the
+    // default policy (connect and idle timeouts, breaker, adaptive throttling), all of which
+    // the kernel tier enforces: the fast path is their one difference.
     let proxy_agent = spawn_agent_until_ready(
         Command::new(agent_bin)
             .arg("run")
@@ -205,7 +202,6 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
             .arg("--bpffs-dir")
             .arg(pins.0.join("proxy"))
             .args(["--fast-path", "off", "--kernel-relay", "auto"])
-            .args(BENCH_POLICY)
             .args(["--metrics-addr", "off", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -381,7 +377,6 @@ fn start_agent(
         .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--kernel-relay", "auto", "--log-level", "warn"])
         .args(["--fast-path", "auto"])
-        .args(BENCH_POLICY)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(tmp.join("agent.log"))?);
