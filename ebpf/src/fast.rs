@@ -203,7 +203,9 @@ unsafe fn kernel_tier(
 
 #[inline(always)]
 fn refuse(netns: u64, dst: &SockAddr, reason: usize) -> Police {
+    // Refused in the kernel, like a verdict (`fast_rejects`), and why (`throttled`).
     count(netns, counter::FAST_REJECT);
+    count_peer(netns, direction::OUTBOUND, dst, peer_counter::FAST_REJECT);
     count_peer(netns, direction::OUTBOUND, dst, reason);
     Police::Refuse
 }

@@ -100,54 +100,6 @@ fn a_peer_stays_on_the_proxy_when_the_fast_path_is_off_or_its_policy_needs_the_p
     }
 }
 
-/// Rate 2/s, burst 3, on the kernel tier: the proxied first connection took one token, the
-/// kernel continues the same bucket (two left), then refuses at connect() (ECONNREFUSED,
-/// counted `throttled.rate`) until the next token is due 500 ms after the burst began.
-/// The proxy tier (policy_limits.rs) shows "AAARK": its fourth attempt is reset after the
-/// handshake; the kernel refuses that one at connect() already ("AAAKK").
-#[test]
-fn the_kernel_tier_continues_the_rate_bucket_and_refuses_at_connect() {
-    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
-    let agent = start(
-        &client,
-        &["--peer-conn-rate", "2/s", "--peer-conn-burst", "3"],
-    );
-    let dst = server_pod.addr4(ECHO_PORT);
-    let started = Instant::now();
-    let seen: String = (0..5).map(|_| attempt(&client, dst).letter()).collect();
-    assert_eq!(
-        seen, "AAAKK",
-        "a burst of 3 in all, then refused in the kernel"
-    );
-    assert_eq!(counter(&agent, &client, "redirect_tcp"), 1);
-    let mut next = None;
-    wait_until("the next token", T, || match attempt(&client, dst) {
-        Outcome::KernelRefused => false,
-        other => {
-            next = Some((other.letter(), started.elapsed()));
-            true
-        }
-    });
-    let (letter, at) = next.expect("an outcome");
-    assert_eq!(letter, 'A');
-    assert!(at >= Duration::from_millis(495), "admitted after {at:?}");
-    assert_eq!(
-        attempt(&client, dst).letter(),
-        'K',
-        "one token, one connection"
-    );
-    // Every refused connect() counts (the wait above polled while the bucket was empty).
-    let peers = peers_until(&agent, &[], |v| {
-        common::find_peer(v, &dst.to_string()).is_some_and(|r| {
-            r["throttled"]["rate"].as_u64() >= Some(3) && r["direct"] == 3 && r["tier"] == "kernel"
-        })
-    });
-    let row = peer_row(&peers, &dst.to_string());
-    assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
-    assert_eq!(row["direct"], 3, "{row}");
-    assert_eq!(row["tier"], "kernel", "{row}");
-}
-
 /// At most 2 connections, no queue: the kernel counts live direct connections from
 /// connect() to their close (sock_ops) and refuses the third at connect(); a slot freed by a
 /// close admits the next at once. (The proxy tier resets the third after its handshake.)

@@ -303,7 +303,8 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
     }
 
     /// What the kernel tier needs to take the peer over, under the current policy: its
-    /// policy, its live proxied connections, whether its breaker is closed (or off), and its
+    /// policy, its live proxied connections, whether its breaker is closed with no failure
+    /// since the last success (or off), and its
     /// rate bucket's level. `None` for an untracked peer.
     pub fn kernel_handoff(&mut self, now: Nanos, key: &K) -> Option<Handoff> {
         let now = now.max(self.floor);
@@ -312,10 +313,16 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
         Some(Handoff {
             policy: s.policy.clone(),
             active: s.concurrency.active(),
-            breaker_closed: s
-                .breaker
-                .as_ref()
-                .is_none_or(|b| matches!(b.state(now), BreakerState::Closed { .. })),
+            // Closed, and its last connect succeeded: a peer is handed over only while it is
+            // known to answer (a dead one stays where its failures open the breaker).
+            breaker_closed: s.breaker.as_ref().is_none_or(|b| {
+                matches!(
+                    b.state(now),
+                    BreakerState::Closed {
+                        consecutive_failures: 0
+                    }
+                )
+            }),
             rate_level: s.rate.as_ref().map(|r| RateLevel {
                 units: r.level_units(now),
                 tokens: r.rate().tokens(),
