@@ -17,11 +17,13 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
+use crate::policy::fast::{kernel_entry, kernel_policy, Tier};
 use crate::policy::{
     BreakerTransition, Clock, ConnectFailure, Decision, Lease, Nanos, PeerTable, PolicySource,
     RejectReason, Tenant, Ticket, Timeouts,
 };
 use crate::sys::{clock::monotonic_ns, lock::lock};
+use sockmesh_common::{fast::Verdict, peer::tier_reason};
 
 /// Monotonic time since the admission layer started, convertible both to tokio instants
 /// (for sleeping until a queue deadline) and to CLOCK_MONOTONIC (for kernel verdicts).
@@ -47,6 +49,12 @@ impl ProxyClock {
     pub fn kernel_ns(&self, t: Nanos) -> u64 {
         self.base_monotonic_ns.saturating_add(t.0)
     }
+
+    /// The inverse of [`ProxyClock::kernel_ns`] (moments before this clock's start read as
+    /// its start).
+    pub fn of_kernel_ns(&self, ns: u64) -> Nanos {
+        Nanos(ns.saturating_sub(self.base_monotonic_ns))
+    }
 }
 
 impl Default for ProxyClock {
@@ -69,6 +77,23 @@ impl<T: Hash + Eq + Clone + std::fmt::Debug + Tenant> PeerId for T {}
 /// (CLOCK_MONOTONIC ns); `None`: stop refusing them now (a reload lifts every verdict).
 pub type OnVerdict<K> = Box<dyn Fn(&K, Option<u64>) + Send + Sync>;
 
+/// Writes the kernel-tier entry of a peer; `Err(tier_reason)` keeps it on the proxy.
+pub type OnPromote<K> = Box<dyn Fn(&K, &Verdict) -> Result<(), u8> + Send + Sync>;
+
+/// The kernel tier as admission drives it (`--fast-path`).
+pub struct KernelTier<K> {
+    /// `--fast-path auto`: hand peers over when their policy allows; `off`: never.
+    pub auto: bool,
+    /// Whether the agent can close idle direct connections (sock_diag destroy): without it,
+    /// a peer with an idle timeout stays on the proxy.
+    pub idle_sweep: bool,
+    /// Writes the kernel entry for a peer; `Err(tier_reason)` keeps it on the proxy
+    /// (inbound peers, a map that refused the entry).
+    pub promote: OnPromote<K>,
+    /// Takes every peer off the kernel tier (a reload).
+    pub demote_all: Box<dyn Fn() -> usize + Send + Sync>,
+}
+
 /// Verdicts tracked beyond this many get their expired ones dropped (bounds the map; the
 /// kernel map itself is an LRU).
 const VERDICTS_PRUNE_AT: usize = 4096;
@@ -81,6 +106,7 @@ pub struct Admission<K> {
     on_verdict: OnVerdict<K>,
     /// Verdicts written and maybe not yet expired, so a reload can lift them.
     verdicts: Mutex<HashMap<K, Nanos>>,
+    kernel: Option<KernelTier<K>>,
 }
 
 /// Why a connection was not admitted.
@@ -133,7 +159,11 @@ impl<K: PeerId> Drop for Waiting<'_, K> {
 }
 
 impl<K: PeerId> Admission<K> {
-    pub fn new(table: PeerTable<K>, on_verdict: OnVerdict<K>) -> Arc<Self> {
+    pub fn with_kernel_tier(
+        table: PeerTable<K>,
+        on_verdict: OnVerdict<K>,
+        kernel: Option<KernelTier<K>>,
+    ) -> Arc<Self> {
         let clock = ProxyClock::new();
         Arc::new(Admission {
             table: Mutex::new(table),
@@ -142,6 +172,7 @@ impl<K: PeerId> Admission<K> {
             clock,
             on_verdict,
             verdicts: Mutex::new(HashMap::new()),
+            kernel,
         })
     }
 
@@ -150,6 +181,15 @@ impl<K: PeerId> Admission<K> {
     /// warranted come back with the next attempt the agent sees.
     pub fn set_source(&self, source: PolicySource<K>) {
         lock(&self.table).set_source(source);
+        // Kernel-tier peers were handed over under the old policy: back to the proxy, which
+        // hands them over again under the new one on their next connection.
+        if let Some(k) = &self.kernel {
+            let n = (k.demote_all)();
+            debug!(
+                peers = n,
+                "policy reload: every peer back on the proxy tier"
+            );
+        }
         let now = self.clock.now();
         let lifted: Vec<(K, Nanos)> = lock(&self.verdicts).drain().collect();
         for (key, until) in lifted {
@@ -304,6 +344,59 @@ impl<K: PeerId> Admission<K> {
                 let _ = tx.send(());
             }
         }
+        self.consider_kernel_tier(&mut table, now, key);
+    }
+
+    /// Decides the peer's tier now that a proxied connection resolved its policy (its
+    /// upstream connect succeeded, or it ended): the kernel tier if `--fast-path auto`, every
+    /// knob of the policy is one the kernel enforces, the breaker is closed, and (with a
+    /// concurrency cap, which the kernel counts from zero) no proxied connection is left.
+    fn consider_kernel_tier(&self, table: &mut PeerTable<K>, now: Nanos, key: &K) {
+        let Some(k) = &self.kernel else {
+            return;
+        };
+        let Some(h) = table.kernel_handoff(now, key) else {
+            return;
+        };
+        if h.tier == Tier::KERNEL {
+            // Handed over already (a proxied connection still ending): the kernel's entry
+            // holds the live state, which a second write would reset.
+            return;
+        }
+        let tier = match kernel_policy(&h.policy, k.idle_sweep) {
+            _ if !k.auto => Tier::proxy(tier_reason::FAST_PATH_OFF),
+            Err(reason) => Tier::proxy(reason),
+            Ok(_) if !h.breaker_closed => Tier::proxy(tier_reason::BREAKER),
+            Ok(p) if p.max_conns != 0 && h.active > 0 => Tier::proxy(tier_reason::HANDOVER_PENDING),
+            Ok(p) => {
+                let entry = kernel_entry(&p, self.clock.kernel_ns(now), h.rate_level, h.window);
+                match (k.promote)(key, &entry) {
+                    Ok(()) => {
+                        debug!(peer = ?key, "peer handed over to the kernel tier");
+                        Tier::KERNEL
+                    }
+                    Err(reason) => Tier::proxy(reason),
+                }
+            }
+        };
+        table.set_tier(key, tier);
+    }
+
+    /// The kernel opened a kernel-tier peer's breaker (`until`, CLOCK_MONOTONIC) and handed
+    /// it back: the proxy's breaker opens until then too, and refuses in the kernel meanwhile.
+    /// Returns the peer's key, if it is tracked.
+    pub fn kernel_opened_breaker(&self, matches: impl Fn(&K) -> bool, until_ns: u64) -> Option<K> {
+        let now = self.clock.now();
+        let until = self.clock.of_kernel_ns(until_ns);
+        let mut table = lock(&self.table);
+        let key = table.keys().find(|k| matches(k)).cloned()?;
+        table.kernel_opened_breaker(now, &key, until);
+        drop(table);
+        info!(event = "breaker_opened", peer = ?key, reason = "kernel_connect_failures", "breaker opened");
+        if until > now {
+            self.refuse_until(&key, until);
+        }
+        Some(key)
     }
 
     /// Report how the upstream connect ended (feeds the breaker and adaptive throttling).
@@ -314,7 +407,12 @@ impl<K: PeerId> Admission<K> {
         result: &Result<(), ConnectFailure>,
     ) -> Option<BreakerTransition> {
         let now = self.clock.now();
-        let t = lock(&self.table).on_connect_result(now, key, *result);
+        let mut table = lock(&self.table);
+        let t = table.on_connect_result(now, key, *result);
+        if result.is_ok() {
+            self.consider_kernel_tier(&mut table, now, key);
+        }
+        drop(table);
         if let Some(BreakerTransition::Opened { until }) = t {
             info!(event = "breaker_opened", peer = ?key, reason = "connect_failures", "breaker opened");
             self.refuse_until(key, until);

@@ -4,6 +4,7 @@
 //! `--pod` at start and, with `--kube`, from the Kubernetes API at any time; either kind is
 //! removed when its namespace goes away.
 mod agent;
+mod engine;
 mod http;
 mod kernel_io;
 mod shutdown;

@@ -147,6 +147,13 @@ pub struct RunArgs {
     /// `off`: splice only.
     #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "auto|on|off", default_value = "auto", value_parser = kernel_relay_mode)]
     pub kernel_relay: crate::datapath::relay::Mode,
+    /// The kernel fast path. `auto`: a peer whose policy the kernel can enforce exactly
+    /// (connect timeout, connection rate, a concurrency cap without a queue, the breaker's
+    /// opening; no idle timeout, lifetime, bandwidth or adaptive throttling) is handed to the
+    /// kernel after its first proxied connection, and later connect()s to it are policed in
+    /// the kernel and go direct. `off` (the default for now): every connection is proxied.
+    #[arg(long, env = "SOCKMESH_FAST_PATH", value_name = "auto|off", default_value = "off", value_parser = fast_path_mode)]
+    pub fast_path: FastPath,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]
     pub policy: crate::rules::PolicyArgs,
@@ -191,6 +198,21 @@ fn fail_open_after(
     let d = crate::rules::knobs::parse_timeout_knob(s)?;
     crate::datapath::heartbeat::validate(d)?;
     Ok(crate::rules::OrOff(d))
+}
+
+/// `--fast-path`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    Auto,
+    Off,
+}
+
+fn fast_path_mode(s: &str) -> Result<FastPath, String> {
+    match s {
+        "auto" => Ok(FastPath::Auto),
+        "off" => Ok(FastPath::Off),
+        _ => Err(format!("'{s}' is not a fast-path mode: use auto or off")),
+    }
 }
 
 fn kernel_relay_mode(s: &str) -> Result<crate::datapath::relay::Mode, String> {

@@ -25,9 +25,13 @@ extern crate std;
 /// found at enrolment in `SM_FOUND_BINDS`), per-pod quotas on the tuple-keyed origin maps
 /// (`SM_POD_QUOTA`, `GlobalConfig::pod_*_quota`, the `origin_quota` and `dns_quota`
 /// counters); `SM_ORIG_TUPLE` and `SM_DNS_ORIG` are plain hashes, no longer LRU.
-pub const SCHEMA_VERSION: u32 = 6;
-
 pub mod layout;
+/// 7: the kernel fast path: `SM_VERDICTS` values carry a peer's tier and its kernel policy
+/// ([`fast::Verdict`]), `SocketEntry::started_ns`, more per-peer kernel counters, the tier
+/// in `PeerState`; direct sockets in `SM_FAST_SOCKS`.
+pub const SCHEMA_VERSION: u32 = 7;
+
+pub mod fast;
 pub mod peer;
 pub mod quota;
 
@@ -42,6 +46,8 @@ pub mod map_names {
     /// Binds the agent recorded for sockets already listening at enrolment (socket cookie ->
     /// [`crate::SocketEntry`]): the agent cannot reach such a socket's storage.
     pub const FOUND_BINDS: &str = "SM_FOUND_BINDS";
+    /// Sockets the kernel tier let go direct, by socket cookie (see [`crate::fast`]).
+    pub const FAST_SOCKETS: &str = "SM_FAST_SOCKS";
     /// Per-pod live entries of the tuple-keyed maps, see [`crate::quota::PodQuota`].
     pub const POD_QUOTA: &str = "SM_POD_QUOTA";
     pub const ORIGIN_BY_TUPLE: &str = "SM_ORIG_TUPLE";
@@ -49,11 +55,13 @@ pub mod map_names {
     pub const DNS_ORIGINS: &str = "SM_DNS_ORIG";
     pub const INBOUND_BINDS: &str = "SM_IN_BINDS";
     pub const EVENTS: &str = "SM_EVENTS";
-    /// Fast-reject verdicts (breaker open or rate bucket empty), see [`crate::VerdictKey`].
+    /// Fast-reject verdicts (breaker open or rate bucket empty) and the kernel tier's
+    /// entries, see [`crate::fast::VerdictKey`].
     pub const VERDICTS: &str = "SM_VERDICTS";
     /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
     pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
+        FAST_SOCKETS,
         CONFIG,
         PODS,
         POD_STATS,
@@ -157,6 +165,9 @@ pub mod map_sizes {
     pub const DNS_ORIGINS: u32 = 65536;
     /// `SM_FOUND_BINDS`: as many as `SM_IN_BINDS` holds.
     pub const FOUND_BINDS: u32 = INBOUND_BINDS;
+    /// `SM_FAST_SOCKS`: direct sockets live at once, node-wide. A plain hash: when full, a
+    /// new connection to a kernel-tier peer takes the proxy instead (no entry is evicted).
+    pub const FAST_SOCKETS: u32 = 65_536;
     pub const INBOUND_BINDS: u32 = 16384;
     pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -409,6 +420,9 @@ pub mod socket_kind {
     pub const DNS: u16 = 2;
     /// A socket holding an explicit wildcard TCP bind of its pod (an inbound capture).
     pub const BIND: u16 = 3;
+    /// A TCP connect() the kernel policed and let go direct (the peer is on the kernel
+    /// tier, see [`crate::fast`]); `origin` is the peer.
+    pub const FAST: u16 = 4;
 }
 
 /// `SM_SOCK_STORE` (the socket's own storage): what the programs remember about one of a
@@ -426,6 +440,15 @@ pub struct SocketEntry {
     /// BIND: the family of the listening socket.
     pub family: u16,
     pub _pad: u16,
+    /// FAST: 1 once the handshake completed (its end is then the sock_ops close, after the
+    /// app's close(), with the bytes it moved).
+    pub established: u32,
+    /// FAST: when connect() let it go direct (CLOCK_MONOTONIC ns), so a failed handshake can
+    /// be told a timeout (it lasted the connect timeout) from a refusal.
+    pub started_ns: u64,
+    /// FAST: the `Verdict::epoch_ns` of the entry that counted this socket in `active`, so
+    /// its end is only subtracted from that entry (not from one written after a reload).
+    pub epoch_ns: u64,
 }
 
 /// Key of the maps that link the two ends of a connection over the pod's loopback:
@@ -466,26 +489,6 @@ pub struct BindKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindValue {
     pub socket_cookie: u64,
-}
-
-/// Key of `SM_VERDICTS`: a pod's outbound peer under a fast-reject verdict, which the agent
-/// writes when the peer's breaker is open or its connection-rate bucket is empty; while it
-/// holds, the kernel refuses connect() to the peer at once (ECONNREFUSED).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
-    pub netns_cookie: u64,
-    pub peer: SockAddr,
-    pub _pad: u32,
-}
-
-/// Value of `SM_VERDICTS`: the fast-reject verdict (breaker open or rate bucket empty) holds
-/// until this CLOCK_MONOTONIC time (`bpf_ktime_get_ns`); it expires by itself, no agent needed
-/// to lift it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Verdict {
-    pub until_ns: u64,
 }
 
 /// Event kinds sent to the agent over `SM_EVENTS`.
@@ -558,8 +561,6 @@ mod user {
     unsafe impl aya::Pod for BindValue {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SocketEntry {}
-    unsafe impl aya::Pod for VerdictKey {}
-    unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for AgentSocket {}
     unsafe impl aya::Pod for super::relay::RelayPeer {}
 }

@@ -74,9 +74,49 @@ pub mod peer_counter {
     /// A DNS datagram to this peer (the pod's DNS server) redirected to the DNS listener:
     /// a UDP connect() (counted once per socket) or a sendto() (once per datagram).
     pub const REDIRECT_DNS: usize = 2;
-    /// Slots in the value (one spare): new counters fit without a layout change.
-    pub const COUNT: usize = 4;
-    pub const NAMES: [&str; 3] = ["redirect", "fast_reject", "redirect_dns"];
+    /// Kernel tier: connect() policed in the kernel and let go direct.
+    pub const DIRECT: usize = 3;
+    /// Kernel tier: direct connections established (a connection, as the proxy's
+    /// `conns_total` counts them).
+    pub const CONNS: usize = 4;
+    /// Kernel tier: direct connections that ended after they were established; live ones
+    /// are `CONNS - CLOSED`.
+    pub const CLOSED: usize = 5;
+    /// Kernel tier: bytes the pod sent to the peer (acked) and received from it, added when
+    /// each direct connection ends.
+    pub const BYTES_OUT: usize = 6;
+    pub const BYTES_IN: usize = 7;
+    /// Kernel tier: connect() refused (ECONNREFUSED) because the peer's rate bucket was
+    /// empty, or it had `max_conns` live connections.
+    pub const THROTTLED_RATE: usize = 8;
+    pub const THROTTLED_CONCURRENCY: usize = 9;
+    /// Kernel tier: handshakes that failed, and those of them that ran out of the connect
+    /// timeout (ETIMEDOUT).
+    pub const CONNECT_FAILURES: usize = 10;
+    pub const CONNECT_TIMEOUTS: usize = 11;
+    /// Kernel tier: times the kernel opened the peer's breaker (and handed it back to the
+    /// proxy).
+    pub const BREAKER_OPENED: usize = 12;
+    /// Kernel tier: connect() refused by adaptive throttling.
+    pub const THROTTLED_ADAPTIVE: usize = 13;
+    /// Slots in the value (spares): new counters fit without a layout change.
+    pub const COUNT: usize = 16;
+    pub const NAMES: [&str; 14] = [
+        "redirect",
+        "fast_reject",
+        "redirect_dns",
+        "direct",
+        "conns",
+        "closed",
+        "bytes_out",
+        "bytes_in",
+        "throttled_rate",
+        "throttled_concurrency",
+        "connect_failures",
+        "connect_timeouts",
+        "breaker_opened",
+        "throttled_adaptive",
+    ];
 }
 
 /// `SM_PEER_STATS[PeerKey]` (per-CPU): written only by the kernel programs, readers sum CPUs.
@@ -207,7 +247,59 @@ pub struct PeerState {
     pub breaker: u8,
     /// [`peer_error`].
     pub last_error: u8,
-    pub _pad: u16,
+    /// [`crate::fast::tier`] the agent last put the peer on (outbound peers only).
+    pub tier: u8,
+    /// [`tier_reason`]: why the peer is on that tier.
+    pub tier_reason: u8,
+}
+
+/// `PeerState::tier_reason`: why a peer is on its tier, for `sockmesh peers`.
+pub mod tier_reason {
+    /// Nothing decided yet (no connection since the agent started, or an old entry).
+    pub const UNKNOWN: u8 = 0;
+    /// On the kernel tier: every knob of its policy is enforced there.
+    pub const KERNEL: u8 = 1;
+    /// `--fast-path off`.
+    pub const FAST_PATH_OFF: u8 = 2;
+    /// Inbound peers always take the proxy (the kernel tier polices connect()).
+    pub const INBOUND: u8 = 3;
+    /// Knobs the kernel cannot enforce exactly.
+    pub const BANDWIDTH: u8 = 4;
+    pub const QUEUE: u8 = 5;
+    pub const LIFETIME: u8 = 6;
+    pub const IDLE_TIMEOUT: u8 = 7;
+    pub const ADAPTIVE: u8 = 8;
+    /// A connection rate whose lowest terms have too large a numerator (see
+    /// `fast::MAX_KERNEL_RATE_TOKENS`).
+    pub const RATE_INEXACT: u8 = 9;
+    /// The kernel opened the breaker and handed the peer back (half-open ramp on the proxy).
+    pub const BREAKER_OPENED: u8 = 10;
+    /// Eligible, waiting for its proxied connections to end before the handover (the kernel
+    /// counts the concurrency cap from zero).
+    pub const HANDOVER_PENDING: u8 = 11;
+    /// The kernel could not take the entry (map update failed).
+    pub const MAP_FULL: u8 = 12;
+    /// The breaker is open or half-open on the proxy.
+    pub const BREAKER: u8 = 13;
+
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            KERNEL => "kernel",
+            FAST_PATH_OFF => "fast_path_off",
+            INBOUND => "inbound",
+            BANDWIDTH => "bandwidth",
+            QUEUE => "queue",
+            LIFETIME => "lifetime",
+            IDLE_TIMEOUT => "idle_timeout",
+            ADAPTIVE => "adaptive",
+            RATE_INEXACT => "rate_inexact",
+            BREAKER_OPENED => "breaker_opened",
+            HANDOVER_PENDING => "handover_pending",
+            MAP_FULL => "map_full",
+            BREAKER => "breaker",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Pod names are cut to this many bytes (NUL-padded).

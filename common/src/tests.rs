@@ -1,3 +1,4 @@
+use super::fast::{Verdict, VerdictKey};
 use super::*;
 use core::mem::size_of;
 
@@ -13,9 +14,13 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<DnsKey>(), 16);
     assert_eq!(size_of::<BindKey>(), 16);
     assert_eq!(size_of::<Event>(), 16);
-    assert_eq!(size_of::<SocketEntry>(), 28);
+    assert_eq!(size_of::<SocketEntry>(), 48);
     assert_eq!(size_of::<super::relay::RelayPeer>(), 16);
     assert_eq!(size_of::<VerdictKey>(), 32);
+    assert_eq!(
+        size_of::<Verdict>(),
+        8 * 15 + 24 * super::fast::ADAPTIVE_BUCKETS
+    );
     assert_eq!(size_of::<AgentSocket>(), 8);
     assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);
 }

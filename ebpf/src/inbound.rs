@@ -139,6 +139,10 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
         let _ = AGENT_SOCKETS.remove(&cookie);
         return 1;
     }
+    // A socket the kernel tier let go direct and whose handshake never started (no close
+    // for sock_ops to see): give its slot back. An established one keeps its entry for the
+    // sock_ops close, which has its byte counts (see `fast::on_end`).
+    crate::fast::on_end(&ctx, None, (0, 0));
     let netns = netns_cookie(&ctx);
     // The socket's own storage (freed with it after this hook), else what the agent recorded
     // for it at enrolment.

@@ -8,6 +8,9 @@
 // The atomic add of `store.rs` (core has no atomic read-modify-write for this target).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// The kernel tier's shared counters and rate bucket need atomic fetch-and-add and
+// compare-and-swap on map memory, written as BPF instructions (see `fast.rs`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 // Every `unsafe` block says why it is sound (checked by `cargo +nightly clippy --target
 // bpfel-unknown-none`; a host clippy compiles none of the programs).
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -18,6 +21,8 @@ mod addr;
 mod capture;
 #[cfg(target_arch = "bpf")]
 mod dns;
+#[cfg(target_arch = "bpf")]
+mod fast;
 #[cfg(target_arch = "bpf")]
 mod inbound;
 #[cfg(target_arch = "bpf")]

@@ -9,12 +9,13 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::RingBuf,
 };
+use sockmesh_common::fast::{Verdict, VerdictKey};
 use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerNames, PeerState, PodMeta, PodRefused,
 };
 use sockmesh_common::{
     map_sizes, quota::PodQuota, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig, PodConfig,
-    PodStats, SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey,
+    PodStats, SockAddr, SocketEntry, TupleKey,
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map that allocates entries as they are inserted.
@@ -52,6 +53,17 @@ pub static FOUND_BINDS: HashMap<
     u64,
     SocketEntry,
     { map_sizes::FOUND_BINDS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+/// Sockets the kernel tier let go direct (`fast.rs`), by socket cookie: their peer and when
+/// they started, until their end is counted. A plain hash: full, a connection to a kernel-tier
+/// peer takes the proxy instead, and no pod's entry is evicted for another's.
+#[btf_map(name = "SM_FAST_SOCKS")]
+pub static FAST_SOCKETS: HashMap<
+    u64,
+    SocketEntry,
+    { map_sizes::FAST_SOCKETS as usize },
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
 

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::bpf_set_retval,
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
@@ -14,7 +14,7 @@ use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
     peer::{direction, peer_counter},
-    socket_kind, SockAddr, SocketEntry, TupleKey, VerdictKey, AF_INET,
+    socket_kind, SockAddr, SocketEntry, TupleKey, AF_INET,
 };
 
 use crate::{
@@ -24,9 +24,10 @@ use crate::{
     },
     capture::{capture, outbound_target, Captured, Target},
     dns,
-    maps::{CONFIG, INBOUND_PEERS, ORIGIN_BY_TUPLE, VERDICTS},
+    fast::{self, Police},
+    maps::{CONFIG, INBOUND_PEERS, ORIGIN_BY_TUPLE},
     store::{insert_counted, remove_counted, Quota, Stored, SOCK_STORE},
-    util::{count, count_peer, netns_cookie, now_ns, pod_for},
+    util::{count, count_peer, netns_cookie, pod_for},
 };
 
 const SOL_IP: i32 = 0;
@@ -71,15 +72,21 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             peer_counter::REDIRECT_DNS,
         )
     };
-    if tcp && fast_rejected(netns, &dst) {
-        // The agent left a fast-reject verdict for this peer (its breaker is open or its
-        // connection-rate bucket is empty): refuse now, without a round trip to the proxy.
-        // SAFETY: takes a plain integer; connect programs may set the errno their 0 verdict
-        // returns (the verifier refuses the call in program types that may not).
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        count(netns, counter::FAST_REJECT);
-        count_peer(netns, direction::OUTBOUND, &dst, peer_counter::FAST_REJECT);
-        return 0;
+    if tcp {
+        match fast::connect(ctx, netns, &dst) {
+            Police::Proxy => {}
+            // On the kernel tier: policed, and left alone to go direct.
+            Police::Direct => return 1,
+            Police::Refuse => {
+                // A verdict (breaker open, rate bucket empty) or the kernel tier's own
+                // rate or cap: refuse now, without a round trip to the proxy.
+                // SAFETY: takes a plain integer; connect programs may set the errno their 0
+                // verdict returns (the verifier refuses the call in program types that may
+                // not).
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+                return 0;
+            }
+        }
     }
     let mut entry = SocketEntry {
         origin: dst,
@@ -117,35 +124,22 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
-/// Whether the agent left an unexpired fast-reject verdict (breaker open or rate bucket empty)
-/// for this pod and peer. An expired verdict is deleted here, on the first connect() past it.
-#[inline(always)]
-fn fast_rejected(netns: u64, dst: &SockAddr) -> bool {
-    let key = VerdictKey {
-        netns_cookie: netns,
-        peer: *dst,
-        _pad: 0,
-    };
-    // SAFETY: the value stays mapped while the program runs and `Verdict` is one integer,
-    // valid for any bytes; only `until_ns` is read. The agent rewrites or deletes verdicts
-    // and other connects may delete expired ones; racing them, or an LRU eviction whose
-    // element is reused at once, this connect sees the old, new or another peer's deadline:
-    // one connect refused or let through at the edge of a verdict, nothing outside the map.
-    match unsafe { VERDICTS.get(&key) } {
-        Some(v) if v.until_ns > now_ns() => true,
-        Some(_) => {
-            let _ = VERDICTS.remove(&key);
-            false
-        }
-        None => false,
-    }
-}
-
 #[sock_ops]
 pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => fast::on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if !fast::on_established(&ctx) {
+                on_established(&ctx)
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: `ops` is the context pointer the kernel passed to this sock_ops
+            // program; `bytes_acked` and `bytes_received` are readable u64 fields.
+            let bytes = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+            fast::on_end(&ctx, Some(ctx.arg(0)), bytes);
+            on_close(&ctx)
+        }
         _ => {}
     }
     1

@@ -110,6 +110,12 @@ pub fn count(netns: u64, idx: usize) {
 /// Adds one to a per-peer counter, creating the peer's entry on first use.
 #[inline(always)]
 pub fn count_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize) {
+    add_peer(netns, direction, peer, idx, 1);
+}
+
+/// Adds `n` to a per-peer counter, creating the peer's entry on first use.
+#[inline(always)]
+pub fn add_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize, n: u64) {
     if idx >= peer_counter::COUNT {
         return;
     }
@@ -122,17 +128,19 @@ pub fn count_peer(netns: u64, direction: u16, peer: &SockAddr, idx: usize) {
     if let Some(stats) = PEER_STATS.get_ptr_mut(&key) {
         // SAFETY: as in `count`: this CPU's copy of a live per-CPU entry, `idx` checked above.
         // An LRU entry evicted and reused meanwhile makes this count land on another peer.
-        unsafe { (*stats).counters[idx] += 1 };
+        unsafe { (*stats).counters[idx] = (*stats).counters[idx].wrapping_add(n) };
         return;
     }
     let mut fresh = PeerKernelStats::default();
-    fresh.counters[idx] = 1;
+    fresh.counters[idx] = n;
     // NOEXIST: another CPU may have created the entry meanwhile; then add to ours in it. A new
     // per-CPU entry starts at zero on every other CPU.
     if PEER_STATS.insert(&key, &fresh, BPF_NOEXIST).is_err() {
         match PEER_STATS.get_ptr_mut(&key) {
             // SAFETY: as above: this CPU's copy of a live entry, `idx` checked above.
-            Some(stats) => unsafe { (*stats).counters[idx] += 1 },
+            Some(stats) => unsafe {
+                (*stats).counters[idx] = (*stats).counters[idx].wrapping_add(n)
+            },
             None => count(netns, counter::MAP_FULL),
         }
     }

@@ -8,24 +8,35 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::{counter, T};
-use policy_util::{attempt, wait_until, Outcome};
+use policy_util::{attempt, wait_until, Outcome, Tier};
 use sockmesh_tests::*;
 
 /// A peer that refuses connections trips its breaker; from then on the pod's connect() to it
 /// fails at once in the kernel (no proxy round trip), while other peers are unaffected.
 /// Adaptive throttling stays on (the default): its local refusals count toward the breaker,
 /// so the count is exact whichever attempts it refuses.
+///
+/// On `--fast-path auto` the same: a peer is handed to the kernel only after a proxied
+/// connection to it succeeded, which a dead peer never gives. (A peer that dies once on the
+/// kernel tier: `fast_path.rs`, `the_kernel_tier_times_out_connects_and_opens_the_breaker`.)
 #[test]
 fn breaker_opens_on_a_failing_peer_and_the_kernel_refuses_at_once() {
+    breaker_opens(Tier::Proxy);
+}
+
+#[test]
+fn breaker_opens_on_a_failing_peer_with_the_fast_path_on() {
+    breaker_opens(Tier::Kernel);
+}
+
+fn breaker_opens(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
     let healthy =
         TcpServer::start(&server_pod, "0.0.0.0:8080".parse().expect("addr")).expect("server");
-    let agent =
-        Agent::start(["--pod", &pod_spec(&client, ""), "--breaker-failures", "5"]).expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(&client, &["--breaker-failures", "5"]);
 
     // Nothing listens on 9 in the server pod: every upstream connect is refused. The client's
     // own connect() succeeds (to the agent), then the agent resets it.

@@ -10,35 +10,46 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::counter;
-use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, T};
+use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, Tier, T};
 use sockmesh_tests::*;
 
 /// Rate 2/s, burst 3: exactly three back-to-back connects are admitted and the fourth is
 /// reset by the agent, which also tells the kernel to refuse until the next token is due: the
 /// fifth connect() fails at once with ECONNREFUSED. The verdict expires by itself when the
 /// token is due (500 ms after the burst), and exactly one more is admitted.
+///
+/// On the kernel tier the first connection (proxied) hands the peer over with the bucket it
+/// left (two tokens): the same three are admitted, and the fourth is refused at connect()
+/// already, not reset after its handshake ("AAAKK").
 #[test]
 fn rate_limit_admits_the_burst_then_one_per_interval_and_the_kernel_refuses_between() {
+    rate_limit(Tier::Proxy);
+}
+
+#[test]
+fn rate_limit_admits_the_burst_then_one_per_interval_on_the_kernel_tier() {
+    rate_limit(Tier::Kernel);
+}
+
+fn rate_limit(tier: Tier) {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
-    let agent = Agent::start([
-        "--pod",
-        &pod_spec(&client, ""),
-        "--peer-conn-rate",
-        "2/s",
-        "--peer-conn-burst",
-        "3",
-    ])
-    .expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(
+        &client,
+        &["--peer-conn-rate", "2/s", "--peer-conn-burst", "3"],
+    );
     let dst = server_pod.addr4(8080);
+    let (expect, refused) = match tier {
+        Tier::Proxy => ("AAARK", 1),
+        Tier::Kernel => ("AAAKK", 2),
+    };
 
     let burst_started = Instant::now();
     let seen: String = (0..5).map(|_| attempt(&client, dst).letter()).collect();
     assert_eq!(
-        seen, "AAARK",
-        "burst of 3 admitted, the 4th reset by the agent, the 5th refused in the kernel"
+        seen, expect,
+        "{tier:?}: burst of 3 admitted, then refused (reset by the agent or in the kernel)"
     );
-    assert_eq!(counter(&agent, &client, "fast_reject"), 1);
+    assert_eq!(counter(&agent, &client, "fast_reject"), refused);
     // The kernel refuses until the next token is due; then that token admits one.
     let mut next = None;
     wait_until("the rate verdict to expire", T, || {
@@ -61,6 +72,15 @@ fn rate_limit_admits_the_burst_then_one_per_interval_and_the_kernel_refuses_betw
     );
     // And it was the only one: the bucket is empty again.
     assert_ne!(attempt(&client, dst).letter(), 'A');
+    if tier == Tier::Kernel {
+        // Refused in the kernel, each counted as a rate throttle of the peer.
+        let peers = common::peers_until(&agent, &[], |v| {
+            common::find_peer(v, &dst.to_string()).is_some_and(|r| r["tier"] == "kernel")
+        });
+        let row = common::peer_row(&peers, &dst.to_string());
+        assert_eq!(row["tier"], "kernel", "{row}");
+        assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
+    }
     // Another peer of the same pod has its own bucket.
     let _other =
         TcpServer::start(&server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("echo server");
@@ -70,12 +90,22 @@ fn rate_limit_admits_the_burst_then_one_per_interval_and_the_kernel_refuses_betw
 /// Max 1 connection per peer: with one held, the next waits in the queue. Alone in an empty
 /// queue it may wait the CoDel interval (100 ms) and is then reset; a waiter is admitted as
 /// soon as the held connection closes.
+///
+/// With a queue the kernel cannot take the peer (`tier_reason` queue): on `--fast-path auto`
+/// it stays on the proxy and behaves exactly so.
 #[test]
 fn concurrency_limit_queues_grants_on_close_and_times_out_per_codel() {
+    concurrency_limit(Tier::Proxy);
+}
+
+#[test]
+fn concurrency_limit_with_a_queue_stays_on_the_proxy_with_the_fast_path_on() {
+    concurrency_limit(Tier::Kernel);
+}
+
+fn concurrency_limit(tier: Tier) {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
-    let agent =
-        Agent::start(["--pod", &pod_spec(&client, ""), "--peer-max-conns", "1"]).expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(&client, &["--peer-max-conns", "1"]);
     let dst = server_pod.addr4(8080);
 
     // 1. The queue's deadline: nobody leaves, so the waiter is reset after ~100 ms, not at once.
@@ -245,36 +275,44 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
 /// is slow (1/min) so the verdict outlasts the test, whatever the machine's speed.
 #[test]
 fn rate_fast_reject_works_for_an_ipv6_peer() {
+    rate_ipv6(Tier::Proxy);
+}
+
+/// The kernel tier keys an IPv6 peer as connect6 sees it: "AAKK" (see `rate_limit`).
+#[test]
+fn rate_fast_reject_works_for_an_ipv6_peer_on_the_kernel_tier() {
+    rate_ipv6(Tier::Kernel);
+}
+
+fn rate_ipv6(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
     let dst = server_pod.addr6(8080);
     let _echo = TcpServer::start(&server_pod, dst).expect("echo server on the pod's v6 address");
-    let agent = Agent::start([
-        "--pod",
-        &pod_spec(&client, ""),
-        "--peer-conn-rate",
-        "1/m",
-        "--peer-conn-burst",
-        "2",
-    ])
-    .expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(
+        &client,
+        &["--peer-conn-rate", "1/m", "--peer-conn-burst", "2"],
+    );
+    let (expect, refused) = match tier {
+        Tier::Proxy => ("AARK", 2),
+        Tier::Kernel => ("AAKK", 3),
+    };
 
     let seen: String = (0..4).map(|_| attempt(&client, dst).letter()).collect();
     assert_eq!(
-        seen, "AARK",
-        "burst of 2 admitted, the 3rd reset by the agent, the 4th refused in the kernel"
+        seen, expect,
+        "{tier:?}: burst of 2 admitted, then refused (reset by the agent or in the kernel)"
     );
     let e = tcp_connect(&client, dst, T).expect_err("still refused");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
-    assert_eq!(counter(&agent, &client, "fast_reject"), 2);
+    assert_eq!(counter(&agent, &client, "fast_reject"), refused);
     // Counted against the v6 peer, as the kernel keys it.
     let pod = client.netns_path().display().to_string();
     let peers = agent.read_json("peers", &["--pod", &pod]).expect("peers");
     let row = common::peer_row(&peers, &dst.to_string());
-    assert_eq!(row["fast_rejects"], 2, "{row}");
+    assert_eq!(row["fast_rejects"], refused, "{row}");
     // A v4 connect to the same pod is a different peer with its own bucket.
     let _echo4 = TcpServer::start(&server_pod, server_pod.addr4(8080)).expect("v4 echo");
     assert_eq!(attempt(&client, server_pod.addr4(8080)).letter(), 'A');

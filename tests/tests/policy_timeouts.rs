@@ -8,15 +8,26 @@ use std::mem::size_of;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use policy_util::{conn_fds, map_len, wait_until, T};
+use policy_util::{conn_fds, map_len, wait_until, Tier, T};
 use sockmesh_common::{map_names, quota::PodQuota};
 use sockmesh_tests::bpfmap::{bytes_of, PinnedMap};
 use sockmesh_tests::*;
 
 /// A peer that drops SYNs: the agent gives up after the connect timeout and resets the
-/// client, whose connection task and sockets are then gone.
+/// client, whose connection task and sockets are then gone. The same on `--fast-path auto`:
+/// a peer that never answered was never handed over (`fast_path.rs` has one that stops
+/// answering on the kernel tier, where connect() itself fails with ETIMEDOUT).
 #[test]
 fn connect_timeout_resets_the_client() {
+    connect_timeout(Tier::Proxy);
+}
+
+#[test]
+fn connect_timeout_resets_the_client_with_the_fast_path_on() {
+    connect_timeout(Tier::Kernel);
+}
+
+fn connect_timeout(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
@@ -27,9 +38,7 @@ fn connect_timeout_resets_the_client() {
             "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "7777", "-j", "DROP",
         ])
         .expect("iptables in the server pod");
-    let agent =
-        Agent::start(["--pod", &pod_spec(&client, ""), "--connect-timeout", "1s"]).expect("agent");
-    agent.wait_ready().expect("ready");
+    let _agent = tier.agent(&client, &["--connect-timeout", "1s"]);
     let mut c = tcp_connect(&client, server_pod.addr4(7777), T).expect("accepted by the agent");
     c.stream
         .set_read_timeout(Some(Duration::from_secs(20)))

@@ -25,6 +25,11 @@ fn bpftool(args: &[&str]) -> Value {
         "bpftool {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `bpftool -j cgroup show` prints nothing at all (not `[]`) for a cgroup with no program
+    // attached: what the root is once ours are gone and no other agent runs.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Value::Array(Vec::new());
+    }
     serde_json::from_slice(&out.stdout).expect("bpftool JSON")
 }
 

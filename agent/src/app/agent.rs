@@ -23,7 +23,6 @@ use super::{
     waits::{next_bind, next_kube, next_step, policy_changed, sleep_until},
 };
 use crate::{
-    admission::Admission,
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
@@ -43,13 +42,13 @@ use crate::{
     observe::http::MetricsState,
     policy::{
         bind_queue::{BindQueue, Pushed},
-        Clock, Direction, PeerKey, PeerTable,
+        Clock, Direction,
     },
     proxy::{
         shares::{ShareConfig, Shares},
         ProxyConfig, Shared,
     },
-    rules::{PolicyArgs, PolicyHandle, PolicyWatcher},
+    rules::{PolicyHandle, PolicyWatcher},
     sys::clock::unix_ms,
     telemetry::{flush::Observer, recorder::Recorder},
 };
@@ -188,7 +187,7 @@ impl Agent {
             peer::map_sizes::PEERS as usize,
             Box::new(unix_ms),
         ));
-        let admission = admission(&dp, &args.policy, &policy);
+        let admission = super::engine::admission(&dp, &args.policy, &policy, args.fast_path);
         let ids = policy.identities().clone();
         let observer = Arc::new(Observer::new(
             recorder.clone(),
@@ -364,6 +363,8 @@ impl Agent {
                     self.pods.reconcile(&self.dp);
                     // Pods enrolled or gone outside the Kubernetes watch (`--pod`).
                     self.follow_identities();
+                    self.kernel_breakers();
+                    self.pods.sweep_idle();
                 }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {
@@ -378,6 +379,20 @@ impl Agent {
                 _ = sig.hup.recv() => self.reload("SIGHUP"),
                 _ = sig.usr1.recv() => self.status(),
                 r = policy_changed(self.watcher.as_mut()) => self.on_policy_file(r),
+            }
+        }
+    }
+
+    /// Breakers the kernel tier opened since the last look: the proxy takes the peers back
+    /// with their breakers open, and probes half-open when the open period ends.
+    fn kernel_breakers(&self) {
+        for (netns, peer, until) in self.dp.maps.verdicts.take_kernel_opened() {
+            let key = self.shared.admission.kernel_opened_breaker(
+                |k| k.netns_cookie == netns && k.peer == peer && k.direction == Direction::Outbound,
+                until,
+            );
+            if let Some(key) = key {
+                self.shared.recorder.touched(&key);
             }
         }
     }
@@ -569,23 +584,4 @@ impl Agent {
         }
         events::emit(serde_json::json!({ "event": "stopped" }));
     }
-}
-
-/// The policy engine behind every proxied connection; an open breaker or an empty rate
-/// bucket becomes a kernel verdict so the pod's next connect() to that peer fails at once.
-fn admission(dp: &Datapath, args: &PolicyArgs, policy: &PolicyHandle) -> Arc<Admission<PeerKey>> {
-    let table = PeerTable::new(args.table_config(), policy.source());
-    let maps = dp.maps.clone();
-    Admission::new(
-        table,
-        Box::new(move |key: &PeerKey, until_ns: Option<u64>| {
-            // Only outbound connect()s pass through the kernel hook that reads verdicts.
-            if key.direction == Direction::Outbound {
-                match until_ns {
-                    Some(t) => maps.verdicts.refuse(key.netns_cookie, key.peer, t),
-                    None => maps.verdicts.lift(key.netns_cookie, key.peer),
-                }
-            }
-        }),
-    )
 }

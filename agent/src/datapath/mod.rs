@@ -229,7 +229,11 @@ impl Datapath {
         let maps = Arc::new(KernelMaps {
             inbound_peers: Mutex::new(take(&mut ebpf, map_names::INBOUND_PEERS)?),
             dns_origins: Mutex::new(take(&mut ebpf, map_names::DNS_ORIGINS)?),
-            verdicts: verdicts::Verdicts::new(take(&mut ebpf, map_names::VERDICTS)?),
+            verdicts: verdicts::Verdicts::new(
+                take(&mut ebpf, map_names::VERDICTS)?,
+                // A second handle on the pinned map (inbound steering owns the object's).
+                stats::open(dir, map_names::FAST_SOCKETS)?.try_into()?,
+            ),
             relay: match opts.kernel_relay {
                 relay::Mode::Off => None,
                 mode => Some(relay::RelayMaps::attach(&mut ebpf, mode)?),

@@ -12,7 +12,7 @@ use sockmesh_common::{
     GlobalConfig, PodConfig, PodStats, SCHEMA_VERSION,
 };
 
-fn open(dir: &Path, name: &str) -> Result<Map> {
+pub(super) fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(

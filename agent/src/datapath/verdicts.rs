@@ -3,30 +3,121 @@
 //! when a peer's breaker opens or its connection-rate bucket runs dry; the verdict carries
 //! its own expiry (CLOCK_MONOTONIC ns), so the kernel lifts it by itself even if the agent
 //! is gone, and the agent lifts it early on a reload or when the pod leaves.
-use std::{net::SocketAddr, sync::Mutex};
+//!
+//! The same map holds the kernel tier's entries (`sockmesh_common::fast`): a peer handed over
+//! to the kernel, which polices its connect()s and lets them go direct. The agent writes such
+//! an entry once and afterwards only deletes it: the kernel changes its counters in place, and
+//! a rewrite from here would lose them.
+use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
-use sockmesh_common::{SockAddr, Verdict, VerdictKey};
+use sockmesh_common::{
+    fast::{tier, Verdict, VerdictKey},
+    socket_kind, SockAddr, SocketEntry,
+};
 use tracing::warn;
 
 use crate::sys::lock::lock;
 
 pub struct Verdicts {
     map: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
+    /// `SM_FAST_SOCKS`, read only: which sockets connect() let go direct.
+    sockets: HashMap<MapData, u64, SocketEntry>,
 }
 
 impl Verdicts {
-    pub fn new(map: HashMap<MapData, VerdictKey, Verdict>) -> Verdicts {
+    pub fn new(
+        map: HashMap<MapData, VerdictKey, Verdict>,
+        sockets: HashMap<MapData, u64, SocketEntry>,
+    ) -> Verdicts {
         Verdicts {
             map: Mutex::new(map),
+            sockets,
         }
+    }
+
+    /// Kernel-tier peers with an idle timeout: (pod, peer) -> the timeout.
+    pub fn idle_timeouts(&self) -> std::collections::HashMap<(u64, SocketAddr), Duration> {
+        lock(&self.map)
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.tier == tier::KERNEL && v.idle_timeout_ms != 0)
+            .filter_map(|(k, v)| {
+                let peer = k.peer.to_std()?;
+                Some((
+                    (k.netns_cookie, peer),
+                    Duration::from_millis(v.idle_timeout_ms),
+                ))
+            })
+            .collect()
+    }
+
+    /// Whether the socket with this cookie is a pod's connection the kernel tier let go
+    /// direct (never one of the agent's own, which the programs do not capture).
+    pub fn is_direct(&self, cookie: u64) -> bool {
+        self.sockets
+            .get(&cookie, 0)
+            .is_ok_and(|e| e.kind == socket_kind::FAST)
     }
 
     /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
     pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64) {
-        if let Err(e) = lock(&self.map).insert(key(netns_cookie, peer), Verdict { until_ns }, 0) {
+        let v = Verdict {
+            until_ns,
+            ..Default::default()
+        };
+        if let Err(e) = lock(&self.map).insert(key(netns_cookie, peer), v, 0) {
             warn!(netns_cookie, %peer, error = %e, "could not write the fast-reject verdict");
         }
+    }
+
+    /// Hands `peer` of the pod over to the kernel tier with `entry`; false if the kernel
+    /// would not take it.
+    pub fn promote(&self, netns_cookie: u64, peer: SocketAddr, entry: &Verdict) -> bool {
+        match lock(&self.map).insert(key(netns_cookie, peer), entry, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(netns_cookie, %peer, error = %e, "could not hand the peer to the kernel tier");
+                false
+            }
+        }
+    }
+
+    /// Takes every peer off the kernel tier (a reload, a restart, fail-open): their next
+    /// connect()s go to the proxy again, which decides anew. Returns how many.
+    pub fn demote_all(&self) -> usize {
+        let mut m = lock(&self.map);
+        let keys: Vec<VerdictKey> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.tier == tier::KERNEL || v.breaker_opened != 0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &keys {
+            let _ = m.remove(k);
+        }
+        keys.len()
+    }
+
+    /// Breakers the kernel opened (its direct connects to a peer failed `breaker_failures`
+    /// times in a row), each with its pod, peer and deadline; the entries are deleted, the
+    /// caller's policy table takes over the open breaker (and writes its own verdict).
+    pub fn take_kernel_opened(&self) -> Vec<(u64, SocketAddr, u64)> {
+        let mut m = lock(&self.map);
+        let opened: Vec<(VerdictKey, u64)> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.breaker_opened != 0)
+            .map(|(k, v)| (k, v.until_ns))
+            .collect();
+        let mut out = Vec::with_capacity(opened.len());
+        for (k, until) in opened {
+            let _ = m.remove(&k);
+            if let Some(peer) = k.peer.to_std() {
+                out.push((k.netns_cookie, peer, until));
+            }
+        }
+        out
     }
 
     /// Lift a verdict written by `refuse` before it expires (a policy reload).

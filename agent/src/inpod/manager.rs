@@ -347,6 +347,15 @@ impl PodManager {
     pub fn reconcile(&mut self, dp: &Datapath) {
         self.captured.reconcile(dp.bound_ports());
     }
+
+    /// Closes the kernel tier's direct connections that outlived their idle timeout.
+    pub fn sweep_idle(&self) {
+        let pods = self
+            .pods
+            .values()
+            .map(|p| (&p.name, p.cookie, &p._pod.worker));
+        super::idle::sweep(pods, &self.shared);
+    }
 }
 
 /// What every pod shares: the agent's mark and ports and the global exclusions. Turns a

@@ -194,6 +194,7 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
         "P50_MS",
         "P99_MS",
         "LAST_ERROR",
+        "TIER",
     ]);
     for r in rows {
         t.row(vec![
@@ -216,6 +217,12 @@ pub fn peers_table(rows: &[PeerRow]) -> String {
             format!("{:.3}", r.connect_p50_us as f64 / 1000.0),
             format!("{:.3}", r.connect_p99_us as f64 / 1000.0),
             r.last_error.into(),
+            // Why, next to the tier: `proxy (idle_timeout)`, `kernel`.
+            if r.tier == "kernel" {
+                format!("kernel ({} direct)", r.direct)
+            } else {
+                format!("proxy ({})", r.tier_reason)
+            },
         ]);
     }
     render(t, "(no peers recorded)")

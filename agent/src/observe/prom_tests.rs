@@ -30,7 +30,7 @@ fn snapshot(peers: usize) -> Snapshot {
                     direction: sockmesh_common::peer::direction::OUTBOUND,
                     _pad: 0,
                 },
-                kernel: [1, 0, 0, 0],
+                kernel: [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                 state: PeerState {
                     conns_total: 1,
                     bytes_out: i as u64,

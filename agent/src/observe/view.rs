@@ -6,9 +6,10 @@ use anyhow::Result;
 use serde::Serialize;
 use sockmesh_common::{
     counter,
+    fast::tier,
     peer::{
         agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal, read_name,
-        throttle_reason, timeout_kind, PeerNames,
+        throttle_reason, tier_reason, timeout_kind, PeerNames,
     },
 };
 
@@ -101,6 +102,11 @@ pub struct PeerRow {
     pub connect_p99_us: u32,
     pub last_error: &'static str,
     pub last_error_unix_ms: u64,
+    /// `proxy` or `kernel` (outbound peers the agent handed to the kernel fast path), and why.
+    pub tier: &'static str,
+    pub tier_reason: &'static str,
+    /// Kernel tier: connect()s policed in the kernel and let go direct.
+    pub direct: u64,
 }
 
 fn as_object<S: serde::Serializer>(v: &Named, s: S) -> Result<S::Ok, S::Error> {
@@ -138,7 +144,9 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
     snap.peers
         .iter()
         .map(|r| {
-            let s = &r.state;
+            // The proxy's figures and the kernel tier's, in the same fields: a peer's
+            // connections are counted wherever they went.
+            let s = with_kernel_tier(&r.state, &r.kernel);
             let peer = r
                 .key
                 .peer
@@ -182,9 +190,42 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 connect_p99_us: s.connect_p99_us,
                 last_error: peer_error::name(s.last_error),
                 last_error_unix_ms: s.last_error_unix_ms,
+                tier: if u32::from(s.tier) == tier::KERNEL {
+                    "kernel"
+                } else {
+                    "proxy"
+                },
+                tier_reason: tier_reason::name(s.tier_reason),
+                direct: r.kernel[peer_counter::DIRECT],
             }
         })
         .collect()
+}
+
+/// The agent's figures of a peer plus what the kernel tier counted for its direct
+/// connections (`peer_counter`), field by field.
+pub fn with_kernel_tier(
+    state: &sockmesh_common::peer::PeerState,
+    k: &[u64; peer_counter::COUNT],
+) -> sockmesh_common::peer::PeerState {
+    let mut s = *state;
+    let live = k[peer_counter::CONNS].saturating_sub(k[peer_counter::CLOSED]);
+    s.conns_active = s.conns_active.wrapping_add(live);
+    s.conns_total = s.conns_total.wrapping_add(k[peer_counter::CONNS]);
+    s.bytes_out = s.bytes_out.wrapping_add(k[peer_counter::BYTES_OUT]);
+    s.bytes_in = s.bytes_in.wrapping_add(k[peer_counter::BYTES_IN]);
+    s.timeouts[timeout_kind::CONNECT] =
+        s.timeouts[timeout_kind::CONNECT].wrapping_add(k[peer_counter::CONNECT_TIMEOUTS]);
+    s.throttled[throttle_reason::RATE] =
+        s.throttled[throttle_reason::RATE].wrapping_add(k[peer_counter::THROTTLED_RATE]);
+    s.throttled[throttle_reason::CONCURRENCY] = s.throttled[throttle_reason::CONCURRENCY]
+        .wrapping_add(k[peer_counter::THROTTLED_CONCURRENCY]);
+    s.throttled[throttle_reason::ADAPTIVE] =
+        s.throttled[throttle_reason::ADAPTIVE].wrapping_add(k[peer_counter::THROTTLED_ADAPTIVE]);
+    s.connect_failures = s
+        .connect_failures
+        .wrapping_add(k[peer_counter::CONNECT_FAILURES]);
+    s
 }
 
 /// One pod, as `sockmesh pods` shows it.

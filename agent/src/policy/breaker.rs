@@ -218,6 +218,12 @@ impl Breaker {
         }
     }
 
+    /// Opens until `until`, whatever the state: the kernel tier counted the failures that
+    /// opened it (`crate::policy::fast`), so this breaker probes half-open after it.
+    pub fn force_open(&mut self, until: Nanos) {
+        self.state = State::Open { until };
+    }
+
     /// Whether an attempt admitted at `now` is a half-open probe.
     pub fn is_probing(&self, now: Nanos) -> bool {
         matches!(self.state_at(now), State::HalfOpen { .. })

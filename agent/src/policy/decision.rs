@@ -177,4 +177,6 @@ pub struct PeerView {
     pub idle_for: Duration,
     /// This peer's decisions since its entry was created.
     pub counters: Counters,
+    /// Which tier the peer is on, and why.
+    pub tier: super::fast::Tier,
 }

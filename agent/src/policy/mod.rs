@@ -14,6 +14,7 @@
 //! | [`adaptive`] | Google SRE client-side adaptive throttling |
 //! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
 //! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
+//! | [`fast`] | the kernel tier: which policies the kernel enforces exactly, and its entry |
 //! | [`peer_policy`] | [`PeerPolicy`]: every knob of one peer, as configuration resolved it |
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
@@ -74,6 +75,7 @@ pub mod breaker;
 pub mod clock;
 pub mod concurrency;
 pub mod decision;
+pub mod fast;
 pub mod key;
 mod peer;
 pub mod peer_policy;

@@ -35,10 +35,11 @@
 //! kept for the whole table and per tenant (`table_index.rs`), so no external
 //! crate and O(log n) per operation.
 
-use super::breaker::{BreakerTransition, ConnectFailure};
+use super::breaker::{BreakerState, BreakerTransition, ConnectFailure};
 use super::clock::Nanos;
 use super::concurrency::Ticket;
 use super::decision::{Counters, Decision, Lease, PeerView, RejectReason};
+use super::fast::{RateLevel, Tier};
 use super::key::Tenant;
 use super::peer::PeerState;
 use super::peer_policy::PeerPolicy;
@@ -86,6 +87,8 @@ struct Entry {
     state: PeerState,
     /// This peer's share of the table's counters.
     counters: Counters,
+    /// The tier the owner last put the peer on (reset by a reload).
+    tier: Tier,
 }
 
 /// Counts one event in both the table's and the entry's counters.
@@ -113,6 +116,19 @@ fn touch<K: Clone + Tenant>(index: &mut Index<K>, key: &K, entry: &mut Entry, no
 /// Entries swept by idle expiry when a new peer arrives (bounds that call's
 /// latency; the owner runs [`PeerTable::expire_idle`] for the rest).
 const SWEEP_ON_INSERT: usize = 8;
+
+/// See [`PeerTable::kernel_handoff`].
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    pub policy: PeerPolicy,
+    pub active: u32,
+    pub breaker_closed: bool,
+    pub rate_level: Option<RateLevel>,
+    /// Adaptive throttling's (requests, accepts) in its window.
+    pub window: Option<(u64, u64)>,
+    /// The tier the owner last put it on (under the current policy).
+    pub tier: Tier,
+}
 
 pub struct PeerTable<K> {
     config: TableConfig,
@@ -286,6 +302,62 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
         breaker.open_until(now.max(self.floor))
     }
 
+    /// What the kernel tier needs to take the peer over, under the current policy: its
+    /// policy, its live proxied connections, whether its breaker is closed with no failure
+    /// since the last success (or off), and its
+    /// rate bucket's level. `None` for an untracked peer.
+    pub fn kernel_handoff(&mut self, now: Nanos, key: &K) -> Option<Handoff> {
+        let now = now.max(self.floor);
+        let e = refreshed(&mut self.entries, &self.source, self.epoch, now, key)?;
+        let s = &e.state;
+        Some(Handoff {
+            policy: s.policy.clone(),
+            active: s.concurrency.active(),
+            // Closed, and its last connect succeeded: a peer is handed over only while it is
+            // known to answer (a dead one stays where its failures open the breaker).
+            breaker_closed: s.breaker.as_ref().is_none_or(|b| {
+                matches!(
+                    b.state(now),
+                    BreakerState::Closed {
+                        consecutive_failures: 0
+                    }
+                )
+            }),
+            rate_level: s.rate.as_ref().map(|r| RateLevel {
+                units: r.level_units(now),
+                tokens: r.rate().tokens(),
+            }),
+            window: s.adaptive.as_ref().map(|a| a.totals(now)),
+            tier: e.tier,
+        })
+    }
+
+    /// Every tracked peer's key.
+    pub fn keys(&self) -> impl Iterator<Item = &K> + '_ {
+        self.entries.keys()
+    }
+
+    /// Records the tier the owner put the peer on (shown by `sockmesh peers`).
+    pub fn set_tier(&mut self, key: &K, tier: Tier) {
+        let epoch = self.epoch;
+        if let Some(e) = self.entries.get_mut(key).filter(|e| e.epoch == epoch) {
+            e.tier = tier;
+        }
+    }
+
+    /// The kernel opened the peer's breaker (its direct connects failed): the proxy's breaker
+    /// opens until the same moment, so the proxy probes half-open afterwards, as it would
+    /// had the failures been its own.
+    pub fn kernel_opened_breaker(&mut self, now: Nanos, key: &K, until: Nanos) {
+        let now = now.max(self.floor);
+        if let Some(e) = refreshed(&mut self.entries, &self.source, self.epoch, now, key) {
+            if let Some(b) = e.state.breaker.as_mut() {
+                b.force_open(until);
+            }
+            e.tier = Tier::proxy(sockmesh_common::peer::tier_reason::BREAKER_OPENED);
+        }
+    }
+
     /// The policy the peer's state currently follows.
     pub fn policy(&self, key: &K) -> Option<&PeerPolicy> {
         self.entries.get(key).map(|e| &e.state.policy)
@@ -296,13 +368,13 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
         let now = now.max(self.floor);
         self.entries
             .iter()
-            .map(move |(key, e)| (key, view_of(e, now)))
+            .map(move |(key, e)| (key, view_of(e, now, self.epoch)))
     }
 
     /// One peer's view, if tracked (for the metrics flusher, which asks per changed peer).
     pub fn view(&self, now: Nanos, key: &K) -> Option<PeerView> {
         let now = now.max(self.floor);
-        self.entries.get(key).map(|e| view_of(e, now))
+        self.entries.get(key).map(|e| view_of(e, now, self.epoch))
     }
 
     /// Drops every entry whose key matches (e.g. all peers of a pod that left), busy or not:
@@ -401,6 +473,7 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
             class: Class::Unlinked,
             state: PeerState::new((self.source)(key), now),
             counters: Counters::default(),
+            tier: Tier::default(),
         };
         self.next_lease += 1;
         self.entries.insert(key.clone(), entry);
@@ -468,7 +541,7 @@ impl<K: Hash + Eq + Clone + Tenant> PeerTable<K> {
     }
 }
 
-fn view_of(e: &Entry, now: Nanos) -> PeerView {
+fn view_of(e: &Entry, now: Nanos, epoch: u64) -> PeerView {
     let s = &e.state;
     PeerView {
         connections: s.concurrency.active(),
@@ -478,6 +551,11 @@ fn view_of(e: &Entry, now: Nanos) -> PeerView {
         conn_tokens: s.rate.as_ref().map(|r| r.available(now)),
         idle_for: now.saturating_since(e.last_use),
         counters: e.counters,
+        tier: if e.epoch == epoch {
+            e.tier
+        } else {
+            Tier::default()
+        },
     }
 }
 
@@ -495,6 +573,8 @@ fn refreshed<'a, K: Hash + Eq>(
     if entry.epoch != epoch {
         entry.state.apply_policy(source(key), now);
         entry.epoch = epoch;
+        // A reload took every peer off the kernel tier; its tier is decided anew.
+        entry.tier = Tier::default();
     }
     Some(entry)
 }

@@ -146,6 +146,12 @@ impl TokenBucket {
         u64::try_from(level / i128::from(self.rate.per_ns)).unwrap_or(u64::MAX)
     }
 
+    /// The level at `now` in units of this rate (token-ns), without changing state: what
+    /// the kernel tier's bucket continues from when a peer changes tier.
+    pub fn level_units(&self, now: Nanos) -> i128 {
+        self.level_at(now)
+    }
+
     /// The instant the bucket will be full again if nothing is taken: until then,
     /// forgetting it would hand the peer free tokens.
     pub fn full_at(&self) -> Nanos {

@@ -44,6 +44,9 @@ pub struct Delta {
     pub last_error_unix_ms: u64,
     pub connect_p50_us: u32,
     pub connect_p99_us: u32,
+    /// The peer's tier and why (`tier_reason::UNKNOWN` keeps the entry's older one).
+    pub tier: u8,
+    pub tier_reason: u8,
 }
 
 impl Delta {
@@ -72,6 +75,10 @@ impl Delta {
         if self.connect_p50_us != 0 {
             v.connect_p50_us = self.connect_p50_us;
             v.connect_p99_us = self.connect_p99_us;
+        }
+        if self.tier_reason != sockmesh_common::peer::tier_reason::UNKNOWN {
+            v.tier = self.tier;
+            v.tier_reason = self.tier_reason;
         }
     }
 }
@@ -234,6 +241,20 @@ impl Recorder {
         obs.dirty = true;
     }
 
+    /// The agent closed a kernel-tier (direct) connection to the peer at its idle timeout.
+    pub fn kernel_idle_closed(&self, key: &PeerKey) {
+        self.with(key, |o, now| {
+            o.pending.timeouts[timeout_kind::IDLE] += 1;
+            o.error(peer_error::IDLE_TIMEOUT, now);
+        });
+    }
+
+    /// Something of the peer changed outside the proxy (the kernel tier opened its breaker):
+    /// flush it with the next batch.
+    pub fn touched(&self, key: &PeerKey) {
+        self.with(key, |_, _| {});
+    }
+
     pub fn rejected(&self, key: &PeerKey, reason: RejectReason) {
         let idx = match reason {
             RejectReason::BreakerOpen => throttle_reason::BREAKER,
@@ -363,7 +384,10 @@ impl Recorder {
             let ratio = v.and_then(|v| v.reject_probability).unwrap_or(0.0);
             let ppm = (ratio.clamp(0.0, 1.0) * 1e6).round() as u32;
             let (p50, p99) = o.quantiles();
+            let tier = v.map(|v| v.tier).unwrap_or_default();
             let delta = Delta {
+                tier: tier.tier,
+                tier_reason: tier.reason,
                 add: std::mem::take(&mut o.pending),
                 active: o.active,
                 breaker,

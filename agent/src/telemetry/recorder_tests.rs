@@ -73,6 +73,7 @@ fn deltas_add_to_what_the_map_holds_and_gauges_are_set() {
             conn_tokens: None,
             idle_for: Duration::ZERO,
             counters: Default::default(),
+            tier: Default::default(),
         })
     };
     let (batch, _) = r.drain(view, |t| t.0 + 1_000_000);

@@ -2,6 +2,7 @@
 //! `offset_of!`; see the parent module for why.
 use core::mem::{offset_of, size_of};
 
+use super::verdicts::{tier_name, tier_reason_name, VERDICT_KEY, VERDICT_VALUE};
 use super::{f, map, Field, Kind, MapKind, MapLayout};
 use crate::peer::{
     self, agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal,
@@ -10,8 +11,7 @@ use crate::peer::{
 };
 use crate::{
     counter, map_names, quota::PodQuota, AgentSocket, BindKey, BindValue, DnsKey, GlobalConfig,
-    PodConfig, PodStats, SockAddr, SocketEntry, TupleKey, Verdict, VerdictKey, MAX_EXCLUDED_CIDRS,
-    MAX_EXCLUDED_PORTS,
+    PodConfig, PodStats, SockAddr, SocketEntry, TupleKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
 };
 
 fn socket_kind_name(v: u64) -> &'static str {
@@ -19,6 +19,7 @@ fn socket_kind_name(v: u64) -> &'static str {
         crate::socket_kind::TCP_REDIRECT => "tcp_redirect",
         crate::socket_kind::DNS => "dns",
         crate::socket_kind::BIND => "bind",
+        crate::socket_kind::FAST => "fast",
         _ => "none",
     }
 }
@@ -210,6 +211,13 @@ const SOCKET_ENTRY_VALUE: (usize, &[Field]) = (
         ),
         f("family", offset_of!(SocketEntry, family), FAMILY),
         f("_pad", offset_of!(SocketEntry, _pad), Kind::Pad { len: 2 }),
+        f(
+            "established",
+            offset_of!(SocketEntry, established),
+            Kind::U32,
+        ),
+        f("started_ns", offset_of!(SocketEntry, started_ns), Kind::U64),
+        f("epoch_ns", offset_of!(SocketEntry, epoch_ns), Kind::U64),
     ],
 );
 
@@ -240,24 +248,6 @@ const BIND_VALUE: (usize, &[Field]) = (
         offset_of!(BindValue, socket_cookie),
         Kind::U64,
     )],
-);
-
-const VERDICT_KEY: (usize, &[Field]) = (
-    size_of::<VerdictKey>(),
-    &[
-        f(
-            "netns_cookie",
-            offset_of!(VerdictKey, netns_cookie),
-            Kind::U64,
-        ),
-        f("peer", offset_of!(VerdictKey, peer), Kind::SockAddr),
-        f("_pad", offset_of!(VerdictKey, _pad), Kind::Pad { len: 4 }),
-    ],
-);
-
-const VERDICT_VALUE: (usize, &[Field]) = (
-    size_of::<Verdict>(),
-    &[f("until_ns", offset_of!(Verdict, until_ns), Kind::U64)],
 );
 
 const PEER_KERNEL_VALUE: (usize, &[Field]) = (
@@ -352,7 +342,22 @@ const PEER_STATE_VALUE: (usize, &[Field]) = (
                 name: error_name,
             },
         ),
-        f("_pad", offset_of!(PeerState, _pad), Kind::Pad { len: 2 }),
+        f(
+            "tier",
+            offset_of!(PeerState, tier),
+            Kind::Named {
+                size: 1,
+                name: tier_name,
+            },
+        ),
+        f(
+            "tier_reason",
+            offset_of!(PeerState, tier_reason),
+            Kind::Named {
+                size: 1,
+                name: tier_reason_name,
+            },
+        ),
     ],
 );
 
@@ -461,6 +466,13 @@ pub const MAPS: &[MapLayout] = &[
         MapKind::SkStorage,
         "what the programs remember per socket, in the socket",
         SOCK_STORE_KEY,
+        SOCKET_ENTRY_VALUE,
+    ),
+    map(
+        map_names::FAST_SOCKETS,
+        MapKind::Hash,
+        "sockets the kernel tier let go direct, by socket cookie",
+        SOCKET_KEY,
         SOCKET_ENTRY_VALUE,
     ),
     map(

@@ -17,24 +17,30 @@ pub enum Variant {
     /// a change to the datapath measured against what it replaces in the same run. Only
     /// with `--baseline-bin`.
     Baseline,
+    /// eBPF capture + a third agent with `--fast-path off`: every connection proxied, beside
+    /// `sockmesh` (`--fast-path auto`) in the same run, so what the kernel tier saves is a
+    /// ratio.
+    SockmeshProxy,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 7] = [
         Variant::Direct,
         Variant::Sockmesh,
         Variant::Iptables,
         Variant::Haproxy,
         Variant::SockmeshSplice,
         Variant::Baseline,
+        Variant::SockmeshProxy,
     ];
     /// What a run measures unless told otherwise (the baseline needs a binary).
-    pub const DEFAULT: [Variant; 5] = [
+    pub const DEFAULT: [Variant; 6] = [
         Variant::Direct,
         Variant::Sockmesh,
         Variant::Iptables,
         Variant::Haproxy,
         Variant::SockmeshSplice,
+        Variant::SockmeshProxy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +51,7 @@ impl Variant {
             Variant::Haproxy => "haproxy",
             Variant::SockmeshSplice => "sockmesh-splice",
             Variant::Baseline => "sockmesh-baseline",
+            Variant::SockmeshProxy => "sockmesh-proxy",
         }
     }
 
@@ -65,6 +72,7 @@ impl Variant {
             Variant::Haproxy => "hap",
             Variant::SockmeshSplice => "splice",
             Variant::Baseline => "base",
+            Variant::SockmeshProxy => "proxy",
         }
     }
 
@@ -72,7 +80,11 @@ impl Variant {
     pub fn captured(self) -> bool {
         matches!(
             self,
-            Variant::Sockmesh | Variant::Iptables | Variant::SockmeshSplice | Variant::Baseline
+            Variant::Sockmesh
+                | Variant::Iptables
+                | Variant::SockmeshSplice
+                | Variant::Baseline
+                | Variant::SockmeshProxy
         )
     }
 }

@@ -363,6 +363,24 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
     ] {
         check(what, below(w, 0), &|r| r < 1.0, "sockmesh/iptables ×{}");
     }
+    // The kernel fast path (#15): sockmesh runs `--fast-path auto`, sockmesh-proxy `off`.
+    check(
+        "fast path: agent CPU per 1,000 new connections <= 1/5 of the proxy tier's",
+        (|| {
+            Some(
+                med(Workload::Cps, Variant::Sockmesh, 1)?
+                    / med(Workload::Cps, Variant::SockmeshProxy, 1)?,
+            )
+        })(),
+        &|r| r <= 0.2,
+        "sockmesh/sockmesh-proxy ×{}",
+    );
+    check(
+        "fast path: new connections/s >= 0.90x direct",
+        ratio(Workload::Cps, Variant::Sockmesh, 0),
+        &|r| r >= 0.9,
+        "×{}",
+    );
     check(
         "agent RSS <= 4 KiB per idle connection",
         scale.map(|s| s.rss_per_conn_bytes() / 1024.0),
@@ -405,6 +423,7 @@ fn to_svg(results: &Results) -> String {
         Variant::Haproxy => "#7a7a7a",
         Variant::SockmeshSplice => "#7ab02a",
         Variant::Baseline => "#b02a7a",
+        Variant::SockmeshProxy => "#2ab0a0",
     };
     let others: Vec<Variant> = results
         .only

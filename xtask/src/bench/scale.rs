@@ -56,8 +56,13 @@ impl ScaleResult {
     }
 }
 
+/// Through the proxy tier (`sockmesh-proxy`'s agent, `--fast-path off`): what the agent holds
+/// per proxied connection. (`sockmesh` runs the fast path, whose connections after the first
+/// to a peer do not pass through the agent at all.)
 pub fn idle_connections(topo: &Topology, n: usize) -> Result<ScaleResult> {
-    let pid = topo.agent_pid();
+    let pid = topo
+        .proxy_pid(Variant::SockmeshProxy)
+        .context("the proxy tier's agent")?;
     let accepted = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let server = spawn_server(&topo.server, accepted.clone(), stop.clone())?;
@@ -75,7 +80,7 @@ pub fn idle_connections(topo: &Topology, n: usize) -> Result<ScaleResult> {
             fds_before = now;
         }
         let rss_before_kib = rss_kib(pid)?;
-        let client = topo.client(Variant::Sockmesh);
+        let client = topo.client(Variant::SockmeshProxy);
         let start = Instant::now();
         let conns = open_clients(client, n, accepted.clone())?;
         let establish_secs = start.elapsed().as_secs_f64();

@@ -41,9 +41,10 @@ const AGENT_MARK: &str = "0x534d";
 /// Fields drop in declaration order: processes before the pins and namespaces they use.
 pub struct Topology {
     pub agent: ChildGuard,
-    _splice_agent: ChildGuard,
-    _baseline_agent: Option<ChildGuard>,
-    _haproxy: ChildGuard,
+    splice_agent: ChildGuard,
+    proxy_agent: ChildGuard,
+    baseline_agent: Option<ChildGuard>,
+    haproxy: ChildGuard,
     _servers: Vec<ChildGuard>,
     /// The inbound workload's servers (nginx in each meshed server pod with an agent).
     _inbound_servers: Vec<ChildGuard>,
@@ -65,8 +66,17 @@ impl Topology {
             .1
     }
 
-    pub fn agent_pid(&self) -> u32 {
-        self.agent.child.id()
+    /// The process that carries `v`'s connections besides the kernel (its agent, or
+    /// HAProxy), whose CPU time a workload can charge to it.
+    pub fn proxy_pid(&self, v: Variant) -> Option<u32> {
+        match v {
+            Variant::Direct => None,
+            Variant::Sockmesh | Variant::Iptables => Some(self.agent.child.id()),
+            Variant::SockmeshSplice => Some(self.splice_agent.child.id()),
+            Variant::SockmeshProxy => Some(self.proxy_agent.child.id()),
+            Variant::Baseline => self.baseline_agent.as_ref().map(|a| a.child.id()),
+            Variant::Haproxy => Some(self.haproxy.child.id()),
+        }
     }
 
     /// Where the inbound workload connects for `v`: the plain server for direct, else the
@@ -181,6 +191,23 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
             .stderr(fs::File::create(tmp.join("agent-splice.log"))?),
         false,
     )?;
+    // The proxy tier alone (`--fast-path off`), with pins of its own. Both agents run the
+    // default policy (connect and idle timeouts, breaker, adaptive throttling), all of which
+    // the kernel tier enforces: the fast path is their one difference.
+    let proxy_agent = spawn_agent_until_ready(
+        Command::new(agent_bin)
+            .arg("run")
+            .arg("--pod")
+            .arg(find(Variant::SockmeshProxy).netns_path())
+            .arg("--bpffs-dir")
+            .arg(pins.0.join("proxy"))
+            .args(["--fast-path", "off", "--kernel-relay", "auto"])
+            .args(["--metrics-addr", "off", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(tmp.join("agent-proxy.log"))?),
+        false,
+    )?;
     // Another build's agent, as deployed, with pins of its own.
     let baseline_agent = match baseline {
         Some(bin) => Some(spawn_agent_until_ready(
@@ -224,9 +251,10 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
     let haproxy = start_haproxy(find(Variant::Haproxy), tmp)?;
     Ok(Topology {
         agent,
-        _splice_agent: splice_agent,
-        _baseline_agent: baseline_agent,
-        _haproxy: haproxy,
+        splice_agent,
+        proxy_agent,
+        baseline_agent,
+        haproxy,
         _servers: servers,
         _inbound_servers: inbound_servers,
         inbound: meshed,
@@ -348,6 +376,7 @@ fn start_agent(
         // the default one.
         .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--kernel-relay", "auto", "--log-level", "warn"])
+        .args(["--fast-path", "auto"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(tmp.join("agent.log"))?);

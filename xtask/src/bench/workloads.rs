@@ -78,7 +78,10 @@ impl Workload {
             m("p99", "µs", Better::Lower),
             m("p99.9", "µs", Better::Lower),
         ];
-        const CPS: &[Metric] = &[m("rate", "conn/s", Better::Higher)];
+        const CPS: &[Metric] = &[
+            m("rate", "conn/s", Better::Higher),
+            m("proxy CPU per 1k conns", "ms", Better::Lower),
+        ];
         const CONNECT: &[Metric] = &[m("p50", "µs", Better::Lower), m("p99", "µs", Better::Lower)];
         match self {
             Workload::Bulk1 | Workload::Bulk8 => BULK,
@@ -104,7 +107,11 @@ impl Workload {
     /// server pod is enrolled by the variant's agent (direct: the plain server), so the
     /// iptables and HAProxy variants, which are client-side captures, have none.
     pub fn applies(self, v: Variant) -> bool {
-        self != Workload::InboundCps || !matches!(v, Variant::Iptables | Variant::Haproxy)
+        self != Workload::InboundCps
+            || !matches!(
+                v,
+                Variant::Iptables | Variant::Haproxy | Variant::SockmeshProxy
+            )
     }
 
     /// Runs once for `v`; values in the order of `metrics()`.
@@ -138,8 +145,19 @@ impl Workload {
                 cmd.args(["-t1", "-c8", "-d", &format!("{secs}s")])
                     .args(["-H", "Connection: close"])
                     .arg(format!("http://{host}:{HTTP_PORT}/"));
+                // The CPU the agent (or HAProxy) spent on the run, per 1,000 connections:
+                // what the kernel fast path is meant to save. The variants run one at a
+                // time, so an agent serving two (sockmesh, iptables) is charged only for the
+                // one running.
+                let pid = topo.proxy_pid(v);
+                let before = pid.and_then(cpu_ms);
                 let out = bounded(&mut cmd, plan, topo)?;
-                Ok(vec![parse_wrk(&out)?])
+                let spent = match (before, pid.and_then(cpu_ms)) {
+                    (Some(a), Some(b)) => b - a,
+                    _ => f64::NAN,
+                };
+                let conns = parse_wrk_requests(&out).unwrap_or(f64::NAN);
+                Ok(vec![parse_wrk(&out)?, spent / conns * 1000.0])
             }
             Workload::Connect => {
                 let n = plan.connects;
@@ -266,6 +284,30 @@ pub fn parse_sockperf(out: &str) -> Result<Vec<f64>> {
     Ok(vec![pick("50.000")?, pick("99.000")?, pick("99.900")?])
 }
 
+/// A process's CPU time (user + system) so far, in ms, from /proc/PID/stat.
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ms(&stat, 100.0)
+}
+
+/// utime + stime (fields 14 and 15, after the parenthesised command) of a /proc/PID/stat
+/// line, in ms at `ticks_per_s` clock ticks per second (USER_HZ, 100 on Linux).
+pub fn parse_cpu_ms(stat: &str, ticks_per_s: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * 1000.0 / ticks_per_s)
+}
+
+/// wrk: how many requests (connections, with `Connection: close`) the run made.
+pub fn parse_wrk_requests(out: &str) -> Option<f64> {
+    out.lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+}
+
 /// wrk: requests per second; with `Connection: close` each request is a new connection.
 pub fn parse_wrk(out: &str) -> Result<f64> {
     if let Some(l) = out.lines().find(|l| l.contains("Non-2xx")) {
@@ -320,9 +362,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_cpu_time_from_proc_stat() {
+        let stat = "4242 (sock mesh) S 1 4242 4242 0 -1 4194560 1000 0 0 0 150 50 0 0 20 0 4 0";
+        assert_eq!(parse_cpu_ms(stat, 100.0), Some(2000.0));
+        assert_eq!(parse_cpu_ms("garbage", 100.0), None);
+    }
+
+    #[test]
     fn parses_wrk() {
         let out = "  25449 requests in 2.01s, 3.52MB read\nRequests/sec:  12684.93\n";
         assert_eq!(parse_wrk(out).unwrap(), 12684.93);
+        assert_eq!(parse_wrk_requests(out), Some(25449.0));
         assert!(parse_wrk("Non-2xx or 3xx responses: 5\nRequests/sec: 1\n").is_err());
         assert!(parse_wrk("").is_err());
     }

@@ -1,0 +1,97 @@
+//! The layouts of `SM_VERDICTS` (the kernel fast path's per-peer entry) and the tier names
+//! the per-peer state shares with it; the map table is in `maps.rs`.
+use core::mem::{offset_of, size_of};
+
+use super::{f, Field, Kind};
+use crate::fast::{tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS};
+
+pub(super) fn tier_name(v: u64) -> &'static str {
+    match v as u32 {
+        tier::PROXY => "proxy",
+        tier::KERNEL => "kernel",
+        _ => "unknown",
+    }
+}
+pub(super) fn tier_reason_name(v: u64) -> &'static str {
+    crate::peer::tier_reason::name(v as u8)
+}
+
+pub(super) const VERDICT_KEY: (usize, &[Field]) = (
+    size_of::<VerdictKey>(),
+    &[
+        f(
+            "netns_cookie",
+            offset_of!(VerdictKey, netns_cookie),
+            Kind::U64,
+        ),
+        f("peer", offset_of!(VerdictKey, peer), Kind::SockAddr),
+        f("_pad", offset_of!(VerdictKey, _pad), Kind::Pad { len: 4 }),
+    ],
+);
+
+pub(super) const VERDICT_VALUE: (usize, &[Field]) = (
+    size_of::<Verdict>(),
+    &[
+        f("until_ns", offset_of!(Verdict, until_ns), Kind::U64),
+        f(
+            "tier",
+            offset_of!(Verdict, tier),
+            Kind::Named {
+                size: 4,
+                name: tier_name,
+            },
+        ),
+        f(
+            "connect_timeout_ms",
+            offset_of!(Verdict, connect_timeout_ms),
+            Kind::U32,
+        ),
+        f(
+            "breaker_failures",
+            offset_of!(Verdict, breaker_failures),
+            Kind::U32,
+        ),
+        f(
+            "breaker_opened",
+            offset_of!(Verdict, breaker_opened),
+            Kind::U32,
+        ),
+        f(
+            "breaker_open_ns",
+            offset_of!(Verdict, breaker_open_ns),
+            Kind::U64,
+        ),
+        f("max_conns", offset_of!(Verdict, max_conns), Kind::U64),
+        f("active", offset_of!(Verdict, active), Kind::U64),
+        f("failures", offset_of!(Verdict, failures), Kind::U64),
+        f("rate_tokens", offset_of!(Verdict, rate_tokens), Kind::U64),
+        f("rate_per_ns", offset_of!(Verdict, rate_per_ns), Kind::U64),
+        f("rate_burst", offset_of!(Verdict, rate_burst), Kind::U64),
+        f("epoch_ns", offset_of!(Verdict, epoch_ns), Kind::U64),
+        f("rate_tat", offset_of!(Verdict, rate_tat), Kind::U64),
+        f(
+            "adaptive_k_milli",
+            offset_of!(Verdict, adaptive_k_milli),
+            Kind::U64,
+        ),
+        f(
+            "adaptive_bucket_ns",
+            offset_of!(Verdict, adaptive_bucket_ns),
+            Kind::U64,
+        ),
+        f(
+            "idle_timeout_ms",
+            offset_of!(Verdict, idle_timeout_ms),
+            Kind::U64,
+        ),
+        // The adaptive window's buckets (epoch, requests, accepts each): kernel state, shown
+        // raw by bpftool; not decoded here.
+        f(
+            "window",
+            offset_of!(Verdict, window),
+            Kind::Pad {
+                len: ADAPTIVE_BUCKETS * size_of::<WindowBucket>(),
+            },
+        ),
+    ],
+);
