@@ -24,7 +24,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::prereqs::{self, Level};
-use crate::util::{bail_if_interrupted, cargo, catch_interrupts, repo_root, run, target_dir};
+use crate::util::{
+    bail_if_interrupted, cargo, catch_interrupts, log_path, repo_root, run_logged, target_dir,
+};
 use plan::Plan;
 pub use select::Selection;
 
@@ -80,9 +82,15 @@ pub fn bench(
     let agent = match std::env::var_os("SOCKMESH_BIN") {
         Some(bin) => PathBuf::from(bin),
         None => {
-            println!("xtask: building the agent (release)");
-            run(cargo().args(["build", "--release", "-p", "sockmesh"]))
-                .context("could not build the agent")?;
+            println!(
+                "xtask: building the agent (release; log: {})",
+                log_path("build-agent-release").display()
+            );
+            run_logged(
+                cargo().args(["build", "--release", "-p", "sockmesh"]),
+                "build-agent-release",
+            )
+            .context("could not build the agent")?;
             target_dir().join("release").join("sockmesh")
         }
     };

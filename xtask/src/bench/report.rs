@@ -442,6 +442,13 @@ fn to_svg(results: &Results) -> String {
                 .metrics()
                 .iter()
                 .enumerate()
+                // A metric direct has no value for (the CPU of a proxy, where direct has
+                // none) has no ratio to draw: it is in the table only.
+                .filter(|&(i, _)| {
+                    results
+                        .summary(w, Variant::Direct, i)
+                        .is_some_and(|s| s.median > 0.0)
+                })
                 .map(|(i, m)| Row {
                     label: format!("{} ({}, {} better)", m.name, m.unit, m.better.as_str()),
                     target: w.target(i).map(|ratio| chart::Target {

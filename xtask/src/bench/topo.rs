@@ -203,6 +203,12 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
             .arg(pins.0.join("proxy"))
             .args(["--fast-path", "off", "--kernel-relay", "auto"])
             .args(["--metrics-addr", "off", "--log-level", "warn"])
+            // The scale step holds its idle connections through this agent and measures memory
+            // per connection, not fairness: the per-pod and node caps (1024 per pod by default)
+            // and the pod's quota of kernel origins (2048) would stop it early; the open-file
+            // limit bounds it instead (see `scale`).
+            .args(["--pod-max-conns", "1000000", "--max-conns", "1000000"])
+            .args(["--pod-conn-origins", "200000"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(tmp.join("agent-proxy.log"))?),

@@ -97,7 +97,8 @@ impl Workload {
         match (self, i) {
             (Workload::Bulk1 | Workload::Bulk8, 0) => Some(0.95),
             (Workload::Rr, 0) => Some(1.05),
-            (Workload::Cps | Workload::InboundCps, 0) => Some(0.9),
+            // Outbound: the fast path has no inbound tier (yet).
+            (Workload::Cps, 0) => Some(0.9),
             (Workload::Connect, 0) => Some(1.2),
             _ => None,
         }
