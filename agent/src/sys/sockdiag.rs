@@ -37,6 +37,20 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
 }
 
 fn dump(family: u8) -> io::Result<Vec<Listener>> {
+    let fd = diag_socket()?;
+    send(&fd, &request(family))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(&fd, &mut buf)?;
+        if parse(&buf[..n], &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// A NETLINK_SOCK_DIAG socket of the calling thread's namespace (also `sockdiag_idle`'s).
+pub(super) fn diag_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before it is owned.
     let fd = unsafe {
         libc::socket(
@@ -49,30 +63,35 @@ fn dump(family: u8) -> io::Result<Vec<Listener>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = request(family);
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(super) fn send(fd: &OwnedFd, req: &[u8]) -> io::Result<()> {
     // SAFETY: `req` is a readable buffer of `req.len()` bytes for the duration of the call;
     // a netlink socket needs no destination address (the kernel is the default peer).
     let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    Ok(())
+}
+
+pub(super) fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is a writable buffer of `buf.len()` bytes for the duration of the call.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
-        if parse(&buf[..n as usize], &mut out)? {
-            return Ok(out);
-        }
     }
+}
+
+pub(super) fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// A dump request for the listening TCP sockets of one family.
@@ -91,7 +110,6 @@ fn request(family: u8) -> Vec<u8> {
 
 /// Adds the sockets of one datagram of the dump to `out`; true once the dump is done.
 fn parse(mut buf: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     while buf.len() >= NLMSG_HDR {
         let len = u32_at(buf, 0) as usize;
         let ty = u16::from_ne_bytes([buf[4], buf[5]]);

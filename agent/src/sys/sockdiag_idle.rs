@@ -3,13 +3,12 @@
 //! how the agent enforces the idle timeout of connections it does not own (the kernel fast
 //! path's direct connections). Needs CONFIG_INET_DIAG_DESTROY (checked by
 //! [`destroy_supported`]) and CAP_NET_ADMIN in the namespace's owner.
+use super::sockdiag::{diag_socket, recv, send, u32_at};
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -94,46 +93,6 @@ pub fn destroy_supported() -> bool {
     )
 }
 
-fn diag_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before it is owned.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send(fd: &OwnedFd, req: &[u8]) -> io::Result<()> {
-    // SAFETY: `req` is a readable buffer of `req.len()` bytes for the duration of the call;
-    // a netlink socket needs no destination address (the kernel is the default peer).
-    let sent = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a writable buffer of `buf.len()` bytes for the duration of the call.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 /// A dump of the established TCP sockets of one family with their `tcp_info`, or (with a
 /// socket id) a destroy of that one socket.
 fn request(family: u8, ty: u16, flags: u16, sockid: Option<&[u8; 48]>) -> Vec<u8> {
@@ -151,10 +110,6 @@ fn request(family: u8, ty: u16, flags: u16, sockid: Option<&[u8; 48]>) -> Vec<u8
         r[24..72].copy_from_slice(id);
     }
     r
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// The errno of a netlink acknowledgement (0: success), if `buf` is one.
