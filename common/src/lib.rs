@@ -29,7 +29,10 @@ pub mod layout;
 /// 7: the kernel fast path: `SM_VERDICTS` values carry a peer's tier and its kernel policy
 /// ([`fast::Verdict`]), `SocketEntry::started_ns`, more per-peer kernel counters, the tier
 /// in `PeerState`; direct sockets in `SM_FAST_SOCKS`.
-pub const SCHEMA_VERSION: u32 = 7;
+/// 8: per-pod quotas of `SM_IN_BINDS` (now a plain hash, no longer LRU, of 32,768) and
+/// `SM_FAST_SOCKS` (`PodQuota::binds`/`fast`, `GlobalConfig::pod_bind_quota`/
+/// `pod_fast_quota`, the `bind_quota` and `fast_quota` counters).
+pub const SCHEMA_VERSION: u32 = 8;
 
 pub mod fast;
 pub mod peer;
@@ -168,7 +171,8 @@ pub mod map_sizes {
     /// `SM_FAST_SOCKS`: direct sockets live at once, node-wide. A plain hash: when full, a
     /// new connection to a kernel-tier peer takes the proxy instead (no entry is evicted).
     pub const FAST_SOCKETS: u32 = 65_536;
-    pub const INBOUND_BINDS: u32 = 16384;
+    /// `SM_IN_BINDS`: captured ports of all pods; a plain hash within the pods' quotas.
+    pub const INBOUND_BINDS: u32 = 32_768;
     pub const VERDICTS: u32 = 16384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// The agent's live sockets (`SM_AGENT_SOCKS`): listeners, spare and connected upstream
@@ -241,6 +245,11 @@ pub struct GlobalConfig {
     pub pod_origin_quota: u32,
     /// Each pod's quota of `SM_DNS_ORIG` entries (`--pod-dns-origins`); 0: none.
     pub pod_dns_quota: u32,
+    /// Each pod's quota of `SM_IN_BINDS` entries the bind hook makes (`--pod-inbound-binds`);
+    /// 0: none.
+    pub pod_bind_quota: u32,
+    /// Each pod's quota of `SM_FAST_SOCKS` entries (`--pod-direct-conns`); 0: none.
+    pub pod_fast_quota: u32,
 }
 
 impl GlobalConfig {
@@ -380,8 +389,15 @@ pub mod counter {
     /// A DNS connect()/sendto() refused (EPERM): its pod had its quota of `SM_DNS_ORIG`
     /// entries (`--pod-dns-origins`).
     pub const DNS_QUOTA: usize = 15;
-    pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 16] = [
+    /// A wildcard TCP bind refused (EPERM): its pod had its quota of `SM_IN_BINDS` entries
+    /// (`--pod-inbound-binds`).
+    pub const BIND_QUOTA: usize = 16;
+    /// A connection to a kernel-tier peer sent to the proxy instead of direct: its pod had
+    /// its quota of `SM_FAST_SOCKS` entries (`--pod-direct-conns`). Not a refusal: the
+    /// connection is served, one hop slower.
+    pub const FAST_QUOTA: usize = 17;
+    pub const COUNT: usize = 18;
+    pub const NAMES: [&str; 18] = [
         "redirect_tcp",
         "bypass_loopback",
         "bypass_excluded",
@@ -398,10 +414,12 @@ pub mod counter {
         "inbound_steered",
         "origin_quota",
         "dns_quota",
+        "bind_quota",
+        "fast_quota",
     ];
     /// The kernel's refusals of a pod's quotas: shown with the agent's (`sockmesh pods`
     /// REFUSED, `sockmesh_pod_refused_total`).
-    pub const REFUSALS: [usize; 2] = [ORIGIN_QUOTA, DNS_QUOTA];
+    pub const REFUSALS: [usize; 3] = [ORIGIN_QUOTA, DNS_QUOTA, BIND_QUOTA];
 }
 
 /// `SM_POD_STATS[netns cookie]` (per-CPU): the agent creates the entry at enrolment, the

@@ -6,8 +6,8 @@ use core::mem::size_of;
 #[test]
 fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<SockAddr>(), 20);
-    assert_eq!(size_of::<GlobalConfig>(), 48);
-    assert_eq!(size_of::<quota::PodQuota>(), 16);
+    assert_eq!(size_of::<GlobalConfig>(), 56);
+    assert_eq!(size_of::<quota::PodQuota>(), 32);
     assert_eq!(size_of::<Cidr>(), 40);
     assert_eq!(size_of::<PodConfig>(), 4 + 8 * 4 * 2 + 8 * 40);
     assert_eq!(size_of::<TupleKey>(), 8 + 20 + 20);

@@ -23,7 +23,8 @@ use sockmesh_common::{
 };
 
 use crate::{
-    maps::{FAST_SOCKETS, VERDICTS},
+    maps::{CONFIG, FAST_SOCKETS, VERDICTS},
+    store::{self, Quota, Stored},
     util::{count, count_peer, netns_cookie, now_ns, socket_cookie},
 };
 
@@ -187,7 +188,13 @@ unsafe fn kernel_tier(
             epoch_ns: read_volatile(&(*v).epoch_ns),
             ..Default::default()
         };
-        if FAST_SOCKETS.insert(&socket_cookie(ctx), &entry, 0).is_err() {
+        // One of the pod's quota of direct sockets: past it (or the map full) the proxy
+        // takes the connection, so one pod cannot take the kernel tier from the others.
+        let quota = CONFIG.get(0).map_or(0, |c| c.pod_fast_quota);
+        let cookie = socket_cookie(ctx);
+        if store::insert_counted(&FAST_SOCKETS, &cookie, &entry, netns, Quota::Fast, quota)
+            != Stored::Yes
+        {
             // Untracked, its end could not give the slot back: let the proxy take it.
             fetch_add(&raw mut (*v).active, u64::MAX);
             return Police::Proxy;
@@ -351,6 +358,7 @@ pub fn on_end<C: EbpfContext>(ctx: &C, old: Option<u32>, bytes: (u64, u64)) {
         return;
     }
     let netns = netns_cookie(ctx);
+    store::give(netns, Quota::Fast);
     let peer = &entry.origin;
     let now = now_ns();
     let v = VERDICTS.get_ptr_mut(&verdict_key(netns, peer));

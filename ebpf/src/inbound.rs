@@ -16,37 +16,38 @@ use crate::{
     addr::{read_ip6, sock_type},
     capture::{capture, Captured, Target},
     dns,
-    maps::{AGENT_SOCKETS, EVENTS, FOUND_BINDS, INBOUND_BINDS},
-    store::SOCK_STORE,
+    maps::{AGENT_SOCKETS, CONFIG, EVENTS, FOUND_BINDS, INBOUND_BINDS},
+    store::{self, Quota, SOCK_STORE},
     util::{count, is_agent_socket, netns_cookie, socket_cookie, BPF_NOEXIST, SOCK_STREAM},
 };
 
 const EEXIST: i32 = 17;
 
+/// 1 lets the bind proceed (unchanged), 0 fails it (EPERM): the pod holds its quota of
+/// captured ports.
 #[cgroup_sock_addr(bind4)]
 pub fn sm_bind4(ctx: SockAddrContext) -> i32 {
-    bind(&ctx, false);
-    1
+    bind(&ctx, false) as i32
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn sm_bind6(ctx: SockAddrContext) -> i32 {
-    bind(&ctx, true);
-    1
+    bind(&ctx, true) as i32
 }
 
+/// Whether the bind may proceed.
 #[inline(always)]
-fn bind(ctx: &SockAddrContext, v6: bool) {
+fn bind(ctx: &SockAddrContext, v6: bool) -> bool {
     let sa = ctx.sock_addr;
     // bind4 fires for UDP and for port-0 binds too: only explicit TCP wildcard binds count.
     if sock_type(ctx) != SOCK_STREAM {
-        return;
+        return true;
     }
     // SAFETY: `sa` is the kernel's context pointer of this bind4/6 program; `user_port` is a
     // readable 4-byte field.
     let port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     if port == 0 {
-        return;
+        return true;
     }
     // SAFETY: as above; `user_ip4` and the words of `user_ip6` are readable 4-byte fields,
     // `user_ip6` borrowed only for `read_ip6`'s word-by-word volatile reads.
@@ -58,10 +59,10 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
         }
     };
     if !wildcard {
-        return;
+        return true;
     }
     let Some(Captured { netns, sk, .. }) = capture(ctx, Target::Bind(port)) else {
-        return;
+        return true;
     };
     // The bind itself is left alone: the app keeps its wildcard address. Recording the port
     // is all the capture is; `sk_lookup` steers its connections while the agent serves.
@@ -83,6 +84,16 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
     // second bind of the port is one that is about to fail (EADDRINUSE: this hook runs before
     // the kernel checks) or one more socket of a SO_REUSEPORT group; taking the entry over
     // would let that socket's release end the capture of a port the first one still serves.
+    // SAFETY: mapped while the program runs; only whether the key is there is read.
+    if unsafe { INBOUND_BINDS.get(&key) }.is_some() {
+        return true;
+    }
+    // A port more is one more entry of the pod's quota; past it the bind fails, so no port
+    // of the pod is served unsteered (and so unpoliced) for want of an entry.
+    let quota = CONFIG.get(0).map_or(0, |c| c.pod_bind_quota);
+    if !store::take(netns, Quota::Binds, quota) {
+        return false;
+    }
     match INBOUND_BINDS.insert(
         &key,
         &BindValue {
@@ -91,21 +102,24 @@ fn bind(ctx: &SockAddrContext, v6: bool) {
         BPF_NOEXIST,
     ) {
         Ok(()) => {}
-        Err(e) if e == -EEXIST => return,
-        Err(_) => {
-            count(netns, counter::MAP_FULL);
-            return;
+        Err(e) => {
+            store::give(netns, Quota::Binds);
+            if e != -EEXIST {
+                count(netns, counter::MAP_FULL);
+            }
+            return true;
         }
     }
     if !SOCK_STORE.set(sk.ptr(), &entry) {
         // Without its socket entry the release could not forget the bind: do not keep it.
-        let _ = INBOUND_BINDS.remove(&key);
+        store::remove_counted(&INBOUND_BINDS, &key, netns, Quota::Binds);
         count(netns, counter::MAP_FULL);
-        return;
+        return true;
     }
     send_event(netns, event_kind::BIND, family, port);
     count(netns, counter::BIND_CAPTURE);
     debug!(ctx, "sockmesh: bind captured netns={} port={}", netns, port);
+    true
 }
 
 #[inline(always)]
@@ -146,9 +160,13 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
     let netns = netns_cookie(&ctx);
     // The socket's own storage (freed with it after this hook), else what the agent recorded
     // for it at enrolment.
+    // Whether the bind hook made the socket's entry (and took one of the pod's quota for it),
+    // or the agent did, at enrolment (counted by the agent, not in the quota).
+    let mut hooked = true;
     let entry = match SOCK_STORE.get(ctx.sock as *mut _) {
         Some(e) => e,
         None => {
+            hooked = false;
             // SAFETY: the value stays mapped while the program runs and `SocketEntry` is
             // plain integers, valid for any bytes; copied out at once. Only the agent writes
             // this map, and this socket's entry only before its release.
@@ -173,7 +191,11 @@ pub fn sm_sock_release(ctx: SockContext) -> i32 {
             // socket's bind of the port) just fails the comparison.
             if let Some(v) = unsafe { INBOUND_BINDS.get(&key) } {
                 if v.socket_cookie == cookie {
-                    let _ = INBOUND_BINDS.remove(&key);
+                    if hooked {
+                        store::remove_counted(&INBOUND_BINDS, &key, netns, Quota::Binds);
+                    } else {
+                        let _ = INBOUND_BINDS.remove(&key);
+                    }
                     send_event(netns, event_kind::UNBIND, entry.family, entry.key_port);
                 }
             }

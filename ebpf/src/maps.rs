@@ -99,10 +99,17 @@ pub static DNS_ORIGINS: HashMap<
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
 
-/// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers.
+/// Wildcard binds of enrolled pods (by pod, port, family): the ports `sk_lookup` steers. A
+/// plain hash, each pod within its quota (`store::Quota::Binds`): an LRU map would let one pod
+/// binding thousands of ports evict another's, whose inbound connections would then go to
+/// the app unpoliced.
 #[btf_map(name = "SM_IN_BINDS")]
-pub static INBOUND_BINDS: LruHashMap<BindKey, BindValue, { map_sizes::INBOUND_BINDS as usize }> =
-    LruHashMap::new();
+pub static INBOUND_BINDS: HashMap<
+    BindKey,
+    BindValue,
+    { map_sizes::INBOUND_BINDS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Bind/unbind events for the agent.
 #[map(name = "SM_EVENTS")]

@@ -107,6 +107,10 @@ pub enum Quota {
     Origins,
     /// `SM_DNS_ORIG` entries.
     Dns,
+    /// `SM_IN_BINDS` entries the bind hook made.
+    Binds,
+    /// `SM_FAST_SOCKS` entries.
+    Fast,
 }
 
 /// The pod's live-entry counter of `which`; None for a pod the agent made no entry for (it
@@ -119,6 +123,8 @@ fn counter_of(netns: u64, which: Quota) -> Option<*mut i64> {
         match which {
             Quota::Origins => &raw mut (*q).origins,
             Quota::Dns => &raw mut (*q).dns,
+            Quota::Binds => &raw mut (*q).binds,
+            Quota::Fast => &raw mut (*q).fast,
         }
     })
 }
@@ -149,6 +155,8 @@ pub fn take(netns: u64, which: Quota, quota: u32) -> bool {
             match which {
                 Quota::Origins => counter::ORIGIN_QUOTA,
                 Quota::Dns => counter::DNS_QUOTA,
+                Quota::Binds => counter::BIND_QUOTA,
+                Quota::Fast => counter::FAST_QUOTA,
             },
         );
         return false;

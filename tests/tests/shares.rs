@@ -319,18 +319,7 @@ fn a_hundred_thousand_peers_churn_only_the_hostile_pods_own_policy_state() {
 fn a_bind_close_loop_is_held_to_the_pods_share_and_the_victims_binds_open_at_once() {
     let c = cast();
     let (agent, _) = start_agent(&c, &[]);
-    let victim_cookie = c.victim.netns_cookie().expect("cookie");
-    let listening = |port: u16| {
-        move |v: &Value| {
-            v["event"] == "inbound_listening"
-                && v["netns_cookie"].as_u64() == Some(victim_cookie)
-                && v["port"].as_u64() == Some(u64::from(port))
-        }
-    };
-    let _app = TcpServer::start(&c.victim, "0.0.0.0:8080".parse().expect("addr")).expect("app");
-    agent
-        .wait_event(listening(8080), T)
-        .expect("victim's inbound listener");
+    let _app = serve_captured(&agent, &c.victim, 8080);
     let dst = c.victim.addr4(8080);
     let quiet = inbound_probes(&c.server, dst, PROBES);
 
@@ -345,10 +334,7 @@ fn a_bind_close_loop_is_held_to_the_pods_share_and_the_victims_binds_open_at_onc
     // A new bind of the victim gets its listener at once, the hostile pod's backlog of
     // changes notwithstanding.
     let asked = Instant::now();
-    let _app2 = TcpServer::start(&c.victim, "0.0.0.0:8081".parse().expect("addr")).expect("app");
-    agent
-        .wait_event(listening(8081), T)
-        .expect("the victim's new bind is served");
+    let _app2 = serve_captured(&agent, &c.victim, 8081);
     let opened = asked.elapsed();
     let attacked = inbound_probes(&c.server, dst, PROBES);
     let mut binds = 0;

@@ -70,9 +70,12 @@ pub struct DatapathOptions<'a> {
     pub fail_open_after: Option<std::time::Duration>,
     /// Attach the in-kernel relay (sockhash + stream verdict) for unshaped connections.
     pub kernel_relay: relay::Mode,
-    /// Each pod's quota of `SM_ORIG_TUPLE` and `SM_DNS_ORIG` entries (0: none).
+    /// Each pod's quota of `SM_ORIG_TUPLE`, `SM_DNS_ORIG`, `SM_IN_BINDS` and `SM_FAST_SOCKS`
+    /// entries (0: none).
     pub pod_origin_quota: u32,
     pub pod_dns_quota: u32,
+    pub pod_bind_quota: u32,
+    pub pod_fast_quota: u32,
 }
 
 /// Maps the proxies use while running.
@@ -96,6 +99,8 @@ pub struct Datapath {
     stats: PerCpuHashMap<MapData, u64, PodStats>,
     /// Each pod's live entries against its quotas (`SM_POD_QUOTA`).
     quotas: HashMap<MapData, u64, PodQuota>,
+    /// `--pod-inbound-binds`: also how many servers listening before enrolment are captured.
+    bind_quota: u32,
     pub maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
     /// The observability maps the agent writes (taken by the app at start).
@@ -187,6 +192,8 @@ impl Datapath {
             fail_open_after_ns: heartbeat::bound_ns(opts.fail_open_after),
             pod_origin_quota: opts.pod_origin_quota,
             pod_dns_quota: opts.pod_dns_quota,
+            pod_bind_quota: opts.pod_bind_quota,
+            pod_fast_quota: opts.pod_fast_quota,
         };
         // Fresh from the first write, so pods are captured while the task gets going.
         let heartbeat = heartbeat::Heartbeat::new(config, gc)?;
@@ -248,6 +255,7 @@ impl Datapath {
             pods,
             stats,
             quotas,
+            bind_quota: opts.pod_bind_quota,
             maps,
             events,
             sink,
@@ -276,6 +284,17 @@ impl Datapath {
     /// (see [`steer::Steering::record_bind`]).
     pub fn record_bind(&mut self, pod: u64, port: steer::BoundPort, socket: u64) -> bool {
         self.steering.record_bind(pod, port, socket)
+    }
+
+    /// How many of a pod's servers listening before its enrolment are captured at most: as
+    /// many as its bind quota (0: all). The bind hook counts only its own binds (the agent
+    /// cannot add to the kernel's counts without racing its atomic adds), so this bounds the
+    /// rest: a pod holds at most twice its quota of `SM_IN_BINDS` entries.
+    pub fn found_bind_quota(&self) -> usize {
+        match self.bind_quota {
+            0 => usize::MAX,
+            n => n as usize,
+        }
     }
 
     /// Undo [`Datapath::record_bind`] for a socket found gone.

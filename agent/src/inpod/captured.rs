@@ -55,11 +55,20 @@ pub fn record_listening(
         }
     };
     let Some(listening) = list() else { return };
-    let recorded: Vec<(BoundPort, u64)> = listening
+    let quota = dp.found_bind_quota();
+    let candidates: Vec<(BoundPort, u64)> = listening
         .iter()
         .filter_map(|l| Some((wildcard_port(cfg, l)?, l.cookie)))
-        .filter(|(port, socket)| dp.record_bind(cookie, *port, *socket))
         .collect();
+    let recorded: Vec<(BoundPort, u64)> = candidates
+        .iter()
+        .copied()
+        .filter(|(port, socket)| dp.record_bind(cookie, *port, *socket))
+        .take(quota)
+        .collect();
+    if recorded.len() == quota && candidates.len() > quota {
+        warn!(pod, quota, listening = candidates.len(), "only the pod's inbound-bind quota of the servers listening before its enrolment are captured; the others' inbound connections go to them directly (raise --pod-inbound-binds)");
+    }
     if recorded.is_empty() {
         return;
     }

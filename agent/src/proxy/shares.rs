@@ -84,6 +84,20 @@ pub struct ShareArgs {
     #[arg(long, env = "SOCKMESH_POD_DNS_ORIGINS", value_name = "COUNT",
           default_value_t = quota::defaults::DNS, value_parser = dns_quota)]
     pub pod_dns_origins: u32,
+    /// Ports of one pod whose wildcard TCP listeners inbound capture records at once (its
+    /// entries in `SM_IN_BINDS`, from the bind to the socket's close); past it the pod's
+    /// bind() of another port fails with EPERM (counted `bind_quota`). Servers the agent
+    /// finds listening when it enrols the pod are captured up to as many again.
+    #[arg(long, env = "SOCKMESH_POD_INBOUND_BINDS", value_name = "COUNT",
+          default_value_t = quota::defaults::BINDS, value_parser = bind_quota)]
+    pub pod_inbound_binds: u32,
+    /// Connections of one pod the kernel fast path lets go direct at once (its entries in
+    /// `SM_FAST_SOCKS`, from connect() to the close); past it the pod's new connections to
+    /// kernel-tier peers take the proxy (policed the same, one hop slower; counted
+    /// `fast_quota`).
+    #[arg(long, env = "SOCKMESH_POD_DIRECT_CONNS", value_name = "COUNT",
+          default_value_t = quota::defaults::FAST, value_parser = fast_quota)]
+    pub pod_direct_conns: u32,
 }
 
 /// A quota of at most what the map holds (more would promise entries it cannot give).
@@ -101,6 +115,14 @@ fn origin_quota(s: &str) -> Result<u32, String> {
 
 fn dns_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::DNS_ORIGINS)
+}
+
+fn bind_quota(s: &str) -> Result<u32, String> {
+    quota_within(s, map_sizes::INBOUND_BINDS)
+}
+
+fn fast_quota(s: &str) -> Result<u32, String> {
+    quota_within(s, map_sizes::FAST_SOCKETS)
 }
 
 fn count(s: &str) -> Result<u32, String> {

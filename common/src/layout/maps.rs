@@ -56,6 +56,8 @@ const POD_QUOTA_VALUE: (usize, &[Field]) = (
     &[
         f("origins", offset_of!(PodQuota, origins), Kind::U64),
         f("dns", offset_of!(PodQuota, dns), Kind::U64),
+        f("binds", offset_of!(PodQuota, binds), Kind::U64),
+        f("fast", offset_of!(PodQuota, fast), Kind::U64),
     ],
 );
 
@@ -143,6 +145,16 @@ const CONFIG_VALUE: (usize, &[Field]) = (
         f(
             "pod_dns_quota",
             offset_of!(GlobalConfig, pod_dns_quota),
+            Kind::U32,
+        ),
+        f(
+            "pod_bind_quota",
+            offset_of!(GlobalConfig, pod_bind_quota),
+            Kind::U32,
+        ),
+        f(
+            "pod_fast_quota",
+            offset_of!(GlobalConfig, pod_fast_quota),
             Kind::U32,
         ),
     ],
@@ -485,7 +497,7 @@ pub const MAPS: &[MapLayout] = &[
     map(
         map_names::POD_QUOTA,
         MapKind::Hash,
-        "each pod's live entries of the origin maps, against its quotas",
+        "each pod's live entries of the shared maps, against its quotas",
         NETNS_KEY,
         POD_QUOTA_VALUE,
     ),
@@ -512,7 +524,7 @@ pub const MAPS: &[MapLayout] = &[
     ),
     map(
         map_names::INBOUND_BINDS,
-        MapKind::LruHash,
+        MapKind::Hash,
         "captured wildcard binds",
         BIND_KEY,
         BIND_VALUE,

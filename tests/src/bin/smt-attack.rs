@@ -103,8 +103,10 @@ fn hold(dst: SocketAddr, n: usize) -> Result<serde_json::Value> {
 /// connect() to `dst` (each one the programs remember, redirected to the agent); `udp`, each
 /// bound to the next port from `first_port` (autobind would scan a nearly full ephemeral
 /// range of 28k ports for each one) and one DNS query sent to `dst` (each one a DNS origin
-/// the kernel keeps until the socket closes). Reports how many were made, and how many
-/// connect()/sendto() calls failed, by error (EPERM: the pod's quota).
+/// the kernel keeps until the socket closes); `bind`, each a TCP socket bound to the wildcard
+/// address of `dst`'s family and the next port from `first_port` (each one a captured port).
+/// Reports how many were made, and how many connect()/sendto()/bind() calls failed, by error
+/// (EPERM: the pod's quota).
 fn socks(kind: &str, dst: SocketAddr, n: usize, first_port: u16) -> Result<serde_json::Value> {
     let any = if dst.is_ipv4() {
         IpAddr::from([0u8; 4])
@@ -141,7 +143,16 @@ fn socks(kind: &str, dst: SocketAddr, n: usize, first_port: u16) -> Result<serde
                 held.push(s);
                 r
             }
-            _ => bail!("socks: tcp or udp, not {kind:?}"),
+            "bind" => {
+                let s = Socket::new(domain, Type::STREAM, None)?;
+                let port = first_port
+                    .checked_add(i as u16)
+                    .context("socks: FIRST_PORT + N is past 65535")?;
+                let r = s.bind(&SocketAddr::new(any, port).into());
+                held.push(s);
+                r
+            }
+            _ => bail!("socks: tcp, udp or bind, not {kind:?}"),
         };
         match r {
             Ok(()) => ok += 1,

@@ -1,5 +1,7 @@
 //! The cast of every fair-share test: a victim and a hostile pod enrolled on one agent, and
 //! a server pod for the victim.
+use std::net::SocketAddr;
+
 use serde_json::Value;
 use sockmesh_tests::*;
 
@@ -58,4 +60,23 @@ pub fn still_serving(agent: &Agent, c: &Cast) {
         common::redirected(&c.victim, c.server.addr4(8080)),
         "the victim is still proxied"
     );
+}
+
+/// A server of `pod` on its wildcard address and `port`, once the agent has captured it (its
+/// inbound listener for the port is open).
+pub fn serve_captured(agent: &Agent, pod: &Pod, port: u16) -> TcpServer {
+    let cookie = pod.netns_cookie().expect("cookie");
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let server = TcpServer::start(pod, addr).expect("app");
+    agent
+        .wait_event(
+            |v: &Value| {
+                v["event"] == "inbound_listening"
+                    && v["netns_cookie"].as_u64() == Some(cookie)
+                    && v["port"].as_u64() == Some(u64::from(port))
+            },
+            common::T,
+        )
+        .unwrap_or_else(|e| panic!("the inbound listener of port {port}: {e:#}"));
+    server
 }
