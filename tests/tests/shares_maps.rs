@@ -49,6 +49,11 @@ fn ask(udp: &UdpSocket, server: SocketAddr, id: u16) -> SocketAddr {
 #[test]
 fn floods_of_sockets_and_dns_origins_evict_nothing_of_the_victims() {
     let c = cast();
+    // The agent's own sockets in the hostile pod (its DNS upstream sockets) take ephemeral
+    // ports: keep those above the ports the flood binds, so its binds fail only for quotas.
+    c.hostile
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 60999"])
+        .expect("ephemeral range of the hostile pod");
     let dns = c.server.addr4(53);
     let _responder = dns_responder(&c.server, dns);
     let dns6 = c.server.addr6(53);
