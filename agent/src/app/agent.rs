@@ -176,6 +176,7 @@ impl Agent {
                 kernel_relay: args.kernel_relay,
                 pod_origin_quota: args.shares.pod_conn_origins,
                 pod_dns_quota: args.shares.pod_dns_origins,
+                fast_sockets: args.shares.fast_path_sockets,
             },
             handed_lock,
         )?;

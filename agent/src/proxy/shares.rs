@@ -84,6 +84,15 @@ pub struct ShareArgs {
     #[arg(long, env = "SOCKMESH_POD_DNS_ORIGINS", value_name = "COUNT",
           default_value_t = quota::defaults::DNS, value_parser = dns_quota)]
     pub pod_dns_origins: u32,
+    /// Direct connections of the kernel fast path the node tracks at once, all pods together
+    /// (the size of `SM_FAST_SOCKS`); past it a new connection to a kernel-tier peer takes
+    /// the proxy. The default holds as many as the proxy tier can redirect (`SM_ORIG_TUPLE`),
+    /// so handing peers to the kernel never lowers what a node holds; it costs 16 bytes a
+    /// slot up front (the hash buckets, 4 MiB) and its entries only while used. Fixed when the
+    /// map is created: a takeover keeps the running agent's size.
+    #[arg(long, env = "SOCKMESH_FAST_PATH_SOCKETS", value_name = "COUNT",
+          default_value_t = map_sizes::FAST_SOCKETS, value_parser = fast_sockets)]
+    pub fast_path_sockets: u32,
 }
 
 /// A quota of at most what the map holds (more would promise entries it cannot give).
@@ -98,6 +107,21 @@ fn quota_within(s: &str, map: u32) -> Result<u32, String> {
 fn origin_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::ORIG_TUPLES)
 }
+
+/// At most 2^24 slots: the hash buckets (16 bytes a slot, allocated up front) stay <= 256 MiB.
+fn fast_sockets(s: &str) -> Result<u32, String> {
+    let n = parse_count(s, 1).map_err(|e| e.to_string())?;
+    if n > FAST_SOCKETS_MAX {
+        return Err(format!(
+            "{n} is more than {FAST_SOCKETS_MAX} (its hash buckets alone would take {} MiB)",
+            (u64::from(n).next_power_of_two() * 16) >> 20
+        ));
+    }
+    Ok(n)
+}
+
+/// The largest `--fast-path-sockets`.
+const FAST_SOCKETS_MAX: u32 = 1 << 24;
 
 fn dns_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::DNS_ORIGINS)
