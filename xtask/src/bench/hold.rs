@@ -6,8 +6,9 @@
 //!
 //! Protocol (one line each way per step): both print `ready` once set up. A server then prints
 //! `accepted N` (its running total) whenever it accepted more. A client answers `warm` (one
-//! connection to each target, closed at once) with `warmed`, and `open K` (K more connections,
-//! round robin over its targets, held) with `opened N` (its running total); a failure is
+//! connection to each target, held) with `warmed`, `open K` (K more connections,
+//! round robin over its targets, held) with `opened N` (its running total), and `cool` (close
+//! the warm-up connections) with `cooled`; a failure is
 //! `error MESSAGE`, after which it exits.
 
 use std::io::{BufRead, Write};
@@ -22,6 +23,7 @@ pub const READY: &str = "ready";
 pub const ACCEPTED: &str = "accepted ";
 pub const OPENED: &str = "opened ";
 pub const WARMED: &str = "warmed";
+pub const COOLED: &str = "cooled";
 pub const ERROR: &str = "error ";
 /// A connect() that takes longer than this failed (a SYN lost to a full backlog is resent
 /// after 1 s, 3 s, ...: a few resends, not a hang).
@@ -37,23 +39,39 @@ pub enum Role {
 
 /// The holder's main: sets its own open-file limit to `nofile`, then plays `role`.
 pub fn run(role: Role, nofile: u64) -> Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: nofile,
-        rlim_max: nofile,
-    };
-    // SAFETY: a plain syscall with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("set RLIMIT_NOFILE to {nofile}"));
-    }
-    let r = match role {
+    let r = set_nofile(nofile).and_then(|()| match role {
         Role::Serve(ports) => serve(&ports),
         Role::Connect(targets) => connect(&targets),
-    };
+    });
     if let Err(e) = &r {
         say(&format!("{ERROR}{e:#}"));
     }
     r
+}
+
+/// The soft limit only: the hard one stays as inherited (lowering it could not be undone).
+fn set_nofile(nofile: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("read RLIMIT_NOFILE");
+    }
+    if nofile > lim.rlim_max {
+        bail!(
+            "an open-file limit of {nofile} is above this process's hard limit ({})",
+            lim.rlim_max
+        );
+    }
+    lim.rlim_cur = nofile;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("set RLIMIT_NOFILE to {nofile}"));
+    }
+    Ok(())
 }
 
 fn say(line: &str) {
@@ -121,14 +139,22 @@ fn connect(targets: &[SocketAddr]) -> Result<()> {
     }
     say(READY);
     let mut held: Vec<TcpStream> = Vec::new();
+    // Held until told: a proxied connection hands its peer to the kernel tier only once the
+    // agent's upstream connect succeeded, which one closed at once may not live to see.
+    let mut warm: Vec<TcpStream> = Vec::new();
     for line in std::io::stdin().lock().lines() {
         let line = line.context("read a command")?;
         if line == "warm" {
             for t in targets {
-                TcpStream::connect_timeout(t, CONNECT_TIMEOUT)
-                    .with_context(|| format!("warm-up connection to {t}"))?;
+                warm.push(
+                    TcpStream::connect_timeout(t, CONNECT_TIMEOUT)
+                        .with_context(|| format!("warm-up connection to {t}"))?,
+                );
             }
             say(WARMED);
+        } else if line == "cool" {
+            warm.clear();
+            say(COOLED);
         } else if let Some(k) = line.strip_prefix("open ") {
             let k: usize = k.parse().with_context(|| format!("bad command `{line}`"))?;
             for _ in 0..k {

@@ -1,6 +1,6 @@
 //! The scale step's processes (`hold`): servers in the server pod and clients in a client
-//! pod, pair by pair, each holding at most [`PER_PROCESS`] connections under an open-file limit
-//! of [`HOLDER_NOFILE`]. The bench drives the clients in batches and never lets them get more
+//! pod, pair by pair, each under an open-file limit of at most [`HOLDER_NOFILE`] (less if this
+//! process's hard limit is lower) and holding that many connections less a margin. The bench drives the clients in batches and never lets them get more
 //! than [`WINDOW`] connections ahead of the servers' accepts (a proxy's listen backlog that
 //! overflows stalls connects on SYN resends). Dropping [`Holders`] closes their stdin, which
 //! ends them and every connection they hold.
@@ -18,10 +18,24 @@ use sockmesh_tests::Pod;
 use super::hold;
 use crate::util::{bail_if_interrupted, ChildGuard};
 
-/// Connections one holder process keeps: its open-file limit stays well under what a
-/// container usually gets.
-pub const PER_PROCESS: usize = 25_000;
+/// A holder's open-file limit: well under what a container usually gets.
 pub const HOLDER_NOFILE: u64 = 32_768;
+/// Of a holder's open files, those not for connections (stdio, listeners, the runtime's).
+const HOLDER_SPARE: u64 = 256;
+
+/// The open-file limit of each holder: [`HOLDER_NOFILE`], or this process's hard limit if
+/// lower (the holders inherit it, and only CAP_SYS_RESOURCE could raise it).
+pub fn holder_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain syscall with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    HOLDER_NOFILE.min(lim.rlim_max)
+}
 /// Server ports per server holder (each reached over IPv4 and IPv6): 8 destinations per
 /// client, so no (source, destination) pair needs more than a few thousand ephemeral ports.
 const PORTS_PER_SERVER: u16 = 4;
@@ -41,7 +55,7 @@ impl Holder {
         let mut cmd = pod.command(&exe.to_string_lossy());
         cmd.arg("bench-hold")
             .arg("--nofile")
-            .arg(HOLDER_NOFILE.to_string())
+            .arg(holder_nofile().to_string())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -73,11 +87,13 @@ impl Holder {
 
     /// The next line starting with `prefix` (the rest of it); an `error` line fails.
     fn expect(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
-        let line = self.lines.recv_timeout(timeout).map_err(|_| {
-            anyhow::anyhow!(
-                "{} said nothing in {timeout:?} (or exited; see its output above)",
-                self.guard.name
-            )
+        let line = self.lines.recv_timeout(timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                anyhow::anyhow!("{} said nothing in {timeout:?}", self.guard.name)
+            }
+            mpsc::RecvTimeoutError::Disconnected => {
+                anyhow::anyhow!("{} exited (see its output above)", self.guard.name)
+            }
         })?;
         if let Some(e) = line.strip_prefix(hold::ERROR) {
             bail!("{}: {e}", self.guard.name);
@@ -104,7 +120,8 @@ pub struct Holders {
 impl Holders {
     /// Enough pairs for `n` connections from `client` to `server` (at `v4` and `v6`).
     pub fn start(server: &Pod, client: &Pod, v4: IpAddr, v6: IpAddr, n: usize) -> Result<Self> {
-        let procs = n.div_ceil(PER_PROCESS).max(1);
+        let per_process = holder_nofile().saturating_sub(HOLDER_SPARE).max(1) as usize;
+        let procs = n.div_ceil(per_process).max(1);
         let accepted = Arc::new(AtomicUsize::new(0));
         let mut servers = Vec::new();
         let mut clients = Vec::new();
@@ -170,13 +187,25 @@ impl Holders {
         self.clients.len() * 2
     }
 
-    /// One connection from each client to each of its targets, closed at once.
+    /// One connection from each client to each of its targets, held until [`Self::cool`];
+    /// returns once the servers accepted them.
     pub fn warm(&mut self) -> Result<()> {
         for c in &mut self.clients {
             c.send("warm")?;
         }
         for c in &mut self.clients {
             c.expect(hold::WARMED, Duration::from_secs(60))?;
+        }
+        self.wait_accepted(self.targets.len())
+    }
+
+    /// Closes the warm-up connections.
+    pub fn cool(&mut self) -> Result<()> {
+        for c in &mut self.clients {
+            c.send("cool")?;
+        }
+        for c in &mut self.clients {
+            c.expect(hold::COOLED, Duration::from_secs(60))?;
         }
         Ok(())
     }

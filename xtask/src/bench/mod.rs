@@ -110,15 +110,16 @@ pub fn bench(
         // A filtered run iterates on some workloads: the extra step would only slow it.
         plan.raw_cost_pairs = 0;
     }
-    let cap = scale::max_conns(nofile);
-    if plan.scale_conns > cap {
+    // The proxy tier's step holds two agent sockets per connection; the other steps' sockets
+    // are in the holders, each under a limit of its own.
+    let proxy_cap = scale::max_conns(nofile);
+    if plan.scale_conns > proxy_cap {
         println!(
             "xtask: WARNING: the open-file limit ({nofile}; raising it needs CAP_SYS_RESOURCE, \
-             which this process lacks) allows {cap} proxied connections, not {}: the scale step \
-             holds {cap}",
+             which this process lacks) allows {proxy_cap} proxied connections, not {}: the proxy \
+             tier's scale step holds {proxy_cap}",
             plan.scale_conns
         );
-        plan.scale_conns = cap;
     }
 
     let stamp = report::timestamp();
@@ -173,7 +174,7 @@ pub fn bench(
         println!("==> scale: skipped (--scale-conns 0)");
         Vec::new()
     } else {
-        scale_steps(&topo, &plan, &only.variants)
+        scale_steps(&topo, &plan, &only.variants, proxy_cap)
     };
     println!("==> cleaning up");
     drop(topo);
@@ -228,6 +229,7 @@ fn scale_steps(
     topo: &topo::Topology,
     plan: &Plan,
     only: &[plan::Variant],
+    proxy_cap: usize,
 ) -> Vec<Result<scale::ScaleResult>> {
     use plan::Variant;
     let hold = std::time::Duration::from_secs(plan.scale_hold_secs);
@@ -239,13 +241,17 @@ fn scale_steps(
         if bail_if_interrupted().is_err() {
             break;
         }
+        let n = match v {
+            Variant::SockmeshProxy => plan.scale_conns.min(proxy_cap),
+            _ => plan.scale_conns,
+        };
         println!(
             "==> scale: {} concurrent idle connections, {} (held {} s)",
-            plan.scale_conns,
+            n,
             v.name(),
             plan.scale_hold_secs
         );
-        let r = scale::idle_connections(topo, v, plan.scale_conns, hold);
+        let r = scale::idle_connections(topo, v, n, hold);
         match &r {
             Ok(s) => {
                 println!(

@@ -115,7 +115,9 @@ pub fn idle_connections(
     let peers = match v {
         Variant::Sockmesh => {
             holders.warm()?;
-            Some(kernel_tier_peers(topo, &holders)?)
+            let peers = kernel_tier_peers(topo, &holders)?;
+            holders.cool()?;
+            Some(peers)
         }
         _ => None,
     };

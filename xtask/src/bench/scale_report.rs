@@ -12,7 +12,7 @@ pub fn markdown(scale: &[&ScaleResult]) -> String {
     };
     let mut s = format!(
         "\n## Scale: {} concurrent idle connections\n\n\
-         Held by {} processes (half clients in the client pod, half servers in the server pod, \
+         Held by {} processes per step (half clients in the client pod, half servers in the server pod, \
          each under an open-file limit of {}), half IPv4 and half IPv6 over several server \
          ports. **Kernel** is what the slab caches (every socket, its inode, file and dentry, \
          the BPF maps' elements and socket storage) and TCP's buffer pages grew by, machine-wide, \
@@ -22,17 +22,18 @@ pub fn markdown(scale: &[&ScaleResult]) -> String {
          fast path, `SM_ORIG_TUPLE` for the proxy tier. **Agent RSS** is after holding them for \
          a while; **agent CPU** is its CPU time while they were held, per second (its idle \
          sweep over them).\n\n\
-         | variant | established in | kernel per connection | map per connection | agent RSS per connection | agent fds before -> with -> after | agent CPU while held | went direct |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | variant | connections | established in | kernel per connection | map per connection | agent RSS per connection | agent fds before -> with -> after | agent CPU while held | went direct |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         first.conns,
         first.processes,
-        super::holders::HOLDER_NOFILE,
+        super::holders::holder_nofile(),
     );
     for r in scale {
         let na = || "n/a".to_string();
         s.push_str(&format!(
-            "| {} | {:.1} s ({:.0}/s) | {:.0} B | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} s ({:.0}/s) | {:.0} B | {} | {} | {} | {} | {} |\n",
             r.variant.name(),
+            r.conns,
             r.establish_secs,
             r.conns as f64 / r.establish_secs,
             r.kernel_per_conn_bytes(),
