@@ -17,7 +17,9 @@ pub fn markdown(scale: &[&ScaleResult]) -> String {
          ports. **Kernel** is what the slab caches (every socket, its inode, file and dentry, \
          the BPF maps' elements and socket storage) and TCP's buffer pages grew by, machine-wide, \
          divided by the connections: both ends of each connection, and for the proxy tier the \
-         agent's two sockets too (anything else running meanwhile is counted as well). **Map** \
+         agent's two sockets too (anything else running meanwhile is counted as well, except \
+         `proc_inode_cache`: inodes of `/proc/PID/fd` made when a process lists another's \
+         descriptors, shown below but not a cost of holding a connection). **Map** \
          is what the mesh's own map says it grew by (fdinfo memlock): `SM_FAST_SOCKS` for the \
          fast path, `SM_ORIG_TUPLE` for the proxy tier. **Agent RSS** is after holding them for \
          a while; **agent CPU** is its CPU time while they were held, per second (its idle \
@@ -76,7 +78,10 @@ pub fn chart_group(scale: &[&ScaleResult], series: &[Variant]) -> Option<Group> 
         return None;
     }
     Some(Group {
-        title: format!("scale: {} idle connections", direct.conns),
+        title: format!(
+            "scale: idle connections held ({} direct; the proxy tier as many as its fds allow)",
+            direct.conns
+        ),
         rows: vec![Row {
             label: "kernel memory per connection (B, lower better)".into(),
             target: None,
