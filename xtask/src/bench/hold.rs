@@ -6,10 +6,9 @@
 //!
 //! Protocol (one line each way per step): both print `ready` once set up. A server then prints
 //! `accepted N` (its running total) whenever it accepted more. A client answers `warm` (one
-//! connection to each target, held) with `warmed`, `open K` (K more connections,
-//! round robin over its targets, held) with `opened N` (its running total), and `cool` (close
-//! the warm-up connections) with `cooled`; a failure is
-//! `error MESSAGE`, after which it exits.
+//! connection to each target, held) with `warmed`, `open K` (K more connections, round robin
+//! over its targets, held) with `opened N` (its running total), and `cool` (close the warm-up
+//! connections) with `cooled`. A failure is `error MESSAGE`, after which it exits.
 
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream};
