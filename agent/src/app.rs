@@ -46,6 +46,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             soft
         }
     };
+    args.shares.check()?;
     let shares = args.shares.config(nofile);
     info!(
         max_conns = shares.conns.global,

@@ -170,7 +170,9 @@ pub mod map_sizes {
     pub const FOUND_BINDS: u32 = INBOUND_BINDS;
     /// `SM_FAST_SOCKS`: direct sockets live at once, node-wide. A plain hash: when full, a
     /// new connection to a kernel-tier peer takes the proxy instead (no entry is evicted).
-    pub const FAST_SOCKETS: u32 = 65_536;
+    /// The object's size and the default of `--fast-path-sockets`, which the agent sets at
+    /// load: as many as `SM_ORIG_TUPLE` (the proxy tier's redirected connections).
+    pub const FAST_SOCKETS: u32 = ORIG_TUPLES;
     /// `SM_IN_BINDS`: captured ports of all pods; a plain hash within the pods' quotas.
     pub const INBOUND_BINDS: u32 = 32_768;
     pub const VERDICTS: u32 = 16384;

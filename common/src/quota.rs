@@ -44,9 +44,9 @@ pub mod defaults {
     /// listening at enrolment; 110 x 2 x 128 < `map_sizes::INBOUND_BINDS`.
     pub const BINDS: u32 = 128;
     /// Live direct (kernel-tier) connections per pod; past it a pod's new connections to
-    /// kernel-tier peers take the proxy (slower, policed the same). 110 x 512 <
-    /// `map_sizes::FAST_SOCKETS`.
-    pub const FAST: u32 = 512;
+    /// kernel-tier peers take the proxy (slower, policed the same). 110 x 2048 <
+    /// `map_sizes::FAST_SOCKETS` (the default `--fast-path-sockets`).
+    pub const FAST: u32 = 2048;
 }
 
 // The point of the defaults: a node of 110 pods each at its quotas fits in the maps.

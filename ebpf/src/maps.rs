@@ -58,7 +58,8 @@ pub static FOUND_BINDS: HashMap<
 
 /// Sockets the kernel tier let go direct (`fast.rs`), by socket cookie: their peer and when
 /// they started, until their end is counted. A plain hash: full, a connection to a kernel-tier
-/// peer takes the proxy instead, and no pod's entry is evicted for another's.
+/// peer takes the proxy instead, and no pod's entry is evicted for another's. The agent sets
+/// its size at load (`--fast-path-sockets`); this one is the default.
 #[btf_map(name = "SM_FAST_SOCKS")]
 pub static FAST_SOCKETS: HashMap<
     u64,

@@ -78,6 +78,20 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         baseline_bin: Option<std::path::PathBuf>,
     },
+    /// One process of the bench's scale step (started by `cargo xtask bench` in a pod's
+    /// namespace; speaks lines on stdin/stdout).
+    #[command(hide = true)]
+    BenchHold {
+        /// Listen on these ports (comma-separated) and accept.
+        #[arg(long)]
+        serve: Option<String>,
+        /// Connect to these ip:port targets (comma-separated) when told.
+        #[arg(long)]
+        connect: Option<String>,
+        /// This process's open-file limit.
+        #[arg(long)]
+        nofile: u64,
+    },
     /// Soak: many connections with random sizes, half-closes and resets through the mesh
     /// between two pods; bytes checked per connection, agent fds/tasks/RSS flat (needs root).
     Soak {
@@ -123,6 +137,12 @@ fn main() -> ExitCode {
             baseline_bin,
         } => bench::Selection::parse(workload.as_deref(), variant.as_deref())
             .and_then(|only| bench::bench(quick, reps, scale_conns, seconds, only, baseline_bin)),
+        Cmd::BenchHold {
+            serve,
+            connect,
+            nofile,
+        } => bench::hold::parse_role(serve.as_deref(), connect.as_deref())
+            .and_then(|role| bench::hold::run(role, nofile)),
         Cmd::Soak { conns, secs, seed } => soak::soak(conns, secs, seed),
     };
     match result {

@@ -177,7 +177,8 @@ impl Agent {
                 pod_origin_quota: args.shares.pod_conn_origins,
                 pod_dns_quota: args.shares.pod_dns_origins,
                 pod_bind_quota: args.shares.pod_inbound_binds,
-                pod_fast_quota: args.shares.pod_direct_conns,
+                pod_fast_quota: args.shares.direct_conns(),
+                fast_sockets: args.shares.fast_path_sockets,
             },
             handed_lock,
         )?;
@@ -312,7 +313,7 @@ impl Agent {
                 "pod_max_queued": shares.pod_max_queued, "max_dns_inflight": shares.dns.global,
                 "pod_dns_inflight": shares.dns.per_pod,
                 "pod_conn_origins": args.shares.pod_conn_origins, "pod_dns_origins": args.shares.pod_dns_origins,
-                "pod_inbound_binds": args.shares.pod_inbound_binds, "pod_direct_conns": args.shares.pod_direct_conns,
+                "pod_inbound_binds": args.shares.pod_inbound_binds, "pod_direct_conns": args.shares.direct_conns(),
             },
         }));
         let ids_seen = policy.identities().generation();

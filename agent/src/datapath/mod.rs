@@ -1,5 +1,6 @@
 //! The kernel side as the agent drives it: load the programs, pin the maps, attach every
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
+pub mod capacity;
 pub mod heartbeat;
 pub mod links;
 mod object;
@@ -76,6 +77,8 @@ pub struct DatapathOptions<'a> {
     pub pod_dns_quota: u32,
     pub pod_bind_quota: u32,
     pub pod_fast_quota: u32,
+    /// Direct sockets of the kernel fast path the node tracks at once (`SM_FAST_SOCKS`).
+    pub fast_sockets: u32,
 }
 
 /// Maps the proxies use while running.
@@ -153,7 +156,9 @@ impl Datapath {
         };
         // Before the object: its definition of this map takes the pinned one (see sockstore).
         sockstore::ensure_pinned(dir)?;
+        let fast_sockets = capacity::fast_sockets(dir, opts.fast_sockets, takeover)?;
         let mut ebpf = object::loader(dir)
+            .map_max_entries(map_names::FAST_SOCKETS, fast_sockets)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(crate::EBPF_OBJECT)
             .context("load the kernel programs")?;

@@ -90,6 +90,8 @@ pub struct PodManager {
     pods: HashMap<Arc<str>, Enrolled>,
     gone_tx: mpsc::UnboundedSender<Gone>,
     next_generation: u64,
+    /// When each pod's direct connections next need a look for the idle timeout.
+    idle: Arc<std::sync::Mutex<crate::policy::idle_sweep::IdleSchedule>>,
 }
 
 impl PodManager {
@@ -105,6 +107,7 @@ impl PodManager {
             pods: HashMap::new(),
             gone_tx,
             next_generation: 0,
+            idle: Default::default(),
         };
         (mgr, gone_rx)
     }
@@ -354,7 +357,7 @@ impl PodManager {
             .pods
             .values()
             .map(|p| (&p.name, p.cookie, &p._pod.worker));
-        super::idle::sweep(pods, &self.shared);
+        super::idle::sweep(pods, &self.shared, &self.idle);
     }
 }
 

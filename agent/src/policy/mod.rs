@@ -15,6 +15,7 @@
 //! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
 //! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
 //! | [`fast`] | the kernel tier: which policies the kernel enforces exactly, and its entry |
+//! | [`idle_sweep`] | when the kernel tier's direct connections of a pod next need a look for the idle timeout |
 //! | [`peer_policy`] | [`PeerPolicy`]: every knob of one peer, as configuration resolved it |
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
 //! | [`decision`] | [`Decision`], [`RejectReason`], [`Counters`], [`PeerView`] |
@@ -76,6 +77,7 @@ pub mod clock;
 pub mod concurrency;
 pub mod decision;
 pub mod fast;
+pub mod idle_sweep;
 pub mod key;
 mod peer;
 pub mod peer_policy;

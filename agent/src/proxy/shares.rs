@@ -94,10 +94,20 @@ pub struct ShareArgs {
     /// Connections of one pod the kernel fast path lets go direct at once (its entries in
     /// `SM_FAST_SOCKS`, from connect() to the close); past it the pod's new connections to
     /// kernel-tier peers take the proxy (policed the same, one hop slower; counted
-    /// `fast_quota`).
+    /// `fast_quota`). At most `--fast-path-sockets`; by default 2048 (110 pods at it fit in
+    /// the default map), or `--fast-path-sockets` if that is smaller.
     #[arg(long, env = "SOCKMESH_POD_DIRECT_CONNS", value_name = "COUNT",
-          default_value_t = quota::defaults::FAST, value_parser = fast_quota)]
-    pub pod_direct_conns: u32,
+          value_parser = fast_quota)]
+    pub pod_direct_conns: Option<u32>,
+    /// Direct connections of the kernel fast path the node tracks at once, all pods together
+    /// (the size of `SM_FAST_SOCKS`); past it a new connection to a kernel-tier peer takes
+    /// the proxy. The default holds as many as the proxy tier can redirect (`SM_ORIG_TUPLE`),
+    /// so handing peers to the kernel never lowers what a node holds; it costs 16 bytes a
+    /// slot up front (the hash buckets, 4 MiB) and its entries only while used. Fixed when the
+    /// map is created: a takeover keeps the running agent's size.
+    #[arg(long, env = "SOCKMESH_FAST_PATH_SOCKETS", value_name = "COUNT",
+          default_value_t = map_sizes::FAST_SOCKETS, value_parser = fast_sockets)]
+    pub fast_path_sockets: u32,
 }
 
 /// A quota of at most what the map holds (more would promise entries it cannot give).
@@ -113,6 +123,21 @@ fn origin_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::ORIG_TUPLES)
 }
 
+/// At most 2^24 slots: the hash buckets (16 bytes a slot, allocated up front) stay <= 256 MiB.
+fn fast_sockets(s: &str) -> Result<u32, String> {
+    let n = parse_count(s, 1).map_err(|e| e.to_string())?;
+    if n > FAST_SOCKETS_MAX {
+        return Err(format!(
+            "{n} is more than {FAST_SOCKETS_MAX} (its hash buckets alone would take {} MiB)",
+            (u64::from(n).next_power_of_two() * 16) >> 20
+        ));
+    }
+    Ok(n)
+}
+
+/// The largest `--fast-path-sockets`.
+const FAST_SOCKETS_MAX: u32 = 1 << 24;
+
 fn dns_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::DNS_ORIGINS)
 }
@@ -121,8 +146,9 @@ fn bind_quota(s: &str) -> Result<u32, String> {
     quota_within(s, map_sizes::INBOUND_BINDS)
 }
 
+/// Checked against `--fast-path-sockets` once both are known ([`ShareArgs::check`]).
 fn fast_quota(s: &str) -> Result<u32, String> {
-    quota_within(s, map_sizes::FAST_SOCKETS)
+    quota_within(s, FAST_SOCKETS_MAX)
 }
 
 fn count(s: &str) -> Result<u32, String> {
@@ -157,6 +183,25 @@ pub struct ShareConfig {
 }
 
 impl ShareArgs {
+    /// What no single flag's parser can see: a per-pod quota larger than the map it counts
+    /// in would promise entries the map cannot give.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.pod_direct_conns {
+            Some(n) if n > self.fast_path_sockets => anyhow::bail!(
+                "--pod-direct-conns {n} is more than --fast-path-sockets {} holds: lower the \
+                 first or raise the second",
+                self.fast_path_sockets
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Each pod's quota of direct sockets (`--pod-direct-conns` or its default).
+    pub fn direct_conns(&self) -> u32 {
+        self.pod_direct_conns
+            .unwrap_or(quota::defaults::FAST.min(self.fast_path_sockets))
+    }
+
     /// The caps for an agent whose soft open-file limit is `nofile`.
     pub fn config(&self, nofile: u64) -> ShareConfig {
         let dns = u64::from(self.max_dns_inflight);

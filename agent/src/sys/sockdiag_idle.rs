@@ -40,8 +40,10 @@ pub struct Conn {
     family: u8,
 }
 
-/// Every established TCP connection (IPv4 and IPv6) of the calling thread's namespace.
-pub fn established() -> io::Result<Vec<Conn>> {
+/// The established TCP connections of the calling thread's namespace for which `keep` is
+/// true: `keep` sees every one as the dump is read, so a namespace with many connections costs
+/// no memory for those it drops.
+pub fn established_where(mut keep: impl FnMut(&Conn) -> bool) -> io::Result<Vec<Conn>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         let fd = diag_socket()?;
@@ -52,7 +54,7 @@ pub fn established() -> io::Result<Vec<Conn>> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = recv(&fd, &mut buf)?;
-            if parse(&buf[..n], &mut out)? {
+            if parse(&buf[..n], &mut out, &mut keep)? {
                 break;
             }
         }
@@ -128,8 +130,13 @@ fn addr(family: u8, b: &[u8], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Adds the connections of one datagram of the dump to `out`; true once the dump is done.
-fn parse(mut buf: &[u8], out: &mut Vec<Conn>) -> io::Result<bool> {
+/// Adds the connections of one datagram of the dump that `keep` wants to `out`; true once the
+/// dump is done.
+fn parse(
+    mut buf: &[u8],
+    out: &mut Vec<Conn>,
+    keep: &mut impl FnMut(&Conn) -> bool,
+) -> io::Result<bool> {
     while buf.len() >= NLMSG_HDR {
         let len = u32_at(buf, 0) as usize;
         let ty = u16::from_ne_bytes([buf[4], buf[5]]);
@@ -158,14 +165,17 @@ fn parse(mut buf: &[u8], out: &mut Vec<Conn>) -> io::Result<bool> {
                     if info.len() >= LAST_DATA_RECV + 4 {
                         let idle_ms =
                             u32_at(info, LAST_DATA_SENT).min(u32_at(info, LAST_DATA_RECV));
-                        out.push(Conn {
+                        let c = Conn {
                             local,
                             remote,
                             cookie,
                             idle_ms,
                             sockid,
                             family,
-                        });
+                        };
+                        if keep(&c) {
+                            out.push(c);
+                        }
                     }
                 }
             }
@@ -234,11 +244,17 @@ mod tests {
         s.read_exact(&mut b).expect("read");
         std::thread::sleep(std::time::Duration::from_millis(50));
         let cookie = cookie_of(&c);
-        let all = established().expect("sock_diag");
-        let mine = all
-            .iter()
-            .find(|x| x.cookie == cookie)
-            .unwrap_or_else(|| panic!("{cookie}: {all:?}"));
+        // The filter sees every connection (the listener's accepted end too) and keeps one.
+        let mut seen = 0;
+        let all = established_where(|x| {
+            seen += 1;
+            x.cookie == cookie
+        })
+        .expect("sock_diag");
+        assert!(seen >= 2, "both ends listed, {seen} seen");
+        let [mine] = all.as_slice() else {
+            panic!("{cookie}: {all:?}")
+        };
         assert_eq!(mine.local, c.local_addr().expect("local"));
         assert_eq!(mine.remote, l.local_addr().expect("addr"));
         assert!(mine.idle_ms >= 40, "{mine:?}");

@@ -5,14 +5,19 @@
 //! `--baseline-bin`, an agent of another build runs beside this one as a variant of its own.
 //! Variants are interleaved within each repetition (rotating which goes first), and figures
 //! are medians over repetitions with their spread; ratios pair each run with the direct run
-//! of the same repetition. Then a scale step holds many idle proxied connections.
+//! of the same repetition. Then a scale step holds many idle connections, direct, through the
+//! fast path and through the proxy tier, and counts the agent's and the kernel's memory.
 //! Results go to bench-results/ as JSON, Markdown and an SVG chart.
 
 mod chart;
+pub mod hold;
+mod holders;
+mod kmem;
 mod plan;
 mod rawcost;
 mod report;
 mod scale;
+mod scale_report;
 mod select;
 mod stats;
 mod topo;
@@ -60,6 +65,7 @@ pub fn bench(
             seconds: seconds.unwrap_or(2),
             connects: 300,
             scale_conns: scale_conns.unwrap_or(10_000),
+            scale_hold_secs: 5,
             raw_cost_pairs: 2,
         }
     } else {
@@ -68,6 +74,7 @@ pub fn bench(
             seconds: seconds.unwrap_or(4),
             connects: 2000,
             scale_conns: scale_conns.unwrap_or(100_000),
+            scale_hold_secs: 10,
             raw_cost_pairs: 8,
         }
     };
@@ -103,15 +110,16 @@ pub fn bench(
         // A filtered run iterates on some workloads: the extra step would only slow it.
         plan.raw_cost_pairs = 0;
     }
-    let cap = scale::max_conns(nofile);
-    if plan.scale_conns > cap {
+    // The proxy tier's step holds two agent sockets per connection; the other steps' sockets
+    // are in the holders, each under a limit of its own.
+    let proxy_cap = scale::max_conns(nofile);
+    if plan.scale_conns > proxy_cap {
         println!(
             "xtask: WARNING: the open-file limit ({nofile}; raising it needs CAP_SYS_RESOURCE, \
-             which this process lacks) allows {cap} proxied connections, not {}: the scale step \
-             holds {cap}",
+             which this process lacks) allows {proxy_cap} proxied connections, not {}: the proxy \
+             tier's scale step holds {proxy_cap}",
             plan.scale_conns
         );
-        plan.scale_conns = cap;
     }
 
     let stamp = report::timestamp();
@@ -124,7 +132,7 @@ pub fn bench(
     if let Some(b) = &baseline {
         println!("xtask: baseline agent {}", b.display());
     }
-    let topo = topo::create(&agent, baseline.as_deref(), &tmp)?;
+    let topo = topo::create(&agent, baseline.as_deref(), &tmp, plan.scale_conns)?;
     let mut results = report::Results::new(plan.reps, only.clone());
     for rep in 0..plan.reps {
         for &w in &only.workloads {
@@ -164,28 +172,10 @@ pub fn bench(
     }
     let scale = if plan.scale_conns == 0 {
         println!("==> scale: skipped (--scale-conns 0)");
-        None
+        Vec::new()
     } else {
-        println!(
-            "==> scale: {} concurrent idle connections through the agent",
-            plan.scale_conns
-        );
-        Some(scale::idle_connections(&topo, plan.scale_conns))
+        scale_steps(&topo, &plan, &only.variants, proxy_cap)
     };
-    match &scale {
-        None => {}
-        Some(Ok(s)) => println!(
-            "    established in {:.1} s; agent RSS {} -> {} KiB ({:.0} B per connection); fds {} -> {} -> {}",
-            s.establish_secs,
-            s.rss_before_kib,
-            s.rss_after_kib,
-            s.rss_per_conn_bytes(),
-            s.fds_before,
-            s.fds_after,
-            s.fds_after_close
-        ),
-        Some(Err(e)) => println!("    scale step FAILED: {e:#}"),
-    }
     println!("==> cleaning up");
     drop(topo);
     let raw_cost = if plan.raw_cost_pairs == 0 {
@@ -214,17 +204,98 @@ pub fn bench(
         &machine,
         &plan,
         &results,
-        scale.as_ref().and_then(|s| s.as_ref().ok()),
+        &scale
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .collect::<Vec<_>>(),
         started.elapsed(),
     )?;
     for p in &written {
         println!("xtask: wrote {}", p.display());
     }
     let failed = results.failures()
-        + usize::from(matches!(scale, Some(Err(_))))
+        + scale.iter().filter(|s| s.is_err()).count()
         + usize::from(matches!(raw_cost, Some(Err(_))));
     if failed > 0 {
         bail!("{failed} measurement(s) failed; the report shows which");
     }
     Ok(())
+}
+
+/// The scale step for each variant that has one: direct (what the kernel alone spends on an
+/// idle connection), the fast path and the proxy tier, one after the other, each on its own
+/// connections.
+fn scale_steps(
+    topo: &topo::Topology,
+    plan: &Plan,
+    only: &[plan::Variant],
+    proxy_cap: usize,
+) -> Vec<Result<scale::ScaleResult>> {
+    use plan::Variant;
+    let hold = std::time::Duration::from_secs(plan.scale_hold_secs);
+    let mut out = Vec::new();
+    for v in [Variant::Direct, Variant::Sockmesh, Variant::SockmeshProxy] {
+        if !only.contains(&v) {
+            continue;
+        }
+        if bail_if_interrupted().is_err() {
+            break;
+        }
+        let n = match v {
+            Variant::SockmeshProxy => plan.scale_conns.min(proxy_cap),
+            _ => plan.scale_conns,
+        };
+        println!(
+            "==> scale: {} concurrent idle connections, {} (held {} s)",
+            n,
+            v.name(),
+            plan.scale_hold_secs
+        );
+        let r = scale::idle_connections(topo, v, n, hold);
+        match &r {
+            Ok(s) => {
+                println!(
+                    "    {} processes; established in {:.1} s; kernel {:.0} B per connection \
+                     (slab {} MiB, TCP buffers {} KiB{})",
+                    s.processes,
+                    s.establish_secs,
+                    s.kernel_per_conn_bytes(),
+                    s.kernel.slab_bytes >> 20,
+                    s.kernel.tcp_buffer_bytes >> 10,
+                    match (s.map, s.map_per_conn_bytes()) {
+                        (Some(m), Some(b)) => format!("; {m} {b:.0} B per connection"),
+                        _ => String::new(),
+                    }
+                );
+                println!(
+                    "    top slab caches: {}",
+                    s.kernel
+                        .top_caches
+                        .iter()
+                        .map(|(n, b)| format!("{n} {} KiB", b >> 10))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                if let Some(a) = &s.agent {
+                    println!(
+                        "    agent RSS {} -> {} KiB ({:.0} B per connection); fds {} -> {} -> {}; \
+                         CPU while held {:.1} ms/s{}",
+                        a.rss_before_kib,
+                        a.rss_after_kib,
+                        s.rss_per_conn_bytes().unwrap_or(f64::NAN),
+                        a.fds_before,
+                        a.fds_after,
+                        a.fds_after_close,
+                        a.cpu_ms_per_s_held,
+                        s.direct
+                            .map(|d| format!("; {d} went direct"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Err(e) => println!("    scale step FAILED: {e:#}"),
+        }
+        out.push(r);
+    }
+    out
 }

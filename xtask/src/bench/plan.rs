@@ -95,6 +95,9 @@ pub struct Plan {
     pub seconds: u64,
     pub connects: usize,
     pub scale_conns: usize,
+    /// How long the scale step holds its connections open (the agent's CPU meanwhile is its
+    /// idle sweep over them).
+    pub scale_hold_secs: u64,
     /// ABBA pairs of rounds measuring what `--deny-raw-sockets` costs socket() (0 skips).
     pub raw_cost_pairs: usize,
 }

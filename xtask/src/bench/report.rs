@@ -131,7 +131,7 @@ pub fn write(
     machine: &Value,
     plan: &Plan,
     results: &Results,
-    scale: Option<&ScaleResult>,
+    scale: &[&ScaleResult],
     took: Duration,
 ) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -141,7 +141,7 @@ pub fn write(
         .trim());
     let doc = to_json(&machine, plan, results, scale, took);
     let md = to_markdown(&machine, plan, results, scale, took);
-    let svg = to_svg(results);
+    let svg = to_svg(results, scale);
     let mut written = Vec::new();
     for (ext, body) in [
         ("json", serde_json::to_string_pretty(&doc)?),
@@ -161,7 +161,7 @@ fn to_json(
     machine: &Value,
     plan: &Plan,
     results: &Results,
-    scale: Option<&ScaleResult>,
+    scale: &[&ScaleResult],
     took: Duration,
 ) -> Value {
     let mut rows = Vec::new();
@@ -187,10 +187,11 @@ fn to_json(
         "plan": { "repetitions": plan.reps, "seconds_per_run": plan.seconds,
                   "workloads": results.only.workloads.iter().map(|w| w.flag()).collect::<Vec<_>>(),
                   "variants": results.only.variants.iter().map(|v| v.flag()).collect::<Vec<_>>(),
-                  "connects_per_run": plan.connects, "scale_connections": plan.scale_conns },
+                  "connects_per_run": plan.connects, "scale_connections": plan.scale_conns,
+                  "scale_hold_seconds": plan.scale_hold_secs },
         "duration_seconds": took.as_secs_f64(),
         "results": rows,
-        "scale": scale.map(ScaleResult::to_json),
+        "scale": scale.iter().map(|s| s.to_json()).collect::<Vec<_>>(),
         "targets": targets(results, scale).iter().map(|t| json!({
             "target": t.what, "reached": t.reached, "measured": t.measured })).collect::<Vec<_>>(),
         "errors": results.errors(),
@@ -211,7 +212,7 @@ fn to_markdown(
     machine: &Value,
     plan: &Plan,
     results: &Results,
-    scale: Option<&ScaleResult>,
+    scale: &[&ScaleResult],
     took: Duration,
 ) -> String {
     let mut s = format!(
@@ -284,23 +285,7 @@ fn to_markdown(
          that same loopback, so their ratio is the cost of the capture itself. HAProxy's client \
          connects to HAProxy on loopback (no capture). sockperf reports half the round trip.\n",
     );
-    if let Some(sc) = scale {
-        s.push_str(&format!(
-            "\n## Scale: {} concurrent idle proxied connections\n\n\
-             Established in {:.1} s ({:.0} conn/s, client never more than 512 ahead of the \
-             server's accepts). Agent RSS {} KiB before, {} KiB with them open: **{:.0} bytes \
-             per connection**. Agent fds {} -> {} -> {} after they closed.\n",
-            sc.conns,
-            sc.establish_secs,
-            sc.conns as f64 / sc.establish_secs,
-            sc.rss_before_kib,
-            sc.rss_after_kib,
-            sc.rss_per_conn_bytes(),
-            sc.fds_before,
-            sc.fds_after,
-            sc.fds_after_close
-        ));
-    }
+    s.push_str(&super::scale_report::markdown(scale));
     s.push_str("\n## The issue's targets\n\n| target | measured | reached |\n|---|---|---|\n");
     for t in targets(results, scale) {
         let mark = match t.reached {
@@ -327,7 +312,7 @@ struct Target {
 }
 
 /// The issue's targets, checked against this run's ratios.
-fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
+fn targets(results: &Results, scale: &[&ScaleResult]) -> Vec<Target> {
     let ratio = |w, v, i| results.summary(w, v, i).and_then(|s| s.ratio_to_direct);
     let med = |w, v, i| results.summary(w, v, i).map(|s| s.median);
     let mut t = Vec::new();
@@ -381,10 +366,29 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
         &|r| r >= 0.9,
         "×{}",
     );
+    let step = |v: Variant| scale.iter().find(|s| s.variant == v);
     check(
-        "agent RSS <= 4 KiB per idle connection",
-        scale.map(|s| s.rss_per_conn_bytes() / 1024.0),
+        "proxy tier: agent RSS <= 4 KiB per idle connection",
+        step(Variant::SockmeshProxy)
+            .and_then(|s| s.rss_per_conn_bytes())
+            .map(|b| b / 1024.0),
         &|k| k <= 4.0,
+        "{} KiB",
+    );
+    check(
+        "fast path: 100,000 idle connections held, all direct",
+        step(Variant::Sockmesh)
+            .and_then(|s| s.direct)
+            .map(|d| d as f64),
+        &|d| d >= 100_000.0,
+        "{} direct",
+    );
+    check(
+        "fast path: agent RSS <= 1 KiB per idle connection",
+        step(Variant::Sockmesh)
+            .and_then(|s| s.rss_per_conn_bytes())
+            .map(|b| b / 1024.0),
+        &|k| k <= 1.0,
         "{} KiB",
     );
     for &w in results
@@ -415,7 +419,7 @@ fn targets(results: &Results, scale: Option<&ScaleResult>) -> Vec<Target> {
 
 /// The chart of this run: each metric's ratio to direct for every non-direct variant, grouped
 /// by workload, with the targets (see `chart`).
-fn to_svg(results: &Results) -> String {
+fn to_svg(results: &Results, scale: &[&ScaleResult]) -> String {
     let colour = |v: Variant| match v {
         Variant::Direct => "#000000",
         Variant::Sockmesh => "#2a7ab0",
@@ -432,7 +436,7 @@ fn to_svg(results: &Results) -> String {
         .copied()
         .filter(|v| *v != Variant::Direct)
         .collect();
-    let groups = results
+    let mut groups: Vec<Group> = results
         .only
         .workloads
         .iter()
@@ -471,6 +475,7 @@ fn to_svg(results: &Results) -> String {
                 .collect(),
         })
         .collect();
+    groups.extend(super::scale_report::chart_group(scale, &others));
     Chart {
         title: format!(
             "sockmesh bench: ratio to direct, median over {} repetitions",

@@ -50,6 +50,8 @@ pub struct Topology {
     _inbound_servers: Vec<ChildGuard>,
     inbound: Vec<(Variant, Pod)>,
     _pins: DirGuard,
+    /// The agent binary (`sockmesh peers` reads the pins with it).
+    pub agent_bin: PathBuf,
     pub tmp: PathBuf,
     pub server: Pod,
     pub clients: Vec<(Variant, Pod)>,
@@ -79,6 +81,17 @@ impl Topology {
         }
     }
 
+    /// Where `v`'s agent pins its maps.
+    pub fn pins(&self, v: Variant) -> Option<PathBuf> {
+        match v {
+            Variant::Sockmesh | Variant::Iptables => Some(self._pins.0.clone()),
+            Variant::SockmeshProxy => Some(self._pins.0.join("proxy")),
+            Variant::SockmeshSplice => Some(self._pins.0.join("splice")),
+            Variant::Baseline => Some(self._pins.0.join("baseline")),
+            Variant::Direct | Variant::Haproxy => None,
+        }
+    }
+
     /// Where the inbound workload connects for `v`: the plain server for direct, else the
     /// meshed server pod `v`'s agent enrolled.
     pub fn inbound_server(&self, v: Variant) -> Result<String> {
@@ -95,8 +108,14 @@ impl Topology {
     }
 }
 
-/// `baseline`: the agent binary of [`Variant::Baseline`], if measured.
-pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<Topology> {
+/// `baseline`: the agent binary of [`Variant::Baseline`], if measured; `scale_conns`: the
+/// idle connections the scale step holds, which the agents' node-wide sizes must allow.
+pub fn create(
+    agent_bin: &Path,
+    baseline: Option<&Path>,
+    tmp: &Path,
+    scale_conns: usize,
+) -> Result<Topology> {
     let cluster = Cluster::with_subnets(SUBNET4, SUBNET6)?;
     let server = cluster.add_pod_at("srv", SERVER_HOST)?;
     if (server.ip4().to_string(), server.ip6().to_string()) != (SERVER_V4.into(), SERVER_V6.into())
@@ -172,6 +191,7 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
         ipt,
         &pins.0,
         tmp,
+        scale_conns,
     )?;
     // The splice relay's agent: its own pins, no metrics port.
     let splice_pins = pins.0.join("splice");
@@ -265,6 +285,7 @@ pub fn create(agent_bin: &Path, baseline: Option<&Path>, tmp: &Path) -> Result<T
         _inbound_servers: inbound_servers,
         inbound: meshed,
         _pins: pins,
+        agent_bin: agent_bin.to_path_buf(),
         tmp: tmp.to_path_buf(),
         server,
         clients,
@@ -365,6 +386,7 @@ fn start_agent(
     ipt: &Pod,
     pins: &Path,
     tmp: &Path,
+    scale_conns: usize,
 ) -> Result<ChildGuard> {
     let mut cmd = Command::new(bin);
     cmd.arg("run");
@@ -383,11 +405,27 @@ fn start_agent(
         .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--kernel-relay", "auto", "--log-level", "warn"])
         .args(["--fast-path", "auto"])
+        .args(fast_path_scale_args(scale_conns))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(tmp.join("agent.log"))?);
     println!("    $ {} &", describe(&cmd));
     spawn_agent_until_ready(&mut cmd, false)
+}
+
+/// What the fast path's agent needs to let the scale step's connections all go direct: room
+/// in the node's map of direct sockets (a quarter spare, for the workloads' sockets still
+/// closing), all of it the client pod's to take (`--pod-direct-conns`: the bench has one
+/// client pod, not a node of 110).
+fn fast_path_scale_args(scale_conns: usize) -> Vec<String> {
+    let room =
+        (scale_conns + scale_conns / 4).max(sockmesh_common::map_sizes::FAST_SOCKETS as usize);
+    vec![
+        "--fast-path-sockets".into(),
+        room.to_string(),
+        "--pod-direct-conns".into(),
+        room.to_string(),
+    ]
 }
 
 fn start_haproxy(pod: &Pod, tmp: &Path) -> Result<ChildGuard> {

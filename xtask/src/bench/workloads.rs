@@ -286,7 +286,7 @@ pub fn parse_sockperf(out: &str) -> Result<Vec<f64>> {
 }
 
 /// A process's CPU time (user + system) so far, in ms, from /proc/PID/stat.
-fn cpu_ms(pid: u32) -> Option<f64> {
+pub fn cpu_ms(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_cpu_ms(&stat, 100.0)
 }
