@@ -16,6 +16,7 @@ fn svc(ns: &str, name: &str, cluster_ip: Option<&str>, ports: &[u16]) -> Service
         name: name.into(),
         cluster_ips: cluster_ip.into_iter().map(ip).collect(),
         ports: ports.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -26,6 +27,7 @@ fn slice(ns: &str, name: &str, service: &str, addrs: &[&str], ports: &[u16]) -> 
         service: service.into(),
         addresses: addrs.iter().map(|a| ip(a)).collect(),
         ports: ports.to_vec(),
+        ..Default::default()
     }
 }
 

@@ -14,6 +14,7 @@
 //! | [`adaptive`] | Google SRE client-side adaptive throttling |
 //! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
 //! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
+//! | [`outlier`] | endpoint picking and outlier ejection for a Service port (Istio DestinationRules at L4) |
 //! | [`fast`] | the kernel tier: which policies the kernel enforces exactly, and its entry |
 //! | [`peer_policy`] | [`PeerPolicy`]: every knob of one peer, as configuration resolved it |
 //! | [`key`] | [`PeerKey`]: (pod, direction, peer), what per-peer state is keyed by |
@@ -77,6 +78,7 @@ pub mod concurrency;
 pub mod decision;
 pub mod fast;
 pub mod key;
+pub mod outlier;
 mod peer;
 pub mod peer_policy;
 pub mod shares;
