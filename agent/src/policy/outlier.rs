@@ -244,7 +244,8 @@ impl Pool {
         Outcome::Ejected(until)
     }
 
-    /// The endpoints out of service now, for logs and readers.
+    /// The endpoints out of service now.
+    #[cfg(test)]
     pub fn ejected(&self, now: Nanos) -> Vec<SocketAddr> {
         self.order
             .iter()

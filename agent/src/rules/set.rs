@@ -381,6 +381,7 @@ impl PolicySet {
 
     /// The knobs for `key`: flags, then `[defaults]`, then every matching rule from
     /// least to most specific, identity matchers asking `ids`.
+    #[cfg(test)]
     pub fn resolve_knobs_with(&self, key: &PeerKey, ids: &Index) -> Knobs {
         self.resolve_layers(key, ids, None)
     }
@@ -409,6 +410,7 @@ impl PolicySet {
         self.resolve_knobs(key).to_policy()
     }
 
+    #[cfg(test)]
     pub fn resolve_with(&self, key: &PeerKey, ids: &Index) -> PeerPolicy {
         self.resolve_knobs_with(key, ids).to_policy()
     }
@@ -431,6 +433,7 @@ impl PolicySet {
     /// A `PeerTable` policy source answering from this set and the identity index. After a
     /// reload, or when the index changes, give the table a new source so existing peers
     /// move to their new policy too.
+    #[cfg(test)]
     pub fn source(self: Arc<Self>, ids: Identities) -> PolicySource<PeerKey> {
         self.source_with_rules(ids, DestinationRules::default())
     }

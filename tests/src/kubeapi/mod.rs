@@ -8,8 +8,9 @@
 //!
 //! Only what the agent uses is served: `GET /api/v1/pods` (with or without
 //! `fieldSelector=spec.nodeName=`), `GET /api/v1/namespaces`, `GET /api/v1/services`,
-//! `GET /apis/discovery.k8s.io/v1/endpointslices`, and `POST`/`PATCH` of events. Anything else
-//! is a 404 Status.
+//! `GET /apis/discovery.k8s.io/v1/endpointslices`, `GET /apis/networking.istio.io/VERSION/
+//! destinationrules` once the test installed that CRD, and `POST`/`PATCH` of events. Anything
+//! else is a 404 Status.
 
 mod http;
 mod objects;
@@ -34,6 +35,9 @@ enum Kind {
     Namespace,
     Service,
     Slice,
+    /// Istio's DestinationRule (networking.istio.io), served only once the test installs
+    /// its CRD ([`FakeKubeApi::install_istio`]).
+    Rule,
 }
 
 impl Kind {
@@ -44,6 +48,7 @@ impl Kind {
             Kind::Namespace => ("NamespaceList", "v1"),
             Kind::Service => ("ServiceList", "v1"),
             Kind::Slice => ("EndpointSliceList", "discovery.k8s.io/v1"),
+            Kind::Rule => ("DestinationRuleList", "networking.istio.io/v1"),
         }
     }
 }
@@ -62,6 +67,10 @@ struct Inner {
     namespaces: BTreeMap<String, Value>,
     services: BTreeMap<String, Value>,
     slices: BTreeMap<String, Value>,
+    rules: BTreeMap<String, Value>,
+    /// The networking.istio.io versions served (none: no Istio CRD, a 404 like a real
+    /// cluster without Istio).
+    istio_versions: Vec<String>,
     log: Vec<Change>,
     /// Watches resumed from a version below this get 410 Gone.
     compacted: u64,
@@ -92,6 +101,7 @@ impl Inner {
             Kind::Namespace => &mut self.namespaces,
             Kind::Service => &mut self.services,
             Kind::Slice => &mut self.slices,
+            Kind::Rule => &mut self.rules,
         }
     }
 }
@@ -341,6 +351,37 @@ impl FakeKubeApi {
         self.record(Kind::Slice, "DELETED", e.to_json());
     }
 
+    /// Installs Istio's DestinationRule CRD, serving these versions (`["v1", "v1beta1"]`
+    /// for Istio 1.22 on, `["v1beta1"]` before).
+    pub fn install_istio(&self, versions: &[&str]) {
+        self.shared.lock().istio_versions = versions.iter().map(|v| v.to_string()).collect();
+    }
+
+    /// Adds or replaces a DestinationRule (`metadata.namespace` and `.name` set).
+    pub fn put_destination_rule(&self, rule: &Value) {
+        let key = format!(
+            "{}/{}",
+            rule["metadata"]["namespace"].as_str().unwrap_or(""),
+            rule["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let exists = self.shared.lock().rules.contains_key(&key);
+        let mut obj = rule.clone();
+        obj["apiVersion"] = json!("networking.istio.io/v1");
+        obj["kind"] = json!("DestinationRule");
+        if obj["metadata"]["creationTimestamp"].is_null() {
+            obj["metadata"]["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
+        }
+        self.record(Kind::Rule, if exists { "MODIFIED" } else { "ADDED" }, obj);
+    }
+
+    pub fn delete_destination_rule(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        let obj = self.shared.lock().rules.get(&key).cloned();
+        if let Some(obj) = obj {
+            self.record(Kind::Rule, "DELETED", obj);
+        }
+    }
+
     /// Events the agent posted (events.k8s.io/v1 Event objects), oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.shared.lock().events.clone()
@@ -424,7 +465,11 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::Slice),
-            _ => None,
+            p => p
+                .strip_prefix("/apis/networking.istio.io/")
+                .and_then(|v| v.strip_suffix("/destinationrules"))
+                .filter(|v| shared.lock().istio_versions.iter().any(|s| s == v))
+                .map(|_| Kind::Rule),
         };
         let node = req
             .query

@@ -63,40 +63,27 @@ fn a_failing_endpoint_is_ejected_at_the_threshold_and_skipped() {
     assert_eq!(picks(&mut p, 3, secs(11)), [1, 2, 3]);
 }
 
+/// Endpoint 1 fails once at each of `at` (seconds); the ejections' ends, in seconds.
+fn ejections(c: OutlierConfig, at: &[u64]) -> Vec<u64> {
+    let mut p = pool(c, LbMode::RoundRobin);
+    at.iter()
+        .map(|&t| match p.connect_result(ep(1), false, secs(t)) {
+            Outcome::Ejected(until) => until.0 / 1_000_000_000,
+            other => panic!("at {t} s: {other:?}"),
+        })
+        .collect()
+}
+
 #[test]
 fn a_repeat_ejection_lasts_base_times_the_number_of_ejections() {
-    let mut p = pool(cfg(1, 100), LbMode::RoundRobin);
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(0)),
-        Outcome::Ejected(secs(10))
-    );
-    // Fails again as soon as it is back: twice the base.
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(10)),
-        Outcome::Ejected(secs(30))
-    );
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(30)),
-        Outcome::Ejected(secs(60))
-    );
+    // Failing again as soon as it is back: 10 s, then 20 s, then 30 s.
+    assert_eq!(ejections(cfg(1, 100), &[0, 10, 30]), [10, 30, 60]);
 }
 
 #[test]
 fn time_in_service_forgives_one_ejection_per_interval() {
-    let mut p = pool(cfg(1, 100), LbMode::RoundRobin);
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(0)),
-        Outcome::Ejected(secs(10))
-    );
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(10)),
-        Outcome::Ejected(secs(30))
-    );
     // Back at 30 s, in service for 5 intervals: the multiplier (2) is forgiven entirely.
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(35)),
-        Outcome::Ejected(secs(45))
-    );
+    assert_eq!(ejections(cfg(1, 100), &[0, 10, 35]), [10, 30, 45]);
 }
 
 #[test]
@@ -105,16 +92,7 @@ fn an_ejection_never_exceeds_the_maximum_time() {
         base_ejection: Duration::from_secs(200),
         ..cfg(1, 100)
     };
-    let mut p = pool(c, LbMode::RoundRobin);
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(0)),
-        Outcome::Ejected(secs(200))
-    );
-    assert_eq!(
-        p.connect_result(ep(1), false, secs(200)),
-        Outcome::Ejected(secs(500)),
-        "400 s capped at 300 s"
-    );
+    assert_eq!(ejections(c, &[0, 200]), [200, 500], "400 s capped at 300 s");
 }
 
 #[test]

@@ -60,7 +60,8 @@ pub struct DestinationRules {
 struct Shared {
     rules: RwLock<HashMap<(String, String), Arc<DestinationRule>>>,
     generation: AtomicU64,
-    root_ns: String,
+    /// Istio's root namespace (`meshConfig.rootNamespace`): its rules apply mesh-wide.
+    root_ns: RwLock<String>,
 }
 
 impl Default for DestinationRules {
@@ -115,7 +116,7 @@ impl DestinationRules {
             inner: Arc::new(Shared {
                 rules: RwLock::new(HashMap::new()),
                 generation: AtomicU64::new(0),
-                root_ns: root_ns.to_string(),
+                root_ns: RwLock::new(root_ns.to_string()),
             }),
         }
     }
@@ -133,6 +134,16 @@ impl DestinationRules {
         let out = f(&mut g);
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         out
+    }
+
+    /// Istio's root namespace, if the mesh sets another than `istio-system`.
+    pub fn set_root_namespace(&self, ns: &str) {
+        *self
+            .inner
+            .root_ns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = ns.to_string();
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn apply(&self, rule: DestinationRule) {
@@ -153,6 +164,10 @@ impl DestinationRules {
                 m.insert((r.namespace.clone(), r.name.clone()), Arc::new(r));
             }
         });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {
@@ -186,12 +201,17 @@ impl DestinationRules {
         let port = key.peer.port();
         let svc = ids.service_at(key.peer.ip(), port)?;
         let client = ids.local(&key.pod, None).namespace;
+        let root = self
+            .inner
+            .root_ns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let rule = host::select(
             g.values(),
             &svc.name,
             &svc.namespace,
             client.as_deref(),
-            &self.inner.root_ns,
+            &root,
         )?;
         Some(Applied {
             settings: rule.for_port(port),

@@ -305,35 +305,36 @@ pub fn parse(v: &Value) -> R<Parsed> {
     if spec.get("workloadSelector").is_some() {
         return Err("spec.workloadSelector: rules for some client workloads only are not supported at L4; remove it or use a policy-file rule with `workload`".into());
     }
-    let export =
-        match spec.get("exportTo") {
-            None => Export::All,
-            Some(Value::Array(a)) => {
-                let mut out = Vec::new();
-                for e in a {
-                    match e.as_str().map(str::trim) {
-                        Some("*") => {
-                            out.clear();
-                            break;
-                        }
-                        Some(".") => out.push(namespace.clone()),
-                        // `~`: nobody.
-                        Some("~") => {}
-                        Some(ns) if !ns.is_empty() => out.push(ns.to_string()),
-                        _ => return Err(format!(
+    let export = match spec.get("exportTo") {
+        None => Export::All,
+        Some(Value::Array(a)) => {
+            let mut out = Vec::new();
+            for e in a {
+                match e.as_str().map(str::trim) {
+                    Some("*") => {
+                        out.clear();
+                        break;
+                    }
+                    Some(".") => out.push(namespace.clone()),
+                    // `~`: nobody.
+                    Some("~") => {}
+                    Some(ns) if !ns.is_empty() => out.push(ns.to_string()),
+                    _ => {
+                        return Err(format!(
                             "spec.exportTo: expected namespace names, \".\" or \"*\", found {e}"
-                        )),
+                        ))
                     }
                 }
-                let star = a.iter().any(|e| e.as_str() == Some("*"));
-                if star {
-                    Export::All
-                } else {
-                    Export::Namespaces(out)
-                }
             }
-            Some(other) => return Err(format!("spec.exportTo: expected a list, found {other}")),
-        };
+            let star = a.iter().any(|e| e.as_str() == Some("*"));
+            if star {
+                Export::All
+            } else {
+                Export::Namespaces(out)
+            }
+        }
+        Some(other) => return Err(format!("spec.exportTo: expected a list, found {other}")),
+    };
     let (settings, ports) = match spec.get("trafficPolicy") {
         None => (Settings::default(), Vec::new()),
         Some(tp) => {
