@@ -47,11 +47,12 @@ fn resource(version: &str) -> ApiResource {
     }
 }
 
-fn not_found(e: &watcher::Error) -> bool {
+/// The HTTP status of a list or watch that the API server refused.
+fn refused(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
-        _ => false,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
     }
 }
 
@@ -63,6 +64,7 @@ pub struct RuleWatch {
     stream: Watch,
     /// While neither version is served: when to look again.
     retry_at: Option<tokio::time::Instant>,
+    /// The CRD missing (or reading it forbidden) was said: once until it is listed again.
     absent_logged: bool,
     relist: Option<Vec<DestinationRule>>,
     /// (namespace, name, resourceVersion) already reported.
@@ -109,7 +111,8 @@ impl RuleWatch {
     pub fn handle(&mut self, input: RuleInput) {
         let ev = match *input {
             Ok(ev) => ev,
-            Err(e) if not_found(&e) => return self.missing(),
+            Err(e) if refused(&e) == Some(404) => return self.missing(),
+            Err(e) if refused(&e) == Some(403) => return self.forbidden(&e),
             Err(e) => {
                 warn!(error = %e, "DestinationRule watch failed; retrying with backoff (the rules in force stay)");
                 return;
@@ -158,6 +161,17 @@ impl RuleWatch {
             return;
         }
         self.stream = Self::watch(&self.client, self.version);
+    }
+
+    /// Not allowed to read them (a ClusterRole from before DestinationRules): say how to fix
+    /// it, once, and look again later rather than every backoff step.
+    fn forbidden(&mut self, e: &watcher::Error) {
+        if !self.absent_logged {
+            self.absent_logged = true;
+            warn!(error = %e, "not allowed to list Istio DestinationRules: grant list and watch on networking.istio.io destinationrules to the agent's ClusterRole (deploy/sockmesh.yaml has it); none applied meanwhile");
+            crate::events::emit(serde_json::json!({"event": "destination_rules_forbidden"}));
+        }
+        self.retry_at = Some(tokio::time::Instant::now() + ABSENT_RETRY);
     }
 
     /// The rule in an object, reporting (once per resource version) what is wrong with it.

@@ -252,14 +252,25 @@ mod tests {
             "metadata": {"name": "payments-x", "namespace": "shop",
                          "labels": {"kubernetes.io/service-name": "payments"}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.1.0.5"]}, {"addresses": ["10.1.0.6"]}],
-            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.5"]}, {"addresses": ["10.1.0.6"]},
+                          {"addresses": ["10.1.0.7"], "conditions": {"ready": false}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         }))
         .expect("slice");
         let o = slice(&e).expect("a Service's slice");
         assert_eq!(o.service, "payments");
-        assert_eq!(o.addresses.len(), 2);
+        assert_eq!(
+            o.addresses.len(),
+            3,
+            "an unready endpoint is still who it is"
+        );
+        assert_eq!(
+            o.ready,
+            ["10.1.0.5", "10.1.0.6"].map(|a| a.parse::<IpAddr>().expect("ip")),
+            "ready absent means ready"
+        );
         assert_eq!(o.ports, vec![8080]);
+        assert_eq!(o.port_names, vec!["http"]);
         let orphan: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": "o", "namespace": "shop"}, "addressType": "FQDN",
             "endpoints": [{"addresses": ["example.com"]}],

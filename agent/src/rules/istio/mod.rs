@@ -148,7 +148,18 @@ impl DestinationRules {
 
     pub fn apply(&self, rule: DestinationRule) {
         let k = (rule.namespace.clone(), rule.name.clone());
-        self.write(|m| m.insert(k, Arc::new(rule)));
+        let same = self
+            .inner
+            .rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&k)
+            .is_some_and(|r| **r == rule);
+        // A resync repeating what is in force changes nothing: peers keep their policy and the
+        // proxy its cached routes.
+        if !same {
+            self.write(|m| m.insert(k, Arc::new(rule)));
+        }
     }
 
     pub fn delete(&self, namespace: &str, name: &str) {
