@@ -72,12 +72,13 @@ fn cluster_ip() -> SocketAddr {
 
 impl World {
     /// Three backends of Service `payments.shop` (ClusterIP:80 -> 8080), the meshed client
-    /// `shop/client`, `rules` in the API before the agent starts, Istio serving `versions`.
-    fn new(versions: &[&str], rules: &[Value], extra: &[&str]) -> World {
+    /// `shop/client`, `rules` in the API before the agent starts, Istio as `istio` installs
+    /// it on the API server.
+    fn new(istio: impl FnOnce(&FakeKubeApi), rules: &[Value], extra: &[&str]) -> World {
         require_root();
         let cluster = Cluster::new().expect("cluster");
         let api = FakeKubeApi::start().expect("fake api");
-        api.install_istio(versions);
+        istio(&api);
         let node = unique_name();
         api.add_namespace("shop", &[(MESH, "enabled")]);
         let b: Vec<Backend> = (1..=3)
@@ -163,7 +164,11 @@ fn outlier_rule(base_ejection: &str) -> Value {
 #[test]
 fn a_black_holed_endpoint_is_ejected_connections_keep_succeeding_and_it_comes_back() {
     // v1beta1 only (Istio before 1.22): the agent falls back to it.
-    let w = World::new(&["v1beta1"], &[outlier_rule("3s")], &[]);
+    let w = World::new(
+        |api| api.install_istio(&["v1beta1"]),
+        &[outlier_rule("3s")],
+        &[],
+    );
     w.agent
         .wait_event(
             |v| v["event"] == "destination_rules_synced" && v["version"] == "v1beta1",
@@ -265,7 +270,7 @@ fn max_connections_from_the_rule_the_endpoint_tier_bad_rules_reported_and_remova
         json!({"host": "cart", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "soon"}}}}),
     );
     let w = World::new(
-        &["v1", "v1beta1"],
+        |api| api.install_istio(&["v1", "v1beta1"]),
         &[pool, broken],
         &["--fast-path", "auto"],
     );
@@ -334,27 +339,41 @@ fn max_connections_from_the_rule_the_endpoint_tier_bad_rules_reported_and_remova
     assert_eq!(w.reached(), [true, false, false], "by the DNAT, not picked");
 }
 
-#[test]
-fn a_cluster_without_istio_is_logged_once_and_pods_are_meshed() {
-    let w = World::new(&[], &[], &[]);
-    w.agent
-        .wait_event_named("destination_rules_absent", KT)
-        .expect("the missing CRD noticed");
+/// Where the DestinationRules cannot be read (no CRD, or a ClusterRole that predates them),
+/// the agent says so once, with `event` and a log line containing `log`, and meshes pods
+/// with the file's and flags' policy.
+fn no_rules(istio: impl FnOnce(&FakeKubeApi), event: &str, log: &str) {
+    let w = World::new(istio, &[], &[]);
+    w.agent.wait_event_named(event, KT).expect("noticed");
     route_cluster_ip(&w.client.pod, CLUSTER_IP, 80, w.b[0].addr());
     assert!(matches!(w.attempt(), Outcome::Admitted(_)));
-    let absent = w
+    let told = w
         .agent
         .events()
         .iter()
-        .filter(|v| v["event"] == "destination_rules_absent")
+        .filter(|v| v["event"] == event)
         .count();
-    assert_eq!(absent, 1);
-    assert_eq!(
-        w.agent
-            .stderr()
-            .matches("no Istio DestinationRule CRD")
-            .count(),
-        1,
-        "one log line"
+    assert_eq!(told, 1);
+    assert_eq!(w.agent.stderr().matches(log).count(), 1, "one log line");
+}
+
+#[test]
+fn a_cluster_without_istio_is_logged_once_and_pods_are_meshed() {
+    no_rules(
+        |_| {},
+        "destination_rules_absent",
+        "no Istio DestinationRule CRD",
+    );
+}
+
+#[test]
+fn a_cluster_role_without_destination_rules_says_how_to_fix_it_once() {
+    no_rules(
+        |api| {
+            api.install_istio(&["v1"]);
+            api.forbid_istio();
+        },
+        "destination_rules_forbidden",
+        "grant list and watch on networking.istio.io destinationrules",
     );
 }

@@ -13,6 +13,7 @@
 //! else is a 404 Status.
 
 mod http;
+mod istio;
 mod objects;
 mod tls;
 
@@ -71,6 +72,8 @@ struct Inner {
     /// The networking.istio.io versions served (none: no Istio CRD, a 404 like a real
     /// cluster without Istio).
     istio_versions: Vec<String>,
+    /// DestinationRule requests get 403 (the agent's ClusterRole lacks them).
+    istio_forbidden: bool,
     log: Vec<Change>,
     /// Watches resumed from a version below this get 410 Gone.
     compacted: u64,
@@ -351,37 +354,6 @@ impl FakeKubeApi {
         self.record(Kind::Slice, "DELETED", e.to_json());
     }
 
-    /// Installs Istio's DestinationRule CRD, serving these versions (`["v1", "v1beta1"]`
-    /// for Istio 1.22 on, `["v1beta1"]` before).
-    pub fn install_istio(&self, versions: &[&str]) {
-        self.shared.lock().istio_versions = versions.iter().map(|v| v.to_string()).collect();
-    }
-
-    /// Adds or replaces a DestinationRule (`metadata.namespace` and `.name` set).
-    pub fn put_destination_rule(&self, rule: &Value) {
-        let key = format!(
-            "{}/{}",
-            rule["metadata"]["namespace"].as_str().unwrap_or(""),
-            rule["metadata"]["name"].as_str().unwrap_or("")
-        );
-        let exists = self.shared.lock().rules.contains_key(&key);
-        let mut obj = rule.clone();
-        obj["apiVersion"] = json!("networking.istio.io/v1");
-        obj["kind"] = json!("DestinationRule");
-        if obj["metadata"]["creationTimestamp"].is_null() {
-            obj["metadata"]["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
-        }
-        self.record(Kind::Rule, if exists { "MODIFIED" } else { "ADDED" }, obj);
-    }
-
-    pub fn delete_destination_rule(&self, namespace: &str, name: &str) {
-        let key = format!("{namespace}/{name}");
-        let obj = self.shared.lock().rules.get(&key).cloned();
-        if let Some(obj) = obj {
-            self.record(Kind::Rule, "DELETED", obj);
-        }
-    }
-
     /// Events the agent posted (events.k8s.io/v1 Event objects), oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.shared.lock().events.clone()
@@ -465,11 +437,13 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::Slice),
-            p => p
-                .strip_prefix("/apis/networking.istio.io/")
-                .and_then(|v| v.strip_suffix("/destinationrules"))
-                .filter(|v| shared.lock().istio_versions.iter().any(|s| s == v))
-                .map(|_| Kind::Rule),
+            p => match route_rules(shared, p) {
+                Ok(kind) => kind,
+                Err(body) => {
+                    respond(w, 403, &body)?;
+                    continue;
+                }
+            },
         };
         let node = req
             .query
@@ -530,6 +504,26 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Ok(Some(Rule))` for a DestinationRule path of a served version, `Ok(None)` for anything
+/// else (a 404 later), `Err(body)` for a 403 ([`FakeKubeApi::forbid_istio`]).
+fn route_rules(shared: &Shared, path: &str) -> Result<Option<Kind>, Value> {
+    let Some(version) = path
+        .strip_prefix("/apis/networking.istio.io/")
+        .and_then(|v| v.strip_suffix("/destinationrules"))
+    else {
+        return Ok(None);
+    };
+    let g = shared.lock();
+    if g.istio_forbidden {
+        let why = format!("destinationrules.networking.istio.io is forbidden: cannot list resource \"destinationrules\" in API group \"networking.istio.io\" ({version})");
+        return Err(status(403, "Forbidden", &why));
+    }
+    Ok(g.istio_versions
+        .iter()
+        .any(|s| s == version)
+        .then_some(Kind::Rule))
 }
 
 fn matches(obj: &Value, kind: Kind, node: Option<&str>) -> bool {
