@@ -274,6 +274,12 @@ fn max_connections_from_the_rule_the_endpoint_tier_bad_rules_reported_and_remova
         &[pool, broken],
         &["--fast-path", "auto"],
     );
+    w.agent
+        .wait_event(
+            |v| v["event"] == "destination_rules_synced" && v["version"] == "v1",
+            KT,
+        )
+        .expect("rules listed through v1");
     // Without the rule, the ClusterIP goes where kube-proxy would send it.
     route_cluster_ip(&w.client.pod, CLUSTER_IP, 80, w.b[0].addr());
 

@@ -357,7 +357,8 @@ fn the_policy_file_defaults_yield_to_the_rule_and_its_rules_override_it() {
         "shop",
         "p",
         json!({"host": "payments", "trafficPolicy": {
-            "connectionPool": {"tcp": {"connectTimeout": "1s", "maxConnections": 4, "idleTimeout": "30s"}},
+            "connectionPool": {"tcp": {"connectTimeout": "1s", "maxConnections": 4, "idleTimeout": "30s",
+                                       "maxConnectionDuration": "10m"}},
             "outlierDetection": {"consecutive5xxErrors": 1},
         }}),
     ));
@@ -367,6 +368,7 @@ fn the_policy_file_defaults_yield_to_the_rule_and_its_rules_override_it() {
     let p = set.resolve_with_rules(&k, &ids.read(), &drs);
     assert_eq!(p.timeouts.connect, secs(1), "the rule beats [defaults]");
     assert_eq!(p.timeouts.idle, secs(5), "the file's rule beats the rule");
+    assert_eq!(p.timeouts.max_lifetime, secs(600));
     let c = p.concurrency.expect("maxConnections");
     assert_eq!(
         (c.max_concurrent, c.max_queue),
@@ -378,5 +380,6 @@ fn the_policy_file_defaults_yield_to_the_rule_and_its_rules_override_it() {
     drs.delete("shop", "p");
     let p = set.resolve_with_rules(&k, &ids.read(), &drs);
     assert_eq!(p.timeouts.connect, secs(7));
+    assert_eq!(p.timeouts.max_lifetime, None);
     assert!(p.concurrency.is_none() && !p.endpoint_selection);
 }
