@@ -3,6 +3,9 @@
 //! shapes bandwidth, and writes the kernel fast-reject verdict whenever the engine says the
 //! next attempts are refused for certain (breaker open, rate bucket empty until the next
 //! token). The algorithms live in `crate::policy`; this is only the async and kernel glue.
+//! [`endpoints`] picks the endpoint of a Service an Istio DestinationRule covers.
+pub mod endpoints;
+
 use std::{
     collections::HashMap,
     hash::Hash,

@@ -281,6 +281,9 @@ pub mod tier_reason {
     pub const MAP_FULL: u8 = 12;
     /// The breaker is open or half-open on the proxy.
     pub const BREAKER: u8 = 13;
+    /// The agent picks the peer's endpoint (an Istio DestinationRule's outlier detection or
+    /// load balancer); the kernel would connect to the address as given.
+    pub const ENDPOINT_SELECTION: u8 = 14;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -297,6 +300,7 @@ pub mod tier_reason {
             HANDOVER_PENDING => "handover_pending",
             MAP_FULL => "map_full",
             BREAKER => "breaker",
+            ENDPOINT_SELECTION => "endpoint_selection",
             _ => "unknown",
         }
     }

@@ -3,6 +3,8 @@
 //! resolver: pod UID in /proc/*/cgroup -> /proc/PID/ns/net), and the Pod object the fake API
 //! server serves.
 
+use std::net::SocketAddr;
+
 use crate::kubeapi::FakePod;
 use crate::kubelet::{new_uid, Driver, KubeletPod};
 use crate::pod::{Cluster, Pod};
@@ -45,4 +47,39 @@ impl KubePod {
     pub fn uid(&self) -> &str {
         &self.cgroup.uid
     }
+}
+
+/// What kube-proxy does for `client`: connections to `cluster_ip:port` go to `to`, by a DNAT
+/// in the client pod's own namespace (iptables nat OUTPUT there, gone with the namespace; the
+/// host's tables are never touched). Replaces any earlier one. Panics if iptables fails.
+pub fn route_cluster_ip(client: &Pod, cluster_ip: &str, port: u16, to: SocketAddr) {
+    client
+        .ip(&["route", "replace", "10.96.0.0/16", "dev", "eth0"])
+        .expect("route the service range");
+    let ipt = |args: &[&str]| {
+        let out = client
+            .command("iptables")
+            .args(args)
+            .output()
+            .expect("iptables");
+        assert!(out.status.success(), "iptables {args:?}: {out:?}");
+    };
+    ipt(&["-t", "nat", "-F", "OUTPUT"]);
+    let (port, to) = (port.to_string(), to.to_string());
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        cluster_ip,
+        "-p",
+        "tcp",
+        "--dport",
+        &port,
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to,
+    ]);
 }

@@ -94,35 +94,7 @@ fn cluster_ip() -> SocketAddr {
 
 /// What kube-proxy does for the client: the ClusterIP:80 goes to `backend`:8080.
 fn route_cluster_ip(client: &Pod, backend: &Backend) {
-    client
-        .ip(&["route", "replace", "10.96.0.0/16", "dev", "eth0"])
-        .expect("route the service range");
-    let ipt = |args: &[&str]| {
-        let out = client
-            .command("iptables")
-            .args(args)
-            .output()
-            .expect("iptables");
-        assert!(out.status.success(), "iptables {args:?}: {out:?}");
-    };
-    ipt(&["-t", "nat", "-F", "OUTPUT"]);
-    let to = backend.addr().to_string();
-    ipt(&[
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-d",
-        CLUSTER_IP,
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &to,
-    ]);
+    sockmesh_tests::kubepod::route_cluster_ip(client, CLUSTER_IP, 80, backend.addr());
 }
 
 impl World {

@@ -23,6 +23,7 @@ use super::{
     waits::{next_bind, next_kube, next_step, policy_changed, sleep_until},
 };
 use crate::{
+    admission::{endpoints::Endpoints, ProxyClock},
     cli::RunArgs,
     datapath::{heartbeat, Datapath, DatapathOptions},
     events,
@@ -122,7 +123,7 @@ pub struct Agent {
     /// Bind/unbind events read from the ring, waiting for their pod's share.
     binds: BindQueue<Event>,
     /// The identity index's generation the policy source was last given.
-    ids_seen: u64,
+    ids_seen: (u64, u64),
     /// Duplicates of the HTTP listeners, for a successor.
     http_offers: Vec<(Offered, OwnedFd)>,
     /// `--handover-wait`: after SIGTERM, how long a successor may still take over.
@@ -204,6 +205,7 @@ impl Agent {
                 outbound_port: args.outbound_port,
             }),
             maps: dp.maps.clone(),
+            endpoints: Endpoints::new(policy.clone(), ProxyClock::new()),
             admission,
             policy: policy.clone(),
             recorder,
@@ -244,9 +246,11 @@ impl Agent {
                 let resolver = Resolver::new(&args.kube.proc_root);
                 info!(%node, "watching this node's pods in the Kubernetes API");
                 let allowed = args.kube.allow.clone();
-                let ids = policy.identities().clone();
+                policy
+                    .destination_rules()
+                    .set_root_namespace(&args.kube.istio_root_namespace);
                 Some(Controller::new(
-                    client, node, resolver, report, template, allowed, ids,
+                    client, node, resolver, report, template, allowed, &policy,
                 ))
             }
             _ => None,
@@ -316,7 +320,7 @@ impl Agent {
                 "pod_inbound_binds": args.shares.pod_inbound_binds, "pod_direct_conns": args.shares.direct_conns(),
             },
         }));
-        let ids_seen = policy.identities().generation();
+        let ids_seen = policy.inputs_generation();
         Ok(Agent {
             dp,
             shared,
@@ -498,7 +502,7 @@ impl Agent {
     /// A rule on a Service follows its endpoints (and a rule on a workload its pods): when
     /// the identity index changed, peers re-resolve their policy on their next use.
     fn follow_identities(&mut self) {
-        let ids = self.policy.identities().generation();
+        let ids = self.policy.inputs_generation();
         if ids != self.ids_seen {
             self.ids_seen = ids;
             self.shared.admission.refresh_source(self.policy.source());

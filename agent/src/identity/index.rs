@@ -16,7 +16,7 @@
 //! 5. nothing: external.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -29,7 +29,7 @@ use super::{
 type Key = (String, String);
 
 /// A Service as the index needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceObject {
     pub namespace: String,
     pub name: String,
@@ -37,10 +37,13 @@ pub struct ServiceObject {
     pub cluster_ips: Vec<IpAddr>,
     /// The Service's ports (what clients of the ClusterIP connect to).
     pub ports: Vec<u16>,
+    /// Their names, in the same order ("" for an unnamed port): what ties a Service port to
+    /// its EndpointSlices' ports.
+    pub port_names: Vec<String>,
 }
 
 /// An EndpointSlice: which addresses, on which ports, back which Service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceObject {
     pub namespace: String,
     pub name: String,
@@ -49,6 +52,11 @@ pub struct SliceObject {
     pub addresses: Vec<IpAddr>,
     /// The endpoints' ports (target ports); empty means every port.
     pub ports: Vec<u16>,
+    /// Their names, in the same order.
+    pub port_names: Vec<String>,
+    /// The addresses of ready endpoints (`conditions.ready` true or absent): where the agent
+    /// sends a connection when it picks the endpoint itself.
+    pub ready: Vec<IpAddr>,
 }
 
 /// A pod: its addresses and who it is.
@@ -273,6 +281,47 @@ impl Index {
             .map(|s| format!("{}.{}", s.service, s.namespace))
             .collect();
         names.into_iter().map(Arc::from).collect()
+    }
+
+    /// The Service whose ClusterIP and port `ip:port` is.
+    pub fn service_at(&self, ip: IpAddr, port: u16) -> Option<&ServiceObject> {
+        self.by_cluster_ip
+            .get(&canonical(ip))?
+            .iter()
+            .filter_map(|k| self.services.get(k))
+            .find(|s| s.ports.contains(&port))
+    }
+
+    /// The ready endpoints of Service `namespace/name` for its port `port`: each slice's
+    /// port of the same name (an unnamed single port matches the Service's single port), as
+    /// kube-proxy pairs them. Scans the slices: for the proxy's endpoint picking, which
+    /// caches the answer until the index changes.
+    pub fn service_endpoints(&self, namespace: &str, name: &str, port: u16) -> Vec<SocketAddr> {
+        let Some(svc) = self.services.get(&key(namespace, name)) else {
+            return Vec::new();
+        };
+        let Some(i) = svc.ports.iter().position(|&p| p == port) else {
+            return Vec::new();
+        };
+        let want = svc.port_names.get(i).map_or("", String::as_str);
+        let mut out: Vec<SocketAddr> = self
+            .slices
+            .values()
+            .filter(|s| s.namespace == namespace && s.service == name)
+            .filter_map(|s| {
+                let j = s.port_names.iter().position(|n| n == want);
+                let target = match j {
+                    Some(j) => s.ports.get(j).copied(),
+                    None if s.ports.len() == 1 && svc.ports.len() == 1 => s.ports.first().copied(),
+                    None => None,
+                }?;
+                Some(s.ready.iter().map(move |ip| SocketAddr::new(*ip, target)))
+            })
+            .flatten()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Who the peer `ip:port` is (see the module doc for the order).

@@ -16,6 +16,7 @@ fn svc(ns: &str, name: &str, cluster_ip: Option<&str>, ports: &[u16]) -> Service
         name: name.into(),
         cluster_ips: cluster_ip.into_iter().map(ip).collect(),
         ports: ports.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -26,6 +27,7 @@ fn slice(ns: &str, name: &str, service: &str, addrs: &[&str], ports: &[u16]) -> 
         service: service.into(),
         addresses: addrs.iter().map(|a| ip(a)).collect(),
         ports: ports.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -333,4 +335,72 @@ fn an_update_that_changes_nothing_bumps_no_generation() {
     assert_eq!(ids.generation(), g, "a status update: the same identity");
     ids.write(|ix| ix.apply_pod(pod("shop", "a", "10.1.0.5", "a", &[("v", "2")])));
     assert_eq!(ids.generation(), g + 1, "a label changed");
+}
+
+#[test]
+fn a_services_ready_endpoints_pair_its_port_with_the_slice_port_of_the_same_name() {
+    let mut ix = Index::default();
+    ix.apply_service(ServiceObject {
+        ports: vec![80, 9090],
+        port_names: vec!["http".into(), "metrics".into()],
+        ..svc("shop", "payments", Some("10.96.0.10"), &[])
+    });
+    ix.apply_slice(SliceObject {
+        ports: vec![9100, 8080],
+        port_names: vec!["metrics".into(), "http".into()],
+        ready: vec![ip("10.1.0.5"), ip("10.1.0.6")],
+        ..slice(
+            "shop",
+            "payments-a",
+            "payments",
+            &["10.1.0.5", "10.1.0.6", "10.1.0.7"],
+            &[],
+        )
+    });
+    // Another Service's slice, and one of the same name in another namespace: not its.
+    ix.apply_slice(SliceObject {
+        port_names: vec!["http".into()],
+        ready: vec![ip("10.2.0.1")],
+        ..slice("shop", "cart-a", "cart", &["10.2.0.1"], &[8080])
+    });
+    ix.apply_slice(SliceObject {
+        port_names: vec!["http".into()],
+        ready: vec![ip("10.3.0.1")],
+        ..slice("other", "payments-a", "payments", &["10.3.0.1"], &[8080])
+    });
+    let eps = |port| {
+        ix.service_endpoints("shop", "payments", port)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        eps(80),
+        ["10.1.0.5:8080", "10.1.0.6:8080"],
+        "10.1.0.7 is not ready"
+    );
+    assert_eq!(eps(9090), ["10.1.0.5:9100", "10.1.0.6:9100"]);
+    assert!(eps(81).is_empty(), "not a Service port");
+    assert_eq!(
+        ix.service_at(ip("10.96.0.10"), 9090)
+            .map(|s| s.name.as_str()),
+        Some("payments")
+    );
+    assert!(ix.service_at(ip("10.96.0.10"), 81).is_none());
+    // One unnamed port on each side pairs up, as kube-proxy does.
+    let mut ix = Index::default();
+    ix.apply_service(ServiceObject {
+        port_names: vec![String::new()],
+        ..svc("shop", "db", Some("10.96.0.11"), &[5432])
+    });
+    ix.apply_slice(SliceObject {
+        ready: vec![ip("10.1.0.9")],
+        ..slice("shop", "db-a", "db", &["10.1.0.9"], &[15432])
+    });
+    assert_eq!(
+        ix.service_endpoints("shop", "db", 5432),
+        vec!["10.1.0.9:15432"
+            .parse::<std::net::SocketAddr>()
+            .expect("addr")]
+    );
 }

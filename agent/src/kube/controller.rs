@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::{
     allowed::AllowArgs,
     decide::{decide, Decision, PodOptions, Problem},
+    destination::{RuleInput, RuleWatch},
     identity::{IdInput, IdentityWatch},
     report::Report,
 };
@@ -34,6 +35,7 @@ use crate::{
         manager::{Gone, PodManager, PodTemplate},
         resolver::Resolver,
     },
+    rules::PolicyHandle,
     spec::PodSpec,
 };
 
@@ -45,6 +47,8 @@ pub enum Input {
     Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
     /// Services, EndpointSlices and every pod, for peer identity.
     Identity(IdInput),
+    /// Istio DestinationRules.
+    Rules(RuleInput),
 }
 
 /// A pod as enrolled.
@@ -73,6 +77,7 @@ pub struct Controller {
     pod_watch: Watch<Pod>,
     ns_watch: Watch<Namespace>,
     identity: IdentityWatch,
+    rules: RuleWatch,
     ids: Identities,
 }
 
@@ -88,11 +93,14 @@ impl Controller {
         report: Report,
         template: PodTemplate,
         allowed: AllowArgs,
-        ids: Identities,
+        policy: &PolicyHandle,
     ) -> Controller {
+        let ids = policy.identities().clone();
+        let drs = policy.destination_rules().clone();
         let pods: Api<Pod> = Api::all(client.clone());
         let pod_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let identity = IdentityWatch::new(&client, ids.clone());
+        let rules = RuleWatch::new(&client, drs, report.clone());
         let namespaces: Api<Namespace> = Api::all(client);
         Controller {
             node: node.to_string(),
@@ -112,6 +120,7 @@ impl Controller {
                 .default_backoff()
                 .boxed(),
             identity,
+            rules,
             ids,
         }
     }
@@ -122,6 +131,7 @@ impl Controller {
             Some(e) = self.pod_watch.next() => Input::Pod(Box::new(e)),
             Some(e) = self.ns_watch.next() => Input::Namespace(Box::new(e)),
             e = self.identity.next() => Input::Identity(e),
+            e = self.rules.next() => Input::Rules(e),
             else => std::future::pending().await,
         }
     }
@@ -151,6 +161,7 @@ impl Controller {
                 Ok(ev) => self.on_namespace(ev, mgr, dp),
             },
             Input::Identity(i) => self.identity.handle(i),
+            Input::Rules(r) => self.rules.handle(r),
         }
     }
 

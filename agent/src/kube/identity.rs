@@ -30,7 +30,7 @@ pub enum IdInput {
 }
 
 /// What one watch event does to the index.
-enum Change<O> {
+pub(super) enum Change<O> {
     Apply(O),
     Delete(String, String),
     Replace(Vec<O>),
@@ -49,10 +49,10 @@ where
 }
 
 /// Folds one event into a [`Change`], buffering a relist until it is complete.
-fn step<K: Resource, O>(
+pub(super) fn step<K: Resource, O>(
     ev: watcher::Event<K>,
     relist: &mut Option<Vec<O>>,
-    conv: impl Fn(&K) -> Option<O>,
+    mut conv: impl FnMut(&K) -> Option<O>,
 ) -> Change<O> {
     match ev {
         watcher::Event::Apply(k) => conv(&k).map_or_else(

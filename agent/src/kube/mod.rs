@@ -5,10 +5,12 @@
 //! Pod and Namespace objects and turns their changes into enrolments and removals;
 //! [`report`] tells the cluster about malformed annotations (Kubernetes Events);
 //! [`identity`] watches Services, EndpointSlices and every pod to name peers, converting the
-//! objects with [`owners`] (pure: a pod's workload through its owner references).
+//! objects with [`owners`] (pure: a pod's workload through its owner references);
+//! [`destination`] watches Istio DestinationRules into the policy's live set.
 pub mod allowed;
 pub mod controller;
 pub mod decide;
+pub mod destination;
 pub mod identity;
 pub mod owners;
 pub mod report;
@@ -43,6 +45,10 @@ pub struct KubeArgs {
     /// /proc/PID/cgroup and /proc/PID/ns/net).
     #[arg(long, env = "SOCKMESH_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Istio's root namespace (`meshConfig.rootNamespace`): its DestinationRules apply to
+    /// every namespace, after the client's and the Service's own.
+    #[arg(long, env = "SOCKMESH_ISTIO_ROOT_NAMESPACE", default_value = crate::rules::istio::DEFAULT_ROOT_NAMESPACE, value_name = "NAMESPACE")]
+    pub istio_root_namespace: String,
     /// What pods may ask for by annotation.
     #[command(flatten)]
     pub allow: allowed::AllowArgs,

@@ -97,12 +97,17 @@ pub fn service(s: &Service) -> ServiceObject {
         .flatten()
         .map(String::as_str);
     let one = spec.and_then(|sp| sp.cluster_ip.as_deref());
-    let ports = spec
+    let (ports, port_names) = spec
         .and_then(|sp| sp.ports.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|p| u16::try_from(p.port).ok())
-        .collect();
+        .filter_map(|p| {
+            Some((
+                u16::try_from(p.port).ok()?,
+                p.name.clone().unwrap_or_default(),
+            ))
+        })
+        .unzip();
     ServiceObject {
         namespace: s
             .metadata
@@ -112,6 +117,7 @@ pub fn service(s: &Service) -> ServiceObject {
         name: s.metadata.name.clone().unwrap_or_default(),
         cluster_ips: parse_ips(many.chain(one)),
         ports,
+        port_names,
     }
 }
 
@@ -124,12 +130,23 @@ pub fn slice(e: &EndpointSlice) -> Option<SliceObject> {
             .iter()
             .flat_map(|ep| ep.addresses.iter().map(String::as_str)),
     );
-    let ports = e
+    // A terminating or unready endpoint is still who its address is, but gets no new
+    // connection (`ready` absent means ready, as the API documents).
+    let ready = parse_ips(
+        e.endpoints
+            .iter()
+            .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .flat_map(|ep| ep.addresses.iter().map(String::as_str)),
+    );
+    let (ports, port_names) = e
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| p.port.and_then(|n| u16::try_from(n).ok()))
-        .collect();
+        .filter_map(|p| {
+            let n = p.port.and_then(|n| u16::try_from(n).ok())?;
+            Some((n, p.name.clone().unwrap_or_default()))
+        })
+        .unzip();
     Some(SliceObject {
         namespace: e
             .metadata
@@ -140,6 +157,8 @@ pub fn slice(e: &EndpointSlice) -> Option<SliceObject> {
         service,
         addresses,
         ports,
+        port_names,
+        ready,
     })
 }
 
@@ -233,14 +252,25 @@ mod tests {
             "metadata": {"name": "payments-x", "namespace": "shop",
                          "labels": {"kubernetes.io/service-name": "payments"}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.1.0.5"]}, {"addresses": ["10.1.0.6"]}],
-            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.5"]}, {"addresses": ["10.1.0.6"]},
+                          {"addresses": ["10.1.0.7"], "conditions": {"ready": false}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         }))
         .expect("slice");
         let o = slice(&e).expect("a Service's slice");
         assert_eq!(o.service, "payments");
-        assert_eq!(o.addresses.len(), 2);
+        assert_eq!(
+            o.addresses.len(),
+            3,
+            "an unready endpoint is still who it is"
+        );
+        assert_eq!(
+            o.ready,
+            ["10.1.0.5", "10.1.0.6"].map(|a| a.parse::<IpAddr>().expect("ip")),
+            "ready absent means ready"
+        );
         assert_eq!(o.ports, vec![8080]);
+        assert_eq!(o.port_names, vec!["http"]);
         let orphan: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": "o", "namespace": "shop"}, "addressType": "FQDN",
             "endpoints": [{"addresses": ["example.com"]}],

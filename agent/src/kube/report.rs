@@ -1,7 +1,7 @@
 //! Telling people about a pod: a log line, a JSON event on stdout, and a Kubernetes Event on
 //! the pod (what `kubectl describe pod` shows). Posting runs in the background and never holds
 //! up enrolment; a failed post is logged, nothing more.
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
     Resource,
@@ -69,15 +69,54 @@ impl Report {
         );
     }
 
+    /// A DestinationRule the agent cannot apply whole: `malformed` (ignored) or fields L4
+    /// cannot honour (the rest applies). Called once per resource version.
+    pub fn rule_problem(
+        &self,
+        reference: ObjectReference,
+        label: &str,
+        malformed: bool,
+        what: &str,
+    ) {
+        let (reason, note) = if malformed {
+            warn!(rule = %label, error = %what, "DestinationRule ignored: malformed");
+            (
+                "InvalidDestinationRule",
+                format!("sockmesh: this DestinationRule is ignored at L4: {what}"),
+            )
+        } else {
+            warn!(rule = %label, fields = %what, "DestinationRule fields not enforced at L4 (the rest applies)");
+            (
+                "UnsupportedDestinationRuleFields",
+                format!("sockmesh: not enforced at L4 (the rest of the rule applies): {what}"),
+            )
+        };
+        events::emit(serde_json::json!({
+            "event": if malformed { "destination_rule_rejected" } else { "destination_rule_unsupported" },
+            "rule": label, "detail": what,
+        }));
+        self.publish(reference, EventType::Warning, reason, note, "Apply");
+    }
+
     fn post(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
-        let reference = pod.object_ref(&());
+        self.publish(pod.object_ref(&()), type_, reason, note, "Enrol");
+    }
+
+    fn publish(
+        &self,
+        reference: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
         let recorder = self.recorder.clone();
         let cancel = self.cancel.clone();
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Enrol".into(),
+            action: action.into(),
             secondary: None,
         };
         self.tasks.spawn(async move {

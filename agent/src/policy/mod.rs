@@ -14,6 +14,7 @@
 //! | [`adaptive`] | Google SRE client-side adaptive throttling |
 //! | [`concurrency`] | max concurrent connections, CoDel-timed adaptive-LIFO queue |
 //! | [`timeouts`] | connect / idle / lifetime / DNS timeouts and deadline math |
+//! | [`outlier`] | endpoint picking and outlier ejection for a Service port (Istio DestinationRules at L4) |
 //! | [`fast`] | the kernel tier: which policies the kernel enforces exactly, and its entry |
 //! | [`idle_sweep`] | when the kernel tier's direct connections of a pod next need a look for the idle timeout |
 //! | [`peer_policy`] | [`PeerPolicy`]: every knob of one peer, as configuration resolved it |
@@ -79,6 +80,7 @@ pub mod decision;
 pub mod fast;
 pub mod idle_sweep;
 pub mod key;
+pub mod outlier;
 mod peer;
 pub mod peer_policy;
 pub mod shares;

@@ -69,6 +69,7 @@ impl PeerState {
                 concurrency: None,
                 breaker: None,
                 adaptive: None,
+                endpoint_selection: false,
             },
             breaker: None,
             adaptive: None,

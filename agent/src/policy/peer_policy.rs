@@ -18,6 +18,10 @@ pub struct PeerPolicy {
     pub concurrency: Option<ConcurrencyConfig>,
     pub breaker: Option<BreakerConfig>,
     pub adaptive: Option<AdaptiveConfig>,
+    /// The agent picks the peer's endpoint itself (an Istio DestinationRule with outlier
+    /// detection or a load balancer): the kernel, which would connect to the address as
+    /// given, cannot take the peer.
+    pub endpoint_selection: bool,
 }
 
 impl Default for PeerPolicy {
@@ -32,6 +36,7 @@ impl Default for PeerPolicy {
             concurrency: None,
             breaker: Some(BreakerConfig::default()),
             adaptive: Some(AdaptiveConfig::default()),
+            endpoint_selection: false,
         }
     }
 }

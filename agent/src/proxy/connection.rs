@@ -51,6 +51,10 @@ pub async fn proxy(
             return;
         }
     };
+    // A Service whose DestinationRule has the agent pick the endpoint: connect there, not to
+    // the ClusterIP (held until the connection ends: least-connections counts it).
+    let picked = shared.endpoints.pick(&key);
+    let dst = picked.as_ref().map_or(dst, |p| p.addr);
     let local = on_bound.map(|_| SocketAddr::new(loopback(dst.is_ipv6()), 0));
     let Some(sock) = upstream_socket(pod, shared, dst, local).await else {
         relay::reset(&client);
@@ -69,6 +73,9 @@ pub async fn proxy(
     }
     .await;
     let result = upstream.as_ref().map(|_| ()).map_err(failure_kind);
+    if let Some(p) = &picked {
+        p.connect_result(result.is_ok());
+    }
     if let Some(BreakerTransition::Closed) = shared.admission.connect_result(&key, &result) {
         info!(event = "breaker_closed", pod = %key.pod, peer = %key.peer, direction = key.direction.as_str(), "breaker closed");
     }

@@ -60,6 +60,8 @@ pub struct Shared {
     pub maps: Arc<KernelMaps>,
     /// Per-peer policy: admission, connect outcomes, shaping.
     pub admission: Arc<Admission<PeerKey>>,
+    /// The endpoint of a Service whose DestinationRule has the agent pick it.
+    pub endpoints: Arc<crate::admission::endpoints::Endpoints>,
     /// The current policy set (flags + file), for lookups outside admission (DNS timeout).
     pub policy: Arc<PolicyHandle>,
     /// Per-peer figures for `sockmesh peers` and `/metrics` (flushed to SM_PEER_STATE).

@@ -147,6 +147,7 @@ impl Knobs {
                 k,
                 window: self.adaptive_window,
             }),
+            endpoint_selection: false,
         }
     }
 }

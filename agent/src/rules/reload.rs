@@ -9,6 +9,7 @@
 //! other cannot install an older read of the file over a newer one.
 
 use super::file::PolicyError;
+use super::istio::DestinationRules;
 use super::knobs::Knobs;
 use super::set::PolicySet;
 use crate::identity::Identities;
@@ -30,6 +31,8 @@ pub struct PolicyHandle {
     generation: AtomicU64,
     /// Who peers are, for the rules that match by identity.
     ids: Identities,
+    /// Istio DestinationRules (filled by the Kubernetes watch; empty without `--kube`).
+    drs: DestinationRules,
 }
 
 impl PolicyHandle {
@@ -47,6 +50,7 @@ impl PolicyHandle {
             reloading: Mutex::new(()),
             generation: AtomicU64::new(0),
             ids: Identities::new(),
+            drs: DestinationRules::default(),
         })
     }
 
@@ -67,7 +71,19 @@ impl PolicyHandle {
 
     /// The policy of `key` now (the current set, the identity index as it stands).
     pub fn resolve(&self, key: &PeerKey) -> PeerPolicy {
-        self.current().resolve_with(key, &self.ids.read())
+        self.current()
+            .resolve_with_rules(key, &self.ids.read(), &self.drs)
+    }
+
+    /// The DestinationRules the policy applies: the Kubernetes watch writes to them.
+    pub fn destination_rules(&self) -> &DestinationRules {
+        &self.drs
+    }
+
+    /// Changes whenever the identity index or the DestinationRules did: a table's source is
+    /// renewed when it moves.
+    pub fn inputs_generation(&self) -> (u64, u64) {
+        (self.ids.generation(), self.drs.generation())
     }
 
     /// The identity index the rules consult: the Kubernetes watches and the pod manager
@@ -79,7 +95,8 @@ impl PolicyHandle {
     /// A per-peer table's policy source: the current set, with the identity index. Give
     /// the table a new one after a reload and whenever the index changed.
     pub fn source(&self) -> PolicySource<PeerKey> {
-        self.current().source(self.ids.clone())
+        self.current()
+            .source_with_rules(self.ids.clone(), self.drs.clone())
     }
 
     /// How many successful reloads have happened.

@@ -8,7 +8,9 @@
 //!
 //! 1. the flag defaults (`--connect-timeout` ...; [`Knobs`]),
 //! 2. the policy file's `[defaults]` table,
-//! 3. every `[[rule]]` that matches the key, **from least to most specific**.
+//! 3. the Istio DestinationRule for the key's Service, if any (`istio/mod.rs` says why it
+//!    sits here),
+//! 4. every `[[rule]]` that matches the key, **from least to most specific**.
 //!
 //! So the most specific rule wins for each knob it sets, and a knob it does not
 //! set comes from the next most specific rule that does (then `[defaults]`, then
@@ -52,6 +54,7 @@
 //!   pod's listening port for inbound.
 
 use super::ident_match::{glob_match, IdentityMatch, IdentityRank, Subject};
+use super::istio::{Applied, DestinationRules};
 use super::knobs::{Knobs, Overrides};
 use crate::identity::{Identities, Index};
 use crate::policy::key::{Direction, PeerKey};
@@ -378,9 +381,18 @@ impl PolicySet {
 
     /// The knobs for `key`: flags, then `[defaults]`, then every matching rule from
     /// least to most specific, identity matchers asking `ids`.
+    #[cfg(test)]
     pub fn resolve_knobs_with(&self, key: &PeerKey, ids: &Index) -> Knobs {
+        self.resolve_layers(key, ids, None)
+    }
+
+    /// The knobs with a DestinationRule's between `[defaults]` and the rules.
+    fn resolve_layers(&self, key: &PeerKey, ids: &Index, dr: Option<&Overrides>) -> Knobs {
         let mut knobs = self.base.clone();
         self.defaults.apply_to(&mut knobs);
+        if let Some(dr) = dr {
+            dr.apply_to(&mut knobs);
+        }
         for rule in self.matching(key, ids) {
             rule.set.apply_to(&mut knobs);
         }
@@ -398,15 +410,41 @@ impl PolicySet {
         self.resolve_knobs(key).to_policy()
     }
 
+    #[cfg(test)]
     pub fn resolve_with(&self, key: &PeerKey, ids: &Index) -> PeerPolicy {
         self.resolve_knobs_with(key, ids).to_policy()
+    }
+
+    /// The policy of `key` with the DestinationRules in force: a rule's knobs as a layer, and
+    /// a peer whose endpoint the agent picks marked so (it stays on the proxy).
+    pub fn resolve_with_rules(
+        &self,
+        key: &PeerKey,
+        ids: &Index,
+        drs: &DestinationRules,
+    ) -> PeerPolicy {
+        let applied = drs.lookup(key, ids);
+        let dr = applied.as_ref().map(Applied::overrides);
+        let mut p = self.resolve_layers(key, ids, dr.as_ref()).to_policy();
+        p.endpoint_selection = applied.is_some_and(|a| a.picks_endpoints());
+        p
     }
 
     /// A `PeerTable` policy source answering from this set and the identity index. After a
     /// reload, or when the index changes, give the table a new source so existing peers
     /// move to their new policy too.
+    #[cfg(test)]
     pub fn source(self: Arc<Self>, ids: Identities) -> PolicySource<PeerKey> {
-        Box::new(move |key| self.resolve_with(key, &ids.read()))
+        self.source_with_rules(ids, DestinationRules::default())
+    }
+
+    /// [`PolicySet::source`] with DestinationRules: give the table a new one when they change.
+    pub fn source_with_rules(
+        self: Arc<Self>,
+        ids: Identities,
+        drs: DestinationRules,
+    ) -> PolicySource<PeerKey> {
+        Box::new(move |key| self.resolve_with_rules(key, &ids.read(), &drs))
     }
 }
 

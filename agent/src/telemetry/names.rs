@@ -168,6 +168,7 @@ mod tests {
             service: "payments".into(),
             addresses: vec!["10.1.0.5".parse().expect("ip")],
             ports: vec![8080],
+            ..Default::default()
         });
         ix.set_local(
             "shop/pay-1",

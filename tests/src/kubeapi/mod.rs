@@ -8,10 +8,12 @@
 //!
 //! Only what the agent uses is served: `GET /api/v1/pods` (with or without
 //! `fieldSelector=spec.nodeName=`), `GET /api/v1/namespaces`, `GET /api/v1/services`,
-//! `GET /apis/discovery.k8s.io/v1/endpointslices`, and `POST`/`PATCH` of events. Anything else
-//! is a 404 Status.
+//! `GET /apis/discovery.k8s.io/v1/endpointslices`, `GET /apis/networking.istio.io/VERSION/
+//! destinationrules` once the test installed that CRD, and `POST`/`PATCH` of events. Anything
+//! else is a 404 Status.
 
 mod http;
+mod istio;
 mod objects;
 mod tls;
 
@@ -34,6 +36,9 @@ enum Kind {
     Namespace,
     Service,
     Slice,
+    /// Istio's DestinationRule (networking.istio.io), served only once the test installs
+    /// its CRD ([`FakeKubeApi::install_istio`]).
+    Rule,
 }
 
 impl Kind {
@@ -44,6 +49,7 @@ impl Kind {
             Kind::Namespace => ("NamespaceList", "v1"),
             Kind::Service => ("ServiceList", "v1"),
             Kind::Slice => ("EndpointSliceList", "discovery.k8s.io/v1"),
+            Kind::Rule => ("DestinationRuleList", "networking.istio.io/v1"),
         }
     }
 }
@@ -62,6 +68,12 @@ struct Inner {
     namespaces: BTreeMap<String, Value>,
     services: BTreeMap<String, Value>,
     slices: BTreeMap<String, Value>,
+    rules: BTreeMap<String, Value>,
+    /// The networking.istio.io versions served (none: no Istio CRD, a 404 like a real
+    /// cluster without Istio).
+    istio_versions: Vec<String>,
+    /// DestinationRule requests get 403 (the agent's ClusterRole lacks them).
+    istio_forbidden: bool,
     log: Vec<Change>,
     /// Watches resumed from a version below this get 410 Gone.
     compacted: u64,
@@ -92,6 +104,7 @@ impl Inner {
             Kind::Namespace => &mut self.namespaces,
             Kind::Service => &mut self.services,
             Kind::Slice => &mut self.slices,
+            Kind::Rule => &mut self.rules,
         }
     }
 }
@@ -424,7 +437,13 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::Slice),
-            _ => None,
+            p => match route_rules(shared, p) {
+                Ok(kind) => kind,
+                Err(body) => {
+                    respond(w, 403, &body)?;
+                    continue;
+                }
+            },
         };
         let node = req
             .query
@@ -485,6 +504,26 @@ fn handle_conn(shared: &Shared, conn: TcpStream, epoch: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Ok(Some(Rule))` for a DestinationRule path of a served version, `Ok(None)` for anything
+/// else (a 404 later), `Err(body)` for a 403 ([`FakeKubeApi::forbid_istio`]).
+fn route_rules(shared: &Shared, path: &str) -> Result<Option<Kind>, Value> {
+    let Some(version) = path
+        .strip_prefix("/apis/networking.istio.io/")
+        .and_then(|v| v.strip_suffix("/destinationrules"))
+    else {
+        return Ok(None);
+    };
+    let g = shared.lock();
+    if g.istio_forbidden {
+        let why = format!("destinationrules.networking.istio.io is forbidden: cannot list resource \"destinationrules\" in API group \"networking.istio.io\" ({version})");
+        return Err(status(403, "Forbidden", &why));
+    }
+    Ok(g.istio_versions
+        .iter()
+        .any(|s| s == version)
+        .then_some(Kind::Rule))
 }
 
 fn matches(obj: &Value, kind: Kind, node: Option<&str>) -> bool {

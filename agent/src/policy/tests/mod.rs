@@ -7,6 +7,7 @@ mod breaker;
 mod clock;
 mod concurrency;
 mod interplay;
+mod outlier;
 mod table;
 mod table_lru;
 mod table_tenants;

@@ -26,6 +26,7 @@ pub(super) fn bare() -> PeerPolicy {
         concurrency: None,
         breaker: None,
         adaptive: None,
+        endpoint_selection: false,
     }
 }
 

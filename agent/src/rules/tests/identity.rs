@@ -52,6 +52,7 @@ fn cluster() -> Identities {
             name: "payments".into(),
             cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
             ports: vec![80],
+            ..Default::default()
         });
         ix.apply_slice(SliceObject {
             namespace: "shop".into(),
@@ -59,6 +60,7 @@ fn cluster() -> Identities {
             service: "payments".into(),
             addresses: vec!["10.1.0.5".parse().expect("ip")],
             ports: vec![8080],
+            ..Default::default()
         });
         ix.apply_pod(pod("payments-x", "10.1.0.5", "payments", &[("app", "pay")]));
         ix.apply_pod(pod("web-1", "10.1.0.9", "frontend", &[("tier", "web")]));
@@ -123,6 +125,7 @@ fn a_service_rule_follows_a_replaced_endpoint_in_a_live_table() {
             service: "payments".into(),
             addresses: vec!["10.1.0.6".parse().expect("ip")],
             ports: vec![8080],
+            ..Default::default()
         })
     });
     // What the agent does when the index changes: the same set, a new source.
@@ -179,6 +182,7 @@ fn inbound_the_service_is_the_one_called_and_the_peer_is_the_client() {
             service: "web".into(),
             addresses: vec!["10.1.0.9".parse().expect("ip")],
             ports: vec![8080],
+            ..Default::default()
         })
     });
     // payments-x (10.1.0.5) calls web-1 on 8080.
