@@ -82,6 +82,31 @@ pub struct Verdict {
     pub window: [WindowBucket; ADAPTIVE_BUCKETS],
 }
 
+/// The payload a direct connection moved each way, from the kernel's `bytes_acked` and
+/// `bytes_received` at its close (`old`: the TCP state it left for TCP_CLOSE). Those count
+/// sequence space, so the SYN (always acked on an established connection) and each FIN
+/// acked or received are in them, one each: taken out here, by what the state says about
+/// the FINs. LAST_ACK: both FINs done; FIN_WAIT2 and CLOSING: the close into TIME_WAIT,
+/// both done (a FIN_WAIT2 that timed out without the peer's FIN, an orphan's rare end, is
+/// counted one byte in too many); CLOSE_WAIT: the peer's FIN received, ours not sent;
+/// anything else (a reset, an abort, FIN_WAIT1): no FIN acked or received.
+#[inline(always)]
+pub fn payload_bytes(old: u32, acked: u64, received: u64) -> (u64, u64) {
+    const FIN_WAIT2: u32 = 5;
+    const CLOSE_WAIT: u32 = 8;
+    const LAST_ACK: u32 = 9;
+    const CLOSING: u32 = 11;
+    let (fin_out, fin_in) = match old {
+        LAST_ACK | FIN_WAIT2 | CLOSING => (1, 1),
+        CLOSE_WAIT => (0, 1),
+        _ => (0, 0),
+    };
+    (
+        acked.saturating_sub(1 + fin_out),
+        received.saturating_sub(fin_in),
+    )
+}
+
 /// Buckets in the adaptive-throttling window: the proxy's `policy::adaptive::BUCKETS`.
 pub const ADAPTIVE_BUCKETS: usize = 12;
 
@@ -171,6 +196,29 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sequence space a close leaves in the counters, by the state it closed from: the SYN
+    /// always, and each FIN acked or received (observed on this kernel: a direct connection's
+    /// `bytes_acked` was its payload + 2 after an orderly close).
+    #[test]
+    fn payload_bytes_takes_the_syn_and_the_fins_out() {
+        // LAST_ACK (we closed second), FIN_WAIT2 and CLOSING (into TIME_WAIT): both FINs.
+        for old in [9, 5, 11] {
+            assert_eq!(
+                payload_bytes(old, 100 + 2, 70 + 1),
+                (100, 70),
+                "state {old}"
+            );
+        }
+        // CLOSE_WAIT then a reset or abort: the peer's FIN only.
+        assert_eq!(payload_bytes(8, 100 + 1, 70 + 1), (100, 70));
+        // ESTABLISHED (reset, idle-sweep abort), FIN_WAIT1 (our FIN never acked): the SYN.
+        for old in [1, 4] {
+            assert_eq!(payload_bytes(old, 100 + 1, 70), (100, 70), "state {old}");
+        }
+        // Never below zero, whatever the kernel reports.
+        assert_eq!(payload_bytes(9, 0, 0), (0, 0));
+    }
 
     #[test]
     fn sat_mul_is_saturating_mul() {

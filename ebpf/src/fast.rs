@@ -17,7 +17,9 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
-    fast::{adaptive_fraction, gcra_take, tier, Verdict, VerdictKey, ADAPTIVE_BUCKETS},
+    fast::{
+        adaptive_fraction, gcra_take, payload_bytes, tier, Verdict, VerdictKey, ADAPTIVE_BUCKETS,
+    },
     peer::{direction, peer_counter},
     socket_kind, SockAddr, SocketEntry,
 };
@@ -362,10 +364,11 @@ pub fn on_end<C: EbpfContext>(ctx: &C, old: Option<u32>, bytes: (u64, u64)) {
             peer,
             peer_counter::CONNECT_FAILURES,
         );
-    } else if old.is_some() {
+    } else if let Some(old) = old {
         count_peer(netns, direction::OUTBOUND, peer, peer_counter::CLOSED);
-        add_peer(netns, peer, peer_counter::BYTES_OUT, bytes.0);
-        add_peer(netns, peer, peer_counter::BYTES_IN, bytes.1);
+        let (out, inn) = payload_bytes(old, bytes.0, bytes.1);
+        add_peer(netns, peer, peer_counter::BYTES_OUT, out);
+        add_peer(netns, peer, peer_counter::BYTES_IN, inn);
     }
     let Some(v) = v else {
         return;
