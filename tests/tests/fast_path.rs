@@ -65,14 +65,14 @@ fn after_the_first_proxied_connection_a_peer_goes_direct() {
     assert!(row["bytes_in"].as_u64() >= Some(16), "{row}");
 }
 
-/// `--fast-path off` (the default), or a policy with a knob the kernel cannot enforce (a
+/// `--fast-path off`, or a policy with a knob the kernel cannot enforce (a
 /// lifetime, a queue): the peer stays on the proxy, and `peers` says why.
 #[test]
 fn a_peer_stays_on_the_proxy_when_the_fast_path_is_off_or_its_policy_needs_the_proxy() {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let dst = server_pod.addr4(ECHO_PORT);
     for (args, reason) in [
-        (vec![], "fast_path_off"),
+        (vec!["--fast-path", "off"], "fast_path_off"),
         (
             vec!["--fast-path", "auto", "--max-conn-lifetime", "1h"],
             "lifetime",

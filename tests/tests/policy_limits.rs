@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::counter;
-use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, Tier, T};
+use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, T};
 use sockmesh_tests::*;
 
 /// Rate 2/s, burst 3: exactly three back-to-back connects are admitted and the fourth is
@@ -168,6 +168,7 @@ fn bandwidth_shapes_a_transfer_to_the_limit_without_losing_bytes() {
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
     let sink = Sink::start(&server_pod, 8080);
+    // Either tier (the default, auto): a bandwidth limit keeps every peer on the proxy.
     let agent = Agent::start([
         "--pod",
         &pod_spec(&client, ""),
@@ -204,6 +205,8 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
     let quiet_sink = Sink::start(&server_pod, 9080);
     let _quiet_echo =
         TcpServer::start(&server_pod, "0.0.0.0:9081".parse().expect("addr")).expect("echo server");
+    // Either tier (the default, auto): a bandwidth limit and a queue keep every peer on the
+    // proxy.
     let agent = Agent::start([
         "--pod",
         &pod_spec(&client, ""),
