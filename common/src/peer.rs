@@ -281,6 +281,10 @@ pub mod tier_reason {
     pub const MAP_FULL: u8 = 12;
     /// The breaker is open or half-open on the proxy.
     pub const BREAKER: u8 = 13;
+    /// Set by readers, never written: the agent handed the peer to the kernel, but its
+    /// `SM_VERDICTS` entry is gone (evicted from the LRU, or deleted and not yet rewritten),
+    /// so its connections are proxied again until the next proxied one decides anew.
+    pub const ENTRY_GONE: u8 = 14;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -297,6 +301,7 @@ pub mod tier_reason {
             HANDOVER_PENDING => "handover_pending",
             MAP_FULL => "map_full",
             BREAKER => "breaker",
+            ENTRY_GONE => "entry_gone",
             _ => "unknown",
         }
     }

@@ -147,6 +147,7 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
             // The proxy's figures and the kernel tier's, in the same fields: a peer's
             // connections are counted wherever they went.
             let s = with_kernel_tier(&r.state, &r.kernel);
+            let (on_kernel, why) = live_tier(&s, r.key.direction, r.live);
             let peer = r
                 .key
                 .peer
@@ -190,16 +191,33 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 connect_p99_us: s.connect_p99_us,
                 last_error: peer_error::name(s.last_error),
                 last_error_unix_ms: s.last_error_unix_ms,
-                tier: if u32::from(s.tier) == tier::KERNEL {
-                    "kernel"
-                } else {
-                    "proxy"
-                },
-                tier_reason: tier_reason::name(s.tier_reason),
+                tier: if on_kernel { "kernel" } else { "proxy" },
+                tier_reason: tier_reason::name(why),
                 direct: r.kernel[peer_counter::DIRECT],
             }
         })
         .collect()
+}
+
+/// The tier a peer is on now, (on the kernel tier, why): for an outbound peer its
+/// `SM_VERDICTS` entry decides (`live`: its tier, and whether the kernel opened the breaker),
+/// since the agent's last decision can be stale: the entry evicted from the LRU, or the peer
+/// handed back by the kernel's breaker before the agent took note.
+pub fn live_tier(
+    state: &sockmesh_common::peer::PeerState,
+    dir: u16,
+    live: Option<(u32, bool)>,
+) -> (bool, u8) {
+    let agent_kernel = u32::from(state.tier) == tier::KERNEL;
+    if dir != direction::OUTBOUND {
+        return (agent_kernel, state.tier_reason);
+    }
+    match live {
+        Some((t, _)) if t == tier::KERNEL => (true, tier_reason::KERNEL),
+        Some((_, true)) => (false, tier_reason::BREAKER_OPENED),
+        _ if agent_kernel => (false, tier_reason::ENTRY_GONE),
+        _ => (false, state.tier_reason),
+    }
 }
 
 /// The agent's figures of a peer plus what the kernel tier counted for its direct
