@@ -80,6 +80,31 @@ pub struct Verdict {
     /// bucket number (`now / adaptive_bucket_ns`); stale ones are ignored on read and reset on
     /// write (kernel, atomics).
     pub window: [WindowBucket; ADAPTIVE_BUCKETS],
+    /// Why a verdict refuses while `until_ns` is ahead ([`refusal`]): connect()s it refuses
+    /// are counted as throttled for that reason, whichever tier wrote it.
+    pub refusal: u32,
+    pub _pad: u32,
+    /// Kernel tier: how many direct handshakes completed under this entry; the latest
+    /// [`LATENCY_RING`] connect latencies (µs, from connect() to the `sock_ops` ESTABLISHED
+    /// callback) are in `latency_us[seq % LATENCY_RING]` (kernel, atomic increment then a
+    /// plain store). The agent folds the new ones into the peer's samples, the same p50/p99
+    /// the proxy tier reports for its upstream connects.
+    pub latency_seq: u64,
+    pub latency_us: [u32; LATENCY_RING],
+}
+
+/// Connect latencies an entry keeps between two reads by the agent (one a second): a peer
+/// with more direct handshakes a second is sampled, the latest ones kept.
+pub const LATENCY_RING: usize = 16;
+
+/// `Verdict::refusal`.
+pub mod refusal {
+    /// Not said (an entry of an older agent): counted as a fast reject only.
+    pub const UNSAID: u32 = 0;
+    /// The peer's breaker is open (opened by the proxy, or by the kernel tier).
+    pub const BREAKER: u32 = 1;
+    /// The peer's connection-rate bucket is empty (the proxy tier's bucket).
+    pub const RATE: u32 = 2;
 }
 
 /// The payload a direct connection moved each way, from the kernel's `bytes_acked` and

@@ -29,7 +29,10 @@ pub mod layout;
 /// 7: the kernel fast path: `SM_VERDICTS` values carry a peer's tier and its kernel policy
 /// ([`fast::Verdict`]), `SocketEntry::started_ns`, more per-peer kernel counters, the tier
 /// in `PeerState`; direct sockets in `SM_FAST_SOCKS`.
-pub const SCHEMA_VERSION: u32 = 7;
+/// 8: `Verdict::refusal` (verdict refusals counted as throttled by reason, and the
+/// `throttled_breaker` peer counter) and the kernel tier's connect-latency ring
+/// (`Verdict::latency_seq`, `latency_us`).
+pub const SCHEMA_VERSION: u32 = 8;
 
 pub mod fast;
 pub mod peer;

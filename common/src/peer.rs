@@ -99,9 +99,11 @@ pub mod peer_counter {
     pub const BREAKER_OPENED: usize = 12;
     /// Kernel tier: connect() refused by adaptive throttling.
     pub const THROTTLED_ADAPTIVE: usize = 13;
+    /// Either tier: connect() refused by a verdict because the peer's breaker is open.
+    pub const THROTTLED_BREAKER: usize = 14;
     /// Slots in the value (spares): new counters fit without a layout change.
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         "redirect",
         "fast_reject",
         "redirect_dns",
@@ -116,6 +118,7 @@ pub mod peer_counter {
         "connect_timeouts",
         "breaker_opened",
         "throttled_adaptive",
+        "throttled_breaker",
     ];
 }
 

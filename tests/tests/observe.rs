@@ -3,13 +3,15 @@
 //! the connection and the byte; bounded metric cardinality; figures that outlive the agent and
 //! continue across a restart; health endpoints; refusals of bad input.
 mod common;
+mod observe_util;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use common::peer_row;
+use observe_util::{bpftool_dump, peer_key_bytes};
 use serde_json::Value;
 use sockmesh_tests::prom::{http_get, metric, scrape, scrape_until, Sample};
 use sockmesh_tests::*;
@@ -44,70 +46,6 @@ fn exchange(client: &Pod, dst: SocketAddr, n: usize) -> (u64, u64) {
     c.stream.read_to_end(&mut got).expect("receive");
     assert_eq!(got.len(), n * REPLY_FACTOR, "the whole answer came back");
     (n as u64, got.len() as u64)
-}
-
-/// `bpftool -j map dump pinned`: (key bytes, value bytes summed per u64 over CPUs).
-fn bpftool_dump(path: &std::path::Path) -> Result<Vec<(Vec<u8>, Vec<u64>)>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .context("run bpftool")?;
-    if !out.status.success() {
-        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    let bytes = |a: &Value| -> Vec<u8> {
-        a.as_array()
-            .expect("byte array")
-            .iter()
-            .map(|b| {
-                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
-                    .expect("hex byte")
-            })
-            .collect()
-    };
-    let words = |b: &[u8]| -> Vec<u64> {
-        b.chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    };
-    let mut rows = Vec::new();
-    for e in v.as_array().context("dump is an array")? {
-        let key = bytes(&e["key"]);
-        let value = match e.get("values") {
-            // Per-CPU map: one value per CPU, summed.
-            Some(cpus) => {
-                let mut sum: Vec<u64> = Vec::new();
-                for c in cpus.as_array().expect("cpus") {
-                    let w = words(&bytes(&c["value"]));
-                    sum.resize(w.len(), 0);
-                    for (s, x) in sum.iter_mut().zip(w) {
-                        *s += x;
-                    }
-                }
-                sum
-            }
-            None => words(&bytes(&e["value"])),
-        };
-        rows.push((key, value));
-    }
-    Ok(rows)
-}
-
-/// The `PeerKey` bytes of an IPv4 outbound peer of a pod, as the maps hold them.
-fn peer_key_bytes(cookie: u64, peer: SocketAddr) -> Vec<u8> {
-    let SocketAddr::V4(v4) = peer else {
-        panic!("ipv4 only")
-    };
-    let mut k = cookie.to_ne_bytes().to_vec();
-    k.extend(v4.ip().octets());
-    k.extend([0u8; 12]);
-    k.extend(v4.port().to_be_bytes());
-    k.extend(2u16.to_ne_bytes()); // AF_INET
-    k.extend(1u16.to_ne_bytes()); // outbound
-    k.extend([0u8; 2]);
-    k
 }
 
 /// On both tiers, the same figures for the same traffic. On the kernel tier peer a's first
@@ -475,10 +413,13 @@ fn bad_metrics_address_and_unknown_schema_are_refused() {
 /// "Which peer of which pod is being throttled, and why" from one command: a rate-limited
 /// peer and a failing peer whose breaker opened, each with its reason and exact counts.
 ///
-/// On both tiers. On the kernel tier the limited peer goes direct after its first connection,
-/// and the kernel refuses over the rate at connect() (counted throttled and fast-rejected)
-/// where the proxy resets the third and leaves the rest to its verdict; the kernel keeps no
-/// last error. The dead peer never succeeds, so it stays on the proxy either way.
+/// On both tiers, the same throttled counts: every refused attempt is throttled, wherever it
+/// was refused. On the kernel tier the limited peer goes direct after its first connection,
+/// and the kernel's bucket refuses the third to fifth at connect(); on the proxy tier the
+/// agent resets the third and its verdict refuses the next two in the kernel (so one fewer
+/// fast reject), and the kernel tier keeps no last error. The dead peer never succeeds, so it
+/// stays on the proxy either way, and the kernel's refusal while its breaker is open is
+/// throttled by the breaker.
 #[test]
 fn peers_shows_which_peer_is_throttled_and_why() {
     throttled_and_why(Tier::Proxy);
@@ -513,9 +454,10 @@ fn throttled_and_why(tier: Tier) {
     // Two pass; on the proxy tier the third is reset by the agent, which then tells the
     // kernel the bucket is empty, so the fourth and fifth connect() fail at once in the
     // kernel. On the kernel tier the kernel's own bucket refuses all three at connect().
-    let (throttled, fast_rejects, last_error) = match tier {
-        Tier::Proxy => (1, 2, "throttled"),
-        Tier::Kernel => (3, 3, "none"),
+    let throttled = 3;
+    let (fast_rejects, last_error) = match tier {
+        Tier::Proxy => (2, "throttled"),
+        Tier::Kernel => (3, "none"),
     };
     for i in 0..5 {
         if i < 2 {
@@ -585,6 +527,10 @@ fn throttled_and_why(tier: Tier) {
     assert_eq!(d["last_error"], "connect_refused");
     assert_eq!(d["breaker"], "open");
     assert_eq!(d["fast_rejects"], 1);
+    assert_eq!(
+        d["throttled"]["breaker"], 1,
+        "refused by the open breaker: {d}"
+    );
     // The human table says the same in one row per peer.
     let dir = agent.bpffs_dir().to_string_lossy().into_owned();
     let (status, table, _) =

@@ -72,15 +72,19 @@ fn rate_limit(tier: Tier) {
     );
     // And it was the only one: the bucket is empty again.
     assert_ne!(attempt(&client, dst).letter(), 'A');
-    if tier == Tier::Kernel {
-        // Refused in the kernel, each counted as a rate throttle of the peer.
-        let peers = common::peers_until(&agent, &[], |v| {
-            common::find_peer(v, &dst.to_string()).is_some_and(|r| r["tier"] == "kernel")
-        });
-        let row = common::peer_row(&peers, &dst.to_string());
-        assert_eq!(row["tier"], "kernel", "{row}");
-        assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
-    }
+    // Every refusal is a rate throttle of the peer, on both tiers: the agent's reset, and
+    // the kernel's refusals by the proxy's verdict or by the kernel tier's own bucket.
+    let peers = common::peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string())
+            .is_some_and(|r| r["throttled"]["rate"].as_u64() >= Some(3))
+    });
+    let row = common::peer_row(&peers, &dst.to_string());
+    assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
+    let tier_now = match tier {
+        Tier::Proxy => "proxy",
+        Tier::Kernel => "kernel",
+    };
+    assert_eq!(row["tier"], tier_now, "{row}");
     // Another peer of the same pod has its own bucket.
     let _other =
         TcpServer::start(&server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("echo server");

@@ -365,6 +365,7 @@ impl Agent {
                     self.follow_identities();
                     self.kernel_breakers();
                     self.pods.sweep_idle();
+                    self.pods.kernel_latencies();
                 }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {

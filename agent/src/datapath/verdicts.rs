@@ -12,7 +12,7 @@ use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use sockmesh_common::{
-    fast::{tier, Verdict, VerdictKey},
+    fast::{tier, Verdict, VerdictKey, LATENCY_RING},
     socket_kind, SockAddr, SocketEntry,
 };
 use tracing::warn;
@@ -21,6 +21,8 @@ use crate::sys::lock::lock;
 
 pub struct Verdicts {
     map: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
+    /// Per kernel-tier entry, (its epoch, its `latency_seq`) when last read.
+    latency_seen: Mutex<std::collections::HashMap<VerdictKey, (u64, u64)>>,
     /// `SM_FAST_SOCKS`, read only: which sockets connect() let go direct.
     sockets: HashMap<MapData, u64, SocketEntry>,
 }
@@ -32,6 +34,7 @@ impl Verdicts {
     ) -> Verdicts {
         Verdicts {
             map: Mutex::new(map),
+            latency_seen: Mutex::default(),
             sockets,
         }
     }
@@ -60,10 +63,12 @@ impl Verdicts {
             .is_ok_and(|e| e.kind == socket_kind::FAST)
     }
 
-    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
-    pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64) {
+    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC),
+    /// counting each refusal as throttled for `why` (`fast::refusal`).
+    pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64, why: u32) {
         let v = Verdict {
             until_ns,
+            refusal: why,
             ..Default::default()
         };
         if let Err(e) = lock(&self.map).insert(key(netns_cookie, peer), v, 0) {
@@ -120,6 +125,42 @@ impl Verdicts {
         out
     }
 
+    /// Connect latencies (µs) of direct connections the kernel tier recorded since the last
+    /// call, by (pod, peer): the new slots of each entry's ring (at most `LATENCY_RING`; a
+    /// peer with more handshakes between two calls is sampled, the latest kept). An entry
+    /// written anew (another epoch) starts its ring again.
+    pub fn new_latencies(&self) -> Vec<(u64, SocketAddr, Vec<u32>)> {
+        let rings: Vec<(VerdictKey, u64, u64, [u32; LATENCY_RING])> = lock(&self.map)
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.tier == tier::KERNEL && v.latency_seq != 0)
+            .map(|(k, v)| (k, v.epoch_ns, v.latency_seq, v.latency_us))
+            .collect();
+        let mut seen = lock(&self.latency_seen);
+        let mut out = Vec::new();
+        let mut kept = std::collections::HashMap::with_capacity(rings.len());
+        for (k, epoch, seq, ring) in rings {
+            let from = match seen.get(&k) {
+                Some(&(e, s)) if e == epoch && s <= seq => s,
+                _ => 0,
+            };
+            kept.insert(k, (epoch, seq));
+            let new = new_slots(from, seq);
+            if new.is_empty() {
+                continue;
+            }
+            if let Some(peer) = k.peer.to_std() {
+                let samples = new
+                    .map(|i| ring[(i % LATENCY_RING as u64) as usize])
+                    .collect();
+                out.push((k.netns_cookie, peer, samples));
+            }
+        }
+        // Entries gone (demoted, evicted, their pod left) are forgotten.
+        *seen = kept;
+        out
+    }
+
     /// Lift a verdict written by `refuse` before it expires (a policy reload).
     pub fn lift(&self, netns_cookie: u64, peer: SocketAddr) {
         // Already gone (expired and removed by the kernel, or evicted) is fine.
@@ -140,10 +181,32 @@ impl Verdicts {
     }
 }
 
+/// The ring slots (by sequence number) written after `from` up to `seq`: the latest
+/// `LATENCY_RING` at most, since older ones are overwritten.
+fn new_slots(from: u64, seq: u64) -> std::ops::Range<u64> {
+    seq.saturating_sub(LATENCY_RING as u64).max(from)..seq
+}
+
 fn key(netns_cookie: u64, peer: SocketAddr) -> VerdictKey {
     VerdictKey {
         netns_cookie,
         peer: SockAddr::from_std(peer),
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_slots;
+
+    /// The ring's new slots: all since the last read, but never more than the ring holds.
+    #[test]
+    fn new_slots_are_the_latest_the_ring_still_holds() {
+        assert_eq!(new_slots(0, 3), 0..3);
+        assert_eq!(new_slots(3, 3), 3..3, "nothing new");
+        assert_eq!(new_slots(3, 10), 3..10);
+        // 40 handshakes since the last read: only the last 16 are still in the ring.
+        assert_eq!(new_slots(10, 50), 34..50);
+        assert_eq!(new_slots(0, 16), 0..16);
     }
 }

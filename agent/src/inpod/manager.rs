@@ -39,7 +39,7 @@ use crate::{
         proto::{Kind, Offered},
         Handed,
     },
-    policy::{token_bucket::TokenBucket, Clock},
+    policy::{token_bucket::TokenBucket, Clock, Direction, PeerKey},
     proxy::{dns, inbound, outbound, PodCtx, Shared},
     spec::{CidrSpec, PodSpec, PortRangeSpec},
     telemetry::flush::Observer,
@@ -355,6 +355,25 @@ impl PodManager {
             .values()
             .map(|p| (&p.name, p.cookie, &p._pod.worker));
         super::idle::sweep(pods, &self.shared);
+    }
+
+    /// Connect latencies the kernel tier measured for direct connections since the last
+    /// look, into their peers' samples: the p50/p99 the proxy tier reports, for both tiers.
+    pub fn kernel_latencies(&self) {
+        let names: HashMap<u64, &Arc<str>> =
+            self.pods.values().map(|p| (p.cookie, &p.name)).collect();
+        for (cookie, peer, samples) in self.shared.maps.verdicts.new_latencies() {
+            let Some(name) = names.get(&cookie) else {
+                continue;
+            };
+            let key = PeerKey {
+                pod: Arc::clone(name),
+                netns_cookie: cookie,
+                direction: Direction::Outbound,
+                peer,
+            };
+            self.shared.recorder.kernel_connected(&key, &samples);
+        }
     }
 }
 

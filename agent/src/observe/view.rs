@@ -240,6 +240,8 @@ pub fn with_kernel_tier(
         .wrapping_add(k[peer_counter::THROTTLED_CONCURRENCY]);
     s.throttled[throttle_reason::ADAPTIVE] =
         s.throttled[throttle_reason::ADAPTIVE].wrapping_add(k[peer_counter::THROTTLED_ADAPTIVE]);
+    s.throttled[throttle_reason::BREAKER] =
+        s.throttled[throttle_reason::BREAKER].wrapping_add(k[peer_counter::THROTTLED_BREAKER]);
     s.connect_failures = s
         .connect_failures
         .wrapping_add(k[peer_counter::CONNECT_FAILURES]);
@@ -342,5 +344,44 @@ mod tests {
         assert_eq!(breaker_now(breaker_state::OPEN, 100, 100), "half_open");
         assert_eq!(breaker_now(breaker_state::CLOSED, 0, 5), "closed");
         assert_eq!(breaker_now(breaker_state::NONE, 0, 5), "none");
+    }
+
+    /// An outbound peer's tier is its live entry's; the agent's word counts only without one
+    /// (then an entry it handed over and the kernel no longer has is `entry_gone`).
+    #[test]
+    fn the_live_entry_decides_an_outbound_peers_tier() {
+        use sockmesh_common::peer::PeerState;
+        let on = |tier: u32, reason: u8| PeerState {
+            tier: tier as u8,
+            tier_reason: reason,
+            ..Default::default()
+        };
+        let kernel = on(tier::KERNEL, tier_reason::KERNEL);
+        let proxy = on(tier::PROXY, tier_reason::QUEUE);
+        let out = direction::OUTBOUND;
+        assert_eq!(
+            live_tier(&kernel, out, Some((tier::KERNEL, false))),
+            (true, tier_reason::KERNEL)
+        );
+        assert_eq!(
+            live_tier(&kernel, out, None),
+            (false, tier_reason::ENTRY_GONE)
+        );
+        assert_eq!(
+            live_tier(&kernel, out, Some((tier::PROXY, true))),
+            (false, tier_reason::BREAKER_OPENED)
+        );
+        // A fast-reject verdict of the proxy tier: still the agent's reason.
+        assert_eq!(
+            live_tier(&proxy, out, Some((tier::PROXY, false))),
+            (false, tier_reason::QUEUE)
+        );
+        assert_eq!(live_tier(&proxy, out, None), (false, tier_reason::QUEUE));
+        // Inbound peers have no entry: the agent's word.
+        let inbound = on(tier::PROXY, tier_reason::INBOUND);
+        assert_eq!(
+            live_tier(&inbound, direction::INBOUND, None),
+            (false, tier_reason::INBOUND)
+        );
     }
 }

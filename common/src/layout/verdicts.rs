@@ -3,7 +3,7 @@
 use core::mem::{offset_of, size_of};
 
 use super::{f, Field, Kind};
-use crate::fast::{tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS};
+use crate::fast::{tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS, LATENCY_RING};
 
 pub(super) fn tier_name(v: u64) -> &'static str {
     match v as u32 {
@@ -91,6 +91,18 @@ pub(super) const VERDICT_VALUE: (usize, &[Field]) = (
             offset_of!(Verdict, window),
             Kind::Pad {
                 len: ADAPTIVE_BUCKETS * size_of::<WindowBucket>(),
+            },
+        ),
+        f("refusal", offset_of!(Verdict, refusal), Kind::U32),
+        f("_pad", offset_of!(Verdict, _pad), Kind::Pad { len: 4 }),
+        f("latency_seq", offset_of!(Verdict, latency_seq), Kind::U64),
+        // The latency ring (µs each): kernel state, shown raw by bpftool; `peers` shows its
+        // quantiles.
+        f(
+            "latency_us",
+            offset_of!(Verdict, latency_us),
+            Kind::Pad {
+                len: LATENCY_RING * size_of::<u32>(),
             },
         ),
     ],
