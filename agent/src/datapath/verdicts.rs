@@ -19,6 +19,13 @@ use tracing::warn;
 
 use crate::sys::lock::lock;
 
+/// What [`Verdicts::scan`] found.
+#[derive(Default)]
+pub struct Scan {
+    pub idle_timeouts: std::collections::HashMap<(u64, SocketAddr), Duration>,
+    pub latencies: Vec<(u64, SocketAddr, Vec<u32>)>,
+}
+
 pub struct Verdicts {
     map: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
     /// Per kernel-tier entry, (its epoch, its `latency_seq`) when last read.
@@ -37,22 +44,6 @@ impl Verdicts {
             latency_seen: Mutex::default(),
             sockets,
         }
-    }
-
-    /// Kernel-tier peers with an idle timeout: (pod, peer) -> the timeout.
-    pub fn idle_timeouts(&self) -> std::collections::HashMap<(u64, SocketAddr), Duration> {
-        lock(&self.map)
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| v.tier == tier::KERNEL && v.idle_timeout_ms != 0)
-            .filter_map(|(k, v)| {
-                let peer = k.peer.to_std()?;
-                Some((
-                    (k.netns_cookie, peer),
-                    Duration::from_millis(v.idle_timeout_ms),
-                ))
-            })
-            .collect()
     }
 
     /// Whether the socket with this cookie is a pod's connection the kernel tier let go
@@ -125,40 +116,43 @@ impl Verdicts {
         out
     }
 
-    /// Connect latencies (µs) of direct connections the kernel tier recorded since the last
-    /// call, by (pod, peer): the new slots of each entry's ring (at most `LATENCY_RING`; a
-    /// peer with more handshakes between two calls is sampled, the latest kept). An entry
-    /// written anew (another epoch) starts its ring again.
-    pub fn new_latencies(&self) -> Vec<(u64, SocketAddr, Vec<u32>)> {
-        let rings: Vec<(VerdictKey, u64, u64, [u32; LATENCY_RING])> = lock(&self.map)
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| v.tier == tier::KERNEL && v.latency_seq != 0)
-            .map(|(k, v)| (k, v.epoch_ns, v.latency_seq, v.latency_us))
-            .collect();
+    /// One pass over the kernel tier's entries (the agent's once-a-second look):
+    /// - `idle_timeouts`: peers with an idle timeout, (pod, peer) -> the timeout;
+    /// - `latencies`: connect latencies (µs) of direct connections recorded since the last
+    ///   scan, by (pod, peer): the new slots of each entry's ring (at most `LATENCY_RING`; a
+    ///   peer with more handshakes between two scans is sampled, the latest kept). An entry
+    ///   written anew (another epoch) starts its ring again.
+    pub fn scan(&self) -> Scan {
+        let mut scan = Scan::default();
         let mut seen = lock(&self.latency_seen);
-        let mut out = Vec::new();
-        let mut kept = std::collections::HashMap::with_capacity(rings.len());
-        for (k, epoch, seq, ring) in rings {
+        let mut kept = std::collections::HashMap::with_capacity(seen.len());
+        for (k, v) in lock(&self.map).iter().filter_map(|r| r.ok()) {
+            let Some(peer) = k.peer.to_std().filter(|_| v.tier == tier::KERNEL) else {
+                continue;
+            };
+            if v.idle_timeout_ms != 0 {
+                scan.idle_timeouts.insert(
+                    (k.netns_cookie, peer),
+                    Duration::from_millis(v.idle_timeout_ms),
+                );
+            }
+            let (epoch, seq) = (v.epoch_ns, v.latency_seq);
             let from = match seen.get(&k) {
                 Some(&(e, s)) if e == epoch && s <= seq => s,
                 _ => 0,
             };
             kept.insert(k, (epoch, seq));
             let new = new_slots(from, seq);
-            if new.is_empty() {
-                continue;
-            }
-            if let Some(peer) = k.peer.to_std() {
+            if !new.is_empty() {
                 let samples = new
-                    .map(|i| ring[(i % LATENCY_RING as u64) as usize])
+                    .map(|i| v.latency_us[(i % LATENCY_RING as u64) as usize])
                     .collect();
-                out.push((k.netns_cookie, peer, samples));
+                scan.latencies.push((k.netns_cookie, peer, samples));
             }
         }
         // Entries gone (demoted, evicted, their pod left) are forgotten.
         *seen = kept;
-        out
+        scan
     }
 
     /// Lift a verdict written by `refuse` before it expires (a policy reload).

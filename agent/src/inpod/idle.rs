@@ -15,12 +15,12 @@ use crate::{
 };
 
 /// One sweep of `pods` (name, netns cookie, worker): spawns a task per pod that has a
-/// kernel-tier peer with an idle timeout.
+/// kernel-tier peer with an idle timeout (`idle`: (pod, peer) -> the timeout).
 pub fn sweep<'a>(
     pods: impl Iterator<Item = (&'a Arc<str>, u64, &'a NetnsWorker)>,
+    idle: &HashMap<(u64, SocketAddr), Duration>,
     shared: &Shared,
 ) {
-    let idle = shared.maps.verdicts.idle_timeouts();
     if idle.is_empty() {
         return;
     }

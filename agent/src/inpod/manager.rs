@@ -348,21 +348,19 @@ impl PodManager {
         self.captured.reconcile(dp.bound_ports());
     }
 
-    /// Closes the kernel tier's direct connections that outlived their idle timeout.
-    pub fn sweep_idle(&self) {
+    /// The agent's look at the kernel tier, once a second: closes the direct connections
+    /// that outlived their idle timeout, and folds the connect latencies the kernel measured
+    /// since the last look into their peers' samples (the p50/p99 the proxy tier reports).
+    pub fn sweep_kernel_tier(&self) {
+        let scan = self.shared.maps.verdicts.scan();
         let pods = self
             .pods
             .values()
             .map(|p| (&p.name, p.cookie, &p._pod.worker));
-        super::idle::sweep(pods, &self.shared);
-    }
-
-    /// Connect latencies the kernel tier measured for direct connections since the last
-    /// look, into their peers' samples: the p50/p99 the proxy tier reports, for both tiers.
-    pub fn kernel_latencies(&self) {
+        super::idle::sweep(pods, &scan.idle_timeouts, &self.shared);
         let names: HashMap<u64, &Arc<str>> =
             self.pods.values().map(|p| (p.cookie, &p.name)).collect();
-        for (cookie, peer, samples) in self.shared.maps.verdicts.new_latencies() {
+        for (cookie, peer, samples) in scan.latencies {
             let Some(name) = names.get(&cookie) else {
                 continue;
             };
