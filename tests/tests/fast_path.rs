@@ -283,6 +283,25 @@ fn readers_show_the_live_tier_and_the_kernels_connect_latency() {
         p99 >= 900_000,
         "the proxied one that waited 1 s is kept: {row}"
     );
+    // The entry as `sockmesh maps dump` decodes it: the kernel tier, four handshakes timed.
+    let dir = agent.bpffs_dir().display().to_string();
+    let (status, out, err) = Agent::run_to_exit([
+        "maps",
+        "dump",
+        "SM_VERDICTS",
+        "--json",
+        "--bpffs-dir",
+        dir.as_str(),
+    ])
+    .expect("maps dump");
+    assert!(status.success(), "{err}");
+    let dumped: Value = serde_json::from_str(&out).expect("JSON");
+    let entry = dumped
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["key"]["peer"] == peer.as_str()))
+        .unwrap_or_else(|| panic!("no entry for {peer}: {dumped}"));
+    assert_eq!(entry["value"]["tier"], "kernel", "{entry}");
+    assert_eq!(entry["value"]["latency_seq"], 4, "{entry}");
 
     // The entry goes, as an eviction would take it: readers say so at once.
     let map = sockmesh_tests::bpfmap::PinnedMap::open(

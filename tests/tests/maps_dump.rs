@@ -175,6 +175,8 @@ fn every_pinned_map_dumps_with_named_fields_and_real_values() {
         e["key"]["netns_cookie"] == cookie && e["key"]["peer"] == silent.as_str()
     });
     assert!(vd["value"]["until_ns"].as_u64() > Some(0), "{vd}");
+    // Written because the breaker opened: its refusals count as throttled by the breaker.
+    assert_eq!(vd["value"]["refusal"], "breaker", "{vd}");
     // The held connection: its socket's original destination, and the agent's own sockets.
     // Socket-local storage lives in the sockets: listed, never walked from outside.
     let (ok, _, err) = maps(agent, &["dump", "SM_SOCK_STORE"]);
