@@ -26,7 +26,10 @@ use crate::policy::{
     RejectReason, Tenant, Ticket, Timeouts,
 };
 use crate::sys::{clock::monotonic_ns, lock::lock};
-use sockmesh_common::{fast::Verdict, peer::tier_reason};
+use sockmesh_common::{
+    fast::{refusal, Verdict},
+    peer::tier_reason,
+};
 
 /// Monotonic time since the admission layer started, convertible both to tokio instants
 /// (for sleeping until a queue deadline) and to CLOCK_MONOTONIC (for kernel verdicts).
@@ -76,9 +79,10 @@ impl Clock for ProxyClock {
 pub trait PeerId: Hash + Eq + Clone + std::fmt::Debug + Tenant {}
 impl<T: Hash + Eq + Clone + std::fmt::Debug + Tenant> PeerId for T {}
 
-/// Tells the kernel about a peer: `Some(t)`: refuse the pod's connect()s to it until `t`
-/// (CLOCK_MONOTONIC ns); `None`: stop refusing them now (a reload lifts every verdict).
-pub type OnVerdict<K> = Box<dyn Fn(&K, Option<u64>) + Send + Sync>;
+/// Tells the kernel about a peer: `Some((t, why))`: refuse the pod's connect()s to it until
+/// `t` (CLOCK_MONOTONIC ns), counted as throttled for `why` (`fast::refusal`); `None`: stop
+/// refusing them now (a reload lifts every verdict).
+pub type OnVerdict<K> = Box<dyn Fn(&K, Option<(u64, u32)>) + Send + Sync>;
 
 /// Writes the kernel-tier entry of a peer; `Err(tier_reason)` keeps it on the proxy.
 pub type OnPromote<K> = Box<dyn Fn(&K, &Verdict) -> Result<(), u8> + Send + Sync>;
@@ -210,9 +214,9 @@ impl<K: PeerId> Admission<K> {
         lock(&self.table).set_source(source);
     }
 
-    /// Lets the kernel refuse `key` until `until`.
-    fn refuse_until(&self, key: &K, until: Nanos) {
-        (self.on_verdict)(key, Some(self.clock.kernel_ns(until)));
+    /// Lets the kernel refuse `key` until `until`, for `why` (`fast::refusal`).
+    fn refuse_until(&self, key: &K, until: Nanos, why: u32) {
+        (self.on_verdict)(key, Some((self.clock.kernel_ns(until), why)));
         let mut verdicts = lock(&self.verdicts);
         if verdicts.len() >= VERDICTS_PRUNE_AT {
             let now = self.clock.now();
@@ -292,7 +296,11 @@ impl<K: PeerId> Admission<K> {
                     } else {
                         debug!(peer = ?key, reason = reason.as_str(), "kernel fast-reject verdict");
                     }
-                    self.refuse_until(&key, until);
+                    let why = match reason {
+                        RejectReason::RateLimited => refusal::RATE,
+                        _ => refusal::BREAKER,
+                    };
+                    self.refuse_until(&key, until, why);
                 }
                 Err(Refused::Policy(reason))
             }
@@ -397,7 +405,7 @@ impl<K: PeerId> Admission<K> {
         drop(table);
         info!(event = "breaker_opened", peer = ?key, reason = "kernel_connect_failures", "breaker opened");
         if until > now {
-            self.refuse_until(&key, until);
+            self.refuse_until(&key, until, refusal::BREAKER);
         }
         Some(key)
     }
@@ -418,7 +426,7 @@ impl<K: PeerId> Admission<K> {
         drop(table);
         if let Some(BreakerTransition::Opened { until }) = t {
             info!(event = "breaker_opened", peer = ?key, reason = "connect_failures", "breaker opened");
-            self.refuse_until(key, until);
+            self.refuse_until(key, until, refusal::BREAKER);
         }
         t
     }

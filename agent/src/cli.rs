@@ -147,12 +147,13 @@ pub struct RunArgs {
     /// `off`: splice only.
     #[arg(long, env = "SOCKMESH_KERNEL_RELAY", value_name = "auto|on|off", default_value = "auto", value_parser = kernel_relay_mode)]
     pub kernel_relay: crate::datapath::relay::Mode,
-    /// The kernel fast path. `auto`: a peer whose policy the kernel can enforce exactly
-    /// (connect timeout, connection rate, a concurrency cap without a queue, the breaker's
-    /// opening; no idle timeout, lifetime, bandwidth or adaptive throttling) is handed to the
-    /// kernel after its first proxied connection, and later connect()s to it are policed in
-    /// the kernel and go direct. `off` (the default for now): every connection is proxied.
-    #[arg(long, env = "SOCKMESH_FAST_PATH", value_name = "auto|off", default_value = "off", value_parser = fast_path_mode)]
+    /// The kernel fast path. `auto` (the default): an outbound peer whose policy the kernel
+    /// can enforce exactly (connect and idle timeouts, connection rate, a concurrency cap
+    /// without a queue, the breaker's opening, adaptive throttling) is handed to the kernel
+    /// after its first proxied connection, and later connect()s to it are policed in the
+    /// kernel and go direct; a peer with a bandwidth limit, a queue or a lifetime stays on the
+    /// proxy. `off`: every connection is proxied.
+    #[arg(long, env = "SOCKMESH_FAST_PATH", value_name = "auto|off", default_value = "auto", value_parser = fast_path_mode)]
     pub fast_path: FastPath,
     /// Per-peer policy: defaults for every knob, and the policy file.
     #[command(flatten)]

@@ -80,6 +80,56 @@ pub struct Verdict {
     /// bucket number (`now / adaptive_bucket_ns`); stale ones are ignored on read and reset on
     /// write (kernel, atomics).
     pub window: [WindowBucket; ADAPTIVE_BUCKETS],
+    /// Why a verdict refuses while `until_ns` is ahead ([`refusal`]): connect()s it refuses
+    /// are counted as throttled for that reason, whichever tier wrote it.
+    pub refusal: u32,
+    pub _pad: u32,
+    /// Kernel tier: how many direct handshakes completed under this entry; the latest
+    /// [`LATENCY_RING`] connect latencies (µs, from connect() to the `sock_ops` ESTABLISHED
+    /// callback) are in `latency_us[seq % LATENCY_RING]` (kernel, atomic increment then a
+    /// plain store). The agent folds the new ones into the peer's samples, the same p50/p99
+    /// the proxy tier reports for its upstream connects.
+    pub latency_seq: u64,
+    pub latency_us: [u32; LATENCY_RING],
+}
+
+/// Connect latencies an entry keeps between two reads by the agent (one a second): a peer
+/// with more direct handshakes a second is sampled, the latest ones kept.
+pub const LATENCY_RING: usize = 16;
+
+/// `Verdict::refusal`.
+pub mod refusal {
+    /// Not said (an entry of an older agent): counted as a fast reject only.
+    pub const UNSAID: u32 = 0;
+    /// The peer's breaker is open (opened by the proxy, or by the kernel tier).
+    pub const BREAKER: u32 = 1;
+    /// The peer's connection-rate bucket is empty (the proxy tier's bucket).
+    pub const RATE: u32 = 2;
+}
+
+/// The payload a direct connection moved each way, from the kernel's `bytes_acked` and
+/// `bytes_received` at its close (`old`: the TCP state it left for TCP_CLOSE). Those count
+/// sequence space, so the SYN (always acked on an established connection) and each FIN
+/// acked or received are in them, one each: taken out here, by what the state says about
+/// the FINs. LAST_ACK: both FINs done; FIN_WAIT2 and CLOSING: the close into TIME_WAIT,
+/// both done (a FIN_WAIT2 that timed out without the peer's FIN, an orphan's rare end, is
+/// counted one byte in too many); CLOSE_WAIT: the peer's FIN received, ours not sent;
+/// anything else (a reset, an abort, FIN_WAIT1): no FIN acked or received.
+#[inline(always)]
+pub fn payload_bytes(old: u32, acked: u64, received: u64) -> (u64, u64) {
+    const FIN_WAIT2: u32 = 5;
+    const CLOSE_WAIT: u32 = 8;
+    const LAST_ACK: u32 = 9;
+    const CLOSING: u32 = 11;
+    let (fin_out, fin_in) = match old {
+        LAST_ACK | FIN_WAIT2 | CLOSING => (1, 1),
+        CLOSE_WAIT => (0, 1),
+        _ => (0, 0),
+    };
+    (
+        acked.saturating_sub(1 + fin_out),
+        received.saturating_sub(fin_in),
+    )
 }
 
 /// Buckets in the adaptive-throttling window: the proxy's `policy::adaptive::BUCKETS`.
@@ -171,6 +221,29 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sequence space a close leaves in the counters, by the state it closed from: the SYN
+    /// always, and each FIN acked or received (observed on this kernel: a direct connection's
+    /// `bytes_acked` was its payload + 2 after an orderly close).
+    #[test]
+    fn payload_bytes_takes_the_syn_and_the_fins_out() {
+        // LAST_ACK (we closed second), FIN_WAIT2 and CLOSING (into TIME_WAIT): both FINs.
+        for old in [9, 5, 11] {
+            assert_eq!(
+                payload_bytes(old, 100 + 2, 70 + 1),
+                (100, 70),
+                "state {old}"
+            );
+        }
+        // CLOSE_WAIT then a reset or abort: the peer's FIN only.
+        assert_eq!(payload_bytes(8, 100 + 1, 70 + 1), (100, 70));
+        // ESTABLISHED (reset, idle-sweep abort), FIN_WAIT1 (our FIN never acked): the SYN.
+        for old in [1, 4] {
+            assert_eq!(payload_bytes(old, 100 + 1, 70), (100, 70), "state {old}");
+        }
+        // Never below zero, whatever the kernel reports.
+        assert_eq!(payload_bytes(9, 0, 0), (0, 0));
+    }
 
     #[test]
     fn sat_mul_is_saturating_mul() {

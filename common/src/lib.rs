@@ -32,7 +32,10 @@ pub mod layout;
 /// 8: per-pod quotas of `SM_IN_BINDS` (now a plain hash, no longer LRU, of 32,768) and
 /// `SM_FAST_SOCKS` (`PodQuota::binds`/`fast`, `GlobalConfig::pod_bind_quota`/
 /// `pod_fast_quota`, the `bind_quota` and `fast_quota` counters).
-pub const SCHEMA_VERSION: u32 = 8;
+/// 9: `Verdict::refusal` (verdict refusals counted as throttled by reason, and the
+/// `throttled_breaker` peer counter) and the kernel tier's connect-latency ring
+/// (`Verdict::latency_seq`, `latency_us`).
+pub const SCHEMA_VERSION: u32 = 9;
 
 pub mod fast;
 pub mod peer;

@@ -99,9 +99,11 @@ pub mod peer_counter {
     pub const BREAKER_OPENED: usize = 12;
     /// Kernel tier: connect() refused by adaptive throttling.
     pub const THROTTLED_ADAPTIVE: usize = 13;
+    /// Either tier: connect() refused by a verdict because the peer's breaker is open.
+    pub const THROTTLED_BREAKER: usize = 14;
     /// Slots in the value (spares): new counters fit without a layout change.
     pub const COUNT: usize = 16;
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         "redirect",
         "fast_reject",
         "redirect_dns",
@@ -116,6 +118,7 @@ pub mod peer_counter {
         "connect_timeouts",
         "breaker_opened",
         "throttled_adaptive",
+        "throttled_breaker",
     ];
 }
 
@@ -284,6 +287,10 @@ pub mod tier_reason {
     /// The agent picks the peer's endpoint (an Istio DestinationRule's outlier detection or
     /// load balancer); the kernel would connect to the address as given.
     pub const ENDPOINT_SELECTION: u8 = 14;
+    /// Set by readers, never written: the agent handed the peer to the kernel, but its
+    /// `SM_VERDICTS` entry is gone (evicted from the LRU, or deleted and not yet rewritten),
+    /// so its connections are proxied again until the next proxied one decides anew.
+    pub const ENTRY_GONE: u8 = 15;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -301,6 +308,7 @@ pub mod tier_reason {
             MAP_FULL => "map_full",
             BREAKER => "breaker",
             ENDPOINT_SELECTION => "endpoint_selection",
+            ENTRY_GONE => "entry_gone",
             _ => "unknown",
         }
     }

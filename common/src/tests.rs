@@ -19,7 +19,7 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<VerdictKey>(), 32);
     assert_eq!(
         size_of::<Verdict>(),
-        8 * 15 + 24 * super::fast::ADAPTIVE_BUCKETS
+        8 * 17 + 24 * super::fast::ADAPTIVE_BUCKETS + 4 * super::fast::LATENCY_RING
     );
     assert_eq!(size_of::<AgentSocket>(), 8);
     assert_eq!(size_of::<PodStats>(), 8 * counter::COUNT);

@@ -17,7 +17,10 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use sockmesh_common::{
     counter,
-    fast::{adaptive_fraction, gcra_take, tier, Verdict, VerdictKey, ADAPTIVE_BUCKETS},
+    fast::{
+        adaptive_fraction, gcra_take, payload_bytes, refusal, tier, Verdict, VerdictKey,
+        ADAPTIVE_BUCKETS, LATENCY_RING,
+    },
     peer::{direction, peer_counter},
     socket_kind, SockAddr, SocketEntry,
 };
@@ -125,6 +128,23 @@ pub fn connect(ctx: &SockAddrContext, netns: u64, dst: &SockAddr) -> Police {
     if until > now {
         count(netns, counter::FAST_REJECT);
         count_peer(netns, direction::OUTBOUND, dst, peer_counter::FAST_REJECT);
+        // Throttled too, for the verdict's reason, as the proxy counts what it refuses.
+        // SAFETY: as above, a plain integer read.
+        match unsafe { read_volatile(&(*v).refusal) } {
+            refusal::BREAKER => count_peer(
+                netns,
+                direction::OUTBOUND,
+                dst,
+                peer_counter::THROTTLED_BREAKER,
+            ),
+            refusal::RATE => count_peer(
+                netns,
+                direction::OUTBOUND,
+                dst,
+                peer_counter::THROTTLED_RATE,
+            ),
+            _ => {}
+        }
         return Police::Refuse;
     }
     if tier_now != tier::KERNEL {
@@ -323,8 +343,18 @@ pub fn on_established(ctx: &SockOpsContext) -> bool {
         // end with a success), racing at worst another socket's failure count.
         unsafe {
             if read_volatile(&(*v).epoch_ns) == entry.epoch_ns {
+                let now = now_ns();
                 write_volatile(&raw mut (*v).failures, 0);
-                window_add(v, now_ns(), 1, 1);
+                window_add(v, now, 1, 1);
+                // The handshake's latency into the ring the agent samples (a slot written
+                // while the agent reads it is read as the sample it held before).
+                let us = (now.saturating_sub(entry.started_ns) / 1000).clamp(1, u32::MAX as u64);
+                let seq = fetch_add(&raw mut (*v).latency_seq, 1);
+                // Hidden from LLVM, so the bounds check stays for the verifier.
+                let idx = opaque(seq % LATENCY_RING as u64) as usize;
+                if idx < LATENCY_RING {
+                    write_volatile(&raw mut (*v).latency_us[idx], us as u32);
+                }
             }
             if read_volatile(&(*v).connect_timeout_ms) != 0 {
                 set_user_timeout(ctx.as_ptr(), 0);
@@ -370,10 +400,11 @@ pub fn on_end<C: EbpfContext>(ctx: &C, old: Option<u32>, bytes: (u64, u64)) {
             peer,
             peer_counter::CONNECT_FAILURES,
         );
-    } else if old.is_some() {
+    } else if let Some(old) = old {
         count_peer(netns, direction::OUTBOUND, peer, peer_counter::CLOSED);
-        add_peer(netns, peer, peer_counter::BYTES_OUT, bytes.0);
-        add_peer(netns, peer, peer_counter::BYTES_IN, bytes.1);
+        let (out, inn) = payload_bytes(old, bytes.0, bytes.1);
+        add_peer(netns, peer, peer_counter::BYTES_OUT, out);
+        add_peer(netns, peer, peer_counter::BYTES_IN, inn);
     }
     let Some(v) = v else {
         return;
@@ -418,6 +449,7 @@ unsafe fn breaker_failure(netns: u64, peer: &SockAddr, v: *mut Verdict, now: u64
         // `==`: exactly one failure opens it, however many race past the threshold.
         if threshold != 0 && failures == threshold {
             let open = read_volatile(&(*v).breaker_open_ns);
+            write_volatile(&raw mut (*v).refusal, refusal::BREAKER);
             write_volatile(&raw mut (*v).until_ns, now.saturating_add(open));
             write_volatile(&raw mut (*v).breaker_opened, 1);
             // Back to the proxy: it refuses until `until_ns` (this entry, as a verdict), then

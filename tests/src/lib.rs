@@ -45,6 +45,7 @@ pub mod runc;
 pub mod sockaddr;
 pub mod sys;
 pub mod tempdir;
+pub mod tier;
 
 pub use agent::{pod_spec, read_json, sockmesh_bin, Agent, BpfFsDir};
 pub use kubeapi::{FakeKubeApi, FakePod, FakeService, FakeSlice};
@@ -60,3 +61,4 @@ pub use procnet::{established, tcp_listeners, wait_tcp_listening, Established};
 pub use sockaddr::{getpeername, getsockname, original_dst, parse_sockaddr, unmap};
 pub use sys::require_root;
 pub use tempdir::TempDir;
+pub use tier::Tier;

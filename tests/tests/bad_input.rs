@@ -1,6 +1,9 @@
 //! Bad input makes `sockmesh` fail with one clear error and a non-zero exit, and leaves nothing
 //! behind: no pinned maps or links (links are pinned only on purpose; unpinned ones are owned by
 //! the process's fds and die with it), no pin directory it created, no event on stdout.
+//!
+//! Tier: the default (`--fast-path auto`); bad input is refused before any connection, and
+//! the one connection a running agent gets is its peer's first, which the proxy takes.
 
 use anyhow::{Context, Result};
 use sockmesh_tests::names::random_hex;

@@ -147,6 +147,8 @@ fn a_forged_mark_is_captured_and_policed_and_the_victim_keeps_working() {
     let server = TcpServer::start(&server_pod, "[::]:8080".parse().expect("addr")).expect("echo");
     let dir = TempDir::new().expect("tempdir");
     let policy = policy_limiting(&dir, &hostile, &server_pod);
+    // Proxy tier: counts the hostile pod's resets and every victim connection's redirect (the
+    // kernel tier refuses over the rate at connect() whatever the mark: policy_limits.rs).
     let agent = Agent::start([
         "--pod",
         &pod_spec(&hostile, ""),
@@ -154,6 +156,8 @@ fn a_forged_mark_is_captured_and_policed_and_the_victim_keeps_working() {
         &pod_spec(&victim, ""),
         "--policy",
         &policy,
+        "--fast-path",
+        "off",
     ])
     .expect("agent");
     agent.wait_ready().expect("ready");
@@ -356,7 +360,9 @@ fn forged_marks_on_dns_and_binds_are_captured_too() {
 #[test]
 fn the_agent_registers_its_own_sockets_only_and_they_go_when_closed() {
     let (_cluster, client, server_pod, _server) = common::client_and_echo_server();
-    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
+    // Proxy tier: looks at the agent's upstream socket of each connection.
+    let agent =
+        Agent::start(["--pod", &pod_spec(&client, ""), "--fast-path", "off"]).expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(common::ECHO_PORT);
     let mut held = Vec::new();

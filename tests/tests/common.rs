@@ -56,6 +56,20 @@ pub fn redirected(client: &Pod, dst: std::net::SocketAddr) -> bool {
     c.local.ip().is_loopback()
 }
 
+/// connect()s from `pod` (its name in `sockmesh peers`) to `dst` the kernel either redirected
+/// to the agent or, on the kernel tier, policed and let go direct: every connection the mesh
+/// saw, whichever tier. Read from the kernel's own counters, so no flush is waited for.
+pub fn meshed(agent: &Agent, pod: &str, dst: SocketAddr) -> u64 {
+    let peers = agent.read_json("peers", &[]).expect("sockmesh peers");
+    peers["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["pod"] == pod && r["peer"] == dst.to_string().as_str())
+        .map(|r| r["redirects"].as_u64().unwrap_or(0) + r["direct"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// The row of `peer` (as printed, `ip:port`) in `sockmesh peers --json`, if any.
 pub fn find_peer<'a>(peers: &'a Value, peer: &str) -> Option<&'a Value> {
     peers["peers"]

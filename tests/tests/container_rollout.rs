@@ -193,19 +193,35 @@ fn a_rollout_hands_over_with_no_connection_refused_or_reset() {
         outbound.failures,
         inbound.failures
     );
-    assert_eq!(outbound.direct, 0, "every outbound connection was captured");
+    // As shipped (`--fast-path=auto`) a connection to a kernel-tier peer goes direct, policed
+    // in connect() and counted `direct`; one that escaped the mesh (fail-open, a pod no agent
+    // enrolled) would be counted neither redirected nor direct.
+    let agent = new.container.agent();
+    assert!(
+        common::meshed(agent, "shop/client", out_dst)
+            >= (outbound.captured + outbound.direct) as u64,
+        "every outbound connection was redirected or policed direct: {outbound:?}"
+    );
+    assert_eq!(
+        common::counter(agent, &client.pod, "bypass_stale"),
+        0,
+        "none failed open"
+    );
     assert!(switch < KT, "{switch:?}");
 
-    // The new pod serves on its own: probes 200, outbound captured, inbound proxied.
-    let agent = new.container.agent();
+    // The new pod serves on its own: probes 200, outbound meshed, inbound proxied.
     for p in [readiness, liveness] {
         let (addr, path) = new.probe_target(&manifest, p).expect("probe target");
         let (code, _) = http_get(addr, &path).expect("probe");
         assert_eq!(code, 200, "GET {addr}{path}");
     }
-    assert!(
-        common::redirected(&client.pod, out_dst),
-        "outbound captured"
+    let meshed = common::meshed(agent, "shop/client", out_dst);
+    let mut c = tcp_connect(&client.pod, out_dst, T).expect("connect out");
+    tcp_echo_roundtrip(&mut c.stream, b"out").expect("echo");
+    assert_eq!(
+        common::meshed(agent, "shop/client", out_dst),
+        meshed + 1,
+        "outbound redirected or policed direct by the new agent's programs"
     );
     let before = inbound_total(agent, "shop/web");
     let mut conn = tcp_connect(&outsider.pod, in_dst, T).expect("connect in");

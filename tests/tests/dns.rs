@@ -5,6 +5,8 @@
 //!
 //! Every test checks something that would be false without the feature: the kernel counter
 //! that only a capture bumps, the source the server saw, or the source the client saw.
+//!
+//! Tier: the default (`--fast-path auto`); DNS is never on the kernel tier.
 
 mod common;
 

@@ -27,7 +27,8 @@ fn echo_exact(c: &mut Connected, bytes: &[u8]) {
 
 fn agent_with_pod(client: &Pod, grace: &str) -> Agent {
     let agent =
-        Agent::start(["--pod", &pod_spec(client, ""), "--drain-timeout", grace]).expect("agent");
+        // Proxy tier: drains the proxy's live connections; direct ones are not the agent's.
+        Agent::start(["--pod", &pod_spec(client, ""), "--drain-timeout", grace, "--fast-path", "off"]).expect("agent");
     agent.wait_ready().expect("ready");
     agent
 }

@@ -57,7 +57,16 @@ fn until(client: &Pod, dst: SocketAddr, want: Seen, since: Instant, within: Dura
 fn killed_agent_fails_open_within_the_bound_and_a_restarted_one_captures_again() {
     let (_cluster, client, server_pod, server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
-    let args = ["--pod", &spec, "--keep-pins", "--fail-open-after", BOUND];
+    // Proxy tier: times how soon connections stop being redirected to a dead listener.
+    let args = [
+        "--pod",
+        &spec,
+        "--keep-pins",
+        "--fail-open-after",
+        BOUND,
+        "--fast-path",
+        "off",
+    ];
     let mut agent = Agent::start(args).expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(8080);
@@ -117,7 +126,16 @@ fn killed_agent_fails_open_within_the_bound_and_a_restarted_one_captures_again()
 fn hung_agent_fails_open_and_captures_again_when_it_resumes() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
-    let agent = Agent::start(["--pod", &spec, "--fail-open-after", BOUND]).expect("agent");
+    // Proxy tier: times how soon connections stop being redirected to a hung agent.
+    let agent = Agent::start([
+        "--pod",
+        &spec,
+        "--fail-open-after",
+        BOUND,
+        "--fast-path",
+        "off",
+    ])
+    .expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(8080);
     assert_eq!(attempt(&client, dst).0, Seen::Captured);

@@ -6,9 +6,16 @@ mod policy_util;
 
 use std::time::{Duration, Instant};
 
+use std::mem::size_of;
+
 use common::{counter, peer_row, peers_until, redirected, ECHO_PORT};
 use policy_util::{attempt, wait_until, Outcome, T};
 use serde_json::Value;
+use sockmesh_common::{
+    fast::{Verdict, VerdictKey},
+    SockAddr,
+};
+use sockmesh_tests::prom::{metric, scrape_until, Sample};
 use sockmesh_tests::*;
 
 /// What every fast-path agent here runs with: the default policy (connect and idle timeouts,
@@ -65,14 +72,14 @@ fn after_the_first_proxied_connection_a_peer_goes_direct() {
     assert!(row["bytes_in"].as_u64() >= Some(16), "{row}");
 }
 
-/// `--fast-path off` (the default), or a policy with a knob the kernel cannot enforce (a
+/// `--fast-path off`, or a policy with a knob the kernel cannot enforce (a
 /// lifetime, a queue): the peer stays on the proxy, and `peers` says why.
 #[test]
 fn a_peer_stays_on_the_proxy_when_the_fast_path_is_off_or_its_policy_needs_the_proxy() {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
     let dst = server_pod.addr4(ECHO_PORT);
     for (args, reason) in [
-        (vec![], "fast_path_off"),
+        (vec!["--fast-path", "off"], "fast_path_off"),
         (
             vec!["--fast-path", "auto", "--max-conn-lifetime", "1h"],
             "lifetime",
@@ -189,6 +196,137 @@ fn the_kernel_tier_times_out_connects_and_opens_the_breaker() {
     assert_eq!(row["tier"], "proxy", "{row}");
     // Still refused in the kernel once the agent took the breaker over.
     assert_eq!(attempt(&client, dst).letter(), 'K');
+    // Both refusals are throttled by the open breaker: the kernel's own verdict and the
+    // agent's alike.
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string()).is_some_and(|r| r["fast_rejects"] == 2)
+    });
+    let row = peer_row(&peers, &dst.to_string());
+    assert_eq!(row["fast_rejects"], 2, "{row}");
+    assert_eq!(row["throttled"]["breaker"], 2, "{row}");
+}
+
+/// What readers show is what the kernel does now. A kernel-tier peer's direct connections
+/// are counted in /metrics with its tier; their connect latency, measured by the kernel from
+/// connect() to the handshake's end, joins the peer's samples (here the proxied first
+/// connection waited 1 s for a dropped SYN, the direct ones did not, so the median is a
+/// direct one's); and once the peer's `SM_VERDICTS` entry is gone (deleted here, as an LRU
+/// eviction would), `peers` and /metrics say `proxy (entry_gone)` and its next connection is
+/// proxied.
+#[test]
+fn readers_show_the_live_tier_and_the_kernels_connect_latency() {
+    let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    let agent = start(&client, &[]);
+    let dst = server_pod.addr4(ECHO_PORT);
+    let (peer, pod) = (dst.to_string(), client.netns_path().display().to_string());
+    // The first SYN to the server is dropped: the agent's upstream connect (the first
+    // connection, proxied) retransmits it after 1 s.
+    server_pod
+        .exec(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "--syn",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "1000000",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ])
+        .expect("iptables in the server pod");
+    assert!(redirected(&client, dst), "the first connection is proxied");
+    tier_of(&agent, &peer);
+    for _ in 0..4 {
+        assert!(!redirected(&client, dst), "went direct");
+    }
+    let metrics = agent.metrics_addr().expect("metrics address");
+    let tier_is = |s: &[Sample], tier: &str, why: &str| {
+        s.iter().any(|x| {
+            x.name == "sockmesh_peer_tier"
+                && x.label("peer") == Some(peer.as_str())
+                && x.label("tier") == Some(tier)
+                && x.label("reason") == Some(why)
+                && x.value == 1.0
+        })
+    };
+    let prom = scrape_until(metrics, |s| {
+        metric(s, "sockmesh_peer_direct_connections_total", &pod, &peer) == 4.0
+            && tier_is(s, "kernel", "kernel")
+    });
+    assert_eq!(
+        metric(&prom, "sockmesh_peer_direct_connections_total", &pod, &peer),
+        4.0
+    );
+    assert!(tier_is(&prom, "kernel", "kernel"));
+    let peers = peers_until(&agent, &[], |v| {
+        common::find_peer(v, &peer).is_some_and(|r| r["connect_p50_us"].as_u64() < Some(500_000))
+    });
+    let row = peer_row(&peers, &peer);
+    let (p50, p99) = (
+        row["connect_p50_us"].as_u64().expect("p50"),
+        row["connect_p99_us"].as_u64().expect("p99"),
+    );
+    assert!(
+        p50 > 0 && p50 < 500_000,
+        "the median is a direct handshake's: {row}"
+    );
+    assert!(
+        p99 >= 900_000,
+        "the proxied one that waited 1 s is kept: {row}"
+    );
+    // The entry as `sockmesh maps dump` decodes it: the kernel tier, four handshakes timed.
+    let dir = agent.bpffs_dir().display().to_string();
+    let (status, out, err) = Agent::run_to_exit([
+        "maps",
+        "dump",
+        "SM_VERDICTS",
+        "--json",
+        "--bpffs-dir",
+        dir.as_str(),
+    ])
+    .expect("maps dump");
+    assert!(status.success(), "{err}");
+    let dumped: Value = serde_json::from_str(&out).expect("JSON");
+    let entry = dumped
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["key"]["peer"] == peer.as_str()))
+        .unwrap_or_else(|| panic!("no entry for {peer}: {dumped}"));
+    assert_eq!(entry["value"]["tier"], "kernel", "{entry}");
+    assert_eq!(entry["value"]["latency_seq"], 4, "{entry}");
+
+    // The entry goes, as an eviction would take it: readers say so at once.
+    let map = sockmesh_tests::bpfmap::PinnedMap::open(
+        &agent.bpffs_dir().join("SM_VERDICTS"),
+        size_of::<VerdictKey>(),
+        size_of::<Verdict>(),
+    )
+    .expect("SM_VERDICTS");
+    let key = VerdictKey {
+        netns_cookie: client.netns_cookie().expect("cookie"),
+        peer: SockAddr::v4(u32::from(server_pod.ip4()).to_be(), ECHO_PORT.to_be()),
+        _pad: 0,
+    };
+    map.delete(sockmesh_tests::bpfmap::bytes_of(&key))
+        .expect("delete the peer's entry");
+    let peers = agent.read_json("peers", &[]).expect("peers");
+    let row = peer_row(&peers, &peer);
+    assert_eq!(
+        (row["tier"].as_str(), row["tier_reason"].as_str()),
+        (Some("proxy"), Some("entry_gone")),
+        "{row}"
+    );
+    let prom = scrape_until(metrics, |s| tier_is(s, "proxy", "entry_gone"));
+    assert!(tier_is(&prom, "proxy", "entry_gone"));
+    assert!(redirected(&client, dst), "proxied again");
 }
 
 /// A reload hands every peer back to the proxy (its policy may have changed); the next

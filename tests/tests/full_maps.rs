@@ -45,7 +45,9 @@ fn counters(agent: &Agent, pod: &Pod) -> Vec<u64> {
 #[test]
 fn a_full_origin_map_refuses_and_counts_and_recovers_once_emptied() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
-    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
+    // Proxy tier: fills the origin map that only redirected connections use.
+    let agent =
+        Agent::start(["--pod", &pod_spec(&client, ""), "--fast-path", "off"]).expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(ECHO_PORT);
     assert!(common::redirected(&client, dst), "captured before the fill");

@@ -1,5 +1,7 @@
 //! Proves the harness itself, with no agent: pods reach each other over the private bridge on
 //! IPv4 and IPv6, code and processes really run inside the pods, and everything is cleaned up.
+//!
+//! Tier: no agent runs here.
 
 use sockmesh_tests::cleanup::sweep_stale;
 use sockmesh_tests::names::{format_name, random_hex};

@@ -2,6 +2,9 @@
 //! addresses (workload: the netns name), and `--peer-names` names address blocks. Policy
 //! rules by name apply to real connections, `sockmesh peers` shows the names, and a bad names
 //! file is one error naming the file, line and fix. Real kernel, real pods and sockets.
+//!
+//! Tier: the default (`--fast-path auto`); names and rules are resolved on each peer's first,
+//! proxied connection, and the kernel tier counts into the same rows.
 mod common;
 mod policy_util;
 

@@ -1,6 +1,8 @@
 //! Inbound capture: an app in an enrolled pod keeps its wildcard bind, the kernel (sk_lookup)
 //! steers connections to that port to the agent's inbound listener, the agent forwards them to
 //! the app over the pod's loopback, and the app sees the real client (accept/getpeername).
+//!
+//! Tier: the default (`--fast-path auto`); inbound peers are never on the kernel tier.
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};

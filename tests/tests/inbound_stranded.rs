@@ -8,6 +8,8 @@
 //! must complete an echo round trip with the app seeing the real client (accept() and
 //! getpeername()), whether it went through the agent (the app's end is then on the pod's
 //! loopback) or directly (the app's end is the pod's own address).
+//!
+//! Tier: the default (`--fast-path auto`); inbound peers are never on the kernel tier.
 mod common;
 
 use std::net::SocketAddr;

@@ -53,7 +53,17 @@ fn kube_agent(api: &FakeKubeApi, node: &str) -> Agent {
 
 fn kube_agent_with(api: &FakeKubeApi, node: &str, extra: &[&str]) -> Agent {
     let url = api.url();
-    let mut args = vec!["--kube", "--kube-api", &url, "--node-name", node];
+    // Proxy tier: tells enrolment by the app's loopback end, so every connection must reach
+    // the agent.
+    let mut args = vec![
+        "--kube",
+        "--kube-api",
+        &url,
+        "--node-name",
+        node,
+        "--fast-path",
+        "off",
+    ];
     args.extend_from_slice(extra);
     let agent = Agent::start(args).expect("agent");
     agent.wait_ready().expect("ready");

@@ -124,6 +124,10 @@ impl World {
             "off",
             "--adaptive-k",
             "off",
+            // Proxy tier: the Service rule's limit is read from what the agent resets and
+            // names (the kernel tier's limits: policy_limits.rs).
+            "--fast-path",
+            "off",
         ];
         args.extend_from_slice(extra);
         let agent = Agent::start(args).expect("agent");

@@ -23,6 +23,8 @@ fn kube_args<'a>(api: &'a str, node: &'a str) -> Vec<&'a str> {
         "--node-name",
         node,
         "--takeover=if-running",
+        // Proxy tier: tells which agent serves a pod by its connections reaching it.
+        "--fast-path=off",
     ]
 }
 

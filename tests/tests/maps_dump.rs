@@ -8,7 +8,7 @@ mod policy_util;
 
 use std::time::{Duration, Instant};
 
-use operator_util::{setup, traffic, HELD, SMALL};
+use operator_util::{setup_on, traffic, HELD, SMALL};
 use serde_json::Value;
 use sockmesh_common::{counter, peer::direction, peer::throttle_reason};
 use sockmesh_tests::Agent;
@@ -100,7 +100,10 @@ fn per_cpu_sum(e: &Value, counter: &str) -> u64 {
 
 #[test]
 fn every_pinned_map_dumps_with_named_fields_and_real_values() {
-    let mut s = setup();
+    // Proxy tier: reads the agent's own state of throttled connections (SM_PEER_STATE), which
+    // only the proxy tier writes; the kernel tier's figures are in SM_PEER_STATS, and
+    // observe.rs shows them on both tiers.
+    let mut s = setup_on(&["--fast-path", "off"]);
     traffic(&mut s, &|_| {});
     let agent = &s.agent;
     let cookie = s.client.netns_cookie().expect("netns cookie");
@@ -172,6 +175,8 @@ fn every_pinned_map_dumps_with_named_fields_and_real_values() {
         e["key"]["netns_cookie"] == cookie && e["key"]["peer"] == silent.as_str()
     });
     assert!(vd["value"]["until_ns"].as_u64() > Some(0), "{vd}");
+    // Written because the breaker opened: its refusals count as throttled by the breaker.
+    assert_eq!(vd["value"]["refusal"], "breaker", "{vd}");
     // The held connection: its socket's original destination, and the agent's own sockets.
     // Socket-local storage lives in the sockets: listed, never walked from outside.
     let (ok, _, err) = maps(agent, &["dump", "SM_SOCK_STORE"]);

@@ -3,13 +3,15 @@
 //! the connection and the byte; bounded metric cardinality; figures that outlive the agent and
 //! continue across a restart; health endpoints; refusals of bad input.
 mod common;
+mod observe_util;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use common::peer_row;
+use observe_util::{bpftool_dump, peer_key_bytes};
 use serde_json::Value;
 use sockmesh_tests::prom::{http_get, metric, scrape, scrape_until, Sample};
 use sockmesh_tests::*;
@@ -46,72 +48,22 @@ fn exchange(client: &Pod, dst: SocketAddr, n: usize) -> (u64, u64) {
     (n as u64, got.len() as u64)
 }
 
-/// `bpftool -j map dump pinned`: (key bytes, value bytes summed per u64 over CPUs).
-fn bpftool_dump(path: &std::path::Path) -> Result<Vec<(Vec<u8>, Vec<u64>)>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .context("run bpftool")?;
-    if !out.status.success() {
-        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    let bytes = |a: &Value| -> Vec<u8> {
-        a.as_array()
-            .expect("byte array")
-            .iter()
-            .map(|b| {
-                u8::from_str_radix(b.as_str().expect("hex").trim_start_matches("0x"), 16)
-                    .expect("hex byte")
-            })
-            .collect()
-    };
-    let words = |b: &[u8]| -> Vec<u64> {
-        b.chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    };
-    let mut rows = Vec::new();
-    for e in v.as_array().context("dump is an array")? {
-        let key = bytes(&e["key"]);
-        let value = match e.get("values") {
-            // Per-CPU map: one value per CPU, summed.
-            Some(cpus) => {
-                let mut sum: Vec<u64> = Vec::new();
-                for c in cpus.as_array().expect("cpus") {
-                    let w = words(&bytes(&c["value"]));
-                    sum.resize(w.len(), 0);
-                    for (s, x) in sum.iter_mut().zip(w) {
-                        *s += x;
-                    }
-                }
-                sum
-            }
-            None => words(&bytes(&e["value"])),
-        };
-        rows.push((key, value));
-    }
-    Ok(rows)
-}
-
-/// The `PeerKey` bytes of an IPv4 outbound peer of a pod, as the maps hold them.
-fn peer_key_bytes(cookie: u64, peer: SocketAddr) -> Vec<u8> {
-    let SocketAddr::V4(v4) = peer else {
-        panic!("ipv4 only")
-    };
-    let mut k = cookie.to_ne_bytes().to_vec();
-    k.extend(v4.ip().octets());
-    k.extend([0u8; 12]);
-    k.extend(v4.port().to_be_bytes());
-    k.extend(2u16.to_ne_bytes()); // AF_INET
-    k.extend(1u16.to_ne_bytes()); // outbound
-    k.extend([0u8; 2]);
-    k
+/// On both tiers, the same figures for the same traffic. On the kernel tier peer a's first
+/// connection is proxied (and hands the peer over) and the other four go direct: the kernel
+/// counts them (connections, bytes at close) in the same schema, and what differs is only
+/// where a connection went: `redirects` (proxied) and `direct`, the tier, and the agent's own
+/// state in SM_PEER_STATE, which holds the proxied connection alone.
+#[test]
+fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
+    exact_figures(Tier::Proxy);
 }
 
 #[test]
-fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
+fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent_on_the_kernel_tier() {
+    exact_figures(Tier::Kernel);
+}
+
+fn exact_figures(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
@@ -119,17 +71,25 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
     let (a, b) = (server.addr4(8080), server.addr4(8081));
     start_reply_server(&server, a).expect("server a");
     start_reply_server(&server, b).expect("server b");
-    let agent = Agent::start(["--pod", &pod_spec(&client, "")]).expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(&client, &[]);
     let metrics = agent.metrics_addr().expect("metrics address");
     let pod = client.netns_path().display().to_string();
 
     let (mut sent_a, mut recv_a) = (0, 0);
+    let mut first = (0, 0);
     for n in [1, 1000, 70_000, 333, 4096] {
         let (s, r) = exchange(&client, a, n);
+        if sent_a == 0 {
+            first = (s, r);
+        }
         sent_a += s;
         recv_a += r;
     }
+    // Peer a's connections the proxy saw, and those that went direct; b has one, proxied.
+    let (proxied_a, direct_a, tier_a): (u64, u64, &str) = match tier {
+        Tier::Proxy => (5, 0, "proxy"),
+        Tier::Kernel => (1, 4, "kernel"),
+    };
     let (sent_b, recv_b) = exchange(&client, b, 12_345);
 
     let (pa, pb) = (a.to_string(), b.to_string());
@@ -144,7 +104,10 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
     assert_eq!(m("sockmesh_peer_connections_active", &pa), 0.0);
     assert_eq!(m("sockmesh_peer_sent_bytes_total", &pa), sent_a as f64);
     assert_eq!(m("sockmesh_peer_received_bytes_total", &pa), recv_a as f64);
-    assert_eq!(m("sockmesh_peer_kernel_redirects_total", &pa), 5.0);
+    assert_eq!(
+        m("sockmesh_peer_kernel_redirects_total", &pa),
+        proxied_a as f64
+    );
     assert_eq!(m("sockmesh_peer_connections_total", &pb), 1.0);
     assert_eq!(m("sockmesh_peer_sent_bytes_total", &pb), sent_b as f64);
     assert_eq!(m("sockmesh_peer_received_bytes_total", &pb), recv_b as f64);
@@ -158,7 +121,7 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
         })
         .map(|s| s.value)
         .sum();
-    assert_eq!(redirects, 6.0);
+    assert_eq!(redirects, (proxied_a + 1) as f64);
 
     // The CLI reads the same maps (the scrape above flushed them).
     let peers = agent.read_json("peers", &["--pod", &pod]).expect("peers");
@@ -169,7 +132,14 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
     assert_eq!(ra["conns_active"], 0);
     assert_eq!(ra["bytes_out"], sent_a);
     assert_eq!(ra["bytes_in"], recv_a);
-    assert_eq!(ra["redirects"], 5);
+    assert_eq!(ra["redirects"], proxied_a);
+    assert_eq!(ra["direct"], direct_a);
+    assert_eq!(ra["tier"], tier_a, "{ra}");
+    assert_eq!(
+        peer_row(&peers, &pb)["tier"],
+        tier_a,
+        "b's one connection decided it too"
+    );
     assert_eq!(ra["breaker"], "closed");
     assert!(
         ra["connect_p50_us"].as_u64().expect("p50") > 0,
@@ -191,7 +161,7 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
     );
     let stats = agent.read_json("stats", &[]).expect("stats");
     assert_eq!(stats["totals"]["bytes_out"], sent_a + sent_b);
-    assert_eq!(stats["totals"]["kernel"]["redirect_tcp"], 6);
+    assert_eq!(stats["totals"]["kernel"]["redirect_tcp"], proxied_a + 1);
 
     // bpftool, with nothing of sockmesh in between, reads the same bytes.
     let cookie = client.netns_cookie().expect("cookie");
@@ -201,14 +171,24 @@ fn cli_metrics_and_bpftool_agree_exactly_with_the_traffic_sent() {
         .iter()
         .find(|(k, _)| *k == key)
         .expect("peer a in SM_PEER_STATE");
-    // conns_active, conns_total, bytes_out, bytes_in
-    assert_eq!(&v[..4], &[0, 5, sent_a, recv_a]);
+    // conns_active, conns_total, bytes_out, bytes_in: the agent's own, of proxied connections.
+    let agent_saw = match tier {
+        Tier::Proxy => [0, 5, sent_a, recv_a],
+        Tier::Kernel => [0, 1, first.0, first.1],
+    };
+    assert_eq!(&v[..4], &agent_saw);
     let kernel = bpftool_dump(&agent.bpffs_dir().join("SM_PEER_STATS")).expect("dump stats");
     let (_, v) = kernel
         .iter()
         .find(|(k, _)| *k == key)
         .expect("peer a in SM_PEER_STATS");
-    assert_eq!(v[0], 5, "redirects summed over CPUs");
+    assert_eq!(v[0], proxied_a, "redirects summed over CPUs");
+    // direct, conns, closed, bytes out, bytes in: what the kernel tier counted itself.
+    let kernel_saw = match tier {
+        Tier::Proxy => [0, 0, 0, 0, 0],
+        Tier::Kernel => [4, 4, 4, sent_a - first.0, recv_a - first.1],
+    };
+    assert_eq!(&v[3..8], &kernel_saw, "the kernel tier's own counters");
 }
 
 #[test]
@@ -281,8 +261,19 @@ fn metrics_cardinality_stays_bounded_with_1000_peers() {
     assert_eq!(peers["peers"].as_array().expect("rows").len(), 1000);
 }
 
+/// On both tiers: an agent starting on the pins takes back what the previous one handed to
+/// the kernel, so on the kernel tier the first connection after the restart is proxied again.
 #[test]
 fn figures_outlive_the_agent_and_continue_after_a_restart() {
+    figures_outlive(Tier::Proxy);
+}
+
+#[test]
+fn figures_outlive_the_agent_and_continue_after_a_restart_on_the_kernel_tier() {
+    figures_outlive(Tier::Kernel);
+}
+
+fn figures_outlive(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
@@ -293,6 +284,8 @@ fn figures_outlive_the_agent_and_continue_after_a_restart() {
         "--pod".to_string(),
         pod_spec(&client, ""),
         "--keep-pins".into(),
+        tier.flags()[0].into(),
+        tier.flags()[1].into(),
     ];
     let mut agent = Agent::start(&args).expect("agent");
     agent.wait_ready().expect("ready");
@@ -320,7 +313,13 @@ fn figures_outlive_the_agent_and_continue_after_a_restart() {
     let row = peer_row(&peers, &dst.to_string());
     assert_eq!(row["conns_total"], 3, "continued, not restarted: {row}");
     assert_eq!(row["bytes_out"], s1 + s2 + s3);
-    assert_eq!(row["redirects"], 3);
+    // Proxied: every connection, or (kernel tier) the first before and after the restart.
+    let proxied = match tier {
+        Tier::Proxy => 3,
+        Tier::Kernel => 2,
+    };
+    assert_eq!(row["redirects"], proxied, "{row}");
+    assert_eq!(row["direct"], 3 - proxied, "{row}");
 }
 
 #[test]
@@ -413,35 +412,57 @@ fn bad_metrics_address_and_unknown_schema_are_refused() {
 
 /// "Which peer of which pod is being throttled, and why" from one command: a rate-limited
 /// peer and a failing peer whose breaker opened, each with its reason and exact counts.
+///
+/// On both tiers, the same throttled counts: every refused attempt is throttled, wherever it
+/// was refused. On the kernel tier the limited peer goes direct after its first connection,
+/// and the kernel's bucket refuses the third to fifth at connect(); on the proxy tier the
+/// agent resets the third and its verdict refuses the next two in the kernel (so one fewer
+/// fast reject), and the kernel tier keeps no last error. The dead peer never succeeds, so it
+/// stays on the proxy either way, and the kernel's refusal while its breaker is open is
+/// throttled by the breaker.
 #[test]
 fn peers_shows_which_peer_is_throttled_and_why() {
+    throttled_and_why(Tier::Proxy);
+}
+
+#[test]
+fn peers_shows_which_peer_is_throttled_and_why_on_the_kernel_tier() {
+    throttled_and_why(Tier::Kernel);
+}
+
+fn throttled_and_why(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server = cluster.add_pod("server").expect("pod");
     let limited = server.addr4(8080);
     start_reply_server(&server, limited).expect("server");
-    let agent = Agent::start([
-        "--pod",
-        &pod_spec(&client, ""),
-        "--peer-conn-rate",
-        "1/h",
-        "--peer-conn-burst",
-        "2",
-        "--breaker-failures",
-        "2",
-        "--adaptive-k",
-        "off",
-    ])
-    .expect("agent");
-    agent.wait_ready().expect("ready");
+    let agent = tier.agent(
+        &client,
+        &[
+            "--peer-conn-rate",
+            "1/h",
+            "--peer-conn-burst",
+            "2",
+            "--breaker-failures",
+            "2",
+            "--adaptive-k",
+            "off",
+        ],
+    );
     let metrics = agent.metrics_addr().expect("metrics address");
-    // Two pass; the third is reset by the agent, which then tells the kernel the bucket is
-    // empty, so the fourth and fifth connect() fail at once in the kernel.
+    // Two pass; on the proxy tier the third is reset by the agent, which then tells the
+    // kernel the bucket is empty, so the fourth and fifth connect() fail at once in the
+    // kernel. On the kernel tier the kernel's own bucket refuses all three at connect().
+    let throttled = 3;
+    let (fast_rejects, last_error) = match tier {
+        Tier::Proxy => (2, "throttled"),
+        Tier::Kernel => (3, "none"),
+    };
     for i in 0..5 {
         if i < 2 {
             exchange(&client, limited, 10);
-        } else if i == 2 {
+        } else if i == 2 && tier == Tier::Proxy {
             // The agent accepts and resets it; the reset may already be there when the
             // connect completes.
             match tcp_connect(&client, limited, common::T) {
@@ -478,7 +499,7 @@ fn peers_shows_which_peer_is_throttled_and_why() {
     let pod = client.netns_path().display().to_string();
     let prom = scrape_until(metrics, |s| {
         metric(s, "sockmesh_peer_breaker_open", &pod, &pd) == 1.0
-            && metric(s, "sockmesh_peer_throttled_total", &pod, &pl) == 1.0
+            && metric(s, "sockmesh_peer_throttled_total", &pod, &pl) == throttled as f64
     });
     let e = tcp_connect(&client, dead, common::T).expect_err("refused in the kernel");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -490,22 +511,26 @@ fn peers_shows_which_peer_is_throttled_and_why() {
                 && s.label("reason") == Some("rate")
         })
         .expect("rate series");
-    assert_eq!(rate.value, 1.0);
+    assert_eq!(rate.value, throttled as f64);
 
     let peers = agent
         .read_json("peers", &["--sort", "throttled"])
         .expect("peers");
     let first = &peers["peers"][0];
     assert_eq!(first["peer"], pl.as_str(), "the throttled peer sorts first");
-    assert_eq!(first["throttled"]["rate"], 1);
-    assert_eq!(first["fast_rejects"], 2);
+    assert_eq!(first["throttled"]["rate"], throttled);
+    assert_eq!(first["fast_rejects"], fast_rejects);
     assert_eq!(first["conns_total"], 2);
-    assert_eq!(first["last_error"], "throttled");
+    assert_eq!(first["last_error"], last_error);
     let d = peer_row(&peers, &pd);
     assert_eq!(d["connect_failures"], 2);
     assert_eq!(d["last_error"], "connect_refused");
     assert_eq!(d["breaker"], "open");
     assert_eq!(d["fast_rejects"], 1);
+    assert_eq!(
+        d["throttled"]["breaker"], 1,
+        "refused by the open breaker: {d}"
+    );
     // The human table says the same in one row per peer.
     let dir = agent.bpffs_dir().to_string_lossy().into_owned();
     let (status, table, _) =
@@ -513,7 +538,9 @@ fn peers_shows_which_peer_is_throttled_and_why() {
     assert!(status.success());
     let row = table.lines().nth(1).expect("first row");
     assert!(
-        row.contains(&pl) && row.contains("rate=1") && row.contains("throttled"),
+        row.contains(&pl)
+            && row.contains(&format!("rate={throttled}"))
+            && (tier == Tier::Kernel || row.contains("throttled")),
         "{table}"
     );
 }

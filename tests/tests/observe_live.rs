@@ -2,6 +2,10 @@
 //! peers` and `/metrics` while it flows (the flusher reads the relay's live counts: the pumps'
 //! on splice, the verdict program's running count on the in-kernel relay), and once it closes
 //! the totals are exact, with no byte counted twice.
+//!
+//! That is the proxy tier's: each connection here is its peer's first, which the proxy takes.
+//! A direct (kernel-tier) connection's bytes are added when it ends, asserted below
+//! (README, "Two tiers": why).
 mod common;
 
 use std::io::{Read, Write};
@@ -26,6 +30,77 @@ fn bytes_of_a_long_lived_connection_show_while_open_and_are_exact_after() {
 #[test]
 fn bytes_of_a_kernel_relayed_connection_show_while_open_and_are_exact_after() {
     live_bytes(&["--kernel-relay", "on"]);
+}
+
+/// The difference between the tiers, said: on the kernel tier a direct connection counts as
+/// open at once (`conns_active`), but its bytes join the peer's when it ends, exactly.
+#[test]
+fn bytes_of_a_direct_connection_are_added_when_it_ends() {
+    require_root();
+    let cluster = Cluster::new().expect("cluster");
+    let client = cluster.add_pod("client").expect("pod");
+    let server_pod = cluster.add_pod("server").expect("pod");
+    let addr: SocketAddr = server_pod.addr4(9100);
+    let listener = server_pod
+        .run(|| TcpListener::bind(addr))
+        .expect("listen in the server pod");
+    let agent = Tier::Kernel.agent(&client, &[]);
+    let metrics = agent.metrics_addr().expect("metrics address");
+    let pod = client.netns_path().display().to_string();
+    let peer = addr.to_string();
+
+    // The first connection is proxied and hands the peer over; one byte each way.
+    let mut first = tcp_connect(&client, addr, common::T).expect("connect");
+    let (mut s, _) = listener.accept().expect("accept");
+    first.stream.write_all(b"1").expect("send");
+    s.read_exact(&mut [0u8; 1]).expect("read");
+    s.write_all(b"2").expect("answer");
+    first.stream.read_exact(&mut [0u8; 1]).expect("read");
+    drop((first, s));
+
+    let mut c = tcp_connect(&client, addr, common::T).expect("connect direct");
+    assert!(!c.local.ip().is_loopback(), "went direct");
+    let (mut s, _) = listener.accept().expect("accept");
+    s.set_read_timeout(Some(common::T)).expect("timeout");
+    const N: usize = 300_000;
+    c.stream.write_all(&vec![5u8; N]).expect("send");
+    s.read_exact(&mut vec![0u8; N]).expect("server reads all");
+    let open = scrape_until(metrics, |sm| {
+        metric(sm, "sockmesh_peer_connections_active", &pod, &peer) == 1.0
+            && metric(sm, "sockmesh_peer_sent_bytes_total", &pod, &peer) == 1.0
+    });
+    assert_eq!(
+        metric(&open, "sockmesh_peer_connections_active", &pod, &peer),
+        1.0,
+        "the direct connection is open"
+    );
+    assert_eq!(
+        metric(&open, "sockmesh_peer_sent_bytes_total", &pod, &peer),
+        1.0,
+        "only the proxied connection's byte while the direct one is open"
+    );
+
+    c.stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    s.read_to_end(&mut Vec::new()).expect("server reads to EOF");
+    drop(s);
+    c.stream
+        .read_to_end(&mut Vec::new())
+        .expect("client sees EOF");
+    drop(c);
+    let done = scrape_until(metrics, |sm| {
+        metric(sm, "sockmesh_peer_connections_active", &pod, &peer) == 0.0
+    });
+    assert_eq!(
+        metric(&done, "sockmesh_peer_sent_bytes_total", &pod, &peer),
+        (1 + N) as f64,
+        "exact once it ended"
+    );
+    assert_eq!(
+        metric(&done, "sockmesh_peer_received_bytes_total", &pod, &peer),
+        1.0
+    );
 }
 
 fn live_bytes(extra: &[&str]) {

@@ -242,8 +242,16 @@ fn the_agents_own_connections_are_never_redirected() {
     let cluster = Cluster::new().expect("cluster");
     let a = cluster.add_pod("a").expect("pod");
     let b = cluster.add_pod("b").expect("pod");
-    let agent =
-        Agent::start(["--pod", &pod_spec(&a, ""), "--pod", &pod_spec(&b, "")]).expect("agent");
+    // Proxy tier: counts exactly one redirect per connection (a loop would show as more).
+    let agent = Agent::start([
+        "--pod",
+        &pod_spec(&a, ""),
+        "--pod",
+        &pod_spec(&b, ""),
+        "--fast-path",
+        "off",
+    ])
+    .expect("agent");
     agent.wait_ready().expect("ready");
     let server = TcpServer::start(&b, "0.0.0.0:8080".parse().expect("addr")).expect("server");
     agent

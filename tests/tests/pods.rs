@@ -1,6 +1,9 @@
 //! Pods leave at runtime: a `--pod` whose namespace goes away (its process exits, or its
 //! netns file is deleted) is removed, its redirect stops, and the agent lets go of the
 //! namespace (no thread left inside it), while other pods keep working.
+//!
+//! Tier: the default (`--fast-path auto`); each pod connects to a peer once, so the proxy
+//! takes it (a peer's first connection is always proxied) and a redirect shows the capture.
 mod common;
 
 use std::fs::File;

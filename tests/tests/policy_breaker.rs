@@ -8,7 +8,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::{counter, T};
-use policy_util::{attempt, wait_until, Outcome, Tier};
+use policy_util::{attempt, wait_until, Outcome};
 use sockmesh_tests::*;
 
 /// A peer that refuses connections trips its breaker; from then on the pod's connect() to it
@@ -92,22 +92,28 @@ fn breaker_opens(tier: Tier) {
 /// The breaker opens on a dead peer; the peer comes back; after the open period the first
 /// connect is the half-open probe, then the ramp (10 % → 20 → 40 → 80 → closed) admits a
 /// growing share until every connect goes through.
+///
+/// The same on both tiers: a peer with an open or half-open breaker stays on the proxy, which
+/// runs the ramp; once closed, the kernel tier takes the peer and admits every connect too.
 #[test]
 fn half_open_recovery_after_the_peer_comes_back() {
+    half_open_recovery(Tier::Proxy);
+}
+
+#[test]
+fn half_open_recovery_after_the_peer_comes_back_on_the_kernel_tier() {
+    half_open_recovery(Tier::Kernel);
+}
+
+fn half_open_recovery(tier: Tier) {
     require_root();
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
-    let agent = Agent::start([
-        "--pod",
-        &pod_spec(&client, ""),
-        "--breaker-failures",
-        "2",
-        "--breaker-open",
-        "1s",
-    ])
-    .expect("agent");
-    agent.wait_ready().expect("ready");
+    let _agent = tier.agent(
+        &client,
+        &["--breaker-failures", "2", "--breaker-open", "1s"],
+    );
     let dst = server_pod.addr4(8080);
     // Nothing listens yet: two refused connects open the breaker.
     let opened = Instant::now();
@@ -144,28 +150,42 @@ fn half_open_recovery_after_the_peer_comes_back() {
 /// Adaptive throttling (K = 2, breaker off) refuses locally once a peer fails: most attempts
 /// never reach it. When the peer recovers and the failures leave the (1 s) window, every
 /// attempt goes through again.
+///
+/// On the kernel tier the same: with the breaker off a failing peer is handed over once its
+/// first proxied connection ended, and from then on the kernel throttles with the proxy's
+/// formula; what differs is how the app hears of a local refusal: ECONNREFUSED at connect()
+/// (`K`) instead of a reset after the handshake (`R`).
 #[test]
 fn adaptive_throttling_starts_under_a_failing_peer_and_stops_after_it_recovers() {
+    adaptive_throttling(Tier::Proxy);
+}
+
+#[test]
+fn adaptive_throttling_starts_under_a_failing_peer_and_stops_after_it_recovers_on_the_kernel_tier()
+{
+    adaptive_throttling(Tier::Kernel);
+}
+
+fn adaptive_throttling(tier: Tier) {
     require_root();
     const ATTEMPTS: u64 = 30;
     let cluster = Cluster::new().expect("cluster");
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
-    let agent = Agent::start([
-        "--pod",
-        &pod_spec(&client, ""),
-        "--breaker-failures",
-        "off",
-        "--adaptive-window",
-        "1s",
-    ])
-    .expect("agent");
-    agent.wait_ready().expect("ready");
+    let _agent = tier.agent(
+        &client,
+        &["--breaker-failures", "off", "--adaptive-window", "1s"],
+    );
     let dst = server_pod.addr4(8080);
     // Each attempt that reaches the dead peer costs it one RST: count them in its netns.
     let resets_before = tcp_out_rsts(&server_pod);
+    let refused_locally = match tier {
+        Tier::Proxy => "R",
+        Tier::Kernel => "RK",
+    };
     for _ in 0..ATTEMPTS {
-        assert_eq!(attempt(&client, dst).letter(), 'R');
+        let seen = attempt(&client, dst).letter();
+        assert!(refused_locally.contains(seen), "{seen} on {tier:?}");
     }
     let reached = tcp_out_rsts(&server_pod) - resets_before;
     // Without throttling all 30 would; with p = n/(n+1) the expected count is about 4.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::counter;
-use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, Tier, T};
+use policy_util::{attempt, conn_fds, send_to_sink, wait_until, Outcome, Sink, T};
 use sockmesh_tests::*;
 
 /// Rate 2/s, burst 3: exactly three back-to-back connects are admitted and the fourth is
@@ -72,15 +72,19 @@ fn rate_limit(tier: Tier) {
     );
     // And it was the only one: the bucket is empty again.
     assert_ne!(attempt(&client, dst).letter(), 'A');
-    if tier == Tier::Kernel {
-        // Refused in the kernel, each counted as a rate throttle of the peer.
-        let peers = common::peers_until(&agent, &[], |v| {
-            common::find_peer(v, &dst.to_string()).is_some_and(|r| r["tier"] == "kernel")
-        });
-        let row = common::peer_row(&peers, &dst.to_string());
-        assert_eq!(row["tier"], "kernel", "{row}");
-        assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
-    }
+    // Every refusal is a rate throttle of the peer, on both tiers: the agent's reset, and
+    // the kernel's refusals by the proxy's verdict or by the kernel tier's own bucket.
+    let peers = common::peers_until(&agent, &[], |v| {
+        common::find_peer(v, &dst.to_string())
+            .is_some_and(|r| r["throttled"]["rate"].as_u64() >= Some(3))
+    });
+    let row = common::peer_row(&peers, &dst.to_string());
+    assert!(row["throttled"]["rate"].as_u64() >= Some(3), "{row}");
+    let tier_now = match tier {
+        Tier::Proxy => "proxy",
+        Tier::Kernel => "kernel",
+    };
+    assert_eq!(row["tier"], tier_now, "{row}");
     // Another peer of the same pod has its own bucket.
     let _other =
         TcpServer::start(&server_pod, "0.0.0.0:8081".parse().expect("addr")).expect("echo server");
@@ -168,6 +172,7 @@ fn bandwidth_shapes_a_transfer_to_the_limit_without_losing_bytes() {
     let client = cluster.add_pod("client").expect("pod");
     let server_pod = cluster.add_pod("server").expect("pod");
     let sink = Sink::start(&server_pod, 8080);
+    // Either tier (the default, auto): a bandwidth limit keeps every peer on the proxy.
     let agent = Agent::start([
         "--pod",
         &pod_spec(&client, ""),
@@ -204,6 +209,8 @@ fn a_noisy_peer_does_not_slow_another_peer_of_the_same_pod() {
     let quiet_sink = Sink::start(&server_pod, 9080);
     let _quiet_echo =
         TcpServer::start(&server_pod, "0.0.0.0:9081".parse().expect("addr")).expect("echo server");
+    // Either tier (the default, auto): a bandwidth limit and a queue keep every peer on the
+    // proxy.
     let agent = Agent::start([
         "--pod",
         &pod_spec(&client, ""),

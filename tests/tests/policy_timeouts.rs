@@ -8,7 +8,7 @@ use std::mem::size_of;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use policy_util::{conn_fds, map_len, wait_until, Tier, T};
+use policy_util::{conn_fds, map_len, wait_until, T};
 use sockmesh_common::{map_names, quota::PodQuota};
 use sockmesh_tests::bpfmap::{bytes_of, PinnedMap};
 use sockmesh_tests::*;
@@ -94,8 +94,17 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
     let listener = server_pod
         .run(|| TcpListener::bind("0.0.0.0:8080"))
         .expect("listen in the server pod");
-    let agent =
-        Agent::start(["--pod", &pod_spec(&client, ""), "--idle-timeout", "300ms"]).expect("agent");
+    // Proxy tier: counts the agent's fds and origin tuples per connection (the kernel tier's
+    // idle sweep: fast_path.rs, `the_agent_closes_idle_direct_connections_from_outside`).
+    let agent = Agent::start([
+        "--pod",
+        &pod_spec(&client, ""),
+        "--idle-timeout",
+        "300ms",
+        "--fast-path",
+        "off",
+    ])
+    .expect("agent");
     agent.wait_ready().expect("ready");
     let dst = server_pod.addr4(8080);
 
@@ -155,6 +164,7 @@ fn idle_timeout_closes_both_sides_and_a_burst_leaks_nothing() {
 #[test]
 fn max_lifetime_closes_a_busy_connection_gracefully() {
     let (_cluster, client, server_pod, _echo) = common::client_and_echo_server();
+    // Either tier (the default, auto): a lifetime keeps every peer on the proxy.
     let agent = Agent::start(["--pod", &pod_spec(&client, ""), "--max-conn-lifetime", "1s"])
         .expect("agent");
     agent.wait_ready().expect("ready");

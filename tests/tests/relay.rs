@@ -41,7 +41,8 @@ fn mesh(mode: ServerMode, extra: &[&str]) -> Mesh {
     let server = TcpServer::start_with(&server_pod, "0.0.0.0:9000".parse().expect("addr"), mode)
         .expect("server");
     let spec = pod_spec(&client, "");
-    let mut args = vec!["--pod", spec.as_str()];
+    // Proxy tier: measures the proxy's relays, which a direct connection never meets.
+    let mut args = vec!["--pod", spec.as_str(), "--fast-path", "off"];
     args.extend_from_slice(extra);
     let agent = Agent::start(args).expect("agent");
     agent.wait_ready().expect("ready");

@@ -71,7 +71,8 @@ fn attached(ids: &BTreeSet<u64>) -> Vec<usize> {
 fn restart_readopts_maps_replaces_stale_links_and_uninstall_detaches() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
-    let args = ["--pod", &spec, "--keep-pins"];
+    // Proxy tier: counts redirects to tell the programs the agent attached are running.
+    let args = ["--pod", &spec, "--keep-pins", "--fast-path", "off"];
     let dst = server_pod.addr4(8080);
     let connect = || {
         let mut c = tcp_connect(&client, dst, T).expect("connect");

@@ -17,7 +17,16 @@ const AFTER_READY: u64 = 50;
 fn restart_with_kept_pins_refuses_no_connection_and_captures_again() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
-    let args = ["--pod", &spec, "--keep-pins", "--drain-timeout", "10s"];
+    // Proxy tier: counts redirects to tell that the new agent captures again.
+    let args = [
+        "--pod",
+        &spec,
+        "--keep-pins",
+        "--drain-timeout",
+        "10s",
+        "--fast-path",
+        "off",
+    ];
     let dst = server_pod.addr4(ECHO_PORT);
 
     let mut first = Agent::start(args).expect("agent");

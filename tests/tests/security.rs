@@ -1,6 +1,9 @@
 //! Security: the agent's in-pod listeners serve only their own pod, an inbound connection
 //! only reaches its own pod's app, the agent is not an open relay, and it runs with no more
 //! capabilities than it needs.
+//!
+//! Tier: the default (`--fast-path auto`); every outbound connection here is its peer's
+//! first, which the proxy takes.
 mod common;
 
 use std::io::{ErrorKind, Read};

@@ -228,6 +228,9 @@ fn soak_connections_through_the_mesh_keep_bytes_and_leak_nothing() {
         "off",
         "--adaptive-k",
         "off",
+        // Proxy tier: soaks the proxy's relays and counts the agent's fds and tasks.
+        "--fast-path",
+        "off",
     ])
     .expect("agent");
     agent.wait_ready().expect("ready");

@@ -19,7 +19,15 @@ fn takeover_refuses_no_connection_and_the_old_agent_drains() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
     // No --keep-pins on either: the old agent's exit must leave the pins anyway.
-    let args = ["--pod", spec.as_str(), "--drain-timeout", "30s"];
+    // Proxy tier: counts that every connection of the rollout reached one of the two agents.
+    let args = [
+        "--pod",
+        spec.as_str(),
+        "--drain-timeout",
+        "30s",
+        "--fast-path",
+        "off",
+    ];
     let dst = server_pod.addr4(ECHO_PORT);
 
     let first = Agent::start(args).expect("agent");
@@ -160,7 +168,15 @@ fn takeover_with_no_running_agent_is_one_clear_error() {
 fn sigterm_first_then_a_successor_within_the_handover_wait_is_a_rollout() {
     let (_cluster, client, server_pod, _server) = client_and_echo_server();
     let spec = pod_spec(&client, "");
-    let args = ["--pod", spec.as_str(), "--handover-wait", "20s"];
+    // Proxy tier: asserts that no connection of the rollout went direct.
+    let args = [
+        "--pod",
+        spec.as_str(),
+        "--handover-wait",
+        "20s",
+        "--fast-path",
+        "off",
+    ];
     let dst = server_pod.addr4(ECHO_PORT);
     let first = Agent::start(args).expect("agent");
     first.wait_ready().expect("ready");

@@ -7,6 +7,9 @@
 //! the pod's loopback, where the agent listens; the server sees the pod's address) and the
 //! pod's `redirect_tcp` counter moves. Not captured means: the packets reach the server
 //! directly and the counter does not move.
+//!
+//! Tier: the default (`--fast-path auto`); each test's connection is its peer's first, which
+//! the proxy takes, so a redirect tells a captured connection from one the hook never saw.
 mod common;
 
 use std::io::{self, Read, Write};

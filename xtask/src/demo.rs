@@ -122,11 +122,12 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
         .insert(n.step(&title, || start_agent(agent, &policy))?);
 
     n.step(
-        "HTTP over IPv4 from the client pod, now through the agent",
+        "HTTP over IPv4 from the client pod, now through the mesh: the first through the agent, \
+         which hands the peer to the kernel tier, the next direct, policed in the kernel",
         || (0..3).try_for_each(|_| in_client(&curl_v4, GREETING)),
     )?;
     n.step(
-        "HTTP over IPv6 from the client pod, through the agent",
+        "HTTP over IPv6 from the client pod, through the mesh (the same, for the IPv6 peer)",
         || (0..3).try_for_each(|_| in_client(&curl_v6, GREETING)),
     )?;
     n.step(
@@ -138,8 +139,9 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
     )?;
     let title = format!(
         "Per-peer policy: {SERVER_V4}:{LIMITED_PORT} admits a burst of 2 connections, then 1 a \
-         minute. Five curls: two answered; the agent resets the first one over the limit and \
-         tells the kernel, so the next ones are refused at connect() without reaching the agent"
+         minute. Five curls: two answered, the first through the agent (which then hands the \
+         peer to the kernel tier) and the second direct; the kernel refuses the rest at \
+         connect(), none reaching the agent"
     );
     n.step(&title, || {
         let curl = format!("curl -sS --max-time 5 http://{SERVER_V4}:{LIMITED_PORT}/");
@@ -167,7 +169,10 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
                     .as_array()
                     .and_then(|rows| rows.iter().find(|r| r["peer"].as_str() == Some(&limited)));
                 Ok(row.is_some_and(|r| {
-                    r["throttled"]["rate"] == 1 && r["fast_rejects"] == 2 && r["conns_total"] == 2
+                    r["throttled"]["rate"] == 3
+                        && r["fast_rejects"] == 3
+                        && r["conns_total"] == 2
+                        && r["direct"] == 1
                 }))
             })?;
             let mut cmd = Command::new(agent);
@@ -175,8 +180,8 @@ fn run(agent: &Path, made: &mut Made) -> Result<()> {
             println!("    $ {}", describe(&cmd));
             print_indented(&output(&mut cmd)?);
             println!(
-                "    {limited}: 2 connections, 1 reset by the agent (THROTTLED rate=1), \
-                 2 refused in the kernel (FAST_REJ 2)"
+                "    {limited}: 2 connections (TIER kernel, 1 direct), 3 refused at connect() \
+                 by the kernel (THROTTLED rate=3, FAST_REJ 3)"
             );
             Ok(())
         },

@@ -372,7 +372,7 @@ impl Agent {
                     // Pods enrolled or gone outside the Kubernetes watch (`--pod`).
                     self.follow_identities();
                     self.kernel_breakers();
-                    self.pods.sweep_idle();
+                    self.pods.sweep_kernel_tier();
                 }
                 step = next_step(self.control.as_mut()) => {
                     if matches!(step, Step::Asked(_)) {

@@ -56,11 +56,11 @@ pub fn admission(
     };
     Admission::with_kernel_tier(
         table,
-        Box::new(move |key: &PeerKey, until_ns: Option<u64>| {
+        Box::new(move |key: &PeerKey, until: Option<(u64, u32)>| {
             // Only outbound connect()s pass through the kernel hook that reads verdicts.
             if key.direction == Direction::Outbound {
-                match until_ns {
-                    Some(t) => maps.verdicts.refuse(key.netns_cookie, key.peer, t),
+                match until {
+                    Some((t, why)) => maps.verdicts.refuse(key.netns_cookie, key.peer, t, why),
                     None => maps.verdicts.lift(key.netns_cookie, key.peer),
                 }
             }

@@ -4,7 +4,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
 use sockmesh_common::{
-    counter, map_names,
+    counter,
+    fast::{Verdict, VerdictKey},
+    map_names,
     peer::{
         self, agent_counter, peer_counter, pod_refusal, AgentStats, PeerKernelStats, PeerKey,
         PeerNames, PeerState, PodMeta, PodRefused,
@@ -99,6 +101,9 @@ pub struct PeerRecord {
     pub state: PeerState,
     /// Who the peer is, as the agent last resolved it.
     pub names: Option<PeerNames>,
+    /// Outbound peers: their `SM_VERDICTS` entry now, (tier, whether the kernel opened the
+    /// breaker), so readers show the tier the kernel applies, not the agent's last decision.
+    pub live: Option<(u32, bool)>,
 }
 
 /// Every peer in `SM_PEER_STATE` or `SM_PEER_STATS`, sorted by key. Call after
@@ -114,6 +119,7 @@ pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
         kernel: [0; peer_counter::COUNT],
         state: PeerState::default(),
         names: None,
+        live: None,
     };
     for entry in kernel.iter() {
         let (key, per_cpu) = entry?;
@@ -132,8 +138,21 @@ pub fn read_peers(dir: &Path) -> Result<Vec<PeerRecord>> {
     }
     let names: HashMap<MapData, PeerKey, PeerNames> =
         open(dir, peer::map_names::PEER_NAMES)?.try_into()?;
+    let verdicts: HashMap<MapData, VerdictKey, Verdict> =
+        open(dir, map_names::VERDICTS)?.try_into()?;
     for rec in out.values_mut() {
         rec.names = names.get(&rec.key, 0).ok();
+        if rec.key.direction == peer::direction::OUTBOUND {
+            let key = VerdictKey {
+                netns_cookie: rec.key.netns_cookie,
+                peer: rec.key.peer,
+                _pad: 0,
+            };
+            rec.live = verdicts
+                .get(&key, 0)
+                .ok()
+                .map(|v| (v.tier, v.breaker_opened != 0));
+        }
     }
     Ok(out.into_values().collect())
 }

@@ -12,15 +12,24 @@ use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use sockmesh_common::{
-    fast::{tier, Verdict, VerdictKey},
+    fast::{tier, Verdict, VerdictKey, LATENCY_RING},
     socket_kind, SockAddr, SocketEntry,
 };
 use tracing::warn;
 
 use crate::sys::lock::lock;
 
+/// What [`Verdicts::scan`] found.
+#[derive(Default)]
+pub struct Scan {
+    pub idle_timeouts: std::collections::HashMap<(u64, SocketAddr), Duration>,
+    pub latencies: Vec<(u64, SocketAddr, Vec<u32>)>,
+}
+
 pub struct Verdicts {
     map: Mutex<HashMap<MapData, VerdictKey, Verdict>>,
+    /// Per kernel-tier entry, (its epoch, its `latency_seq`) when last read.
+    latency_seen: Mutex<std::collections::HashMap<VerdictKey, (u64, u64)>>,
     /// `SM_FAST_SOCKS`, read only: which sockets connect() let go direct.
     sockets: HashMap<MapData, u64, SocketEntry>,
 }
@@ -32,24 +41,9 @@ impl Verdicts {
     ) -> Verdicts {
         Verdicts {
             map: Mutex::new(map),
+            latency_seen: Mutex::default(),
             sockets,
         }
-    }
-
-    /// Kernel-tier peers with an idle timeout: (pod, peer) -> the timeout.
-    pub fn idle_timeouts(&self) -> std::collections::HashMap<(u64, SocketAddr), Duration> {
-        lock(&self.map)
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| v.tier == tier::KERNEL && v.idle_timeout_ms != 0)
-            .filter_map(|(k, v)| {
-                let peer = k.peer.to_std()?;
-                Some((
-                    (k.netns_cookie, peer),
-                    Duration::from_millis(v.idle_timeout_ms),
-                ))
-            })
-            .collect()
     }
 
     /// Whether the socket with this cookie is a pod's connection the kernel tier let go
@@ -60,10 +54,12 @@ impl Verdicts {
             .is_ok_and(|e| e.kind == socket_kind::FAST)
     }
 
-    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC).
-    pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64) {
+    /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC),
+    /// counting each refusal as throttled for `why` (`fast::refusal`).
+    pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64, why: u32) {
         let v = Verdict {
             until_ns,
+            refusal: why,
             ..Default::default()
         };
         if let Err(e) = lock(&self.map).insert(key(netns_cookie, peer), v, 0) {
@@ -120,6 +116,45 @@ impl Verdicts {
         out
     }
 
+    /// One pass over the kernel tier's entries (the agent's once-a-second look):
+    /// - `idle_timeouts`: peers with an idle timeout, (pod, peer) -> the timeout;
+    /// - `latencies`: connect latencies (µs) of direct connections recorded since the last
+    ///   scan, by (pod, peer): the new slots of each entry's ring (at most `LATENCY_RING`; a
+    ///   peer with more handshakes between two scans is sampled, the latest kept). An entry
+    ///   written anew (another epoch) starts its ring again.
+    pub fn scan(&self) -> Scan {
+        let mut scan = Scan::default();
+        let mut seen = lock(&self.latency_seen);
+        let mut kept = std::collections::HashMap::with_capacity(seen.len());
+        for (k, v) in lock(&self.map).iter().filter_map(|r| r.ok()) {
+            let Some(peer) = k.peer.to_std().filter(|_| v.tier == tier::KERNEL) else {
+                continue;
+            };
+            if v.idle_timeout_ms != 0 {
+                scan.idle_timeouts.insert(
+                    (k.netns_cookie, peer),
+                    Duration::from_millis(v.idle_timeout_ms),
+                );
+            }
+            let (epoch, seq) = (v.epoch_ns, v.latency_seq);
+            let from = match seen.get(&k) {
+                Some(&(e, s)) if e == epoch && s <= seq => s,
+                _ => 0,
+            };
+            kept.insert(k, (epoch, seq));
+            let new = new_slots(from, seq);
+            if !new.is_empty() {
+                let samples = new
+                    .map(|i| v.latency_us[(i % LATENCY_RING as u64) as usize])
+                    .collect();
+                scan.latencies.push((k.netns_cookie, peer, samples));
+            }
+        }
+        // Entries gone (demoted, evicted, their pod left) are forgotten.
+        *seen = kept;
+        scan
+    }
+
     /// Lift a verdict written by `refuse` before it expires (a policy reload).
     pub fn lift(&self, netns_cookie: u64, peer: SocketAddr) {
         // Already gone (expired and removed by the kernel, or evicted) is fine.
@@ -140,10 +175,32 @@ impl Verdicts {
     }
 }
 
+/// The ring slots (by sequence number) written after `from` up to `seq`: the latest
+/// `LATENCY_RING` at most, since older ones are overwritten.
+fn new_slots(from: u64, seq: u64) -> std::ops::Range<u64> {
+    seq.saturating_sub(LATENCY_RING as u64).max(from)..seq
+}
+
 fn key(netns_cookie: u64, peer: SocketAddr) -> VerdictKey {
     VerdictKey {
         netns_cookie,
         peer: SockAddr::from_std(peer),
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_slots;
+
+    /// The ring's new slots: all since the last read, but never more than the ring holds.
+    #[test]
+    fn new_slots_are_the_latest_the_ring_still_holds() {
+        assert_eq!(new_slots(0, 3), 0..3);
+        assert_eq!(new_slots(3, 3), 3..3, "nothing new");
+        assert_eq!(new_slots(3, 10), 3..10);
+        // 40 handshakes since the last read: only the last 16 are still in the ring.
+        assert_eq!(new_slots(10, 50), 34..50);
+        assert_eq!(new_slots(0, 16), 0..16);
     }
 }

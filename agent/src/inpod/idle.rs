@@ -7,6 +7,8 @@
 //! A pod is listed again only when one of its connections could next pass its timeout
 //! (`policy::idle_sweep`), not every sweep: listing 100,000 connections is not free.
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,13 +26,14 @@ use crate::{
 };
 
 /// One sweep of `pods` (name, netns cookie, worker): spawns a task per pod that has a
-/// kernel-tier peer with an idle timeout and is due for a listing (`schedule`).
+/// kernel-tier peer with an idle timeout (`idle`: (pod, peer) -> the timeout) and is due for
+/// a listing (`schedule`).
 pub fn sweep<'a>(
     pods: impl Iterator<Item = (&'a Arc<str>, u64, &'a NetnsWorker)>,
+    idle: &HashMap<(u64, SocketAddr), Duration>,
     shared: &Shared,
     schedule: &Arc<Mutex<IdleSchedule>>,
 ) {
-    let idle = shared.maps.verdicts.idle_timeouts();
     lock(schedule).retain(|pod| idle.keys().any(|(p, _)| *p == pod));
     if idle.is_empty() {
         return;

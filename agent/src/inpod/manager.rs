@@ -39,7 +39,7 @@ use crate::{
         proto::{Kind, Offered},
         Handed,
     },
-    policy::{token_bucket::TokenBucket, Clock},
+    policy::{token_bucket::TokenBucket, Clock, Direction, PeerKey},
     proxy::{dns, inbound, outbound, PodCtx, Shared},
     spec::{CidrSpec, PodSpec, PortRangeSpec},
     telemetry::flush::Observer,
@@ -351,13 +351,30 @@ impl PodManager {
         self.captured.reconcile(dp.bound_ports());
     }
 
-    /// Closes the kernel tier's direct connections that outlived their idle timeout.
-    pub fn sweep_idle(&self) {
+    /// The agent's look at the kernel tier, once a second: closes the direct connections
+    /// that outlived their idle timeout, and folds the connect latencies the kernel measured
+    /// since the last look into their peers' samples (the p50/p99 the proxy tier reports).
+    pub fn sweep_kernel_tier(&self) {
+        let scan = self.shared.maps.verdicts.scan();
         let pods = self
             .pods
             .values()
             .map(|p| (&p.name, p.cookie, &p._pod.worker));
-        super::idle::sweep(pods, &self.shared, &self.idle);
+        super::idle::sweep(pods, &scan.idle_timeouts, &self.shared, &self.idle);
+        let names: HashMap<u64, &Arc<str>> =
+            self.pods.values().map(|p| (p.cookie, &p.name)).collect();
+        for (cookie, peer, samples) in scan.latencies {
+            let Some(name) = names.get(&cookie) else {
+                continue;
+            };
+            let key = PeerKey {
+                pod: Arc::clone(name),
+                netns_cookie: cookie,
+                direction: Direction::Outbound,
+                peer,
+            };
+            self.shared.recorder.kernel_connected(&key, &samples);
+        }
     }
 }
 

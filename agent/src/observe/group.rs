@@ -82,6 +82,7 @@ pub fn add_into(a: &mut PeerRow, b: &PeerRow) {
     a.redirects += b.redirects;
     a.fast_rejects += b.fast_rejects;
     a.dns_redirects += b.dns_redirects;
+    a.direct += b.direct;
     if breaker_rank(b.breaker) > breaker_rank(a.breaker) {
         a.breaker = b.breaker;
     }

@@ -211,7 +211,7 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         l.push(extra);
         l
     };
-    let simple: [(&'static str, &'static str, &'static str, u64); 10] = [
+    let simple: [(&'static str, &'static str, &'static str, u64); 11] = [
         (
             "sockmesh_peer_connections_active",
             "gauge",
@@ -267,6 +267,12 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
             r.fast_rejects,
         ),
         (
+            "sockmesh_peer_direct_connections_total",
+            "counter",
+            "connect() calls the kernel tier policed and let go direct (the rest of the peer's connections were proxied).",
+            r.direct,
+        ),
+        (
             "sockmesh_peer_kernel_dns_redirects_total",
             "counter",
             "DNS connect()/sendto() calls to this server the kernel redirected to the agent.",
@@ -303,6 +309,17 @@ fn peer_samples(o: &mut Out, r: &PeerRow) {
         "1 while the peer's circuit breaker is open.",
     );
     o.add(f, &base, u8::from(r.breaker == "open"));
+    if r.peers == 1 {
+        // One address, one tier (a row summing several may mix them).
+        let f = o.family(
+            "sockmesh_peer_tier",
+            "gauge",
+            "1 for the tier the peer is on now (kernel: its connections go direct, policed in the kernel; proxy: through the agent), with why.",
+        );
+        let mut l = with(("tier", r.tier));
+        l.push(("reason", r.tier_reason));
+        o.add(f, &l, 1);
+    }
     let f = o.family(
         "sockmesh_peer_adaptive_reject_ratio",
         "gauge",

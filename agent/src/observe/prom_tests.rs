@@ -38,6 +38,7 @@ fn snapshot(peers: usize) -> Snapshot {
                     ..Default::default()
                 },
                 names: None,
+                live: None,
             })
             .collect(),
         agent: [0; agent_counter::COUNT],

@@ -147,6 +147,7 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
             // The proxy's figures and the kernel tier's, in the same fields: a peer's
             // connections are counted wherever they went.
             let s = with_kernel_tier(&r.state, &r.kernel);
+            let (on_kernel, why) = live_tier(&s, r.key.direction, r.live);
             let peer = r
                 .key
                 .peer
@@ -190,16 +191,33 @@ pub fn peer_rows(snap: &Snapshot) -> Vec<PeerRow> {
                 connect_p99_us: s.connect_p99_us,
                 last_error: peer_error::name(s.last_error),
                 last_error_unix_ms: s.last_error_unix_ms,
-                tier: if u32::from(s.tier) == tier::KERNEL {
-                    "kernel"
-                } else {
-                    "proxy"
-                },
-                tier_reason: tier_reason::name(s.tier_reason),
+                tier: if on_kernel { "kernel" } else { "proxy" },
+                tier_reason: tier_reason::name(why),
                 direct: r.kernel[peer_counter::DIRECT],
             }
         })
         .collect()
+}
+
+/// The tier a peer is on now, (on the kernel tier, why): for an outbound peer its
+/// `SM_VERDICTS` entry decides (`live`: its tier, and whether the kernel opened the breaker),
+/// since the agent's last decision can be stale: the entry evicted from the LRU, or the peer
+/// handed back by the kernel's breaker before the agent took note.
+pub fn live_tier(
+    state: &sockmesh_common::peer::PeerState,
+    dir: u16,
+    live: Option<(u32, bool)>,
+) -> (bool, u8) {
+    let agent_kernel = u32::from(state.tier) == tier::KERNEL;
+    if dir != direction::OUTBOUND {
+        return (agent_kernel, state.tier_reason);
+    }
+    match live {
+        Some((t, _)) if t == tier::KERNEL => (true, tier_reason::KERNEL),
+        Some((_, true)) => (false, tier_reason::BREAKER_OPENED),
+        _ if agent_kernel => (false, tier_reason::ENTRY_GONE),
+        _ => (false, state.tier_reason),
+    }
 }
 
 /// The agent's figures of a peer plus what the kernel tier counted for its direct
@@ -222,6 +240,8 @@ pub fn with_kernel_tier(
         .wrapping_add(k[peer_counter::THROTTLED_CONCURRENCY]);
     s.throttled[throttle_reason::ADAPTIVE] =
         s.throttled[throttle_reason::ADAPTIVE].wrapping_add(k[peer_counter::THROTTLED_ADAPTIVE]);
+    s.throttled[throttle_reason::BREAKER] =
+        s.throttled[throttle_reason::BREAKER].wrapping_add(k[peer_counter::THROTTLED_BREAKER]);
     s.connect_failures = s
         .connect_failures
         .wrapping_add(k[peer_counter::CONNECT_FAILURES]);
@@ -324,5 +344,44 @@ mod tests {
         assert_eq!(breaker_now(breaker_state::OPEN, 100, 100), "half_open");
         assert_eq!(breaker_now(breaker_state::CLOSED, 0, 5), "closed");
         assert_eq!(breaker_now(breaker_state::NONE, 0, 5), "none");
+    }
+
+    /// An outbound peer's tier is its live entry's; the agent's word counts only without one
+    /// (then an entry it handed over and the kernel no longer has is `entry_gone`).
+    #[test]
+    fn the_live_entry_decides_an_outbound_peers_tier() {
+        use sockmesh_common::peer::PeerState;
+        let on = |tier: u32, reason: u8| PeerState {
+            tier: tier as u8,
+            tier_reason: reason,
+            ..Default::default()
+        };
+        let kernel = on(tier::KERNEL, tier_reason::KERNEL);
+        let proxy = on(tier::PROXY, tier_reason::QUEUE);
+        let out = direction::OUTBOUND;
+        assert_eq!(
+            live_tier(&kernel, out, Some((tier::KERNEL, false))),
+            (true, tier_reason::KERNEL)
+        );
+        assert_eq!(
+            live_tier(&kernel, out, None),
+            (false, tier_reason::ENTRY_GONE)
+        );
+        assert_eq!(
+            live_tier(&kernel, out, Some((tier::PROXY, true))),
+            (false, tier_reason::BREAKER_OPENED)
+        );
+        // A fast-reject verdict of the proxy tier: still the agent's reason.
+        assert_eq!(
+            live_tier(&proxy, out, Some((tier::PROXY, false))),
+            (false, tier_reason::QUEUE)
+        );
+        assert_eq!(live_tier(&proxy, out, None), (false, tier_reason::QUEUE));
+        // Inbound peers have no entry: the agent's word.
+        let inbound = on(tier::PROXY, tier_reason::INBOUND);
+        assert_eq!(
+            live_tier(&inbound, direction::INBOUND, None),
+            (false, tier_reason::INBOUND)
+        );
     }
 }

@@ -249,6 +249,17 @@ impl Recorder {
         });
     }
 
+    /// Connect latencies (µs) of the peer's direct connections, measured by the kernel tier:
+    /// into the same samples as the proxy's upstream connects (the kernel counts the
+    /// connections themselves).
+    pub fn kernel_connected(&self, key: &PeerKey, latencies_us: &[u32]) {
+        self.with(key, |o, _| {
+            for &us in latencies_us {
+                o.sample(us.max(1));
+            }
+        });
+    }
+
     /// Something of the peer changed outside the proxy (the kernel tier opened its breaker):
     /// flush it with the next batch.
     pub fn touched(&self, key: &PeerKey) {

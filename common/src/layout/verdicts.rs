@@ -3,12 +3,22 @@
 use core::mem::{offset_of, size_of};
 
 use super::{f, Field, Kind};
-use crate::fast::{tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS};
+use crate::fast::{
+    refusal, tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS, LATENCY_RING,
+};
 
 pub(super) fn tier_name(v: u64) -> &'static str {
     match v as u32 {
         tier::PROXY => "proxy",
         tier::KERNEL => "kernel",
+        _ => "unknown",
+    }
+}
+fn refusal_name(v: u64) -> &'static str {
+    match v as u32 {
+        refusal::UNSAID => "unsaid",
+        refusal::BREAKER => "breaker",
+        refusal::RATE => "rate",
         _ => "unknown",
     }
 }
@@ -91,6 +101,25 @@ pub(super) const VERDICT_VALUE: (usize, &[Field]) = (
             offset_of!(Verdict, window),
             Kind::Pad {
                 len: ADAPTIVE_BUCKETS * size_of::<WindowBucket>(),
+            },
+        ),
+        f(
+            "refusal",
+            offset_of!(Verdict, refusal),
+            Kind::Named {
+                size: 4,
+                name: refusal_name,
+            },
+        ),
+        f("_pad", offset_of!(Verdict, _pad), Kind::Pad { len: 4 }),
+        f("latency_seq", offset_of!(Verdict, latency_seq), Kind::U64),
+        // The latency ring (µs each): kernel state, shown raw by bpftool; `peers` shows its
+        // quantiles.
+        f(
+            "latency_us",
+            offset_of!(Verdict, latency_us),
+            Kind::Pad {
+                len: LATENCY_RING * size_of::<u32>(),
             },
         ),
     ],

@@ -13,36 +13,6 @@ use std::time::{Duration, Instant};
 
 use sockmesh_tests::{tcp_connect, Agent, Connected, Pod};
 
-/// The two tiers a peer's policy runs on (README, "Two tiers"). The policy tests run on both:
-/// on the kernel tier (`--fast-path auto`) a peer whose policy the kernel enforces is handed
-/// over after its first proxied connection and later connect()s are policed in the kernel;
-/// where what a client sees differs, the test says so for each tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tier {
-    Proxy,
-    Kernel,
-}
-
-impl Tier {
-    pub fn flags(self) -> [&'static str; 2] {
-        match self {
-            Tier::Proxy => ["--fast-path", "off"],
-            Tier::Kernel => ["--fast-path", "auto"],
-        }
-    }
-
-    /// `sockmesh run` arguments: enrol `pod` on this tier, plus `extra`.
-    pub fn agent(self, pod: &Pod, extra: &[&str]) -> Agent {
-        let spec = sockmesh_tests::pod_spec(pod, "");
-        let mut args = vec!["--pod", spec.as_str()];
-        args.extend(self.flags());
-        args.extend_from_slice(extra);
-        let agent = Agent::start(args).expect("agent");
-        agent.wait_ready().expect("ready");
-        agent
-    }
-}
-
 /// Generous per-step bound: reached only when something is broken.
 pub const T: Duration = Duration::from_secs(5);
 

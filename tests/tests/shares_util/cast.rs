@@ -40,6 +40,12 @@ pub fn start_agent(c: &Cast, extra: &[&str]) -> (Agent, Value) {
         "--pod".to_string(),
         pod_spec(&c.hostile, ""),
     ];
+    // Proxy tier unless a test asks for another: the attacks load what pods share in the
+    // agent and the origin maps, which only proxied connections take (a kernel-tier peer's
+    // connections go direct).
+    if !extra.contains(&"--fast-path") {
+        args.extend(["--fast-path".to_string(), "off".to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let agent = Agent::start(&args).expect("agent");
     let ready = agent.wait_ready().expect("ready");
