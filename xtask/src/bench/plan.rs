@@ -75,18 +75,6 @@ impl Variant {
             Variant::SockmeshProxy => "proxy",
         }
     }
-
-    /// Whether the pod's connections to the server are redirected to the agent.
-    pub fn captured(self) -> bool {
-        matches!(
-            self,
-            Variant::Sockmesh
-                | Variant::Iptables
-                | Variant::SockmeshSplice
-                | Variant::Baseline
-                | Variant::SockmeshProxy
-        )
-    }
 }
 
 /// How long and how often.

@@ -280,10 +280,12 @@ fn to_markdown(
         s.push('\n');
     }
     s.push_str(
-        "\nconnect(): direct is a plain connect() to a listener on the pod's own loopback; \
-         sockmesh and iptables+agent connect to the server and are redirected to the agent on \
-         that same loopback, so their ratio is the cost of the capture itself. HAProxy's client \
-         connects to HAProxy on loopback (no capture). sockperf reports half the round trip.\n",
+        "\nconnect(): every client connects where its app would: direct, sockmesh (fast path) \
+         and sockmesh-proxy to the server, HAProxy's to HAProxy on its loopback. On the kernel \
+         tier the handshake is the real one to the server, so the ratio is the cost of the \
+         policing; the proxy tier, iptables+agent and HAProxy answer connect() from a listener \
+         on the pod's loopback before the server is reached, so theirs can be below 1. \
+         sockperf reports half the round trip.\n",
     );
     s.push_str(&super::scale_report::markdown(scale));
     s.push_str("\n## The issue's targets\n\n| target | measured | reached |\n|---|---|---|\n");
@@ -338,15 +340,18 @@ fn targets(results: &Results, scale: &[&ScaleResult]) -> Vec<Target> {
             check(&what, ratio(w, Variant::Sockmesh, i), &ok, "×{}");
         }
     }
-    let below = |w, i| Some(med(w, Variant::Sockmesh, i)? / med(w, Variant::Iptables, i)?);
-    for (what, w) in [
-        ("RR p50 below iptables+agent", Workload::Rr),
+    // Both redirect to the agent on loopback: the proxy tier's connect() against iptables'
+    // is the cost of the capture alone (the kernel tier's is a real handshake).
+    for (what, w, v) in [
+        ("RR p50 below iptables+agent", Workload::Rr, Variant::Sockmesh),
         (
-            "eBPF capture cheaper than iptables REDIRECT (connect() p50)",
+            "eBPF capture cheaper than iptables REDIRECT (connect() p50, proxy tier)",
             Workload::Connect,
+            Variant::SockmeshProxy,
         ),
     ] {
-        check(what, below(w, 0), &|r| r < 1.0, "sockmesh/iptables ×{}");
+        let below = med(w, v, 0).zip(med(w, Variant::Iptables, 0)).map(|(a, b)| a / b);
+        check(what, below, &|r| r < 1.0, &format!("{}/iptables ×{{}}", v.name()));
     }
     // The kernel fast path (#15): sockmesh runs `--fast-path auto`, sockmesh-proxy `off`.
     check(
@@ -397,11 +402,17 @@ fn targets(results: &Results, scale: &[&ScaleResult]) -> Vec<Target> {
         .iter()
         .filter(|w| w.applies(Variant::Haproxy))
     {
+        // HAProxy answers connect() on the pod's loopback, as the proxy tier does; the
+        // kernel tier's connect() is the real handshake with the server, so for connect()
+        // the like-for-like comparison is the proxy tier's.
+        let v = match w {
+            Workload::Connect => Variant::SockmeshProxy,
+            _ => Variant::Sockmesh,
+        };
         for (i, m) in w.metrics().iter().enumerate() {
-            let vs = (|| {
-                let (a, b) = (med(w, Variant::Sockmesh, i)?, med(w, Variant::Haproxy, i)?);
-                Some(a / b)
-            })();
+            let vs = med(w, v, i)
+                .zip(med(w, Variant::Haproxy, i))
+                .map(|(a, b)| a / b);
             let better = m.better;
             check(
                 &format!("ahead of HAProxy: {} {}", w.name(), m.name),
@@ -410,7 +421,7 @@ fn targets(results: &Results, scale: &[&ScaleResult]) -> Vec<Target> {
                     Better::Higher => r > 1.0,
                     Better::Lower => r < 1.0,
                 },
-                "sockmesh/haproxy ×{}",
+                &format!("{}/haproxy ×{{}}", v.name()),
             );
         }
     }
