@@ -1,7 +1,8 @@
-//! The TCP listening sockets of the calling thread's network namespace, from the kernel's
-//! socket table (NETLINK_SOCK_DIAG, the interface `ss` uses), with each socket's cookie: the
-//! same number `bpf_get_socket_cookie` gives the kernel programs. Call it on a pod's netns
-//! worker to see that pod's listeners.
+//! The TCP sockets of the calling thread's network namespace, from the kernel's socket table
+//! (NETLINK_SOCK_DIAG, the interface `ss` uses), with each socket's cookie: the same number
+//! `bpf_get_socket_cookie` gives the kernel programs. Call it on a pod's netns worker to see
+//! that pod's sockets. This file holds the dump both users make ([`dump`]) and the listeners;
+//! `sockdiag_idle` the established connections and their destruction.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -9,16 +10,30 @@ use std::{
 };
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub(super) const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
+pub(super) const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u32 = 10;
 /// `struct nlmsghdr`.
 const NLMSG_HDR: usize = 16;
-/// `struct inet_diag_msg` (its attributes follow; none is asked for).
+/// `struct inet_diag_msg`, then its attributes.
 const DIAG_MSG: usize = 72;
+/// `struct inet_diag_req_v2`.
+const DIAG_REQ: usize = 56;
+
+/// One socket of a dump: what `inet_diag_msg` says of it, and its attributes.
+pub(super) struct DiagMsg<'a> {
+    pub family: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub cookie: u64,
+    /// The kernel's socket id (`inet_diag_sockid`), as SOCK_DESTROY wants it back.
+    pub sockid: [u8; 48],
+    /// The attributes asked for (`struct rtattr`s), see [`attribute`].
+    pub attrs: &'a [u8],
+}
 
 /// One listening TCP socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,23 +45,39 @@ pub struct Listener {
 /// Every listening TCP socket (IPv4 and IPv6) of the calling thread's namespace.
 pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        out.extend(dump(family as u8)?);
-    }
+    dump(1 << TCP_LISTEN, 0, |m| {
+        out.push(Listener {
+            addr: m.local,
+            cookie: m.cookie,
+        })
+    })?;
     Ok(out)
 }
 
-fn dump(family: u8) -> io::Result<Vec<Listener>> {
-    let fd = diag_socket()?;
-    send(&fd, &request(family))?;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = recv(&fd, &mut buf)?;
-        if parse(&buf[..n], &mut out)? {
-            return Ok(out);
+/// Dumps the TCP sockets (IPv4, then IPv6) in `states` (a bit per TCP state) with the
+/// attributes of `extensions` (a bit per `INET_DIAG_*` attribute, less one), showing each to
+/// `visit` as it is read: a namespace with many sockets costs no memory for those dropped.
+pub(super) fn dump(states: u32, extensions: u8, mut visit: impl FnMut(&DiagMsg)) -> io::Result<()> {
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let fd = diag_socket()?;
+        let req = request(
+            family as u8,
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_DUMP,
+            states,
+            extensions,
+            None,
+        );
+        send(&fd, &req)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = recv(&fd, &mut buf)?;
+            if parse(&buf[..n], &mut visit)? {
+                break;
+            }
         }
     }
+    Ok(())
 }
 
 /// A NETLINK_SOCK_DIAG socket of the calling thread's namespace (also `sockdiag_idle`'s).
@@ -94,22 +125,50 @@ pub(super) fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
-/// A dump request for the listening TCP sockets of one family.
-fn request(family: u8) -> Vec<u8> {
-    let len = NLMSG_HDR + 56;
+/// A `ty` request (`flags` beside NLM_F_REQUEST) for the TCP sockets of one family in
+/// `states` with the attributes of `extensions`, or, with a socket id, for that one socket.
+pub(super) fn request(
+    family: u8,
+    ty: u16,
+    flags: u16,
+    states: u32,
+    extensions: u8,
+    sockid: Option<&[u8; 48]>,
+) -> Vec<u8> {
+    let len = NLMSG_HDR + DIAG_REQ;
     let mut r = vec![0u8; len];
     r[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
-    r[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    r[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    // inet_diag_req_v2: family, protocol, extensions, pad, states, then a zero sockid.
+    r[4..6].copy_from_slice(&ty.to_ne_bytes());
+    r[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    // inet_diag_req_v2: family, protocol, extensions, pad, states, then the sockid.
     r[16] = family;
     r[17] = libc::IPPROTO_TCP as u8;
-    r[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    r[18] = extensions;
+    r[20..24].copy_from_slice(&states.to_ne_bytes());
+    if let Some(id) = sockid {
+        r[24..72].copy_from_slice(id);
+    }
     r
 }
 
-/// Adds the sockets of one datagram of the dump to `out`; true once the dump is done.
-fn parse(mut buf: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
+/// The errno of a netlink acknowledgement (0: success), if `buf` is one.
+pub(super) fn ack_errno(buf: &[u8]) -> Option<i32> {
+    if buf.len() < NLMSG_HDR + 4 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
+        return None;
+    }
+    Some(-(u32_at(buf, NLMSG_HDR) as i32))
+}
+
+fn addr(family: u8, b: &[u8], port: u16) -> SocketAddr {
+    let ip = match i32::from(family) {
+        libc::AF_INET => IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+        _ => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or_default())),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Shows the sockets of one datagram of the dump to `visit`; true once the dump is done.
+fn parse(mut buf: &[u8], visit: &mut impl FnMut(&DiagMsg)) -> io::Result<bool> {
     while buf.len() >= NLMSG_HDR {
         let len = u32_at(buf, 0) as usize;
         let ty = u16::from_ne_bytes([buf[4], buf[5]]);
@@ -119,29 +178,25 @@ fn parse(mut buf: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
         match ty {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
-                let errno = if len >= NLMSG_HDR + 4 {
-                    -(u32_at(buf, NLMSG_HDR) as i32)
-                } else {
-                    libc::EIO
-                };
-                return Err(io::Error::from_raw_os_error(errno));
+                return Err(io::Error::from_raw_os_error(
+                    ack_errno(buf).unwrap_or(libc::EIO),
+                ))
             }
             SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + DIAG_MSG => {
-                let m = &buf[NLMSG_HDR..NLMSG_HDR + DIAG_MSG];
+                let m = &buf[NLMSG_HDR..len];
                 // inet_diag_msg: family, state, timer, retrans, then the sockid: sport and
-                // dport (network order), src[16], dst[16], ifindex, cookie[2].
-                let port = u16::from_be_bytes([m[4], m[5]]);
-                let src = &m[8..24];
-                let ip = match m[0] as i32 {
-                    libc::AF_INET => IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3])),
-                    _ => IpAddr::V6(Ipv6Addr::from(
-                        <[u8; 16]>::try_from(src).unwrap_or_default(),
-                    )),
-                };
-                let cookie = u64::from(u32_at(m, 44)) | (u64::from(u32_at(m, 48)) << 32);
-                out.push(Listener {
-                    addr: SocketAddr::new(ip, port),
-                    cookie,
+                // dport (network order), src[16], dst[16], ifindex, cookie[2]; then
+                // expires, rqueue, wqueue, uid, inode; then attributes.
+                let family = m[0];
+                let mut sockid = [0u8; 48];
+                sockid.copy_from_slice(&m[4..52]);
+                visit(&DiagMsg {
+                    family,
+                    local: addr(family, &m[8..24], u16::from_be_bytes([m[4], m[5]])),
+                    remote: addr(family, &m[24..40], u16::from_be_bytes([m[6], m[7]])),
+                    cookie: u64::from(u32_at(m, 44)) | (u64::from(u32_at(m, 48)) << 32),
+                    sockid,
+                    attrs: &m[DIAG_MSG..],
                 });
             }
             _ => {}
@@ -151,6 +206,22 @@ fn parse(mut buf: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
         buf = &buf[next.min(buf.len())..];
     }
     Ok(false)
+}
+
+/// The payload of the first attribute of type `ty` (`struct rtattr`: u16 len, u16 type).
+pub(super) fn attribute(mut attrs: &[u8], ty: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let t = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if t == ty {
+            return Some(&attrs[4..len]);
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    None
 }
 
 #[cfg(test)]
@@ -178,7 +249,28 @@ mod tests {
         v6[15] = 1;
         buf.extend(message(libc::AF_INET6 as u8, 443, v6, 7));
         let mut out = Vec::new();
-        assert!(!parse(&buf, &mut out).expect("parse"));
+        let mut listener = |m: &DiagMsg| {
+            out.push(Listener {
+                addr: m.local,
+                cookie: m.cookie,
+            })
+        };
+        assert!(!parse(&buf, &mut listener).expect("parse"));
+        let mut done = vec![0u8; NLMSG_HDR];
+        done[0..4].copy_from_slice(&(NLMSG_HDR as u32).to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        assert!(parse(&done, &mut listener).expect("parse"));
+        let mut err = vec![0u8; NLMSG_HDR + 4];
+        err[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
+        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err[16..20].copy_from_slice(&(-libc::EPERM as u32).to_ne_bytes());
+        assert_eq!(
+            parse(&err, &mut listener)
+                .expect_err("error")
+                .raw_os_error(),
+            Some(libc::EPERM)
+        );
+        assert!(!parse(&done[..8], &mut listener).expect("short"));
         assert_eq!(
             out,
             [
@@ -192,19 +284,6 @@ mod tests {
                 }
             ]
         );
-        let mut done = vec![0u8; NLMSG_HDR];
-        done[0..4].copy_from_slice(&(NLMSG_HDR as u32).to_ne_bytes());
-        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
-        assert!(parse(&done, &mut out).expect("parse"));
-        let mut err = vec![0u8; NLMSG_HDR + 4];
-        err[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
-        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        err[16..20].copy_from_slice(&(-libc::EPERM as u32).to_ne_bytes());
-        assert_eq!(
-            parse(&err, &mut out).expect_err("error").raw_os_error(),
-            Some(libc::EPERM)
-        );
-        assert!(!parse(&done[..8], &mut out).expect("short"));
     }
 
     /// The kernel's own answer: a listener this test opens is listed with its cookie.

@@ -343,15 +343,26 @@ fn targets(results: &Results, scale: &[&ScaleResult]) -> Vec<Target> {
     // Both redirect to the agent on loopback: the proxy tier's connect() against iptables'
     // is the cost of the capture alone (the kernel tier's is a real handshake).
     for (what, w, v) in [
-        ("RR p50 below iptables+agent", Workload::Rr, Variant::Sockmesh),
+        (
+            "RR p50 below iptables+agent",
+            Workload::Rr,
+            Variant::Sockmesh,
+        ),
         (
             "eBPF capture cheaper than iptables REDIRECT (connect() p50, proxy tier)",
             Workload::Connect,
             Variant::SockmeshProxy,
         ),
     ] {
-        let below = med(w, v, 0).zip(med(w, Variant::Iptables, 0)).map(|(a, b)| a / b);
-        check(what, below, &|r| r < 1.0, &format!("{}/iptables ×{{}}", v.name()));
+        let below = med(w, v, 0)
+            .zip(med(w, Variant::Iptables, 0))
+            .map(|(a, b)| a / b);
+        check(
+            what,
+            below,
+            &|r| r < 1.0,
+            &format!("{}/iptables ×{{}}", v.name()),
+        );
     }
     // The kernel fast path (#15): sockmesh runs `--fast-path auto`, sockmesh-proxy `off`.
     check(
