@@ -35,7 +35,8 @@ pub mod layout;
 /// 9: `Verdict::refusal` (verdict refusals counted as throttled by reason, and the
 /// `throttled_breaker` peer counter) and the kernel tier's connect-latency ring
 /// (`Verdict::latency_seq`, `latency_us`).
-pub const SCHEMA_VERSION: u32 = 9;
+/// 10: `PeerState::direct_bytes_{out,in}_floor` (a direct connection's bytes while open).
+pub const SCHEMA_VERSION: u32 = 10;
 
 pub mod fast;
 pub mod peer;

@@ -240,6 +240,13 @@ pub struct PeerState {
     pub breaker_open_until_ns: u64,
     /// When the agent wrote this entry, Unix time in milliseconds.
     pub updated_unix_ms: u64,
+    /// The kernel tier's bytes each way as of the agent's last look at the open direct
+    /// connections: the kernel's totals of the ended ones (`peer_counter::BYTES_*`, read
+    /// first) plus what the open ones had moved (sock_diag, read after). Never above the
+    /// truth, only raised; readers show the larger of it and the kernel's totals, so a direct
+    /// connection's bytes show while it is open and the figure never goes down.
+    pub direct_bytes_out_floor: u64,
+    pub direct_bytes_in_floor: u64,
     /// Upstream connect latency quantiles over the agent's recent samples, microseconds
     /// (0: no sample).
     pub connect_p50_us: u32,
@@ -549,7 +556,7 @@ mod tests {
         assert_eq!(size_of::<PeerKernelStats>(), 8 * peer_counter::COUNT);
         assert_eq!(
             size_of::<PeerState>(),
-            8 * (4 + timeout_kind::COUNT + throttle_reason::COUNT + 6) + 4 * 3 + 1 + 1 + 2
+            8 * (4 + timeout_kind::COUNT + throttle_reason::COUNT + 8) + 4 * 3 + 1 + 1 + 2
         );
         assert_eq!(size_of::<PodMeta>(), POD_NAME_LEN + 16);
         assert_eq!(size_of::<AgentStats>(), 8 * agent_counter::COUNT);

@@ -1,6 +1,7 @@
 //! The kernel side as the agent drives it: load the programs, pin the maps, attach every
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
 pub mod capacity;
+pub mod direct_bytes;
 pub mod heartbeat;
 pub mod links;
 mod object;
@@ -89,6 +90,8 @@ pub struct KernelMaps {
     pub dns_origins: Mutex<HashMap<MapData, DnsKey, SockAddr>>,
     /// Fast-reject verdicts that `connect4/6` reads.
     pub verdicts: verdicts::Verdicts,
+    /// The kernel tier's byte totals of ended direct connections, per peer.
+    pub direct_bytes: direct_bytes::DirectBytes,
     /// The in-kernel relay, when `--kernel-relay on` or `auto`.
     pub relay: Option<relay::RelayMaps>,
 }
@@ -246,6 +249,7 @@ impl Datapath {
                 // A second handle on the pinned map (inbound steering owns the object's).
                 stats::open(dir, map_names::FAST_SOCKETS)?.try_into()?,
             ),
+            direct_bytes: direct_bytes::DirectBytes::open(dir)?,
             relay: match opts.kernel_relay {
                 relay::Mode::Off => None,
                 mode => Some(relay::RelayMaps::attach(&mut ebpf, mode)?),

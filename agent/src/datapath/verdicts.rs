@@ -24,6 +24,8 @@ use crate::sys::lock::lock;
 pub struct Scan {
     pub idle_timeouts: std::collections::HashMap<(u64, SocketAddr), Duration>,
     pub latencies: Vec<(u64, SocketAddr, Vec<u32>)>,
+    /// Every (pod, peer) on the kernel tier now.
+    pub kernel_peers: Vec<(u64, SocketAddr)>,
 }
 
 pub struct Verdicts {
@@ -130,6 +132,7 @@ impl Verdicts {
             let Some(peer) = k.peer.to_std().filter(|_| v.tier == tier::KERNEL) else {
                 continue;
             };
+            scan.kernel_peers.push((k.netns_cookie, peer));
             if v.idle_timeout_ms != 0 {
                 scan.idle_timeouts.insert(
                     (k.netns_cookie, peer),

@@ -92,6 +92,8 @@ pub struct PodManager {
     next_generation: u64,
     /// When each pod's direct connections next need a look for the idle timeout.
     idle: Arc<std::sync::Mutex<crate::policy::idle_sweep::IdleSchedule>>,
+    /// When each pod's open direct connections are next looked at for their bytes.
+    live_bytes: Arc<std::sync::Mutex<super::live_bytes::LiveSchedule>>,
 }
 
 impl PodManager {
@@ -108,6 +110,7 @@ impl PodManager {
             gone_tx,
             next_generation: 0,
             idle: Default::default(),
+            live_bytes: Default::default(),
         };
         (mgr, gone_rx)
     }
@@ -360,7 +363,8 @@ impl PodManager {
             .pods
             .values()
             .map(|p| (&p.name, p.cookie, &p._pod.worker));
-        super::idle::sweep(pods, &scan.idle_timeouts, &self.shared, &self.idle);
+        super::idle::sweep(pods.clone(), &scan.idle_timeouts, &self.shared, &self.idle);
+        super::live_bytes::sweep(pods, &scan.kernel_peers, &self.shared, &self.live_bytes);
         let names: HashMap<u64, &Arc<str>> =
             self.pods.values().map(|p| (p.cookie, &p.name)).collect();
         for (cookie, peer, samples) in scan.latencies {

@@ -3,6 +3,7 @@
 //! ports are captured, and finding a Kubernetes pod's namespace from its UID.
 pub mod captured;
 pub mod idle;
+pub mod live_bytes;
 pub mod liveness;
 pub mod manager;
 pub mod pod;

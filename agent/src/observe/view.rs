@@ -230,8 +230,14 @@ pub fn with_kernel_tier(
     let live = k[peer_counter::CONNS].saturating_sub(k[peer_counter::CLOSED]);
     s.conns_active = s.conns_active.wrapping_add(live);
     s.conns_total = s.conns_total.wrapping_add(k[peer_counter::CONNS]);
-    s.bytes_out = s.bytes_out.wrapping_add(k[peer_counter::BYTES_OUT]);
-    s.bytes_in = s.bytes_in.wrapping_add(k[peer_counter::BYTES_IN]);
+    // The direct connections' bytes: the kernel's totals of the ended ones, or the agent's
+    // last look at them with the open ones, whichever is larger (both only grow).
+    s.bytes_out = s
+        .bytes_out
+        .wrapping_add(k[peer_counter::BYTES_OUT].max(state.direct_bytes_out_floor));
+    s.bytes_in = s
+        .bytes_in
+        .wrapping_add(k[peer_counter::BYTES_IN].max(state.direct_bytes_in_floor));
     s.timeouts[timeout_kind::CONNECT] =
         s.timeouts[timeout_kind::CONNECT].wrapping_add(k[peer_counter::CONNECT_TIMEOUTS]);
     s.throttled[throttle_reason::RATE] =

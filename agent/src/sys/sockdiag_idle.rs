@@ -14,6 +14,9 @@ const INET_DIAG_INFO: u16 = 2;
 /// Offsets in `struct tcp_info` of `tcpi_last_data_sent` and `tcpi_last_data_recv` (ms ago).
 const LAST_DATA_SENT: usize = 44;
 const LAST_DATA_RECV: usize = 52;
+/// Offsets of `tcpi_bytes_acked` and `tcpi_bytes_received` (u64; since Linux 4.1/4.2).
+const BYTES_ACKED: usize = 120;
+const BYTES_RECEIVED: usize = 128;
 
 /// One established TCP connection and how long it has moved no data either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +25,10 @@ pub struct Conn {
     pub remote: SocketAddr,
     pub cookie: u64,
     pub idle_ms: u32,
+    /// Payload bytes the peer acknowledged, and received from it (the SYN's sequence number
+    /// taken out of `tcpi_bytes_acked`: the connection is established, so not yet a FIN).
+    pub bytes_out: u64,
+    pub bytes_in: u64,
     /// The kernel's socket id (`inet_diag_sockid`), as SOCK_DESTROY wants it back.
     sockid: [u8; 48],
     family: u8,
@@ -44,6 +51,8 @@ pub fn established_where(mut keep: impl FnMut(&Conn) -> bool) -> io::Result<Vec<
             remote: m.remote,
             cookie: m.cookie,
             idle_ms: u32_at(info, LAST_DATA_SENT).min(u32_at(info, LAST_DATA_RECV)),
+            bytes_out: u64_at(info, BYTES_ACKED).saturating_sub(1),
+            bytes_in: u64_at(info, BYTES_RECEIVED),
             sockid: m.sockid,
             family: m.family,
         };
@@ -52,6 +61,13 @@ pub fn established_where(mut keep: impl FnMut(&Conn) -> bool) -> io::Result<Vec<
         }
     })?;
     Ok(out)
+}
+
+/// A u64 at byte `i` of a kernel structure (native order); 0 if it is not there.
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    b.get(i..i + 8)
+        .and_then(|x| <[u8; 8]>::try_from(x).ok())
+        .map_or(0, u64::from_ne_bytes)
 }
 
 /// Closes `c` as `ss -K` does: the kernel aborts it (the local app's next call fails with
@@ -85,6 +101,8 @@ pub fn destroy_supported() -> bool {
         remote: SocketAddr::from(([127, 0, 0, 1], 1)),
         cookie: 0,
         idle_ms: 0,
+        bytes_out: 0,
+        bytes_in: 0,
         sockid: [0; 48],
         family: libc::AF_INET as u8,
     };
@@ -148,6 +166,7 @@ mod tests {
         assert_eq!(mine.local, c.local_addr().expect("local"));
         assert_eq!(mine.remote, l.local_addr().expect("addr"));
         assert!(mine.idle_ms >= 40, "{mine:?}");
+        assert_eq!((mine.bytes_out, mine.bytes_in), (1, 0), "{mine:?}");
         destroy(mine).expect("destroy");
         let err = c.write_all(b"y").and_then(|()| c.write_all(b"z"));
         assert_eq!(

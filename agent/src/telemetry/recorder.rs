@@ -47,6 +47,9 @@ pub struct Delta {
     /// The peer's tier and why (`tier_reason::UNKNOWN` keeps the entry's older one).
     pub tier: u8,
     pub tier_reason: u8,
+    /// The kernel tier's bytes (out, in) as of the last look at the open direct connections
+    /// (`PeerState::direct_bytes_*_floor`): the entry keeps the larger of it and its own.
+    pub direct_bytes_floor: (u64, u64),
 }
 
 impl Delta {
@@ -80,6 +83,8 @@ impl Delta {
             v.tier = self.tier;
             v.tier_reason = self.tier_reason;
         }
+        v.direct_bytes_out_floor = v.direct_bytes_out_floor.max(self.direct_bytes_floor.0);
+        v.direct_bytes_in_floor = v.direct_bytes_in_floor.max(self.direct_bytes_floor.1);
     }
 }
 
@@ -120,6 +125,8 @@ struct Obs {
     last_error_unix_ms: u64,
     latencies_us: Vec<u32>,
     next_sample: usize,
+    /// See [`Delta::direct_bytes_floor`].
+    direct_bytes_floor: (u64, u64),
     /// Changed since the last flush.
     dirty: bool,
     /// Has gauges that move without traffic (open connections, a breaker not closed, a
@@ -257,6 +264,15 @@ impl Recorder {
             for &us in latencies_us {
                 o.sample(us.max(1));
             }
+        });
+    }
+
+    /// The kernel tier's bytes of the peer's direct connections, ended and open, as the agent
+    /// last looked (`inpod::live_bytes`): a floor of its totals, only ever raised.
+    pub fn kernel_bytes_floor(&self, key: &PeerKey, floor: (u64, u64)) {
+        self.with(key, |o, _| {
+            o.direct_bytes_floor.0 = o.direct_bytes_floor.0.max(floor.0);
+            o.direct_bytes_floor.1 = o.direct_bytes_floor.1.max(floor.1);
         });
     }
 
@@ -408,6 +424,7 @@ impl Recorder {
                 last_error_unix_ms: o.last_error_unix_ms,
                 connect_p50_us: p50,
                 connect_p99_us: p99,
+                direct_bytes_floor: o.direct_bytes_floor,
             };
             o.dirty = false;
             o.live = o.active > 0

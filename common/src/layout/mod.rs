@@ -13,6 +13,7 @@ use core::mem::size_of;
 use crate::{Cidr, PortRange, SockAddr};
 
 pub mod maps;
+mod peer_state;
 mod verdicts;
 
 /// How a field's bytes read.
