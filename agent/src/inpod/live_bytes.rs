@@ -69,27 +69,33 @@ pub fn sweep<'a>(
                 .map(|&p| (p, s.maps.direct_bytes.ended(cookie, p)))
                 .collect();
             let started = Instant::now();
-            let wanted = mine.clone();
+            let (wanted, maps) = (mine.clone(), s.maps.clone());
+            // Summed as the dump is read, nothing kept per connection: a pod may hold 100,000.
             let listed = worker
-                .run(move || sockdiag_idle::established_where(|c| wanted.contains(&c.remote)))
+                .run(move || {
+                    let mut open: HashMap<SocketAddr, (u64, u64)> = HashMap::new();
+                    sockdiag_idle::established_where(|c| {
+                        if wanted.contains(&c.remote) && maps.verdicts.is_direct(c.cookie) {
+                            let o = open.entry(c.remote).or_default();
+                            o.0 = o.0.saturating_add(c.bytes_out);
+                            o.1 = o.1.saturating_add(c.bytes_in);
+                        }
+                        false
+                    })
+                    .map(|_| open)
+                })
                 .await;
             let took = started.elapsed();
             lock(&schedule)
                 .due
                 .insert(cookie, next_look(Instant::now(), took));
-            let conns = match listed.map(|r| r.map_err(anyhow::Error::from)) {
-                Ok(Ok(c)) => c,
+            let open = match listed.map(|r| r.map_err(anyhow::Error::from)) {
+                Ok(Ok(o)) => o,
                 Ok(Err(e)) | Err(e) => {
                     warn!(pod = %name, error = %e, "cannot list the pod's direct connections for their bytes");
                     return;
                 }
             };
-            let mut open: HashMap<SocketAddr, (u64, u64)> = HashMap::new();
-            for c in conns.iter().filter(|c| s.maps.verdicts.is_direct(c.cookie)) {
-                let o = open.entry(c.remote).or_default();
-                o.0 = o.0.saturating_add(c.bytes_out);
-                o.1 = o.1.saturating_add(c.bytes_in);
-            }
             for (peer, (out, inn)) in ended {
                 let (o, i) = open.get(&peer).copied().unwrap_or_default();
                 let key = PeerKey {
