@@ -32,7 +32,8 @@ pub mod layout;
 /// 8: per-pod quotas of `SM_IN_BINDS` (now a plain hash, no longer LRU, of 32,768) and
 /// `SM_FAST_SOCKS` (`PodQuota::binds`/`fast`, `GlobalConfig::pod_bind_quota`/
 /// `pod_fast_quota`, the `bind_quota` and `fast_quota` counters).
-pub const SCHEMA_VERSION: u32 = 8;
+/// 9: endpoint picking on the kernel tier (`SM_ENDPOINTS`, `SM_EP_RESULTS`, see [`fast`]).
+pub const SCHEMA_VERSION: u32 = 9;
 
 pub mod fast;
 pub mod peer;
@@ -63,7 +64,11 @@ pub mod map_names {
     pub const VERDICTS: &str = "SM_VERDICTS";
     /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
     pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
-    pub const ALL: [&str; 14] = [
+    /// Endpoints connect4/6 picks for a Service, see [`crate::fast::EndpointSet`].
+    pub const ENDPOINTS: &str = "SM_ENDPOINTS";
+    /// Connect results per picked endpoint, see [`crate::fast::EndpointResults`].
+    pub const ENDPOINT_RESULTS: &str = "SM_EP_RESULTS";
+    pub const ALL: [&str; 16] = [
         FAST_SOCKETS,
         CONFIG,
         PODS,
@@ -78,6 +83,8 @@ pub mod map_names {
         EVENTS,
         VERDICTS,
         AGENT_SOCKETS,
+        ENDPOINTS,
+        ENDPOINT_RESULTS,
     ];
 }
 
@@ -176,6 +183,10 @@ pub mod map_sizes {
     /// `SM_IN_BINDS`: captured ports of all pods; a plain hash within the pods' quotas.
     pub const INBOUND_BINDS: u32 = 32_768;
     pub const VERDICTS: u32 = 16384;
+    /// `SM_ENDPOINTS`: at most one entry per kernel-tier peer (`SM_VERDICTS`).
+    pub const ENDPOINTS: u32 = VERDICTS;
+    /// `SM_EP_RESULTS`: per (pod, Service, endpoint); LRU, eviction only restarts counts.
+    pub const ENDPOINT_RESULTS: u32 = 65536;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// The agent's live sockets (`SM_AGENT_SOCKS`): listeners, spare and connected upstream
     /// sockets, DNS upstream sockets. Above the agent's open-file limit in practice; the map

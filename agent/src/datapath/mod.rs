@@ -1,6 +1,7 @@
 //! The kernel side as the agent drives it: load the programs, pin the maps, attach every
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
 pub mod capacity;
+pub mod endpoints;
 pub mod heartbeat;
 pub mod links;
 mod object;
@@ -89,6 +90,8 @@ pub struct KernelMaps {
     pub dns_origins: Mutex<HashMap<MapData, DnsKey, SockAddr>>,
     /// Fast-reject verdicts that `connect4/6` reads.
     pub verdicts: verdicts::Verdicts,
+    /// The endpoints connect4/6 picks for kernel-tier Services, and their results.
+    pub endpoints: endpoints::KernelEndpoints,
     /// The in-kernel relay, when `--kernel-relay on` or `auto`.
     pub relay: Option<relay::RelayMaps>,
 }
@@ -245,6 +248,10 @@ impl Datapath {
                 take(&mut ebpf, map_names::VERDICTS)?,
                 // A second handle on the pinned map (inbound steering owns the object's).
                 stats::open(dir, map_names::FAST_SOCKETS)?.try_into()?,
+            ),
+            endpoints: endpoints::KernelEndpoints::new(
+                take(&mut ebpf, map_names::ENDPOINTS)?,
+                take(&mut ebpf, map_names::ENDPOINT_RESULTS)?,
             ),
             relay: match opts.kernel_relay {
                 relay::Mode::Off => None,

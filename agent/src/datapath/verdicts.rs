@@ -126,6 +126,13 @@ impl Verdicts {
         let _ = lock(&self.map).remove(&key(netns_cookie, peer));
     }
 
+    /// Whether the pod's `peer` is on the kernel tier now.
+    pub fn is_kernel(&self, netns_cookie: u64, peer: SocketAddr) -> bool {
+        lock(&self.map)
+            .get(&key(netns_cookie, peer), 0)
+            .is_ok_and(|v| v.tier == tier::KERNEL)
+    }
+
     /// A pod left: lift every verdict of its namespace.
     pub fn forget_pod(&self, netns_cookie: u64) {
         let mut m = lock(&self.map);

@@ -2,7 +2,10 @@
 //! `offset_of!`; see the parent module for why.
 use core::mem::{offset_of, size_of};
 
-use super::verdicts::{tier_name, tier_reason_name, VERDICT_KEY, VERDICT_VALUE};
+use super::verdicts::{
+    socket_kind_name, tier_name, tier_reason_name, ENDPOINTS_MAP, ENDPOINT_RESULTS_MAP,
+    VERDICT_KEY, VERDICT_VALUE,
+};
 use super::{f, map, Field, Kind, MapKind, MapLayout};
 use crate::peer::{
     self, agent_counter, breaker_state, direction, peer_counter, peer_error, pod_refusal,
@@ -14,15 +17,6 @@ use crate::{
     PodConfig, PodStats, SockAddr, SocketEntry, TupleKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
 };
 
-fn socket_kind_name(v: u64) -> &'static str {
-    match v as u16 {
-        crate::socket_kind::TCP_REDIRECT => "tcp_redirect",
-        crate::socket_kind::DNS => "dns",
-        crate::socket_kind::BIND => "bind",
-        crate::socket_kind::FAST => "fast",
-        _ => "none",
-    }
-}
 fn family_name(v: u64) -> &'static str {
     match v as u16 {
         crate::AF_INET => "inet",
@@ -543,6 +537,8 @@ pub const MAPS: &[MapLayout] = &[
         VERDICT_KEY,
         VERDICT_VALUE,
     ),
+    ENDPOINTS_MAP,
+    ENDPOINT_RESULTS_MAP,
     map(
         map_names::AGENT_SOCKETS,
         MapKind::Hash,

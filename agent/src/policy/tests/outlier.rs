@@ -200,3 +200,31 @@ fn an_endpoint_update_keeps_the_state_of_those_that_stay() {
     p.set_endpoints(Vec::new());
     assert_eq!(p.pick(ms(4)), None);
 }
+
+/// What the kernel tier picks from is what `pick` chooses among: the endpoints in service,
+/// all of them again at the return, and all of them when ejections are ignored.
+#[test]
+fn the_usable_set_follows_ejections_and_returns() {
+    let mut p = pool(cfg(1, 100), LbMode::RoundRobin);
+    assert_eq!(p.usable(ms(1)), [ep(1), ep(2), ep(3)]);
+    assert!(matches!(
+        p.connect_result(ep(3), false, ms(2)),
+        Outcome::Ejected(_)
+    ));
+    assert_eq!(p.usable(ms(3)), [ep(1), ep(2)]);
+    assert_eq!(picks(&mut p, 4, ms(3)), [1, 2, 1, 2]);
+    assert_eq!(p.usable(secs(11)), [ep(1), ep(2), ep(3)], "back after 10 s");
+    let mut p = pool(
+        OutlierConfig {
+            min_health_percent: 100,
+            ..cfg(1, 100)
+        },
+        LbMode::RoundRobin,
+    );
+    p.connect_result(ep(1), false, ms(1));
+    assert_eq!(
+        p.usable(ms(2)),
+        [ep(1), ep(2), ep(3)],
+        "below minHealthPercent every endpoint is used"
+    );
+}
