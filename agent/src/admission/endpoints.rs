@@ -204,21 +204,9 @@ impl Endpoints {
             let Some(pool) = st.pools.get_mut(&pool_key) else {
                 continue;
             };
-            // Only the order within the last second is lost: a success, then the failures
-            // that ended the run, is what decides an ejection.
-            let fails = if r.successes > 0 {
-                pool.connect_result(r.endpoint, true, now);
-                r.consecutive.min(r.failures)
-            } else {
-                r.failures
-            };
-            for _ in 0..fails.min(u64::from(u32::MAX)) {
-                let outcome = pool.connect_result(r.endpoint, false, now);
-                report(&pool_key, r.endpoint, outcome, now);
-                if matches!(outcome, Outcome::Ejected(_)) {
-                    break;
-                }
-            }
+            let outcome =
+                pool.connect_results(r.endpoint, r.successes, r.failures, r.consecutive, now);
+            report(&pool_key, r.endpoint, outcome, now);
         }
         let routes: Vec<((u64, SocketAddr), PeerKey)> = st
             .kernel

@@ -262,6 +262,36 @@ impl Pool {
         Outcome::Ejected(until)
     }
 
+    /// A batch of connect results to `addr` whose order is known only at its end (the kernel
+    /// tier's counts for one second): `successes` and `failures` in all, the last
+    /// `consecutive` of them failures. Fed as one success (if any), then the failures that
+    /// ended the run: what decides an ejection, since a success resets the count. Returns
+    /// the ejection if one happened, else whether the cap kept the endpoint in.
+    pub fn connect_results(
+        &mut self,
+        addr: SocketAddr,
+        successes: u64,
+        failures: u64,
+        consecutive: u64,
+        now: Nanos,
+    ) -> Outcome {
+        let run = if successes > 0 {
+            self.connect_result(addr, true, now);
+            consecutive.min(failures)
+        } else {
+            failures
+        };
+        let mut last = Outcome::Counted;
+        for _ in 0..run.min(u64::from(u32::MAX)) {
+            match self.connect_result(addr, false, now) {
+                Outcome::Counted => {}
+                o @ Outcome::Ejected(_) => return o,
+                o => last = o,
+            }
+        }
+        last
+    }
+
     /// The endpoints out of service now.
     #[cfg(test)]
     pub fn ejected(&self, now: Nanos) -> Vec<SocketAddr> {
