@@ -209,8 +209,16 @@ impl<K: PeerId> Admission<K> {
     /// Who peers are changed (a Service's endpoints, a pod's labels): new and existing peers
     /// follow `source` from their next use, as after a reload. Kernel verdicts stay: each
     /// lapses by itself by the end of its breaker period or rate interval, and lifting them
-    /// all at every endpoint change in a busy cluster would defeat the fast reject.
-    pub fn refresh_source(&self, source: PolicySource<K>) {
+    /// all at every endpoint change in a busy cluster would defeat the fast reject. Changed
+    /// DestinationRules (`rules_changed`) are a policy change, so a reload ([`set_source`]):
+    /// kernel-tier peers were handed over under the old rules (a removed `maxConnections`
+    /// would stay in the kernel otherwise).
+    ///
+    /// [`set_source`]: Admission::set_source
+    pub fn refresh_source(&self, source: PolicySource<K>, rules_changed: bool) {
+        if rules_changed {
+            return self.set_source(source);
+        }
         lock(&self.table).set_source(source);
     }
 

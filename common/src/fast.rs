@@ -210,12 +210,60 @@ pub fn sat_mul(a: u64, b: u64) -> u64 {
     (half << 1).saturating_add(if a & 1 == 1 { b } else { 0 })
 }
 
+/// Endpoints an [`EndpointSet`] holds: a Service with more endpoints in service whose rule
+/// has the agent pick stays on the proxy tier (`tier_reason::ENDPOINT_SELECTION`).
+pub const MAX_KERNEL_ENDPOINTS: usize = 16;
+
+/// Value of `SM_ENDPOINTS[VerdictKey { pod, Service VIP:port }]`: where connect4/6 sends a
+/// kernel-tier connect to the VIP, for a Service whose Istio DestinationRule has the agent pick
+/// the endpoint. The agent writes it whole whenever the endpoints in service change (slices,
+/// an ejection, a return), from the same outlier pool the proxy uses; the kernel only
+/// advances `cursor` (atomic). Round robin: least connections is the proxy's only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSet {
+    /// Round-robin position (kernel, fetch-and-add; taken modulo `count`).
+    pub cursor: u64,
+    /// Endpoints in `addrs` (1..=[`MAX_KERNEL_ENDPOINTS`]; an entry is never written empty).
+    pub count: u32,
+    pub _pad: u32,
+    pub addrs: [SockAddr; MAX_KERNEL_ENDPOINTS],
+}
+
+/// Key of `SM_EP_RESULTS`: one endpoint of a Service, as one pod connected to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub netns_cookie: u64,
+    /// The Service VIP:port the app connected to.
+    pub vip: SockAddr,
+    /// The endpoint connect4/6 sent it to.
+    pub endpoint: SockAddr,
+}
+
+/// Value of `SM_EP_RESULTS`: what became of direct connects to one endpoint (`sock_ops`,
+/// atomics), read by the agent every second and fed to the proxy's outlier pool. Totals, so
+/// the agent reads differences; `consecutive` says how the last ones ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointResults {
+    /// Handshakes completed.
+    pub successes: u64,
+    /// Handshakes that failed (SYN_SENT -> CLOSE: refused, unreachable, timed out).
+    pub failures: u64,
+    /// Failures since the last success.
+    pub consecutive: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], Copy, no padding holes (explicit `_pad`, sizes checked in the
     // crate's tests), every bit pattern valid.
     unsafe impl aya::Pod for super::VerdictKey {}
     unsafe impl aya::Pod for super::Verdict {}
+    unsafe impl aya::Pod for super::EndpointSet {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointResults {}
 }
 
 #[cfg(test)]

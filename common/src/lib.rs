@@ -36,7 +36,8 @@ pub mod layout;
 /// `throttled_breaker` peer counter) and the kernel tier's connect-latency ring
 /// (`Verdict::latency_seq`, `latency_us`).
 /// 10: `PeerState::direct_bytes_{out,in}_floor` (a direct connection's bytes while open).
-pub const SCHEMA_VERSION: u32 = 10;
+/// 11: endpoint picking on the kernel tier (`SM_ENDPOINTS`, `SM_EP_RESULTS`, see [`fast`]).
+pub const SCHEMA_VERSION: u32 = 11;
 
 pub mod fast;
 pub mod peer;
@@ -67,7 +68,11 @@ pub mod map_names {
     pub const VERDICTS: &str = "SM_VERDICTS";
     /// The agent's own sockets, by socket cookie: never captured, see [`crate::AgentSocket`].
     pub const AGENT_SOCKETS: &str = "SM_AGENT_SOCKS";
-    pub const ALL: [&str; 14] = [
+    /// Endpoints connect4/6 picks for a Service, see [`crate::fast::EndpointSet`].
+    pub const ENDPOINTS: &str = "SM_ENDPOINTS";
+    /// Connect results per picked endpoint, see [`crate::fast::EndpointResults`].
+    pub const ENDPOINT_RESULTS: &str = "SM_EP_RESULTS";
+    pub const ALL: [&str; 16] = [
         FAST_SOCKETS,
         CONFIG,
         PODS,
@@ -82,6 +87,8 @@ pub mod map_names {
         EVENTS,
         VERDICTS,
         AGENT_SOCKETS,
+        ENDPOINTS,
+        ENDPOINT_RESULTS,
     ];
 }
 
@@ -180,6 +187,10 @@ pub mod map_sizes {
     /// `SM_IN_BINDS`: captured ports of all pods; a plain hash within the pods' quotas.
     pub const INBOUND_BINDS: u32 = 32_768;
     pub const VERDICTS: u32 = 16384;
+    /// `SM_ENDPOINTS`: at most one entry per kernel-tier peer (`SM_VERDICTS`).
+    pub const ENDPOINTS: u32 = VERDICTS;
+    /// `SM_EP_RESULTS`: per (pod, Service, endpoint); LRU, eviction only restarts counts.
+    pub const ENDPOINT_RESULTS: u32 = 65536;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// The agent's live sockets (`SM_AGENT_SOCKS`): listeners, spare and connected upstream
     /// sockets, DNS upstream sockets. Above the agent's open-file limit in practice; the map
@@ -356,77 +367,7 @@ impl PodConfig {
     }
 }
 
-/// Per-pod counters kept by the kernel programs, indexes into [`PodStats::counters`].
-pub mod counter {
-    /// TCP connect() redirected to the outbound listener.
-    pub const REDIRECT_TCP: usize = 0;
-    /// Bypassed: loopback destination.
-    pub const BYPASS_LOOPBACK: usize = 1;
-    /// Bypassed: excluded port or CIDR.
-    pub const BYPASS_EXCLUDED: usize = 2;
-    /// UDP/53 connect() or sendmsg() redirected to the DNS listener.
-    pub const REDIRECT_DNS: usize = 3;
-    /// An explicit wildcard TCP bind recorded in `SM_IN_BINDS` (inbound capture of its port).
-    pub const BIND_CAPTURE: usize = 4;
-    /// SO_ORIGINAL_DST answered from the origin map.
-    pub const ORIGIN_HIT: usize = 5;
-    /// SO_ORIGINAL_DST asked for a socket with no origin.
-    pub const ORIGIN_MISS: usize = 6;
-    /// getpeername()/accept()/recvmsg() address restored.
-    pub const PEER_RESTORED: usize = 7;
-    /// An origin could not be stored (map update failed).
-    pub const MAP_FULL: usize = 8;
-    /// An event could not be sent to the agent (ring buffer full).
-    pub const EVENT_LOST: usize = 9;
-    /// connect() refused in the kernel: a verdict in `SM_VERDICTS` (breaker open, or the
-    /// peer's rate bucket empty with no queueing) is still current.
-    pub const FAST_REJECT: usize = 10;
-    /// Not captured (connect, DNS sendmsg or an inbound connection went direct): the agent's
-    /// heartbeat is stale.
-    pub const BYPASS_STALE: usize = 11;
-    /// A raw socket refused at `socket()` (`--deny-raw-sockets`).
-    pub const RAW_DENIED: usize = 12;
-    /// An inbound connection (its SYN) to a captured port handed to the agent's inbound
-    /// listener by `sk_lookup`.
-    pub const INBOUND_STEERED: usize = 13;
-    /// A connection's origin not stored: its pod had its quota of `SM_ORIG_TUPLE` entries
-    /// (`--pod-conn-origins`); the agent finds no origin and resets the connection.
-    pub const ORIGIN_QUOTA: usize = 14;
-    /// A DNS connect()/sendto() refused (EPERM): its pod had its quota of `SM_DNS_ORIG`
-    /// entries (`--pod-dns-origins`).
-    pub const DNS_QUOTA: usize = 15;
-    /// A wildcard TCP bind refused (EPERM): its pod had its quota of `SM_IN_BINDS` entries
-    /// (`--pod-inbound-binds`).
-    pub const BIND_QUOTA: usize = 16;
-    /// A connection to a kernel-tier peer sent to the proxy instead of direct: its pod had
-    /// its quota of `SM_FAST_SOCKS` entries (`--pod-direct-conns`). Not a refusal: the
-    /// connection is served, one hop slower.
-    pub const FAST_QUOTA: usize = 17;
-    pub const COUNT: usize = 18;
-    pub const NAMES: [&str; 18] = [
-        "redirect_tcp",
-        "bypass_loopback",
-        "bypass_excluded",
-        "redirect_dns",
-        "bind_capture",
-        "origin_hit",
-        "origin_miss",
-        "peer_restored",
-        "map_full",
-        "event_lost",
-        "fast_reject",
-        "bypass_stale",
-        "raw_denied",
-        "inbound_steered",
-        "origin_quota",
-        "dns_quota",
-        "bind_quota",
-        "fast_quota",
-    ];
-    /// The kernel's refusals of a pod's quotas: shown with the agent's (`sockmesh pods`
-    /// REFUSED, `sockmesh_pod_refused_total`).
-    pub const REFUSALS: [usize; 3] = [ORIGIN_QUOTA, DNS_QUOTA, BIND_QUOTA];
-}
+pub mod counter;
 
 /// `SM_POD_STATS[netns cookie]` (per-CPU): the agent creates the entry at enrolment, the
 /// programs only add to it, readers sum the CPUs.

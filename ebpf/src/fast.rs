@@ -67,7 +67,7 @@ pub fn verdict_key(netns: u64, dst: &SockAddr) -> VerdictKey {
 /// # Safety
 /// `p` points into a live map value, 8-aligned (every u64 field of `Verdict` is).
 #[inline(always)]
-unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+pub(crate) unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
     let mut old = v;
     // SAFETY: the caller's promise: `p` is valid, aligned map memory; the instruction reads
     // and writes those 8 bytes atomically and the old value lands in `old`.
@@ -84,7 +84,7 @@ unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
 
 /// `x`, as a value the compiler cannot reason about (a register move it cannot see through).
 #[inline(always)]
-fn opaque(mut x: u64) -> u64 {
+pub(crate) fn opaque(mut x: u64) -> u64 {
     // SAFETY: one register-to-itself move: reads and writes nothing but the register.
     unsafe { asm!("{x} = {x}", x = inout(reg) x, options(nomem, nostack, preserves_flags)) };
     x
@@ -307,7 +307,7 @@ fn set_user_timeout(ctx: *mut core::ffi::c_void, ms: u32) {
 
 /// This socket's entry, if connect() let it go direct.
 #[inline(always)]
-fn direct_entry(cookie: u64) -> Option<SocketEntry> {
+pub(crate) fn direct_entry(cookie: u64) -> Option<SocketEntry> {
     // SAFETY: mapped while the program runs, plain integers, copied out at once. The entry is
     // this socket's own (by cookie); an LRU element reused by another socket's insert could
     // hand back that socket's entry, whose kind is then checked like any other.

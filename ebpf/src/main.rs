@@ -22,6 +22,8 @@ mod capture;
 #[cfg(target_arch = "bpf")]
 mod dns;
 #[cfg(target_arch = "bpf")]
+mod endpoints;
+#[cfg(target_arch = "bpf")]
 mod fast;
 #[cfg(target_arch = "bpf")]
 mod inbound;

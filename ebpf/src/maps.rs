@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::RingBuf,
 };
-use sockmesh_common::fast::{Verdict, VerdictKey};
+use sockmesh_common::fast::{EndpointKey, EndpointResults, EndpointSet, Verdict, VerdictKey};
 use sockmesh_common::peer::{
     self, AgentStats, PeerKernelStats, PeerKey, PeerNames, PeerState, PodMeta, PodRefused,
 };
@@ -122,6 +122,25 @@ pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
 #[btf_map(name = "SM_VERDICTS")]
 pub static VERDICTS: LruHashMap<VerdictKey, Verdict, { map_sizes::VERDICTS as usize }> =
     LruHashMap::new();
+
+/// The endpoints a kernel-tier connect to a Service VIP is sent to, by (pod, VIP), when an
+/// Istio DestinationRule has the agent pick them; written by the agent. A plain hash: entries
+/// exist only for kernel-tier peers, which `SM_VERDICTS` bounds.
+#[btf_map(name = "SM_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<
+    VerdictKey,
+    EndpointSet,
+    { map_sizes::ENDPOINTS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+/// Direct connect results per (pod, VIP, picked endpoint), for the agent's outlier ejection.
+#[btf_map(name = "SM_EP_RESULTS")]
+pub static ENDPOINT_RESULTS: LruHashMap<
+    EndpointKey,
+    EndpointResults,
+    { map_sizes::ENDPOINT_RESULTS as usize },
+> = LruHashMap::new();
 
 /// Kernel counters per (pod, direction, peer); LRU so a pod talking to many peers evicts the
 /// stalest instead of failing the hook.

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::bpf_set_retval,
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
@@ -23,7 +23,7 @@ use crate::{
         V4_MAPPED_WORD,
     },
     capture::{capture, outbound_target, Captured, Target},
-    dns,
+    dns, endpoints,
     fast::{self, Police},
     maps::{CONFIG, INBOUND_PEERS, ORIGIN_BY_TUPLE},
     store::{insert_counted, remove_counted, Quota, Stored, SOCK_STORE},
@@ -75,8 +75,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if tcp {
         match fast::connect(ctx, netns, &dst) {
             Police::Proxy => {}
-            // On the kernel tier: policed, and left alone to go direct.
-            Police::Direct => return 1,
+            // On the kernel tier: policed, and left alone to go direct (to the endpoint the
+            // agent's DestinationRule picking chose, for such a Service).
+            Police::Direct => {
+                endpoints::pick_endpoint(ctx, v6, netns, &dst);
+                return 1;
+            }
             Police::Refuse => {
                 // A verdict (breaker open, rate bucket empty) or the kernel tier's own
                 // rate or cap: refuse now, without a round trip to the proxy.
@@ -129,11 +133,15 @@ pub fn sm_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => fast::on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            endpoints::on_endpoint_result(&ctx, true);
             if !fast::on_established(&ctx) {
                 on_established(&ctx)
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if ctx.arg(0) == BPF_TCP_SYN_SENT {
+                endpoints::on_endpoint_result(&ctx, false);
+            }
             // SAFETY: `ops` is the context pointer the kernel passed to this sock_ops
             // program; `bytes_acked` and `bytes_received` are readable u64 fields.
             let bytes = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
@@ -318,6 +326,12 @@ fn getpeername(ctx: &SockAddrContext, v6: bool) {
     let sk = Sock::of_sock_addr(ctx);
     let peer = user_addr(ctx, v6);
     if !is_loopback(&peer) {
+        // A direct socket connect() sent to a picked endpoint shows its Service VIP.
+        if let Some(vip) = endpoints::picked_origin(ctx, &peer) {
+            if write_user_addr(ctx, v6, &vip) {
+                count(netns, counter::PEER_RESTORED);
+            }
+        }
         return;
     }
     let port = u16::from_be(peer.port);

@@ -249,6 +249,96 @@ fn a_black_holed_endpoint_is_ejected_connections_keep_succeeding_and_it_comes_ba
     assert!(w.agent.is_running());
 }
 
+/// A direct connect (on the kernel tier) to the ClusterIP: `Some(backend index)` once an echo
+/// went through, `None` if the connect failed (the black hole: the rule's 300 ms connect
+/// timeout as `TCP_USER_TIMEOUT`). It went direct (not through the loopback listener) to the
+/// endpoint connect4 picked, and the app still sees the ClusterIP as its peer.
+fn direct(w: &World) -> Option<usize> {
+    let mut c = tcp_connect(&w.client.pod, cluster_ip(), common::T).ok()?;
+    assert!(!c.local.ip().is_loopback(), "went through the proxy");
+    assert_eq!(
+        c.peer,
+        cluster_ip(),
+        "getpeername shows the VIP, as after kube-proxy's DNAT"
+    );
+    tcp_echo_roundtrip(&mut c.stream, b"ping").expect("echo");
+    let reached: Vec<usize> = (0..3).filter(|&i| w.b[i].accepted()).collect();
+    assert_eq!(reached.len(), 1, "one backend accepted it: {reached:?}");
+    Some(reached[0])
+}
+
+/// The kernel tier writes the endpoints in service for the VIP (`kernel_endpoints`).
+fn kernel_endpoints(w: &World, n: usize) {
+    w.agent
+        .wait_event(
+            |v| {
+                v["event"] == "kernel_endpoints"
+                    && v["endpoints"].as_array().is_some_and(|a| a.len() == n)
+            },
+            KT,
+        )
+        .expect("the kernel's endpoints rewritten");
+}
+
+/// The same rule with `--fast-path auto`: the first proxied connection hands the Service to
+/// the kernel tier, whose connect4 then sends each connection direct to the next endpoint in
+/// service; its failures eject the black-holed endpoint in the proxy's pool (one state for
+/// both tiers), the kernel's endpoints are rewritten without it, and it comes back.
+#[test]
+fn on_the_kernel_tier_connect4_picks_the_endpoint_and_ejects_the_black_holed_one() {
+    let w = World::new(
+        |api| api.install_istio(&["v1"]),
+        &[outlier_rule("4s")],
+        &["--fast-path", "auto"],
+    );
+    w.agent
+        .wait_event_named("destination_rules_synced", KT)
+        .expect("rules listed");
+    let first = tcp_connect(&w.client.pod, cluster_ip(), common::T).expect("proxied");
+    assert!(
+        first.local.ip().is_loopback(),
+        "the first connection is proxied"
+    );
+    drop(first);
+    common::peers_until(&w.agent, &[], |v| {
+        common::find_peer(v, &cluster_ip().to_string()).is_some_and(|r| r["tier"] == "kernel")
+    });
+    w.reached();
+    let mut hit: Vec<usize> = (0..3).filter_map(|_| direct(&w)).collect();
+    hit.sort();
+    assert_eq!(hit, [0, 1, 2], "round robin over the three");
+
+    let bad = &w.b[2];
+    bad.answer(false);
+    let failed = (0..6).filter(|_| direct(&w).is_none()).count();
+    assert_eq!(failed, 2, "two of six direct connects met the black hole");
+    let ejected = w
+        .agent
+        .wait_event(|v| v["event"] == "endpoint_ejected", KT)
+        .expect("ejected on the kernel tier's failures");
+    assert_eq!(ejected["endpoint"], bad.addr().to_string(), "{ejected}");
+    kernel_endpoints(&w, 2);
+    let ejected_at = Instant::now();
+    for i in 0..6 {
+        let got = direct(&w);
+        assert!(
+            got.is_some_and(|b| b < 2),
+            "attempt {i} after the ejection: {got:?}"
+        );
+    }
+
+    bad.answer(true);
+    kernel_endpoints(&w, 3);
+    assert!(
+        ejected_at.elapsed() >= Duration::from_secs(3),
+        "back only after the ejection time"
+    );
+    let mut hit: Vec<usize> = (0..3).filter_map(|_| direct(&w)).collect();
+    hit.sort();
+    assert_eq!(hit, [0, 1, 2], "round robin over all three again");
+    assert!(w.agent.is_running());
+}
+
 #[test]
 fn max_connections_from_the_rule_the_endpoint_tier_bad_rules_reported_and_removal_restores_defaults(
 ) {
@@ -312,14 +402,13 @@ fn max_connections_from_the_rule_the_endpoint_tier_bad_rules_reported_and_remova
     assert_eq!(w.attempt().letter(), 'R', "over maxConnections");
     drop(held);
 
-    // The agent picks the endpoint, so the kernel tier cannot take the peer, even on auto.
+    // The agent picks the endpoint and connect4 can too: on auto the kernel tier takes the
+    // peer once the held connection is gone (LEAST_REQUEST is round robin there).
     let peers = common::peers_until(&w.agent, &[], |v| {
-        common::find_peer(v, &cluster_ip().to_string())
-            .is_some_and(|r| r["tier_reason"] == "endpoint_selection")
+        common::find_peer(v, &cluster_ip().to_string()).is_some_and(|r| r["tier"] == "kernel")
     });
     let row = common::peer_row(&peers, &cluster_ip().to_string());
-    assert_eq!(row["tier"], "proxy", "{row}");
-    assert_eq!(row["tier_reason"], "endpoint_selection", "{row}");
+    assert_eq!(row["tier_reason"], "kernel", "{row}");
     let events = w.api.events();
     let unsupported = events
         .iter()

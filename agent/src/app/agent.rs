@@ -191,7 +191,9 @@ impl Agent {
             peer::map_sizes::PEERS as usize,
             Box::new(unix_ms),
         ));
-        let admission = super::engine::admission(&dp, &args.policy, &policy, args.fast_path);
+        let endpoints = Endpoints::new(policy.clone(), ProxyClock::new());
+        let admission =
+            super::engine::admission(&dp, &args.policy, &policy, args.fast_path, &endpoints);
         let ids = policy.identities().clone();
         let observer = Arc::new(Observer::new(
             recorder.clone(),
@@ -205,7 +207,7 @@ impl Agent {
                 outbound_port: args.outbound_port,
             }),
             maps: dp.maps.clone(),
-            endpoints: Endpoints::new(policy.clone(), ProxyClock::new()),
+            endpoints,
             admission,
             policy: policy.clone(),
             recorder,
@@ -394,6 +396,7 @@ impl Agent {
     /// Breakers the kernel tier opened since the last look: the proxy takes the peers back
     /// with their breakers open, and probes half-open when the open period ends.
     fn kernel_breakers(&self) {
+        super::engine::kernel_endpoints(&self.dp, &self.shared.endpoints);
         for (netns, peer, until) in self.dp.maps.verdicts.take_kernel_opened() {
             let key = self.shared.admission.kernel_opened_breaker(
                 |k| k.netns_cookie == netns && k.peer == peer && k.direction == Direction::Outbound,
@@ -504,8 +507,9 @@ impl Agent {
     fn follow_identities(&mut self) {
         let ids = self.policy.inputs_generation();
         if ids != self.ids_seen {
+            let rules_changed = ids.1 != self.ids_seen.1;
             self.ids_seen = ids;
-            self.shared.admission.refresh_source(self.policy.source());
+            (self.shared.admission).refresh_source(self.policy.source(), rules_changed);
         }
     }
 

@@ -6,7 +6,10 @@ use sockmesh_common::peer;
 use tracing::{info, warn};
 
 use crate::{
-    admission::{Admission, KernelTier},
+    admission::{
+        endpoints::{Endpoints, KernelResult},
+        Admission, KernelTier,
+    },
     datapath::Datapath,
     policy::{Direction, PeerKey, PeerTable},
     rules::{PolicyArgs, PolicyHandle},
@@ -20,6 +23,7 @@ pub fn admission(
     args: &PolicyArgs,
     policy: &PolicyHandle,
     fast_path: crate::cli::FastPath,
+    endpoints: &Arc<Endpoints>,
 ) -> Arc<Admission<PeerKey>> {
     let table = PeerTable::new(args.table_config(), policy.source());
     // Entries a previous agent left (same pins) were handed over under its policy.
@@ -31,6 +35,7 @@ pub fn admission(
         );
     }
     let (maps, promote_maps, demote_maps) = (dp.maps.clone(), dp.maps.clone(), dp.maps.clone());
+    let endpoints = endpoints.clone();
     let auto = fast_path == crate::cli::FastPath::Auto;
     // Probed once: without it, peers with an idle timeout stay on the proxy tier.
     let idle_sweep = auto && crate::sys::sockdiag_idle::destroy_supported();
@@ -43,6 +48,18 @@ pub fn admission(
         promote: Box::new(move |key: &PeerKey, entry| {
             if key.direction != Direction::Outbound {
                 return Err(peer::tier_reason::INBOUND);
+            }
+            // A Service whose endpoint the agent picks: connect4/6 picks from the same
+            // endpoints (written first, so no direct connect sees the VIP without them).
+            let set = endpoints
+                .kernel_set(key)
+                .map_err(|()| peer::tier_reason::ENDPOINT_SELECTION)?
+                .unwrap_or_default();
+            if !promote_maps
+                .endpoints
+                .write(key.netns_cookie, key.peer, &set)
+            {
+                return Err(peer::tier_reason::MAP_FULL);
             }
             match promote_maps
                 .verdicts
@@ -67,4 +84,51 @@ pub fn admission(
         }),
         Some(kernel),
     )
+}
+
+/// Every second: the kernel tier's direct connect results per picked endpoint go to the
+/// outlier pools the proxy uses, and each kernel-tier Service's endpoints are rewritten when
+/// the endpoints in service changed (an ejection, a return, a slice change); peers no longer
+/// on the kernel tier are let go.
+pub fn kernel_endpoints(dp: &Datapath, endpoints: &Endpoints) {
+    let maps = &dp.maps;
+    endpoints.kernel_forget(|netns, vip| {
+        let kernel = maps.verdicts.is_kernel(netns, vip);
+        if !kernel {
+            maps.endpoints.write(netns, vip, &[]);
+        }
+        kernel
+    });
+    let results: Vec<KernelResult> = maps
+        .endpoints
+        .take_results()
+        .into_iter()
+        .map(
+            |(netns_cookie, vip, endpoint, successes, failures, consecutive)| KernelResult {
+                netns_cookie,
+                vip,
+                endpoint,
+                successes,
+                failures,
+                consecutive,
+            },
+        )
+        .collect();
+    for (netns, vip, set) in endpoints.kernel_pass(&results) {
+        match set {
+            Some(set) => {
+                maps.endpoints.write(netns, vip, &set);
+                crate::events::emit(serde_json::json!({
+                    "event": "kernel_endpoints", "peer": vip.to_string(),
+                    "endpoints": set.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                }));
+            }
+            // More endpoints than the kernel holds: the proxy takes the Service back and
+            // decides its tier again (`endpoint_selection`).
+            None => {
+                maps.verdicts.lift(netns, vip);
+                maps.endpoints.write(netns, vip, &[]);
+            }
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! program at the cgroup2 root as a multi-attach link, enrol pods, and take it all down again.
 pub mod capacity;
 pub mod direct_bytes;
+pub mod endpoints;
 pub mod heartbeat;
 pub mod links;
 mod object;
@@ -92,6 +93,8 @@ pub struct KernelMaps {
     pub verdicts: verdicts::Verdicts,
     /// The kernel tier's byte totals of ended direct connections, per peer.
     pub direct_bytes: direct_bytes::DirectBytes,
+    /// The endpoints connect4/6 picks for kernel-tier Services, and their results.
+    pub endpoints: endpoints::KernelEndpoints,
     /// The in-kernel relay, when `--kernel-relay on` or `auto`.
     pub relay: Option<relay::RelayMaps>,
 }
@@ -250,6 +253,10 @@ impl Datapath {
                 stats::open(dir, map_names::FAST_SOCKETS)?.try_into()?,
             ),
             direct_bytes: direct_bytes::DirectBytes::open(dir)?,
+            endpoints: endpoints::KernelEndpoints::new(
+                take(&mut ebpf, map_names::ENDPOINTS)?,
+                take(&mut ebpf, map_names::ENDPOINT_RESULTS)?,
+            ),
             relay: match opts.kernel_relay {
                 relay::Mode::Off => None,
                 mode => Some(relay::RelayMaps::attach(&mut ebpf, mode)?),

@@ -56,6 +56,16 @@ impl Verdicts {
             .is_ok_and(|e| e.kind == socket_kind::FAST)
     }
 
+    /// The peer a direct socket was connect()ed to (a Service's address when the kernel
+    /// picked one of its endpoints, which is then the socket's remote address).
+    pub fn direct_peer(&self, cookie: u64) -> Option<SocketAddr> {
+        self.sockets
+            .get(&cookie, 0)
+            .ok()
+            .filter(|e| e.kind == socket_kind::FAST)
+            .and_then(|e| e.origin.to_std())
+    }
+
     /// Refuse the pod's connect() to `peer` in the kernel until `until_ns` (CLOCK_MONOTONIC),
     /// counting each refusal as throttled for `why` (`fast::refusal`).
     pub fn refuse(&self, netns_cookie: u64, peer: SocketAddr, until_ns: u64, why: u32) {
@@ -162,6 +172,13 @@ impl Verdicts {
     pub fn lift(&self, netns_cookie: u64, peer: SocketAddr) {
         // Already gone (expired and removed by the kernel, or evicted) is fine.
         let _ = lock(&self.map).remove(&key(netns_cookie, peer));
+    }
+
+    /// Whether the pod's `peer` is on the kernel tier now.
+    pub fn is_kernel(&self, netns_cookie: u64, peer: SocketAddr) -> bool {
+        lock(&self.map)
+            .get(&key(netns_cookie, peer), 0)
+            .is_ok_and(|v| v.tier == tier::KERNEL)
     }
 
     /// A pod left: lift every verdict of its namespace.

@@ -75,8 +75,11 @@ pub fn sweep<'a>(
                 .run(move || {
                     let mut open: HashMap<SocketAddr, (u64, u64)> = HashMap::new();
                     sockdiag_idle::established_where(|c| {
-                        if wanted.contains(&c.remote) && maps.verdicts.is_direct(c.cookie) {
-                            let o = open.entry(c.remote).or_default();
+                        // By the peer connect() was given, not the remote address: the
+                        // kernel may have sent it to one of a Service's endpoints.
+                        let peer = maps.verdicts.direct_peer(c.cookie);
+                        if let Some(peer) = peer.filter(|p| wanted.contains(p)) {
+                            let o = open.entry(peer).or_default();
                             o.0 = o.0.saturating_add(c.bytes_out);
                             o.1 = o.1.saturating_add(c.bytes_in);
                         }

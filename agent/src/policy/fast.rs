@@ -7,9 +7,11 @@
 //! bucket, `gcra_take`), a concurrency cap without a queue, adaptive throttling (the same
 //! formula over the same window, `adaptive_fraction`) and the breaker's opening (the kernel
 //! then hands the peer back to the proxy, which owns the half-open ramp). Bandwidth shaping, a
-//! queue, a lifetime and an idle timeout keep it on the proxy, and so does a peer whose
-//! endpoint the agent picks (an Istio DestinationRule): `connect4` would send it to the
-//! ClusterIP as the app gave it, skipping the agent's choice and its ejections.
+//! queue, a lifetime and an idle timeout keep it on the proxy. A peer whose endpoint the agent
+//! picks (an Istio DestinationRule) may go: `connect4` rewrites each connect to the next
+//! endpoint in service (`SM_ENDPOINTS`, round robin; least connections falls back to it),
+//! unless the Service has more endpoints than the kernel's array holds (the glue refuses it
+//! then, with `endpoint_selection`).
 
 use sockmesh_common::fast::{
     gcra_tat_for_level, tier, Verdict, WindowBucket, ADAPTIVE_BUCKETS, MAX_KERNEL_RATE_TOKENS,
@@ -59,9 +61,6 @@ pub struct KernelPolicy {
 /// `idle_sweep`: whether this kernel lets the agent close idle connections it does not own
 /// (sock_diag destroy); without it a peer with an idle timeout stays on the proxy.
 pub fn kernel_policy(policy: &PeerPolicy, idle_sweep: bool) -> Result<KernelPolicy, u8> {
-    if policy.endpoint_selection {
-        return Err(tier_reason::ENDPOINT_SELECTION);
-    }
     if policy.bandwidth.is_some() {
         return Err(tier_reason::BANDWIDTH);
     }
@@ -297,9 +296,9 @@ mod tests {
         assert_eq!(kernel_policy(&p, false), Err(tier_reason::LIFETIME));
         p.timeouts.max_lifetime = None;
         p.endpoint_selection = true;
-        assert_eq!(
-            kernel_policy(&p, false),
-            Err(tier_reason::ENDPOINT_SELECTION)
+        assert!(
+            kernel_policy(&p, false).is_ok(),
+            "connect4 rewrites to the picked endpoint"
         );
     }
 

@@ -183,9 +183,7 @@ impl Pool {
         if n == 0 {
             return None;
         }
-        let healthy = n - self.ejected_count(now);
-        // minHealthPercent: below it, ejections are ignored; nothing in service: everything.
-        let ignore = healthy == 0 || healthy * 100 < self.cfg.min_health_percent as usize * n;
+        let ignore = self.ignoring_ejections(now);
         let usable = |p: &Pool, a: &SocketAddr| ignore || p.in_service(a, now);
         let start = self.next % n;
         let candidates = (0..n).map(|i| (start + i) % n);
@@ -201,6 +199,26 @@ impl Pool {
             e.active += 1;
         }
         Some(addr)
+    }
+
+    /// minHealthPercent: below it, ejections are ignored; nothing in service: everything.
+    fn ignoring_ejections(&self, now: Nanos) -> bool {
+        let n = self.order.len();
+        let healthy = n - self.ejected_count(now);
+        healthy == 0 || healthy * 100 < self.cfg.min_health_percent as usize * n
+    }
+
+    /// The endpoints [`Pool::pick`] chooses among now, in its order: what the kernel tier
+    /// picks from round robin (it has no connection counts, so least connections is the
+    /// proxy's only).
+    pub fn usable(&mut self, now: Nanos) -> Vec<SocketAddr> {
+        self.sweep(now);
+        let ignore = self.ignoring_ejections(now);
+        self.order
+            .iter()
+            .filter(|a| ignore || self.in_service(a, now))
+            .copied()
+            .collect()
     }
 
     /// A connection picked for `addr` ended (or never connected).
@@ -242,6 +260,36 @@ impl Pool {
         let until = now.saturating_add(time);
         e.ejected_until = Some(until);
         Outcome::Ejected(until)
+    }
+
+    /// A batch of connect results to `addr` whose order is known only at its end (the kernel
+    /// tier's counts for one second): `successes` and `failures` in all, the last
+    /// `consecutive` of them failures. Fed as one success (if any), then the failures that
+    /// ended the run: what decides an ejection, since a success resets the count. Returns
+    /// the ejection if one happened, else whether the cap kept the endpoint in.
+    pub fn connect_results(
+        &mut self,
+        addr: SocketAddr,
+        successes: u64,
+        failures: u64,
+        consecutive: u64,
+        now: Nanos,
+    ) -> Outcome {
+        let run = if successes > 0 {
+            self.connect_result(addr, true, now);
+            consecutive.min(failures)
+        } else {
+            failures
+        };
+        let mut last = Outcome::Counted;
+        for _ in 0..run.min(u64::from(u32::MAX)) {
+            match self.connect_result(addr, false, now) {
+                Outcome::Counted => {}
+                o @ Outcome::Ejected(_) => return o,
+                o => last = o,
+            }
+        }
+        last
     }
 
     /// The endpoints out of service now.

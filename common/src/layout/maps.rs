@@ -3,7 +3,9 @@
 use core::mem::{offset_of, size_of};
 
 use super::peer_state::PEER_STATE_VALUE;
-use super::verdicts::{VERDICT_KEY, VERDICT_VALUE};
+use super::verdicts::{
+    socket_kind_name, ENDPOINTS_MAP, ENDPOINT_RESULTS_MAP, VERDICT_KEY, VERDICT_VALUE,
+};
 use super::{f, map, Field, Kind, MapKind, MapLayout};
 use crate::peer::{
     self, agent_counter, direction, peer_counter, pod_refusal, AgentStats, PeerKernelStats,
@@ -14,15 +16,6 @@ use crate::{
     PodConfig, PodStats, SockAddr, SocketEntry, TupleKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
 };
 
-fn socket_kind_name(v: u64) -> &'static str {
-    match v as u16 {
-        crate::socket_kind::TCP_REDIRECT => "tcp_redirect",
-        crate::socket_kind::DNS => "dns",
-        crate::socket_kind::BIND => "bind",
-        crate::socket_kind::FAST => "fast",
-        _ => "none",
-    }
-}
 fn family_name(v: u64) -> &'static str {
     match v as u16 {
         crate::AF_INET => "inet",
@@ -438,6 +431,8 @@ pub const MAPS: &[MapLayout] = &[
         VERDICT_KEY,
         VERDICT_VALUE,
     ),
+    ENDPOINTS_MAP,
+    ENDPOINT_RESULTS_MAP,
     map(
         map_names::AGENT_SOCKETS,
         MapKind::Hash,

@@ -2,11 +2,25 @@
 //! the per-peer state shares with it; the map table is in `maps.rs`.
 use core::mem::{offset_of, size_of};
 
-use super::{f, Field, Kind};
+use super::{f, map, Field, Kind, MapKind, MapLayout};
 use crate::fast::{
-    refusal, tier, Verdict, VerdictKey, WindowBucket, ADAPTIVE_BUCKETS, LATENCY_RING,
+    refusal, tier, EndpointKey, EndpointResults, EndpointSet, Verdict, VerdictKey, WindowBucket,
+    ADAPTIVE_BUCKETS, LATENCY_RING, MAX_KERNEL_ENDPOINTS,
 };
+use crate::{map_names, SockAddr};
 
+// Every slot of `EndpointSet::addrs` has its field below.
+const _: () = assert!(MAX_KERNEL_ENDPOINTS == 16);
+
+pub(super) fn socket_kind_name(v: u64) -> &'static str {
+    match v as u16 {
+        crate::socket_kind::TCP_REDIRECT => "tcp_redirect",
+        crate::socket_kind::DNS => "dns",
+        crate::socket_kind::BIND => "bind",
+        crate::socket_kind::FAST => "fast",
+        _ => "none",
+    }
+}
 pub(super) fn tier_name(v: u64) -> &'static str {
     match v as u32 {
         tier::PROXY => "proxy",
@@ -123,4 +137,82 @@ pub(super) const VERDICT_VALUE: (usize, &[Field]) = (
             },
         ),
     ],
+);
+
+/// `SM_ENDPOINTS` and `SM_EP_RESULTS`: endpoint picking on the kernel tier.
+pub(super) const ENDPOINTS_MAP: MapLayout = map(
+    map_names::ENDPOINTS,
+    MapKind::Hash,
+    "endpoints connect4/6 picks from, per pod and Service (DestinationRule)",
+    VERDICT_KEY,
+    (
+        size_of::<EndpointSet>(),
+        &[
+            f("cursor", offset_of!(EndpointSet, cursor), Kind::U64),
+            f("count", offset_of!(EndpointSet, count), Kind::U32),
+            f("_pad", offset_of!(EndpointSet, _pad), Kind::Pad { len: 4 }),
+            ep(0, "endpoint0"),
+            ep(1, "endpoint1"),
+            ep(2, "endpoint2"),
+            ep(3, "endpoint3"),
+            ep(4, "endpoint4"),
+            ep(5, "endpoint5"),
+            ep(6, "endpoint6"),
+            ep(7, "endpoint7"),
+            ep(8, "endpoint8"),
+            ep(9, "endpoint9"),
+            ep(10, "endpoint10"),
+            ep(11, "endpoint11"),
+            ep(12, "endpoint12"),
+            ep(13, "endpoint13"),
+            ep(14, "endpoint14"),
+            ep(15, "endpoint15"),
+        ],
+    ),
+);
+
+const fn ep(i: usize, name: &'static str) -> Field {
+    f(
+        name,
+        offset_of!(EndpointSet, addrs) + i * size_of::<SockAddr>(),
+        Kind::SockAddr,
+    )
+}
+
+pub(super) const ENDPOINT_RESULTS_MAP: MapLayout = map(
+    map_names::ENDPOINT_RESULTS,
+    MapKind::LruHash,
+    "direct connect results per pod, Service and picked endpoint",
+    (
+        size_of::<EndpointKey>(),
+        &[
+            f(
+                "netns_cookie",
+                offset_of!(EndpointKey, netns_cookie),
+                Kind::U64,
+            ),
+            f("vip", offset_of!(EndpointKey, vip), Kind::SockAddr),
+            f(
+                "endpoint",
+                offset_of!(EndpointKey, endpoint),
+                Kind::SockAddr,
+            ),
+        ],
+    ),
+    (
+        size_of::<EndpointResults>(),
+        &[
+            f(
+                "successes",
+                offset_of!(EndpointResults, successes),
+                Kind::U64,
+            ),
+            f("failures", offset_of!(EndpointResults, failures), Kind::U64),
+            f(
+                "consecutive",
+                offset_of!(EndpointResults, consecutive),
+                Kind::U64,
+            ),
+        ],
+    ),
 );

@@ -200,3 +200,59 @@ fn an_endpoint_update_keeps_the_state_of_those_that_stay() {
     p.set_endpoints(Vec::new());
     assert_eq!(p.pick(ms(4)), None);
 }
+
+/// What the kernel tier picks from is what `pick` chooses among: the endpoints in service,
+/// all of them again at the return, and all of them when ejections are ignored.
+#[test]
+fn the_usable_set_follows_ejections_and_returns() {
+    let mut p = pool(cfg(1, 100), LbMode::RoundRobin);
+    assert_eq!(p.usable(ms(1)), [ep(1), ep(2), ep(3)]);
+    assert!(matches!(
+        p.connect_result(ep(3), false, ms(2)),
+        Outcome::Ejected(_)
+    ));
+    assert_eq!(p.usable(ms(3)), [ep(1), ep(2)]);
+    assert_eq!(picks(&mut p, 4, ms(3)), [1, 2, 1, 2]);
+    // minHealthPercent raised while one is out: below it, ejections are ignored.
+    p.configure(
+        OutlierConfig {
+            min_health_percent: 100,
+            ..cfg(1, 100)
+        },
+        LbMode::RoundRobin,
+    );
+    assert_eq!(
+        p.usable(ms(4)),
+        [ep(1), ep(2), ep(3)],
+        "below minHealthPercent"
+    );
+    p.configure(cfg(1, 100), LbMode::RoundRobin);
+    assert_eq!(p.usable(ms(5)), [ep(1), ep(2)]);
+    assert_eq!(p.usable(secs(11)), [ep(1), ep(2), ep(3)], "back after 10 s");
+}
+
+/// The kernel tier's counts for one second: only the failures after the last success count
+/// toward the threshold, as they would one by one.
+#[test]
+fn batched_results_count_the_failures_that_ended_the_run() {
+    let mut p = pool(cfg(3, 100), LbMode::RoundRobin);
+    // 5 failures, but a success came after all but 2 of them: not ejected.
+    assert_eq!(p.connect_results(ep(1), 1, 5, 2, ms(1)), Outcome::Counted);
+    assert!(p.ejected(ms(2)).is_empty());
+    // One more failure next second: 3 in a row.
+    assert_eq!(
+        p.connect_results(ep(1), 0, 1, 3, ms(3)),
+        Outcome::Ejected(ms(3).saturating_add(Duration::from_secs(10)))
+    );
+    assert_eq!(p.ejected(ms(4)), vec![ep(1)]);
+    // A run past the threshold ejects once; the cap then keeps a second endpoint in.
+    let mut p = pool(cfg(2, 30), LbMode::RoundRobin);
+    assert!(matches!(
+        p.connect_results(ep(2), 0, 7, 7, ms(1)),
+        Outcome::Ejected(_)
+    ));
+    assert_eq!(
+        p.connect_results(ep(3), 0, 4, 4, ms(2)),
+        Outcome::CapReached
+    );
+}
