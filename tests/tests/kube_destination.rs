@@ -164,10 +164,12 @@ fn outlier_rule(base_ejection: &str) -> Value {
 #[test]
 fn a_black_holed_endpoint_is_ejected_connections_keep_succeeding_and_it_comes_back() {
     // v1beta1 only (Istio before 1.22): the agent falls back to it.
+    // Proxy tier: this is the proxy's endpoint picking (a failed upstream connect resets the
+    // app's accepted connection); the kernel tier's is the test below.
     let w = World::new(
         |api| api.install_istio(&["v1beta1"]),
         &[outlier_rule("3s")],
-        &[],
+        &["--fast-path", "off"],
     );
     w.agent
         .wait_event(
