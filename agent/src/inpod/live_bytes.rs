@@ -69,7 +69,7 @@ pub fn sweep<'a>(
                 .map(|&p| (p, s.maps.direct_bytes.ended(cookie, p)))
                 .collect();
             let started = Instant::now();
-            let (wanted, maps) = (mine.clone(), s.maps.clone());
+            let (wanted, maps) = (mine, s.maps.clone());
             // Summed as the dump is read, nothing kept per connection: a pod may hold 100,000.
             let listed = worker
                 .run(move || {
